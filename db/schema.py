@@ -1,0 +1,143 @@
+"""Tables and the two public views (``findings``, ``ingest_status``).
+
+Tables are ours to change; the views are the documented interface that users and tools query, so their columns only
+ever grow. Status and route columns hold the string values of the enums in ``neuron``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Status(str, Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DUPLICATE = "duplicate"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class FileRecord(Base):
+    """One row per file seen under a scanned folder, DICOM or not."""
+
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Instance(Base):
+    """One row per SOP Instance UID; the file it is read from is the first path it was seen at."""
+
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    photometric: Mapped[str | None] = mapped_column(String(32))
+    transfer_syntax: Mapped[str | None] = mapped_column(String(64))
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id"))
+    route: Mapped[str | None] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PipelineConfig(Base):
+    """The exact preprocessing and TTA settings behind a set of predictions, keyed by their hash."""
+
+    __tablename__ = "pipeline_configs"
+
+    config_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    settings_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    """One probability for one label of one frame of one instance from one model and set of weights."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "frame", "model", "weights", "label", name="uq_prediction_natural_key"),
+        Index("ix_predictions_label_probability", "label", "probability"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(ForeignKey("instances.sop_instance_uid"))
+    frame: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    uncertainty: Mapped[float] = mapped_column(Float)
+    rank: Mapped[int] = mapped_column(Integer)
+    heatmap_path: Mapped[str | None] = mapped_column(Text)
+    config_hash: Mapped[str] = mapped_column(ForeignKey("pipeline_configs.config_hash"))
+    untrained: Mapped[bool] = mapped_column(Boolean)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+FINDINGS_VIEW = """
+CREATE VIEW findings AS
+SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
+       f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
+       p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
+       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker
+FROM predictions p
+JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
+JOIN files f ON f.id = i.file_id
+"""
+
+INGEST_STATUS_VIEW = """
+CREATE VIEW ingest_status AS
+SELECT f.path AS file_path, f.sop_instance_uid, f.status, f.reason, f.seen_at
+FROM files f
+"""
+
+VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW}
+
+
+def create_views(conn: Connection) -> None:
+    """(Re)create the public views; safe to call on every start."""
+    for name, ddl in VIEWS.items():
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+        conn.execute(text(ddl))

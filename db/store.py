@@ -1,0 +1,262 @@
+"""The database behind one narrow interface: the producer indexes through it, the engine's results land through it.
+
+Writes are upserts on natural keys (files by path, instances by SOP Instance UID, predictions by
+instance/frame/model/weights/label), so running the same work twice never adds or changes rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.schema import Base, FileRecord, Instance, PipelineConfig, Prediction, Status, create_views, utcnow
+from neuron.errors import RetryableError
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """What the producer learned about one file (header only)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    status: Status
+    reason: str | None = None
+    sop_instance_uid: str | None = None
+    instance: InstanceEntry | None = None
+
+
+@dataclass(frozen=True)
+class InstanceEntry:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str | None
+    modality: str | None
+    body_part: str | None
+    photometric: str | None
+    transfer_syntax: str | None
+    rows: int | None
+    columns: int | None
+    frames: int
+    route: str | None
+    status: Status
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One instance to screen: IDs and a path, never pixels."""
+
+    sop_instance_uid: str
+    file_path: str
+    route: str
+    frames: int
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    probability: float
+    uncertainty: float
+    rank: int
+    heatmap_path: str | None
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    frame: int
+    model: str
+    weights: str
+    config_hash: str
+    untrained: bool
+    scores: tuple[LabelScore, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one instance's processing: done with results, or failed/skipped with a reason."""
+
+    sop_instance_uid: str
+    status: Status
+    reason: str | None = None
+    frames: tuple[FrameResult, ...] = ()
+    worker: str | None = None
+
+
+@dataclass
+class Summary:
+    files: Counter[str] = field(default_factory=Counter)
+    top_findings: list[tuple[str, int]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def create(self) -> None:
+        """Create the tables that are missing and (re)create the public views."""
+        try:
+            with self.engine.begin() as conn:
+                Base.metadata.create_all(conn)
+                create_views(conn)
+        except OperationalError as exc:
+            raise RetryableError(f"database {self.engine.url.render_as_string(hide_password=True)} "
+                                 f"is not reachable: {exc.orig}") from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- upsert helper ---------------------------------------------------------------------------------------------
+    def _insert(self, table):
+        if self.engine.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    # -- producer side ---------------------------------------------------------------------------------------------
+    def file_index(self) -> dict[str, tuple[int, int]]:
+        """Every indexed path with the (size, mtime_ns) it had, for skipping unchanged files on a re-scan."""
+        with self.session() as s:
+            return {p: (size, mt) for p, size, mt in s.execute(select(FileRecord.path, FileRecord.size,
+                                                                      FileRecord.mtime_ns))}
+
+    def add_files(self, entries: Sequence[FileEntry]) -> None:
+        """Record a batch of scanned files and their instances. A SOP Instance UID already known at another path
+        makes the file a ``duplicate``; a changed file is re-indexed and its instance screened again."""
+        if not entries:
+            return
+        with self.session() as s, s.begin():
+            uids = {e.sop_instance_uid for e in entries if e.sop_instance_uid}
+            owners = dict(s.execute(
+                select(Instance.sop_instance_uid, FileRecord.path).join(FileRecord, FileRecord.id == Instance.file_id)
+                .where(Instance.sop_instance_uid.in_(uids))
+            ).all()) if uids else {}
+            for e in entries:
+                status, reason, inst = e.status, e.reason, e.instance
+                owner = owners.get(e.sop_instance_uid) if e.sop_instance_uid else None
+                if inst is not None and owner is not None and owner != e.path:
+                    status, reason, inst = Status.DUPLICATE, f"same SOP Instance UID as {owner}; processed once", None
+                row = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "sop_instance_uid": e.sop_instance_uid,
+                       "status": status.value, "reason": reason, "seen_at": utcnow()}
+                stmt = self._insert(FileRecord).values(**row)
+                stmt = stmt.on_conflict_do_update(index_elements=["path"], set_=row)
+                s.execute(stmt)
+                if inst is None:
+                    continue
+                file_id = s.execute(select(FileRecord.id).where(FileRecord.path == e.path)).scalar_one()
+                irow = {k: getattr(inst, k) for k in (
+                    "sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid", "modality",
+                    "body_part", "photometric", "transfer_syntax", "rows", "columns", "frames", "route", "reason")}
+                irow.update(status=inst.status.value, file_id=file_id, updated_at=utcnow())
+                stmt = self._insert(Instance).values(**irow)
+                s.execute(stmt.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=irow))
+                owners[inst.sop_instance_uid] = e.path
+
+    # -- worker side -----------------------------------------------------------------------------------------------
+    def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None) -> list[WorkItem]:
+        q = (select(Instance.sop_instance_uid, FileRecord.path, Instance.route, Instance.frames)
+             .join(FileRecord, FileRecord.id == Instance.file_id)
+             .where(Instance.status == Status.PENDING.value)
+             .order_by(Instance.study_instance_uid, Instance.sop_instance_uid))
+        if routes is not None:
+            q = q.where(Instance.route.in_(list(routes)))
+        if sop_uids is not None:
+            q = q.where(Instance.sop_instance_uid.in_(list(sop_uids)))
+        with self.session() as s:
+            return [WorkItem(uid, path, route, frames or 1) for uid, path, route, frames in s.execute(q)]
+
+    def skip_routes_without_model(self, available: Iterable[str], reason_for: dict[str, str]) -> int:
+        """Pending instances whose route has no model are skipped, with a reason, never dropped."""
+        available = list(available)
+        n = 0
+        with self.session() as s, s.begin():
+            routes = s.execute(select(Instance.route).where(Instance.status == Status.PENDING.value,
+                                                            Instance.route.not_in(available)).distinct()).scalars()
+            for route in list(routes):
+                reason = reason_for.get(route, f"no model is available for route '{route}'")
+                uids = select(Instance.sop_instance_uid).where(Instance.status == Status.PENDING.value,
+                                                               Instance.route == route)
+                uid_list = list(s.execute(uids).scalars())
+                n += len(uid_list)
+                s.execute(update(Instance).where(Instance.sop_instance_uid.in_(uid_list))
+                          .values(status=Status.SKIPPED.value, reason=reason, updated_at=utcnow()))
+                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid.in_(uid_list),
+                                                   FileRecord.status == Status.PENDING.value)
+                          .values(status=Status.SKIPPED.value, reason=reason))
+        return n
+
+    def ensure_config(self, config_hash: str, model: str, settings: dict) -> None:
+        row = {"config_hash": config_hash, "model": model,
+               "settings_json": json.dumps(settings, sort_keys=True), "created_at": utcnow()}
+        with self.session() as s, s.begin():
+            s.execute(self._insert(PipelineConfig).values(**row).on_conflict_do_nothing(
+                index_elements=["config_hash"]))
+
+    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        """Write results and statuses of finished instances in one transaction (upserts: redelivery is harmless)."""
+        if not outcomes:
+            return
+        now = utcnow()
+        with self.session() as s, s.begin():
+            rows = []
+            for o in outcomes:
+                for fr in o.frames:
+                    for sc in fr.scores:
+                        rows.append({"sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model,
+                                     "weights": fr.weights, "label": sc.label, "probability": sc.probability,
+                                     "uncertainty": sc.uncertainty, "rank": sc.rank, "heatmap_path": sc.heatmap_path,
+                                     "config_hash": fr.config_hash, "untrained": fr.untrained, "worker": o.worker,
+                                     "processed_at": now})
+            for start in range(0, len(rows), 500):
+                chunk = rows[start:start + 500]
+                stmt = self._insert(Prediction).values(chunk)
+                keys = ["sop_instance_uid", "frame", "model", "weights", "label"]
+                stmt = stmt.on_conflict_do_update(index_elements=keys, set_={
+                    c: stmt.excluded[c] for c in ("probability", "uncertainty", "rank", "heatmap_path",
+                                                  "config_hash", "untrained", "worker", "processed_at")})
+                s.execute(stmt)
+            for o in outcomes:
+                s.execute(update(Instance).where(Instance.sop_instance_uid == o.sop_instance_uid)
+                          .values(status=o.status.value, reason=o.reason, updated_at=now))
+                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid == o.sop_instance_uid,
+                                                   FileRecord.status != Status.DUPLICATE.value)
+                          .values(status=o.status.value, reason=o.reason))
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+    def summary(self, since: datetime | None = None, limit: int = 5) -> Summary:
+        out = Summary()
+        with self.session() as s:
+            out.files.update(dict(s.execute(select(FileRecord.status, func.count()).group_by(FileRecord.status)).all()))
+            q = (select(Prediction.label, func.count()).where(Prediction.rank == 1, Prediction.probability >= 0.5)
+                 .group_by(Prediction.label).order_by(func.count().desc()).limit(limit))
+            if since is not None:
+                q = q.where(Prediction.processed_at >= since)
+            out.top_findings = [(label, n) for label, n in s.execute(q)]
+            out.failures = [(p, r) for p, r in s.execute(
+                select(FileRecord.path, FileRecord.reason).where(FileRecord.status == Status.FAILED.value)
+                .order_by(FileRecord.path).limit(limit))]
+        return out

@@ -1,0 +1,70 @@
+"""Neuron's exceptions, split by what the caller must do with them.
+
+    NeuronError
+    ├── SetupError              the run cannot start; nothing was processed. Exit code 4.
+    │   ├── ConfigError         a setting is invalid (names the setting and the allowed values)
+    │   └── WeightsError        model weights missing, unverifiable or not matching their sha256
+    ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
+    └── InputError              permanent and per instance: recorded on the instance, never retried
+        ├── SkippedInput        valid input that Neuron does not screen (modality, body part, not DICOM)
+        └── FailedInput         input that should have been screenable but is broken
+            ├── DecodeError     pixel data unreadable: truncated, undecodable transfer syntax, no pixels
+            ├── ImageTooLarge   header claims more pixels than the configured limit
+            └── RejectedImage   the pixels contradict the header (e.g. a "grayscale" image in colour)
+
+Every message names the bad value, the rule and the fix. Third-party exceptions are translated at the boundary with
+``raise Ours(...) from exc``. All classes keep their message as the only constructor argument so they pickle
+(Celery sends them between processes).
+"""
+
+from __future__ import annotations
+
+
+class NeuronError(Exception):
+    """Base of every error Neuron raises on purpose."""
+
+
+class SetupError(NeuronError):
+    """The run cannot start."""
+
+
+class ConfigError(SetupError):
+    """A setting has a value Neuron cannot use."""
+
+
+class WeightsError(SetupError):
+    """Model weights are missing, unverified or corrupt."""
+
+
+class RetryableError(NeuronError):
+    """A transient failure: the same work may succeed later."""
+
+
+class InputError(NeuronError):
+    """A permanent, per-instance problem with the input; recorded with ``status`` and never retried."""
+
+    status = "failed"
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+class SkippedInput(InputError):
+    status = "skipped"
+
+
+class FailedInput(InputError):
+    status = "failed"
+
+
+class DecodeError(FailedInput):
+    pass
+
+
+class ImageTooLarge(FailedInput):
+    pass
+
+
+class RejectedImage(FailedInput):
+    pass

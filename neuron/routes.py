@@ -1,0 +1,59 @@
+"""Which model route an instance goes to, decided from DICOM attributes alone (torch-free).
+
+Routing never looks at pixels: Modality and BodyPartExamined decide, as NOTES 13 asks. The pixel check that an image
+sent to a grayscale model really is grayscale happens later, on the device (``neuron_models.preprocess``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from neuron.errors import SkippedInput
+
+
+class Route(str, Enum):
+    """Model routes; the values are the strings stored in the database."""
+
+    CHEST_XRAY = "chest-xray"
+    MRI_US = "mri-us"
+    SKIN = "skin"
+
+
+CHEST_MODALITIES = frozenset({"CR", "DX"})
+MRI_US_MODALITIES = frozenset({"MR", "US"})
+# Visible-light photographs: general (XC), endoscopy/microscopy/slide photographs are VL and not skin.
+SKIN_MODALITIES = frozenset({"XC"})
+CHEST_BODY_PARTS = frozenset({"", "CHEST"})
+
+
+@dataclass(frozen=True)
+class RoutingFacts:
+    """The header attributes routing depends on."""
+
+    modality: str
+    body_part: str = ""
+
+    @classmethod
+    def of(cls, modality: str | None, body_part: str | None) -> RoutingFacts:
+        return cls((modality or "").strip().upper(), (body_part or "").strip().upper())
+
+
+def route_for(facts: RoutingFacts) -> Route:
+    """Return the route for an instance, or raise SkippedInput with a reason a person can act on."""
+    if facts.modality in CHEST_MODALITIES:
+        if facts.body_part in CHEST_BODY_PARTS:
+            return Route.CHEST_XRAY
+        raise SkippedInput(
+            f"BodyPartExamined '{facts.body_part}' is not CHEST: the chest X-ray model only reads chest radiographs "
+            f"({facts.modality} with BodyPartExamined CHEST or absent); other body parts are recorded and left alone"
+        )
+    if facts.modality in MRI_US_MODALITIES:
+        return Route.MRI_US
+    if facts.modality in SKIN_MODALITIES:
+        return Route.SKIN
+    shown = facts.modality or "<absent>"
+    raise SkippedInput(
+        f"Modality '{shown}' is not screened: Neuron reads CR/DX chest radiographs, MR and US images and "
+        f"XC photographs; this instance is recorded and left alone"
+    )

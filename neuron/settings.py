@@ -1,0 +1,128 @@
+"""One frozen settings object, read from the environment once at process start and passed down (STYLE 10).
+
+Precedence: explicit keyword arguments (the CLI's flags) > environment variables > defaults. Every environment
+variable Neuron reads is listed in ``ENVIRONMENT`` and documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from neuron.errors import ConfigError
+
+
+class WeightsMode(str, Enum):
+    PRETRAINED = "pretrained"
+    UNTRAINED = "untrained"
+
+
+ENVIRONMENT = {
+    "NEURON_DATABASE_URL": "SQLAlchemy URL of the results database (default: sqlite:///<out>/neuron.db)",
+    "NEURON_OUT": "output folder for the database and heatmaps (default: ./results)",
+    "NEURON_DEVICE": "auto, cpu, cuda or cuda:N (default: auto)",
+    "NEURON_WEIGHTS": "pretrained or untrained (default: pretrained)",
+    "NEURON_XRV_CACHE_DIR": "folder holding torchxrayvision weight files (default: ~/.torchxrayvision/models_data)",
+    "NEURON_XRV_SHA256": "expected sha256 of the chest X-ray weights file; required before the pickle is loaded",
+    "NEURON_ALLOW_DOWNLOAD": "1 to let torchxrayvision download missing weights, 0 to never try (default: 1)",
+    "NEURON_BATCH_SIZE": "images per model batch (default: 16 on CPU, 128 on CUDA)",
+}
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    out_dir: Path = Path("results")
+    database_url: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    weights: WeightsMode = WeightsMode.PRETRAINED
+    xrv_cache_dir: Path | None = None
+    xrv_sha256: str | None = None
+    allow_download: bool = True
+    clahe: bool = True
+    clahe_clip_limit: float = 2.0
+    clahe_grid: int = 8
+    clahe_size: int = 512
+    tta: bool = True
+    heatmap_top_k: int = 1
+    max_frames: int = 16
+    max_pixels: int = 8192 * 8192
+    decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "weights", WeightsMode(self.weights))
+        if self.xrv_cache_dir is not None:
+            object.__setattr__(self, "xrv_cache_dir", Path(self.xrv_cache_dir).expanduser())
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size} must be at least 1")
+        if self.heatmap_top_k < 0:
+            raise ConfigError(f"heatmap top-k {self.heatmap_top_k} must be 0 (no heatmaps) or more")
+        if self.max_frames < 1:
+            raise ConfigError(f"max frames {self.max_frames} must be at least 1")
+        if self.clahe_grid < 1 or self.clahe_size < self.clahe_grid * 2:
+            raise ConfigError(f"CLAHE grid {self.clahe_grid} with working size {self.clahe_size} is not usable")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    @property
+    def heatmap_dir(self) -> Path:
+        return self.out_dir / "heatmaps"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.out_dir / 'neuron.db').resolve()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from the environment, then apply explicit overrides (None means "not given")."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if "NEURON_OUT" in env:
+            values["out_dir"] = Path(env["NEURON_OUT"])
+        if "NEURON_DATABASE_URL" in env:
+            values["database_url"] = env["NEURON_DATABASE_URL"]
+        if "NEURON_DEVICE" in env:
+            values["device"] = env["NEURON_DEVICE"]
+        if "NEURON_WEIGHTS" in env:
+            values["weights"] = env["NEURON_WEIGHTS"]
+        if "NEURON_XRV_CACHE_DIR" in env:
+            values["xrv_cache_dir"] = Path(env["NEURON_XRV_CACHE_DIR"])
+        if "NEURON_XRV_SHA256" in env:
+            values["xrv_sha256"] = env["NEURON_XRV_SHA256"].strip().lower() or None
+        if "NEURON_ALLOW_DOWNLOAD" in env:
+            values["allow_download"] = _parse_bool("NEURON_ALLOW_DOWNLOAD", env["NEURON_ALLOW_DOWNLOAD"])
+        if "NEURON_BATCH_SIZE" in env:
+            try:
+                values["batch_size"] = int(env["NEURON_BATCH_SIZE"])
+            except ValueError as exc:
+                raise ConfigError(f"NEURON_BATCH_SIZE={env['NEURON_BATCH_SIZE']!r} is not a whole number") from exc
+        known = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise TypeError(f"unknown setting {key!r}")
+            if value is not None:
+                values[key] = value
+        try:
+            return cls(**values)
+        except ValueError as exc:  # an Enum rejected a string
+            raise ConfigError(f"{exc}; weights must be 'pretrained' or 'untrained'") from exc
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)

@@ -1,0 +1,46 @@
+"""Grad-CAM maps from the forward pass.
+
+For a global-average-pool + linear head, Grad-CAM on the rectified final feature map A equals CAM from the classifier
+weights: the gradient of logit k with respect to A_c is W[k, c] / (h*w) everywhere, so the Grad-CAM weights are the
+classifier weights up to one positive scale, which the min-max normalisation removes (NOTES 8). Every label's map
+therefore comes out of the forward pass, with no backward pass and no hooks, and the same tensors on CPU and GPU.
+The tests check this against the ``grad-cam`` package on a layer where both are well defined (NOTES 7).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def class_activation_maps(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """features (B, C, h, w) rectified; weight (K, C); classes (B, k) label indices -> (B, k, h, w), ReLU'd."""
+    w = weight[classes]  # (B, k, C)
+    return F.relu(torch.einsum("bkc,bchw->bkhw", w, features))
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1], the same formula as pytorch-grad-cam's ``scale_cam_image``."""
+    flat = maps.flatten(-2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    flat = flat - lo
+    flat = flat / (1e-7 + flat.max(dim=-1, keepdim=True).values)
+    return flat.view_as(maps)
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear with half-pixel centres (what cv2.resize does), (B, k, h, w) -> (B, k, size, size)."""
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a JET-coloured map over the preprocessed image. image: (C, H, W) in [0, 1]; cam: (H, W) in [0, 1].
+    Returns BGR uint8 for cv2.imwrite."""
+    base = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)[..., ::-1]
+    base = np.clip(base * 255.0, 0, 255).astype(np.uint8)
+    if base.ndim == 2:
+        base = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
+    heat = cv2.applyColorMap(np.clip(cam * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.addWeighted(heat, alpha, base, 1.0 - alpha, 0.0)

@@ -1,0 +1,154 @@
+"""One registry: model name -> builder, and ``create_model`` as the only constructor (timm's ``_registry.py``).
+
+Each model's config is a dataclass next to its builder. Every registered model honours one contract
+(``ScreeningModel``), so TTA, CAM maps, batching and result rows work the same for every route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neuron.routes import Route
+from neuron.settings import Settings, WeightsMode
+from neuron_models.preprocess import PreprocessConfig
+from neuron_models.tta import TTAPolicy, View
+
+UNTRAINED = "untrained"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    route: Route
+    input_size: int
+    channels: int
+    normalization: str
+    class_names: tuple[str, ...]
+    multilabel: bool
+    tta_views: tuple[View, ...]
+    cam_target: str
+    weights_source: str
+    weights_sha256: str | None = None
+    description: str = ""
+
+
+class ScreeningModel(nn.Module):
+    """The contract: rectified final features -> logits -> probabilities, and the head weights for CAM maps."""
+
+    config: ModelConfig
+    weights_id: str  # sha256 of the weights file, or "untrained"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised input -> (B, C', h, w) rectified final feature map (the CAM target)."""
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Global average pool and linear head -> (B, K) logits."""
+        raise NotImplementedError
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cam_weight(self) -> torch.Tensor:
+        """(K, C') weights of the linear head."""
+        raise NotImplementedError
+
+    @property
+    def untrained(self) -> bool:
+        return self.weights_id == UNTRAINED
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(self.forward_head(self.forward_features(x)))
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything that decides a result besides the pixels and the weights; hashed into every result row."""
+
+    model: str
+    weights: str
+    preprocess: PreprocessConfig
+    tta: TTAPolicy
+    decoder: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
+                "tta": self.tta.as_dict(), "decoder": self.decoder}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+Builder = Callable[[Settings], ScreeningModel]
+_builders: dict[str, tuple[ModelConfig, Builder]] = {}
+
+
+def register_model(config: ModelConfig) -> Callable[[Builder], Builder]:
+    def decorator(fn: Builder) -> Builder:
+        if config.name in _builders:
+            raise ValueError(f"model {config.name!r} is registered twice")
+        _builders[config.name] = (config, fn)
+        return fn
+    return decorator
+
+
+def _load_builtin_models() -> None:
+    from neuron_models import xray  # noqa: F401  (registers on import)
+
+
+def list_models() -> list[ModelConfig]:
+    _load_builtin_models()
+    return [cfg for cfg, _ in _builders.values()]
+
+
+def model_config(name: str) -> ModelConfig:
+    _load_builtin_models()
+    if name not in _builders:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(_builders)}")
+    return _builders[name][0]
+
+
+def models_for_route(route: Route) -> list[ModelConfig]:
+    return [cfg for cfg in list_models() if cfg.route is route]
+
+
+def create_model(name: str, settings: Settings) -> ScreeningModel:
+    """Build a registered model with the weights ``settings`` ask for; the only constructor."""
+    _load_builtin_models()
+    if name not in _builders:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(_builders)}")
+    model = _builders[name][1](settings)
+    return model.eval()
+
+
+def preprocess_config(cfg: ModelConfig, settings: Settings) -> PreprocessConfig:
+    """One place that decides precedence: the model fixes geometry and normalisation, settings the contrast."""
+    return PreprocessConfig(input_size=cfg.input_size, channels=cfg.channels, normalization=cfg.normalization,
+                            clahe=settings.clahe, clahe_clip_limit=settings.clahe_clip_limit,
+                            clahe_grid=settings.clahe_grid, clahe_size=settings.clahe_size)
+
+
+def tta_policy(cfg: ModelConfig, settings: Settings) -> TTAPolicy:
+    return TTAPolicy(cfg.tta_views) if settings.tta else TTAPolicy.off()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["ModelConfig", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "create_model",
+           "list_models", "model_config", "models_for_route", "preprocess_config", "register_model", "sha256_file",
+           "tta_policy"]
