@@ -147,6 +147,8 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
         itemsize_bits = 8 * arrays[0].itemsize
         palette = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR"
         params = replace(params, bits_stored=itemsize_bits if palette or itemsize_bits == 8 else params.bits_stored)
+    if not arrays:
+        raise DecodeError("the pixel data holds no frames; re-export the file from the source")
     frames = []
     for idx, arr in zip(indices, arrays, strict=True):
         if arr.ndim == 3 and arr.shape[-1] == 1:

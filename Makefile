@@ -1,0 +1,30 @@
+# The two quick-start commands: `make demo` (set up, screen sample DICOMs) and `make test` (set up, run the checks).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test check bench
+
+setup: $(VENV)/.installed
+
+# torch/torchvision are named first at the exact releases the build machines hold on disk, so pip never pulls a
+# multi-gigabyte download; everything else comes from pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/neuron samples samples
+	$(BIN)/neuron run samples --out results --weights untrained
+
+check: setup
+	$(BIN)/ruff check .
+
+test: check
+	$(BIN)/pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_engine.py

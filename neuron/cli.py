@@ -1,0 +1,152 @@
+"""The ``neuron`` command. Heavy imports (torch, models) happen inside the commands that need them.
+
+Exit codes: 0 every file was screened or deliberately skipped; 3 the run finished but some files failed (their
+reasons are in ``ingest_status``); 4 the run could not start (weights, settings, database); 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from neuron.errors import NeuronError, SetupError
+from neuron.settings import Settings, WeightsMode
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Neuron screens medical-image archives: DICOM in; findings with calibrated probabilities, "
+                       "uncertainty and Grad-CAM heatmaps out, in SQL.")
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+class _Rate(TextColumn):
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        return f"{speed:6.1f} img/s" if speed else "   ... img/s"
+
+
+@app.command()
+def run(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to screen (recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: neuron.db and heatmaps/.")] = None,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL; default sqlite:///OUT/neuron.db.")] = None,
+    weights: Annotated[WeightsMode, typer.Option(help="pretrained (needs the weights file) or untrained.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch (default: 16 CPU, 128 CUDA).")] = None,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation (5 fixed views).")] = True,
+    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe", help="CLAHE contrast equalisation.")] = True,
+    clahe_clip: Annotated[float, typer.Option(help="CLAHE clip limit.")] = 2.0,
+    clahe_grid: Annotated[int, typer.Option(help="CLAHE tiles per side.")] = 8,
+    top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image (0: none).")] = 1,
+    max_frames: Annotated[int, typer.Option(help="Frames screened per multi-frame instance (evenly spaced).")] = 16,
+    max_pixels: Annotated[int, typer.Option(help="Refuse frames with more pixels than this.")] = 8192 * 8192,
+    xrv_cache_dir: Annotated[Path, typer.Option(help="Folder of torchxrayvision weight files.")] = None,
+    xrv_sha256: Annotated[str, typer.Option(help="Expected sha256 of the chest X-ray weights file.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Screen every DICOM file under FOLDER and write findings to a database (embedded: SQLite, one process)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env(out_dir=out, database_url=db, weights=weights, device=device,
+                                     batch_size=batch_size, tta=tta, clahe=clahe, clahe_clip_limit=clahe_clip,
+                                     clahe_grid=clahe_grid, heatmap_top_k=top_k, max_frames=max_frames,
+                                     max_pixels=max_pixels, xrv_cache_dir=xrv_cache_dir, xrv_sha256=xrv_sha256)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if settings.weights is WeightsMode.UNTRAINED:
+        console.print(Panel("[bold]--weights untrained[/]: the models have random (seeded) weights. Every result is "
+                            "marked [bold]untrained[/] and means NOTHING clinically. Use for tests and demos only.",
+                            title="WARNING", style="bold yellow"))
+    from worker.embedded import ProgressHooks, run_folder
+    from worker.engine import Engine
+
+    try:
+        with console.status("loading models..."):
+            engine = Engine.from_settings(settings)
+    except SetupError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, "
+                  f"models: {', '.join(f'{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})' for r, lr in engine.routes.items())}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        scan_task = progress.add_task("indexing", total=None)
+        img_task = progress.add_task("screening", total=None, visible=False)
+        hooks = ProgressHooks(
+            on_scan=lambda n: progress.update(scan_task, completed=n),
+            on_total=lambda n: (progress.update(scan_task, total=progress.tasks[scan_task].completed),
+                                progress.update(img_task, total=n, visible=True)),
+            on_images=lambda n: progress.advance(img_task, n))
+        try:
+            report = run_folder(folder, settings, engine=engine, hooks=hooks)
+        except SetupError as exc:
+            raise _fail(str(exc), EXIT_SETUP) from None
+        except NeuronError as exc:
+            raise _fail(str(exc), EXIT_SETUP) from None
+    _print_summary(report, settings)
+    failed = report.summary.files.get("failed", 0)
+    raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _print_summary(report, settings: Settings) -> None:
+    files = report.summary.files
+    table = Table(title="files", show_header=True)
+    for col in ("done", "failed", "skipped", "duplicate", "pending"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(files.get(c, 0)) for c in ("done", "failed", "skipped", "duplicate", "pending")))
+    console.print(table)
+    console.print(f"scanned {report.scan.seen} files ({report.scan.unchanged} unchanged since the last run), "
+                  f"screened {report.screened} instances")
+    if report.summary.top_findings:
+        console.print("top findings this run (rank 1, probability >= 0.5): " +
+                      ", ".join(f"{label} x{n}" for label, n in report.summary.top_findings))
+    for path, reason in report.summary.failures:
+        console.print(f"[red]failed[/] {path}: {reason}")
+    console.print(f"results: {settings.resolved_database_url}  heatmaps: {settings.heatmap_dir}")
+    console.print("query: sqlite3 <db> \"select label, probability, file_path from findings where rank = 1\"")
+
+
+@app.command()
+def samples(dest: Annotated[Path, typer.Argument(help="Folder to copy the sample DICOMs into.")] = Path("samples")
+            ) -> None:
+    """Copy real sample DICOMs shipped by pydicom and pydicom-data (CR chest radiographs, MR, US, ...) into DEST."""
+    from neuron.sample_data import copy_samples
+
+    n = copy_samples(dest)
+    console.print(f"copied {n} sample files into {dest}")
+
+
+@app.command()
+def models() -> None:
+    """List the model registry: name, route, classes and weights."""
+    from neuron_models.registry import list_models
+
+    table = Table(show_header=True)
+    for col in ("name", "route", "input", "classes", "TTA views", "weights source"):
+        table.add_column(col)
+    for cfg in list_models():
+        table.add_row(cfg.name, cfg.route.value, f"{cfg.channels}x{cfg.input_size}", str(len(cfg.class_names)),
+                      ", ".join(v.name for v in cfg.tta_views), cfg.weights_source)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

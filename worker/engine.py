@@ -1,0 +1,276 @@
+"""The batch engine shared by the embedded run and the distributed worker.
+
+    WorkItems ─► decode threads (CPU: read + parse) ─► per-route batches across studies ─► device:
+    LUT/window/invert/crop/resize/CLAHE ─► TTA views in one forward ─► mean/std + CAM maps ─► PNG threads ─► Outcomes
+
+Decoding runs ahead of the device on a thread pool and PNG writing behind it on another, so the device is fed while
+the CPU reads. Each instance's Outcome is emitted once all its frames are inferred and its heatmaps are on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from db.schema import Status
+from db.store import FrameResult, LabelScore, Outcome, WorkItem
+from neuron.errors import InputError, RetryableError
+from neuron.routes import Route
+from neuron.settings import Settings
+from neuron_models import cam
+from neuron_models.image import DecodedFrame
+from neuron_models.preprocess import PreprocessConfig, normalize, prepare_batch
+from neuron_models.registry import (
+    PipelineSpec,
+    ScreeningModel,
+    create_model,
+    models_for_route,
+    preprocess_config,
+    tta_policy,
+)
+from neuron_models.tta import TTAPolicy
+from worker.decode import decode_instance, decoder_versions
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from neuron.errors import ConfigError
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return dev
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 16
+
+
+@dataclass(frozen=True)
+class FrameInference:
+    """One frame's numbers from the device, before heatmaps are written."""
+
+    frame: DecodedFrame
+    probabilities: np.ndarray  # (K,)
+    uncertainty: np.ndarray  # (K,)
+    order: np.ndarray  # label indices by descending probability
+    image: np.ndarray  # (C, S, S) identity view in [0, 1], the heatmap's background
+    cams: np.ndarray  # (k, S, S) in [0, 1] for the top-k labels
+
+
+@dataclass
+class LoadedRoute:
+    model: ScreeningModel
+    spec: PipelineSpec
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.spec.preprocess
+
+    @property
+    def tta(self) -> TTAPolicy:
+        return self.spec.tta
+
+
+@dataclass
+class _InstanceState:
+    item: WorkItem
+    expected: int
+    results: list[FrameResult] = field(default_factory=list)
+    writes: list[Future] = field(default_factory=list)
+    error: InputError | None = None
+
+    seen: int = 0
+
+    @property
+    def inferred(self) -> bool:
+        return self.seen == self.expected
+
+
+def heatmap_name(sop_uid: str, frame: int, model: str, weights: str, label: str, config_hash: str) -> str:
+    """File names never come from UIDs or paths in the file: a hash of them, fanned out over 256 folders."""
+    digest = hashlib.sha256("|".join([sop_uid, str(frame), model, weights, label, config_hash]).encode()).hexdigest()
+    return f"{digest[:2]}/{digest[:32]}.png"
+
+
+class Engine:
+    def __init__(self, settings: Settings, routes: dict[Route, LoadedRoute], device: torch.device):
+        self.settings = settings
+        self.routes = routes
+        self.device = device
+        self.batch_size = settings.batch_size or default_batch_size(device)
+        self.worker_id = f"{socket.gethostname()}/{device}"
+        self.heatmap_dir = settings.heatmap_dir.resolve()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        """Load the model of every route that has one; routes without a model are simply absent."""
+        device = resolve_device(settings.device)
+        decoder = {"plugin": "pylibjpeg", "versions": decoder_versions()}
+        routes: dict[Route, LoadedRoute] = {}
+        for route in Route:
+            configs = models_for_route(route)
+            if not configs:
+                continue
+            cfg = configs[0]
+            model = create_model(cfg.name, settings).to(device)
+            spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings),
+                                tta_policy(cfg, settings), decoder)
+            routes[route] = LoadedRoute(model, spec)
+        return cls(settings, routes, device)
+
+    # -- pure compute ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, route: Route, frames: Sequence[DecodedFrame]) -> list[FrameInference | InputError]:
+        """Run one batch of frames through a route's model. The same for any batch composition: every per-image
+        result is independent of the others in the batch."""
+        lr = self.routes[route]
+        try:
+            return self._infer(lr, frames)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(frames) == 1:
+                raise RetryableError(f"CUDA out of memory on a single image on {self.device}") from exc
+            torch.cuda.empty_cache()
+            half = len(frames) // 2
+            log.warning("CUDA out of memory on a batch of %d; splitting", len(frames))
+            return self.infer(route, frames[:half]) + self.infer(route, frames[half:])
+
+    def _infer(self, lr: LoadedRoute, frames: Sequence[DecodedFrame]) -> list[FrameInference | InputError]:
+        x, kept, rejected = prepare_batch(frames, lr.preprocess, self.device)
+        out: list[FrameInference | InputError] = list(rejected.get(i) for i in range(len(frames)))  # type: ignore
+        if not kept:
+            return out
+        views = lr.tta.expand(x)
+        features = lr.model.forward_features(normalize(views, lr.preprocess))
+        probs = lr.model.probabilities(lr.model.forward_head(features))
+        mean, std = lr.tta.reduce(probs)
+        order = torch.argsort(mean, dim=1, descending=True, stable=True)
+        k = min(self.settings.heatmap_top_k, mean.shape[1])
+        if k:
+            identity_features = features[: x.shape[0]]  # views are view-major; the identity view comes first
+            maps = cam.class_activation_maps(identity_features, lr.model.cam_weight(), order[:, :k])
+            maps = cam.upsample(cam.normalize_maps(maps), lr.preprocess.input_size).cpu().numpy()
+        else:
+            maps = np.zeros((x.shape[0], 0, 1, 1), dtype=np.float32)
+        mean_np, std_np, order_np, images = mean.cpu().numpy(), std.cpu().numpy(), order.cpu().numpy(), x.cpu().numpy()
+        for j, i in enumerate(kept):
+            out[i] = FrameInference(frames[i], mean_np[j], std_np[j], order_np[j], images[j], maps[j])
+        return out
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def _frame_result(self, lr: LoadedRoute, inf: FrameInference, writers: ThreadPoolExecutor
+                      ) -> tuple[FrameResult, list[Future]]:
+        names = lr.model.class_names
+        rank_of = {int(label): r + 1 for r, label in enumerate(inf.order)}
+        spec, writes, scores = lr.spec, [], []
+        heatmaps: dict[int, str] = {}
+        for slot, label_idx in enumerate(inf.order[: inf.cams.shape[0]]):
+            rel = heatmap_name(inf.frame.sop_instance_uid, inf.frame.frame, spec.model, spec.weights,
+                               names[label_idx], spec.config_hash)
+            path = self.heatmap_dir / rel
+            heatmaps[int(label_idx)] = str(path)
+            writes.append(writers.submit(_write_png, path, inf.image, inf.cams[slot]))
+        for idx, name in enumerate(names):
+            scores.append(LabelScore(name, float(inf.probabilities[idx]), float(inf.uncertainty[idx]),
+                                     rank_of[idx], heatmaps.get(idx)))
+        return FrameResult(inf.frame.frame, spec.model, spec.weights, spec.config_hash, lr.model.untrained,
+                           tuple(scores)), writes
+
+    # -- the pipeline ---------------------------------------------------------------------------------------------
+    def run(self, items: Iterable[WorkItem], sink: Callable[[Outcome], None],
+            progress: Callable[[int], None] | None = None) -> None:
+        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order."""
+        workers = max(1, self.settings.decode_workers)
+        ahead = max(2 * self.batch_size, 4 * workers)
+        batches: dict[Route, list[tuple[_InstanceState, DecodedFrame]]] = {r: [] for r in self.routes}
+        completing: deque[_InstanceState] = deque()
+
+        def flush(route: Route, writers: ThreadPoolExecutor) -> None:
+            batch, batches[route] = batches[route], []
+            if not batch:
+                return
+            results = self.infer(route, [f for _, f in batch])
+            lr = self.routes[route]
+            for (state, _), res in zip(batch, results, strict=True):
+                state.seen += 1
+                if isinstance(res, InputError):
+                    state.error = state.error or res
+                elif state.error is None:
+                    fr, writes = self._frame_result(lr, res, writers)
+                    state.results.append(fr)
+                    state.writes.extend(writes)
+                if state.inferred:
+                    completing.append(state)
+            if progress is not None:
+                progress(len(batch))
+
+        def emit(block: bool) -> None:
+            while completing and (block or all(w.done() for w in completing[0].writes)):
+                state = completing.popleft()
+                sink(self._outcome(state))
+
+        it = iter(items)
+        inflight: deque[tuple[WorkItem, Future]] = deque()
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
+                ThreadPoolExecutor(2, thread_name_prefix="png") as writers:
+            exhausted = False
+            while True:
+                while not exhausted and len(inflight) < ahead:
+                    item = next(it, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    inflight.append((item, decoders.submit(decode_instance, item.file_path, item.sop_instance_uid,
+                                                           self.settings.max_frames, self.settings.max_pixels)))
+                if not inflight:
+                    break
+                item, fut = inflight.popleft()
+                route = Route(item.route)
+                try:
+                    frames = fut.result()
+                except InputError as exc:
+                    sink(Outcome(item.sop_instance_uid, Status(exc.status), exc.reason, worker=self.worker_id))
+                    if progress is not None:
+                        progress(1)
+                    continue
+                state = _InstanceState(item, expected=len(frames))
+                for f in frames:
+                    batches[route].append((state, f))
+                    if len(batches[route]) >= self.batch_size:
+                        flush(route, writers)
+                emit(block=False)
+            for route in batches:
+                flush(route, writers)
+            emit(block=True)
+
+    def _outcome(self, state: _InstanceState) -> Outcome:
+        uid = state.item.sop_instance_uid
+        if state.error is not None:
+            return Outcome(uid, Status(state.error.status), state.error.reason, worker=self.worker_id)
+        for w in state.writes:
+            exc = w.exception()
+            if exc is not None:
+                return Outcome(uid, Status.FAILED, f"heatmap could not be written: {exc}; check free space and "
+                                                   f"permissions of {self.heatmap_dir}", worker=self.worker_id)
+        frames = tuple(sorted(state.results, key=lambda r: r.frame))
+        return Outcome(uid, Status.DONE, None, frames, worker=self.worker_id)
+
+
+def _write_png(path: Path, image: np.ndarray, cam_map: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    if not cv2.imwrite(str(tmp), cam.overlay(image, cam_map)):
+        raise OSError(f"cv2 could not write {tmp}")
+    tmp.replace(path)
