@@ -1,0 +1,104 @@
+"""Shared fixtures: real DICOMs from pydicom and pydicom-data, copies derived from them, one untrained engine.
+
+Derived files keep the real pixels of the source (RG1, a CR chest radiograph) and change only what a test needs:
+size, photometric interpretation, transfer syntax, UIDs. See tests/data/README.md for provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from neuron.sample_data import pydicom_data_dir, pydicom_test_dir
+from neuron.settings import Settings
+
+MODEL = "xrv-densenet121-res224-all"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return pydicom_data_dir()
+
+
+@pytest.fixture(scope="session")
+def test_files_dir() -> Path:
+    return pydicom_test_dir()
+
+
+@pytest.fixture(scope="session")
+def rg1(data_dir) -> Path:
+    """CR chest radiograph, MONOCHROME1, 15 bits, 1955x1841, uncompressed."""
+    return data_dir / "RG1_UNCR.dcm"
+
+
+def small_chest(src: Path, dest: Path, step: int = 4, **changes) -> Path:
+    """A smaller real chest CR: RG1's pixels decimated by ``step``, new UIDs, any attribute changes applied."""
+    ds = pydicom.dcmread(src)
+    arr = ds.pixel_array[::step, ::step].copy()
+    ds.Rows, ds.Columns = arr.shape
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def monochrome2_twin(src: Path, dest: Path) -> Path:
+    """The same image stored the other way round: MONOCHROME2 with inverted stored values and the mirrored window.
+    DICOM's linear window centres on c - 0.5, so the exact mirror of centre c under v -> M - v is M - c + 1."""
+    ds = pydicom.dcmread(src)
+    maxval = (1 << int(ds.BitsStored)) - 1
+    arr = ds.pixel_array.astype(np.int64)
+    ds.PixelData = (maxval - arr).astype(np.uint16).tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter = maxval - float(ds.WindowCenter) + 1
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def clone_with(src: Path, dest: Path, **changes) -> Path:
+    ds = pydicom.dcmread(src)
+    ds = copy.deepcopy(ds)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.save_as(dest, enforce_file_format=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def chest_small(tmp_path_factory, rg1) -> Path:
+    return small_chest(rg1, tmp_path_factory.mktemp("chest") / "chest_small.dcm")
+
+
+@pytest.fixture(scope="session")
+def untrained_settings(tmp_path_factory) -> Settings:
+    return Settings(out_dir=tmp_path_factory.mktemp("out"), weights="untrained", device="cpu", batch_size=8,
+                    decode_workers=2)
+
+
+@pytest.fixture(scope="session")
+def engine(untrained_settings):
+    from worker.engine import Engine
+
+    return Engine.from_settings(untrained_settings)
+
+
+@pytest.fixture(scope="session")
+def engine_plain(untrained_settings):
+    """CLAHE and TTA off: the path torchxrayvision's reference code takes."""
+    from worker.engine import Engine
+
+    return Engine.from_settings(untrained_settings.with_(clahe=False, tta=False))
