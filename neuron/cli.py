@@ -7,7 +7,6 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -63,7 +62,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Screen every DICOM file under FOLDER and write findings to a database (embedded: SQLite, one process)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(out_dir=out, database_url=db, weights=weights, device=device,
                                      batch_size=batch_size, tta=tta, clahe=clahe, clahe_clip_limit=clahe_clip,
@@ -83,8 +83,8 @@ def run(
             engine = Engine.from_settings(settings)
     except SetupError as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
-    console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, "
-                  f"models: {', '.join(f'{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})' for r, lr in engine.routes.items())}")
+    loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in engine.routes.items())
+    console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, models: {loaded}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -97,8 +97,6 @@ def run(
             on_images=lambda n: progress.advance(img_task, n))
         try:
             report = run_folder(folder, settings, engine=engine, hooks=hooks)
-        except SetupError as exc:
-            raise _fail(str(exc), EXIT_SETUP) from None
         except NeuronError as exc:
             raise _fail(str(exc), EXIT_SETUP) from None
     _print_summary(report, settings)

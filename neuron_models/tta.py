@@ -29,7 +29,9 @@ class View:
 
     @property
     def name(self) -> str:
-        return self.kind.value if self.kind in (ViewKind.IDENTITY, ViewKind.HFLIP) else f"{self.kind.value}{self.value:+g}"
+        if self.kind in (ViewKind.IDENTITY, ViewKind.HFLIP):
+            return self.kind.value
+        return f"{self.kind.value}{self.value:+g}"
 
     def as_dict(self) -> dict:
         return {"kind": self.kind.value, "value": self.value}

@@ -1,0 +1,245 @@
+"""End to end on the embedded default: a folder of real and broken DICOMs in, SQLite rows and heatmaps out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless, generate_uid
+
+from neuron.settings import Settings
+from worker.embedded import run_folder
+
+from .conftest import monochrome2_twin, small_chest
+
+N_LABELS = 18
+
+
+def build_archive(root: Path, chest: Path, data_dir: Path, test_files_dir: Path) -> dict[str, Path]:
+    """A small archive: one chest CR stored five ways, a duplicate, other modalities and every kind of bad input."""
+    for sub in ("study1", "study2", "other", "bad"):
+        (root / sub).mkdir(parents=True)
+    f = {"mono1": Path(shutil.copy(chest, root / "study1" / "mono1.dcm"))}
+    f["mono2"] = monochrome2_twin(chest, root / "study1" / "mono2.dcm")
+    for uid, name in ((RLELossless, "rle"), (JPEG2000Lossless, "j2k")):
+        ds = pydicom.dcmread(chest)
+        ds.SOPInstanceUID = generate_uid()
+        ds.compress(uid, encoding_plugin="pylibjpeg" if uid == JPEG2000Lossless else "")
+        f[name] = root / "study2" / f"{name}.dcm"
+        ds.save_as(f[name])
+    f["duplicate"] = Path(shutil.copy(chest, root / "study2" / "copy_of_mono1"))
+    f["ct"] = Path(shutil.copy(data_dir / "693_J2KR.dcm", root / "other" / "ct.dcm"))
+    f["mr"] = Path(shutil.copy(data_dir / "MR2_J2KR.dcm", root / "other" / "mr.dcm"))
+    f["extremity"] = Path(shutil.copy(data_dir / "RG3_J2KR.dcm", root / "other" / "hand.dcm"))
+    bad = root / "bad"
+    f["empty"] = bad / "empty.dcm"
+    f["empty"].write_bytes(b"")
+    f["text"] = bad / "notes.txt"
+    f["text"].write_text("radiology report, not an image")
+    ds = pydicom.dcmread(chest)
+    ds.SOPInstanceUID = generate_uid()
+    f["truncated"] = bad / "truncated.dcm"
+    ds.save_as(f["truncated"])
+    raw = f["truncated"].read_bytes()
+    f["truncated"].write_bytes(raw[: len(raw) - 5000])
+    ds = pydicom.dcmread(chest)
+    ds.SOPInstanceUID = generate_uid()
+    del ds.PixelData
+    f["nopixels"] = bad / "nopixels.dcm"
+    ds.save_as(f["nopixels"])
+    ds = pydicom.dcmread(chest)
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 50000
+    f["huge"] = bad / "huge.dcm"
+    ds.save_as(f["huge"])
+    ds = pydicom.dcmread(chest)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML  # a video syntax: no decoder is installed for it
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    f["undecodable"] = bad / "jpegxl.dcm"
+    ds.save_as(f["undecodable"], enforce_file_format=True)
+    ds = pydicom.dcmread(data_dir / "SC_rgb.dcm")  # colour bars
+    ds.Modality, ds.SOPInstanceUID = "DX", generate_uid()
+    f["colour_dx"] = bad / "colour_dx.dcm"
+    ds.save_as(f["colour_dx"])
+    return f
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, chest_small, data_dir, test_files_dir):
+    root = tmp_path_factory.mktemp("archive")
+    files = build_archive(root, chest_small, data_dir, test_files_dir)
+    return root, files
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, untrained_settings, engine, tmp_path_factory):
+    root, files = archive
+    settings = untrained_settings.with_(out_dir=tmp_path_factory.mktemp("results"))
+    report = run_folder(root, settings, engine=_engine_for(engine, settings))
+    return settings, report
+
+
+def _engine_for(engine, settings):
+    """The session's loaded models, writing heatmaps into this run's output folder."""
+    from worker.engine import Engine
+
+    return Engine(settings, engine.routes, engine.device)
+
+
+def query(settings: Settings, sql: str, *args):
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def status_of(settings, path: Path) -> tuple[str, str | None]:
+    (row,) = query(settings, "select status, reason from ingest_status where file_path = ?", str(path.resolve()))
+    return row
+
+
+def probs(settings, path: Path) -> dict[str, float]:
+    (uid,) = query(settings, "select sop_instance_uid from ingest_status where file_path = ?", str(path.resolve()))[0]
+    return dict(query(settings, "select label, probability from findings where sop_instance_uid = ?", uid))
+
+
+def test_every_file_gets_one_ingest_status_row(first_run, archive):
+    settings, _ = first_run
+    root, files = archive
+    n_files = sum(1 for p in root.rglob("*") if p.is_file())
+    assert query(settings, "select count(*) from ingest_status")[0][0] == n_files
+    for status, reason in query(settings, "select status, reason from ingest_status"):
+        assert status in {"done", "failed", "skipped", "duplicate"}
+        assert (reason is None) == (status == "done")
+
+
+def test_screened_instances_have_a_full_set_of_findings(first_run, archive):
+    settings, _ = first_run
+    _, files = archive
+    for key in ("mono1", "mono2", "rle", "j2k"):
+        assert status_of(settings, files[key]) == ("done", None)
+    rows = query(settings, "select sop_instance_uid, frame, model, weights, label, probability, uncertainty, rank, "
+                           "heatmap_path, study_instance_uid, series_instance_uid, modality, file_path, processed_at, "
+                           "preprocessing, untrained from findings")
+    assert len(rows) == 4 * N_LABELS
+    by_uid = {}
+    for r in rows:
+        by_uid.setdefault(r[0], []).append(r)
+    for uid_rows in by_uid.values():
+        assert sorted(r[7] for r in uid_rows) == list(range(1, N_LABELS + 1))
+        top = max(uid_rows, key=lambda r: r[5])
+        assert top[7] == 1 and top[8] is not None and Path(top[8]).is_file()
+        assert all(r[8] is None for r in uid_rows if r[7] > 1)
+        assert all(r[3] == "untrained" and r[15] == 1 and len(r[14]) == 16 for r in uid_rows)
+        assert all(0.0 < r[5] < 1.0 and r[6] >= 0 for r in uid_rows)
+    (config,) = query(settings, "select settings_json from pipeline_configs")
+    assert '"clahe": true' in config[0] and '"brightness"' in config[0]
+
+
+def test_monochrome1_and_monochrome2_twin_agree_end_to_end(first_run, archive):
+    settings, _ = first_run
+    _, files = archive
+    a, b = probs(settings, files["mono1"]), probs(settings, files["mono2"])
+    assert a.keys() == b.keys()
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
+def test_lossless_compressed_and_uncompressed_copies_give_identical_results(first_run, archive):
+    settings, _ = first_run
+    _, files = archive
+    ref = probs(settings, files["mono1"])
+    for key in ("rle", "j2k"):
+        got = probs(settings, files[key])
+        assert all(abs(got[k] - ref[k]) < 1e-6 for k in ref), key
+
+
+@pytest.mark.parametrize(("key", "status", "reason"), [
+    ("duplicate", "duplicate", "same SOP Instance UID as"),
+    ("ct", "skipped", "Modality 'CT' is not screened"),
+    ("mr", "skipped", "no model for route 'mri-us'"),
+    ("extremity", "skipped", "BodyPartExamined 'EXTREMITY' is not CHEST"),
+    ("empty", "failed", "empty file"),
+    ("text", "skipped", "not a DICOM file"),
+    ("truncated", "failed", "could not be decoded"),
+    ("nopixels", "failed", "no Pixel Data"),
+    ("huge", "failed", "50000x50000 = 2,500,000,000 pixels per frame exceeds the limit"),
+    ("undecodable", "failed", "could not be decoded (transfer syntax MPEG2"),
+    ("colour_dx", "failed", "mean saturation"),
+])
+def test_bad_input_gets_a_reason_and_does_not_stop_the_run(first_run, archive, key, status, reason):
+    settings, _ = first_run
+    _, files = archive
+    got_status, got_reason = status_of(settings, files[key])
+    assert got_status == status
+    assert reason in got_reason
+
+
+def test_rerun_adds_no_rows_and_changes_no_results(first_run, archive, engine):
+    settings, _ = first_run
+    root, _ = archive
+    before = query(settings, "select * from findings order by sop_instance_uid, label")
+    status_before = query(settings, "select * from ingest_status order by file_path")
+    report = run_folder(root, settings, engine=_engine_for(engine, settings))
+    assert report.screened == 0 and report.scan.unchanged == report.scan.seen
+    assert query(settings, "select * from findings order by sop_instance_uid, label") == before
+    assert query(settings, "select * from ingest_status order by file_path") == status_before
+
+
+def test_hostile_uids_never_write_outside_the_output_folder(tmp_path, chest_small, untrained_settings, engine):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    for i, uid in enumerate(["../../../../etc/neuron_evil", "/tmp/neuron_evil", "..\\..\\x", "a/../../b"]):
+        small_chest(chest_small, folder / f"f{i}.dcm", step=2, SOPInstanceUID=uid, StudyInstanceUID=uid,
+                    SeriesInstanceUID=uid)
+    before = {p for p in tmp_path.parent.rglob("*")}
+    settings = untrained_settings.with_(out_dir=out)
+    run_folder(folder, settings, engine=_engine_for(engine, settings))
+    after = {p for p in tmp_path.parent.rglob("*")}
+    new = after - before
+    assert new and all(out in p.parents or p == out for p in new), sorted(map(str, new - {out}))
+    assert not Path("/etc/neuron_evil").exists() and not Path("/tmp/neuron_evil").exists()
+    paths = [r[0] for r in query(settings, "select heatmap_path from findings where heatmap_path is not null")]
+    assert len(paths) == 4
+    heat = (out / "heatmaps").resolve()
+    assert all(heat in Path(p).resolve().parents for p in paths)
+
+
+def _neuron(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "neuron", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+def test_cli_help_reads_well():
+    res = _neuron("run", "--help")
+    assert res.returncode == 0
+    for flag in ("--weights", "--device", "--batch-size", "--no-tta", "--top-k", "--out", "--db"):
+        assert flag in res.stdout
+
+
+def test_cli_missing_weights_exits_4_with_the_fix(tmp_path, chest_small):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(chest_small, folder / "a.dcm")
+    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--xrv-cache-dir", str(tmp_path / "w"),
+                  env={"NEURON_ALLOW_DOWNLOAD": "0"})
+    assert res.returncode == 4, res.stderr
+    assert "NEURON_XRV_CACHE_DIR" in res.stderr and "--weights untrained" in res.stderr
+
+
+def test_cli_run_exit_codes_and_summary(tmp_path, chest_small):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(chest_small, folder / "a.dcm")
+    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta")
+    assert res.returncode == 0, res.stderr
+    assert "untrained" in res.stderr and "done" in res.stderr
+    (folder / "broken.dcm").write_bytes(b"DICM" * 10)
+    (folder / "zero.dcm").write_bytes(b"")
+    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta")
+    assert res.returncode == 3, res.stderr
+    assert "empty file" in res.stderr
