@@ -242,9 +242,33 @@ class Database:
             for o in outcomes:
                 s.execute(update(Instance).where(Instance.sop_instance_uid == o.sop_instance_uid)
                           .values(status=o.status.value, reason=o.reason, updated_at=now))
-                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid == o.sop_instance_uid,
-                                                   FileRecord.status != Status.DUPLICATE.value)
+                file_id = select(Instance.file_id).where(Instance.sop_instance_uid == o.sop_instance_uid)
+                s.execute(update(FileRecord).where(FileRecord.id == file_id.scalar_subquery())
                           .values(status=o.status.value, reason=o.reason))
+
+    def retry_failed_from_duplicates(self) -> int:
+        """A failed instance whose SOP Instance UID is also held by a ``duplicate`` file gets another try from that
+        file: a corrupt first copy must not hide a good second one. Returns how many instances were re-queued."""
+        n = 0
+        with self.session() as s, s.begin():
+            failed = s.execute(select(Instance.sop_instance_uid, Instance.file_id)
+                               .where(Instance.status == Status.FAILED.value)).all()
+            for uid, file_id in failed:
+                dup = s.execute(select(FileRecord.id, FileRecord.path)
+                                .where(FileRecord.sop_instance_uid == uid, FileRecord.id != file_id,
+                                       FileRecord.status == Status.DUPLICATE.value)
+                                .order_by(FileRecord.path).limit(1)).first()
+                if dup is None:
+                    continue
+                s.execute(update(FileRecord).where(FileRecord.id == file_id).values(
+                    status=Status.FAILED.value,
+                    reason=FileRecord.reason + f"; the copy at {dup.path} was screened instead"))
+                s.execute(update(FileRecord).where(FileRecord.id == dup.id)
+                          .values(status=Status.PENDING.value, reason=None))
+                s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
+                          .values(file_id=dup.id, status=Status.PENDING.value, reason=None, updated_at=utcnow()))
+                n += 1
+        return n
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def summary(self, since: datetime | None = None, limit: int = 5) -> Summary:

@@ -243,3 +243,17 @@ def test_cli_run_exit_codes_and_summary(tmp_path, chest_small):
     res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta")
     assert res.returncode == 3, res.stderr
     assert "empty file" in res.stderr
+
+
+def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_small, untrained_settings, engine):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = chest_small.read_bytes()
+    (folder / "a_corrupt.dcm").write_bytes(raw[: len(raw) - 5000])  # same SOP Instance UID, found first
+    shutil.copy(chest_small, folder / "b_good.dcm")
+    settings = untrained_settings.with_(out_dir=tmp_path / "out")
+    run_folder(folder, settings, engine=_engine_for(engine, settings))
+    status, reason = status_of(settings, folder / "a_corrupt.dcm")
+    assert status == "failed" and "could not be decoded" in reason and "b_good.dcm was screened instead" in reason
+    assert status_of(settings, folder / "b_good.dcm") == ("done", None)
+    assert len(probs(settings, folder / "b_good.dcm")) == N_LABELS

@@ -75,14 +75,18 @@ def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
         scan = index_folder(folder, db, exclude=[settings.out_dir], on_file=hooks.on_scan)
         db.skip_routes_without_model([r.value for r in engine.routes], NO_MODEL_REASON)
-        items = db.pending(routes=[r.value for r in engine.routes])
+        routes = [r.value for r in engine.routes]
+        items = db.pending(routes=routes)
         if hooks.on_total is not None:
             hooks.on_total(sum(min(i.frames, settings.max_frames) for i in items))
         writer = OutcomeWriter(db)
-        try:
-            engine.run(items, writer, progress=hooks.on_images)
-        finally:
-            writer.flush()
+        while items:
+            try:
+                engine.run(items, writer, progress=hooks.on_images)
+            finally:
+                writer.flush()
+            # A corrupt first copy must not hide a good duplicate: those get one more pass, from the other file.
+            items = db.pending(routes=routes) if db.retry_failed_from_duplicates() else []
         return RunReport(scan, writer.count, started, db.summary(since=started))
     finally:
         db.dispose()
