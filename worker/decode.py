@@ -133,7 +133,8 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
             f"pixel data could not be decoded (transfer syntax {name}): {type(exc).__name__}: {exc}. "
             f"Truncated or corrupt data must be re-exported; a missing decoder is installed with "
             f"pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle") from exc
-    if photometric == "PALETTE COLOR":
+    palette = photometric == "PALETTE COLOR"
+    if palette:
         try:
             arrays = [apply_color_lut(a, ds) for a in arrays]
         except Exception as exc:
@@ -145,7 +146,6 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
     if params.color and arrays:
         # Colour values span their container: a palette expands to its table's depth, not BitsStored.
         itemsize_bits = 8 * arrays[0].itemsize
-        palette = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR"
         params = replace(params, bits_stored=itemsize_bits if palette or itemsize_bits == 8 else params.bits_stored)
     if not arrays:
         raise DecodeError("the pixel data holds no frames; re-export the file from the source")

@@ -24,7 +24,7 @@ import torch
 
 from db.schema import Status
 from db.store import FrameResult, LabelScore, Outcome, WorkItem
-from neuron.errors import InputError, RetryableError
+from neuron.errors import ConfigError, InputError, RetryableError
 from neuron.routes import Route
 from neuron.settings import Settings
 from neuron_models import cam
@@ -49,7 +49,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from neuron.errors import ConfigError
         raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
     return dev
 
