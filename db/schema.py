@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 class Status(str, Enum):
     PENDING = "pending"
+    QUEUED = "queued"  # sent to the broker, not finished
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -77,6 +78,7 @@ class Instance(Base):
     route: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,7 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import Base, FileRecord, Instance, PipelineConfig, Prediction, Status, create_views, utcnow
+from db.migrate import upgrade
+from db.schema import FileRecord, Instance, PipelineConfig, Prediction, Status, utcnow
 from neuron.errors import RetryableError
 
 
@@ -119,11 +120,9 @@ class Database:
         return self._sessions()
 
     def create(self) -> None:
-        """Create the tables that are missing and (re)create the public views."""
+        """Bring the schema to the newest migration and (re)create the public views."""
         try:
-            with self.engine.begin() as conn:
-                Base.metadata.create_all(conn)
-                create_views(conn)
+            upgrade(self.engine)
         except OperationalError as exc:
             raise RetryableError(f"database {self.engine.url.render_as_string(hide_password=True)} "
                                  f"is not reachable: {exc.orig}") from exc
@@ -188,6 +187,82 @@ class Database:
             q = q.where(Instance.sop_instance_uid.in_(list(sop_uids)))
         with self.session() as s:
             return [WorkItem(uid, path, route, frames or 1) for uid, path, route, frames in s.execute(q)]
+
+    def pending_by_study(self, routes: list[str], study_uids: set[str] | None = None) -> list[tuple[str, str, str]]:
+        q = (select(Instance.study_instance_uid, Instance.route, Instance.sop_instance_uid)
+             .where(Instance.status == Status.PENDING.value, Instance.route.in_(routes))
+             .order_by(Instance.study_instance_uid, Instance.sop_instance_uid))
+        if study_uids is not None:
+            q = q.where(Instance.study_instance_uid.in_(list(study_uids)))
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(q)]
+
+    def _set_status(self, uids: list[str], status: Status, only_from: Status | None = None) -> None:
+        with self.session() as s, s.begin():
+            q = update(Instance).where(Instance.sop_instance_uid.in_(uids))
+            if only_from is not None:
+                q = q.where(Instance.status == only_from.value)
+            s.execute(q.values(status=status.value, updated_at=utcnow()))
+
+    def mark_queued(self, uids: list[str]) -> None:
+        self._set_status(uids, Status.QUEUED, only_from=Status.PENDING)
+
+    def mark_pending(self, uids: list[str]) -> None:
+        self._set_status(uids, Status.PENDING, only_from=Status.QUEUED)
+
+    def claim(self, uids: list[str], max_attempts: int) -> list[WorkItem]:
+        """Take queued instances for screening: count the attempt, and fail those that already took the worker
+        down ``max_attempts`` times (a poison message must not block a queue). Finished instances are skipped, so
+        a redelivered message does no work twice."""
+        items = []
+        with self.session() as s, s.begin():
+            rows = s.execute(
+                select(Instance.sop_instance_uid, FileRecord.path, Instance.route, Instance.frames, Instance.attempts)
+                .join(FileRecord, FileRecord.id == Instance.file_id)
+                .where(Instance.sop_instance_uid.in_(uids),
+                       Instance.status.in_([Status.QUEUED.value, Status.PENDING.value]))).all()
+            for uid, path, route, frames, attempts in rows:
+                if attempts >= max_attempts:
+                    reason = (f"screening was interrupted {attempts} times (worker crash or lost connection) and "
+                              f"the limit is {max_attempts}; check the file and the worker logs, then reset the "
+                              f"instance to pending to try again")
+                    s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
+                              .values(status=Status.FAILED.value, reason=reason, updated_at=utcnow()))
+                    s.execute(update(FileRecord).where(FileRecord.path == path)
+                              .values(status=Status.FAILED.value, reason=reason))
+                    continue
+                s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
+                          .values(attempts=Instance.attempts + 1, updated_at=utcnow()))
+                items.append(WorkItem(uid, path, route, frames or 1))
+        return items
+
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        """Instances and studies by status; a study is done when none of its instances is pending or queued."""
+        with self.session() as s:
+            instances = dict(s.execute(select(Instance.status, func.count()).group_by(Instance.status)).all())
+            per_study = s.execute(select(Instance.study_instance_uid, Instance.status).distinct()).all()
+            processed = s.execute(select(func.count(func.distinct(Prediction.sop_instance_uid)))).scalar_one()
+        studies: dict[str, set[str]] = {}
+        for study, status in per_study:
+            studies.setdefault(study, set()).add(status)
+        study_counts: Counter[str] = Counter()
+        for statuses in studies.values():
+            if statuses & {Status.PENDING.value, Status.QUEUED.value}:
+                study_counts["pending"] += 1
+            elif Status.FAILED.value in statuses:
+                study_counts["failed"] += 1
+            else:
+                study_counts["done"] += 1
+        return {"instances": instances, "studies": dict(study_counts), "screened_instances": {"total": processed}}
+
+    def recent_rate(self, seconds: int = 300) -> float:
+        """Frames screened per second over the last ``seconds``."""
+        since = utcnow() - timedelta(seconds=seconds)
+        with self.session() as s:
+            n = s.execute(select(func.count()).select_from(
+                select(Prediction.sop_instance_uid, Prediction.frame).where(Prediction.processed_at >= since)
+                .distinct().subquery())).scalar_one()
+        return n / seconds
 
     def skip_routes_without_model(self, available: Iterable[str], reason_for: dict[str, str]) -> int:
         """Pending instances whose route has no model are skipped, with a reason, never dropped."""

@@ -122,6 +122,124 @@ def _print_summary(report, settings: Settings) -> None:
     console.print("query: sqlite3 <db> \"select label, probability, file_path from findings where rank = 1\"")
 
 
+db_app = typer.Typer(help="Database schema (Alembic migrations; SQLite or PostgreSQL).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: NEURON_DATABASE_URL).")] = None
+               ) -> None:
+    """Bring the database to the newest schema and recreate the public views."""
+    from db.migrate import current
+    from db.store import Database
+
+    settings = Settings.from_env(database_url=db)
+    database = Database(settings.resolved_database_url)
+    try:
+        database.create()
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    console.print(f"schema at revision {current(database.engine)}")
+
+
+@app.command()
+def worker(
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N; run one worker per GPU.")] = None,
+    weights: Annotated[WeightsMode, typer.Option(help="pretrained or untrained.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch, across studies.")] = None,
+    max_wait_ms: Annotated[int, typer.Option(help="Run a partial batch after this wait (trickling queues).")] = 200,
+    concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads).")] = 8,
+    queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume.")] = "chest-xray",
+    tta: Annotated[bool, typer.Option("--tta/--no-tta")] = True,
+    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe")] = True,
+    top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image.")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery GPU worker: takes studies from Redis, batches their images across studies, writes results."""
+    try:
+        settings = Settings.from_env(device=device, weights=weights, batch_size=batch_size, max_wait_ms=max_wait_ms,
+                                     worker_concurrency=concurrency, tta=tta, clahe=clahe, heatmap_top_k=top_k)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if settings.weights is WeightsMode.UNTRAINED:
+        console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
+                      "clinically.[/]")
+    from worker.service import run_worker
+
+    try:
+        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], concurrency, loglevel)
+    except SetupError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+
+
+@app.command()
+def scan(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to index and enqueue.")],
+    watch: Annotated[bool, typer.Option("--watch", help="Keep watching for new files until stopped.")] = False,
+    poll: Annotated[bool, typer.Option("--poll", help="Polling observer (network shares).")] = False,
+    stable_seconds: Annotated[float, typer.Option(help="A file is complete once unchanged this long.")] = 2.0,
+    quiet_seconds: Annotated[float, typer.Option(help="Enqueue a study once no file arrived this long.")] = 5.0,
+) -> None:
+    """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
+    from db.store import Database
+    from neuron.queue import make_app
+    from producer.enqueue import enqueue_pending
+    from producer.scan import index_folder
+    from producer.watch import FolderWatcher
+
+    settings = Settings.from_env(watch_stable_seconds=stable_seconds, watch_quiet_seconds=quiet_seconds)
+    database = Database(settings.resolved_database_url)
+    try:
+        database.create()
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    celery_app = make_app(settings)
+    if watch:
+        console.print(f"watching {folder} (Ctrl-C to stop)")
+        watcher = FolderWatcher(folder, database, celery_app, settings, poll=poll)
+        try:
+            watcher.run()
+        except KeyboardInterrupt:
+            pass
+        return
+    progress = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    with progress:
+        task = progress.add_task("indexing", total=None)
+        result = index_folder(folder, database, exclude=[settings.out_dir],
+                              on_file=lambda n: progress.update(task, completed=n))
+    sent = enqueue_pending(database, celery_app)
+    console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "
+                  f"enqueued {sent} study tasks")
+
+
+@app.command()
+def status() -> None:
+    """Queue depth, studies and instances by status, and recent images/s."""
+    import redis
+
+    from db.store import Database
+    from neuron.routes import MODEL_ROUTES
+
+    settings = Settings.from_env()
+    database = Database(settings.resolved_database_url)
+    counts = database.status_counts()
+    table = Table(title="neuron status", show_header=True)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
+        for route in sorted(r.value for r in MODEL_ROUTES):
+            table.add_row(f"queue {route} (waiting messages)", str(client.llen(route)))
+    except redis.RedisError as exc:
+        table.add_row("queue", f"broker unreachable: {exc}")
+    for kind in ("studies", "instances"):
+        for st, n in sorted(counts[kind].items()):
+            table.add_row(f"{kind} {st}", str(n))
+    table.add_row("images/s (last 5 min)", f"{database.recent_rate():.2f}")
+    Console().print(table)
+
+
 @app.command()
 def samples(dest: Annotated[Path, typer.Argument(help="Folder to copy the sample DICOMs into.")] = Path("samples")
             ) -> None:

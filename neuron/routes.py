@@ -57,3 +57,13 @@ def route_for(facts: RoutingFacts) -> Route:
         f"Modality '{shown}' is not screened: Neuron reads CR/DX chest radiographs, MR and US images and "
         f"XC photographs; this instance is recorded and left alone"
     )
+
+
+# Routes that have a model in the registry. The producer never imports torch, so it reads this instead of the registry
+# to skip (with a reason) instances no worker could take; a test checks it against neuron_models.registry.
+MODEL_ROUTES = frozenset({Route.CHEST_XRAY})
+
+NO_MODEL_REASON = {
+    Route.MRI_US.value: "no model for route 'mri-us' (MR, US) yet: these instances are recorded and not screened",
+    Route.SKIN.value: "no model for route 'skin' (photographs) yet: these instances are recorded and not screened",
+}

@@ -30,6 +30,10 @@ ENVIRONMENT = {
     "NEURON_XRV_SHA256": "expected sha256 of the chest X-ray weights file; required before the pickle is loaded",
     "NEURON_ALLOW_DOWNLOAD": "1 to let torchxrayvision download missing weights, 0 to never try (default: 1)",
     "NEURON_BATCH_SIZE": "images per model batch (default: 16 on CPU, 128 on CUDA)",
+    "NEURON_BROKER_URL": "Celery broker for the distributed mode (default: redis://127.0.0.1:6379/0)",
+    "NEURON_HEATMAP_DIR": "where heatmap PNGs are written (default: <out>/heatmaps); a shared mount for many hosts",
+    "NEURON_PATH_MAP": "shared=local path prefixes, ';'-separated, where this host mounts shares elsewhere",
+    "NEURON_VISIBILITY_TIMEOUT": "seconds before Redis re-delivers a message whose worker died (default: 3600)",
 }
 
 
@@ -40,6 +44,25 @@ def _parse_bool(name: str, value: str) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ConfigError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+def _parse_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={value!r} is not a whole number") from exc
+
+
+def parse_path_map(value: str) -> tuple[tuple[str, str], ...]:
+    """'/archive=/mnt/archive;/heatmaps=/mnt/heat' -> (('/archive', '/mnt/archive'), ...)."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in value.split(";"))):
+        shared, sep, local = part.partition("=")
+        if not sep or not shared or not local:
+            raise ConfigError(f"NEURON_PATH_MAP entry {part!r} is not SHARED=LOCAL; "
+                              "example: /archive=/mnt/archive;/heatmaps=/mnt/heatmaps")
+        pairs.append((shared.rstrip("/"), local.rstrip("/")))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -62,9 +85,21 @@ class Settings:
     max_pixels: int = 8192 * 8192
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     seed: int = 0
+    # distributed mode
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    heatmap_root: Path | None = None
+    path_map: tuple[tuple[str, str], ...] = ()
+    max_wait_ms: int = 200
+    worker_concurrency: int = 8
+    visibility_timeout: int = 3600
+    max_attempts: int = 3
+    watch_stable_seconds: float = 2.0
+    watch_quiet_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.heatmap_root is not None:
+            object.__setattr__(self, "heatmap_root", Path(self.heatmap_root))
         object.__setattr__(self, "weights", WeightsMode(self.weights))
         if self.xrv_cache_dir is not None:
             object.__setattr__(self, "xrv_cache_dir", Path(self.xrv_cache_dir).expanduser())
@@ -81,7 +116,21 @@ class Settings:
 
     @property
     def heatmap_dir(self) -> Path:
-        return self.out_dir / "heatmaps"
+        return self.heatmap_root if self.heatmap_root is not None else self.out_dir / "heatmaps"
+
+    def to_local(self, path: str) -> str:
+        """A path as stored in the database (the shared name) -> where this host reads it."""
+        for shared, local in self.path_map:
+            if path.startswith(shared):
+                return local + path[len(shared):]
+        return path
+
+    def to_shared(self, path: str) -> str:
+        """A path on this host -> the shared name every host and reviewer uses."""
+        for shared, local in self.path_map:
+            if path.startswith(local):
+                return shared + path[len(local):]
+        return path
 
     @property
     def resolved_database_url(self) -> str:
@@ -109,10 +158,15 @@ class Settings:
         if "NEURON_ALLOW_DOWNLOAD" in env:
             values["allow_download"] = _parse_bool("NEURON_ALLOW_DOWNLOAD", env["NEURON_ALLOW_DOWNLOAD"])
         if "NEURON_BATCH_SIZE" in env:
-            try:
-                values["batch_size"] = int(env["NEURON_BATCH_SIZE"])
-            except ValueError as exc:
-                raise ConfigError(f"NEURON_BATCH_SIZE={env['NEURON_BATCH_SIZE']!r} is not a whole number") from exc
+            values["batch_size"] = _parse_int("NEURON_BATCH_SIZE", env["NEURON_BATCH_SIZE"])
+        if "NEURON_BROKER_URL" in env:
+            values["broker_url"] = env["NEURON_BROKER_URL"]
+        if "NEURON_HEATMAP_DIR" in env:
+            values["heatmap_root"] = Path(env["NEURON_HEATMAP_DIR"])
+        if "NEURON_PATH_MAP" in env:
+            values["path_map"] = parse_path_map(env["NEURON_PATH_MAP"])
+        if "NEURON_VISIBILITY_TIMEOUT" in env:
+            values["visibility_timeout"] = _parse_int("NEURON_VISIBILITY_TIMEOUT", env["NEURON_VISIBILITY_TIMEOUT"])
         known = {f.name for f in fields(cls)}
         for key, value in overrides.items():
             if key not in known:

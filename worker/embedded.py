@@ -14,17 +14,13 @@ from pathlib import Path
 
 from db.schema import utcnow
 from db.store import Database, Outcome, Summary
-from neuron.routes import Route
+from neuron.routes import NO_MODEL_REASON
 from neuron.settings import Settings
 from producer.scan import ScanResult, index_folder
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
-NO_MODEL_REASON = {
-    Route.MRI_US.value: "no model for route 'mri-us' (MR, US) yet: these instances are recorded and not screened",
-    Route.SKIN.value: "no model for route 'skin' (photographs) yet: these instances are recorded and not screened",
-}
 
 
 @dataclass

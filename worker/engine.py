@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +43,9 @@ from neuron_models.tta import TTAPolicy
 from worker.decode import decode_instance, decoder_versions
 
 log = logging.getLogger(__name__)
+
+
+IDLE = object()  # yielded by an endless feed when nothing new has arrived
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,7 +114,8 @@ class Engine:
         self.routes = routes
         self.device = device
         self.batch_size = settings.batch_size or default_batch_size(device)
-        self.worker_id = f"{socket.gethostname()}/{device}"
+        gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+        self.worker_id = f"{socket.gethostname()}/{device}{gpu}"
         self.heatmap_dir = settings.heatmap_dir.resolve()
 
     @classmethod
@@ -179,7 +184,7 @@ class Engine:
             rel = heatmap_name(inf.frame.sop_instance_uid, inf.frame.frame, spec.model, spec.weights,
                                names[label_idx], spec.config_hash)
             path = self.heatmap_dir / rel
-            heatmaps[int(label_idx)] = str(path)
+            heatmaps[int(label_idx)] = self.settings.to_shared(str(path))
             writes.append(writers.submit(_write_png, path, inf.image, inf.cams[slot]))
         for idx, name in enumerate(names):
             scores.append(LabelScore(name, float(inf.probabilities[idx]), float(inf.uncertainty[idx]),
@@ -188,16 +193,23 @@ class Engine:
                            tuple(scores)), writes
 
     # -- the pipeline ---------------------------------------------------------------------------------------------
-    def run(self, items: Iterable[WorkItem], sink: Callable[[Outcome], None],
+    def run(self, items: Iterable[WorkItem | object], sink: Callable[[Outcome], None],
             progress: Callable[[int], None] | None = None) -> None:
-        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order."""
+        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order.
+
+        ``items`` may be endless (the distributed worker's feed): it yields ``IDLE`` when nothing new has arrived,
+        and partial batches whose first frame has waited ``max_wait_ms`` are then run rather than held back.
+        """
         workers = max(1, self.settings.decode_workers)
         ahead = max(2 * self.batch_size, 4 * workers)
+        max_wait = self.settings.max_wait_ms / 1000.0
         batches: dict[Route, list[tuple[_InstanceState, DecodedFrame]]] = {r: [] for r in self.routes}
+        started: dict[Route, float] = {}
         completing: deque[_InstanceState] = deque()
 
         def flush(route: Route, writers: ThreadPoolExecutor) -> None:
             batch, batches[route] = batches[route], []
+            started.pop(route, None)
             if not batch:
                 return
             results = self.infer(route, [f for _, f in batch])
@@ -217,8 +229,7 @@ class Engine:
 
         def emit(block: bool) -> None:
             while completing and (block or all(w.done() for w in completing[0].writes)):
-                state = completing.popleft()
-                sink(self._outcome(state))
+                sink(self._outcome(completing.popleft()))
 
         it = iter(items)
         inflight: deque[tuple[WorkItem, Future]] = deque()
@@ -226,15 +237,31 @@ class Engine:
                 ThreadPoolExecutor(2, thread_name_prefix="png") as writers:
             exhausted = False
             while True:
+                idle = False
                 while not exhausted and len(inflight) < ahead:
                     item = next(it, None)
                     if item is None:
                         exhausted = True
-                        break
-                    inflight.append((item, decoders.submit(decode_instance, item.file_path, item.sop_instance_uid,
-                                                           self.settings.max_frames, self.settings.max_pixels)))
-                if not inflight:
+                    elif item is IDLE:
+                        idle = True
+                    else:
+                        inflight.append((item, decoders.submit(
+                            decode_instance, self.settings.to_local(item.file_path), item.sop_instance_uid,
+                            self.settings.max_frames, self.settings.max_pixels)))
+                        continue
                     break
+                if not inflight:
+                    if exhausted:
+                        break
+                    now = time.monotonic()
+                    for route, t0 in list(started.items()):
+                        if now - t0 >= max_wait:
+                            flush(route, writers)
+                    emit(block=False)
+                    continue
+                if idle and not inflight[0][1].done():
+                    emit(block=False)
+                    continue
                 item, fut = inflight.popleft()
                 route = Route(item.route)
                 try:
@@ -247,6 +274,7 @@ class Engine:
                 state = _InstanceState(item, expected=len(frames))
                 for f in frames:
                     batches[route].append((state, f))
+                    started.setdefault(route, time.monotonic())
                     if len(batches[route]) >= self.batch_size:
                         flush(route, writers)
                 emit(block=False)

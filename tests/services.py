@@ -1,0 +1,100 @@
+"""Real Redis and PostgreSQL servers for the distributed tests, started on free loopback ports in temporary folders.
+
+Debian's ``redis-server`` and PostgreSQL 15 (``.ci/run`` installs them when missing). PostgreSQL refuses to run as
+root, so as root its cluster is created and started as the ``postgres`` user. Both stop when the test session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+PG_BIN_DIRS = [Path("/usr/lib/postgresql") / v / "bin" for v in ("17", "16", "15", "14", "13")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _need(binary: str | None, what: str) -> str:
+    if binary is None:
+        raise RuntimeError(f"{what} is not installed; run `bash .ci/run` once as root, or apt-get install "
+                           f"redis-server postgresql")
+    return binary
+
+
+@contextmanager
+def redis_server():
+    binary = _need(shutil.which("redis-server"), "redis-server")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="neuron-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pg_bin(name: str) -> str:
+    for d in PG_BIN_DIRS:
+        if (d / name).exists():
+            return str(d / name)
+    return _need(shutil.which(name), f"PostgreSQL ({name})")
+
+
+@contextmanager
+def postgres_server():
+    as_root = os.geteuid() == 0
+    workdir = Path(tempfile.mkdtemp(prefix="neuron-pg-"))
+    data = workdir / "data"
+    port = free_port()
+    prefix: list[str] = []
+    if as_root:
+        pw = pwd.getpwnam("postgres")
+        os.chown(workdir, pw.pw_uid, pw.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    run = lambda *args: subprocess.run([*prefix, *args], check=True, capture_output=True, text=True)  # noqa: E731
+    run(_pg_bin("initdb"), "-D", str(data), "-U", "neuron", "--auth=trust", "-E", "UTF8")
+    run(_pg_bin("pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w", "-o",
+        f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        wait_for_port(port)
+        run(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "neuron", "neuron")
+        yield f"postgresql+psycopg2://neuron@127.0.0.1:{port}/neuron", port
+    finally:
+        subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def reset_postgres(url: str) -> None:
+    """Drop everything Neuron created, so each test starts from an empty database."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()

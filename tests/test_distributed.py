@@ -1,0 +1,286 @@
+"""Distributed mode against real servers: Redis (redis-server), PostgreSQL 15, real producer and worker processes.
+
+Nothing is mocked: the producer is `neuron scan`, workers are `neuron worker` processes (CPU, untrained weights),
+results land in PostgreSQL. Servers start once per session on free loopback ports (tests/services.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from neuron.routes import MODEL_ROUTES
+from neuron.settings import Settings
+from worker.embedded import run_folder
+
+from .conftest import small_chest
+from .services import postgres_server, redis_server, reset_postgres
+
+pytestmark = pytest.mark.timeout(300)
+N_LABELS = 18
+
+
+@pytest.fixture(scope="session")
+def servers():
+    with redis_server() as broker, postgres_server() as (pg_url, _port):
+        yield broker, pg_url
+
+
+@pytest.fixture
+def env(servers, tmp_path):
+    broker, pg_url = servers
+    reset_postgres(pg_url)
+    redis.Redis.from_url(broker).flushall()
+    return {**os.environ, "NEURON_BROKER_URL": broker, "NEURON_DATABASE_URL": pg_url,
+            "NEURON_OUT": str(tmp_path / "out"), "NEURON_VISIBILITY_TIMEOUT": "8", "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def neuron(env, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neuron", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_worker(env, tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "neuron", "worker", "--device", "cpu", "--weights", "untrained",
+                             "--batch-size", "4", "--concurrency", "4", "--max-wait-ms", "100", "--loglevel",
+                             "INFO", *extra], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def sql(env, query: str, **params):
+    engine = create_engine(env["NEURON_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(query), params).all()
+    finally:
+        engine.dispose()
+
+
+def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for p in procs:
+            if p.poll() is not None and p.returncode not in (0, -9, -15):
+                raise AssertionError(f"{what}: a process exited with {p.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def count_done(env) -> int:
+    try:
+        return sql(env, "select count(*) from instances where status = 'done'")[0][0]
+    except Exception:
+        return 0
+
+
+def make_archive(root: Path, chest: Path, studies: int, per_study: int = 1) -> int:
+    from pydicom.uid import generate_uid
+
+    n = 0
+    for s in range(studies):
+        study = generate_uid()
+        for i in range(per_study):
+            small_chest(chest, root / f"study{s}" / f"img{i}.dcm", step=4 + (n % 3), StudyInstanceUID=study)
+            n += 1
+    return n
+
+
+def test_model_routes_match_the_registry():
+    from neuron_models.registry import list_models
+
+    assert {cfg.route for cfg in list_models()} == set(MODEL_ROUTES)
+
+
+def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_small, data_dir, untrained_settings,
+                                                           engine):
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=3, per_study=2)
+    shutil.copy(data_dir / "693_J2KR.dcm", folder / "ct.dcm")
+    res = neuron(env, "db", "upgrade")
+    assert res.returncode == 0, res.stderr
+    res = neuron(env, "scan", str(folder))
+    assert res.returncode == 0, res.stderr
+    assert "enqueued 3 study tasks" in res.stderr
+    worker = start_worker(env, tmp_path, "w1")
+    try:
+        wait_until(lambda: count_done(env) == n, 180, "all instances done", [worker])
+    finally:
+        stop(worker)
+    distributed = {(r[0], r[1], r[2]): (r[3], r[4]) for r in sql(
+        env, "select sop_instance_uid, frame, label, probability, rank from findings")}
+    assert len(distributed) == n * N_LABELS
+    heatmaps = [r[0] for r in sql(env, "select heatmap_path from findings where heatmap_path is not null")]
+    assert len(heatmaps) == n and all(Path(p).is_file() for p in heatmaps)
+    workers = {r[0] for r in sql(env, "select distinct worker from findings")}
+    assert len(workers) == 1 and "/cpu" in next(iter(workers))
+
+    local = untrained_settings.with_(out_dir=tmp_path / "embedded")
+    from worker.engine import Engine
+
+    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device))
+    import sqlite3
+
+    with sqlite3.connect(local.out_dir / "neuron.db") as conn:
+        embedded = {(r[0], r[1], r[2]): (r[3], r[4]) for r in conn.execute(
+            "select sop_instance_uid, frame, label, probability, rank from findings")}
+    assert embedded.keys() == distributed.keys()
+    for key, (p, rank) in embedded.items():
+        assert abs(distributed[key][0] - p) < 1e-5 and distributed[key][1] == rank, key
+
+    # the CT file is recorded as skipped; a re-scan of the unchanged folder enqueues nothing
+    (ct,) = sql(env, "select status from ingest_status where file_path like '%ct.dcm'")
+    assert ct[0] == "skipped"
+    res = neuron(env, "scan", str(folder))
+    assert "enqueued 0 study tasks" in res.stderr and f"({n + 1} unchanged)" in res.stderr
+    assert redis.Redis.from_url(env["NEURON_BROKER_URL"]).llen("chest-xray") == 0
+    res = neuron(env, "status")
+    assert res.returncode == 0 and "studies done" in res.stdout and "queue chest-xray" in res.stdout
+
+
+def no_duplicate_rows(env) -> bool:
+    dupes = sql(env, "select sop_instance_uid, frame, model, weights, label, count(*) from predictions "
+                     "group by sop_instance_uid, frame, model, weights, label having count(*) > 1")
+    return not dupes
+
+
+def test_two_workers_do_every_study_exactly_once(env, tmp_path, chest_small):
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=8)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    workers = [start_worker(env, tmp_path, f"w{i}") for i in range(2)]
+    try:
+        wait_until(lambda: count_done(env) == n, 240, "all instances done", workers)
+    finally:
+        for w in workers:
+            stop(w)
+    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
+    assert no_duplicate_rows(env)
+    assert {r[0] for r in sql(env, "select attempts from instances")} == {1}  # nobody screened anything twice
+    assert len({r[0] for r in sql(env, "select distinct worker from predictions")}) >= 1
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(env, tmp_path, chest_small):
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=10)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    first = start_worker(env, tmp_path, "victim", "--batch-size", "2", "--concurrency", "3")
+    try:
+        wait_until(lambda: count_done(env) >= 1, 180, "the first results", [first])
+    finally:
+        stop(first, signal.SIGKILL)
+    done_at_kill = count_done(env)
+    assert done_at_kill < n, "the worker finished before it could be killed; make the archive larger"
+    second = start_worker(env, tmp_path, "rescuer")
+    try:
+        wait_until(lambda: count_done(env) == n, 240, "every study after the restart", [second])
+    finally:
+        stop(second)
+    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
+    assert no_duplicate_rows(env)
+    assert {r[0] for r in sql(env, "select status from instances")} == {"done"}
+
+
+def write_slowly(src: Path, dest: Path, chunks: int = 6, pause: float = 0.5) -> None:
+    data = src.read_bytes()
+    step = len(data) // chunks + 1
+    with open(dest, "wb") as fh:
+        for i in range(0, len(data), step):
+            fh.write(data[i:i + step])
+            fh.flush()
+            time.sleep(pause)
+
+
+def test_watch_folder_takes_complete_files_and_screens_without_a_scan(env, tmp_path, chest_small):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    assert neuron(env, "db", "upgrade").returncode == 0
+    watcher = subprocess.Popen([sys.executable, "-m", "neuron", "scan", str(incoming), "--watch",
+                                "--stable-seconds", "1.5", "--quiet-seconds", "1"], env=env,
+                               stdout=open(tmp_path / "watch.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                               start_new_session=True)
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        time.sleep(3)  # the watcher is up
+        slow = incoming / "slow.dcm"
+        source = small_chest(chest_small, tmp_path / "src" / "slow.dcm", step=2)
+        import threading
+
+        writer = threading.Thread(target=write_slowly, args=(source, slow))
+        writer.start()
+        while writer.is_alive():  # while the file grows, nobody has read it
+            rows = sql(env, "select status from ingest_status where file_path = :p", p=str(slow.resolve()))
+            assert rows == [], rows
+            time.sleep(0.2)
+        writer.join()
+        # a second study arrives the safe way: written under a temporary name, then renamed
+        part = incoming / "study2.dcm.part"
+        shutil.copy(small_chest(chest_small, tmp_path / "src" / "s2.dcm"), part)
+        part.rename(incoming / "study2.dcm")
+        wait_until(lambda: count_done(env) == 2, 180, "both watched files screened", [watcher, worker])
+    finally:
+        stop(watcher)
+        stop(worker)
+    paths = {r[0] for r in sql(env, "select file_path from ingest_status")}
+    assert paths == {str(slow.resolve()), str((incoming / "study2.dcm").resolve())}  # never the .part name
+
+
+def test_docker_compose_file_is_valid():
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose is not installed; .ci/run installs Debian's docker-compose"
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([binary, "-f", str(root / "docker-compose.yml"), "config", "-q"], capture_output=True,
+                         text=True, cwd=root)
+    assert res.returncode == 0, res.stderr
+    config = subprocess.run([binary, "-f", str(root / "docker-compose.yml"), "config"], capture_output=True,
+                            text=True, cwd=root).stdout
+    for service in ("redis:", "postgres:", "worker:", "producer:", "flower:"):
+        assert service in config
+    assert "driver: nvidia" in config and "capabilities" in config
+
+
+def test_migrations_build_the_same_schema_on_sqlite_and_postgres(env, tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.schema import Base
+    from db.store import Database
+
+    for url in (f"sqlite:///{tmp_path / 'm.db'}", env["NEURON_DATABASE_URL"]):
+        db = Database(url)
+        db.create()
+        db.create()  # idempotent
+        with db.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            for view in ("findings", "ingest_status"):
+                conn.execute(text(f"select * from {view}")).all()
+        db.dispose()
+
+
+def test_settings_path_map_translates_both_ways():
+    s = Settings.from_env({"NEURON_PATH_MAP": "/archive=/mnt/nas/archive;/heatmaps=/mnt/nas/heat"})
+    assert s.to_local("/archive/2024/a.dcm") == "/mnt/nas/archive/2024/a.dcm"
+    assert s.to_shared("/mnt/nas/heat/ab/cd.png") == "/heatmaps/ab/cd.png"
+    assert s.to_local("/elsewhere/x") == "/elsewhere/x"
