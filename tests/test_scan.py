@@ -42,7 +42,8 @@ def test_header_pass_records_identity(chest_small):
 def test_producer_never_imports_torch():
     import subprocess
 
-    code = "import producer.scan, db.store, sys; print('torch' in sys.modules)"
+    code = ("import producer.scan, producer.enqueue, producer.watch, neuron.queue, neuron.cli, db.store, sys; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -88,3 +89,21 @@ def test_rescan_of_unchanged_folder_reads_no_headers(tmp_path, chest_small):
     first = index_folder(folder, db)
     second = index_folder(folder, db)
     assert (first.indexed, second.indexed, second.unchanged) == (2, 0, 2)
+
+
+def test_an_instance_that_keeps_crashing_workers_is_failed_not_retried_forever(tmp_path, chest_small):
+    """A poison message must not block a queue: after max_attempts claims without a result the instance fails."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(chest_small, folder / "a.dcm")
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create()
+    index_folder(folder, db)
+    (item,) = db.pending()
+    for _ in range(3):  # three workers died while screening it
+        assert [i.sop_instance_uid for i in db.claim([item.sop_instance_uid], max_attempts=3)] == [
+            item.sop_instance_uid]
+    assert db.claim([item.sop_instance_uid], max_attempts=3) == []
+    with db.engine.connect() as conn:
+        status, reason = conn.exec_driver_sql("select status, reason from ingest_status").one()
+    assert status == "failed" and "interrupted 3 times" in reason and "reset the instance to pending" in reason
