@@ -65,28 +65,43 @@ def _pg_bin(name: str) -> str:
     return _need(shutil.which(name), f"PostgreSQL ({name})")
 
 
+class PgServer:
+    """A PostgreSQL cluster in a temporary folder; ``stop``/``start`` simulate an outage."""
+
+    def __init__(self, workdir: Path, port: int, prefix: list[str]):
+        self.workdir, self.port, self.prefix = workdir, port, prefix
+        self.data = workdir / "data"
+        self.url = f"postgresql+psycopg2://neuron@127.0.0.1:{port}/neuron"
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.prefix, *args], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.workdir / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        subprocess.run([*self.prefix, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+
+
 @contextmanager
 def postgres_server():
-    as_root = os.geteuid() == 0
     workdir = Path(tempfile.mkdtemp(prefix="neuron-pg-"))
-    data = workdir / "data"
-    port = free_port()
     prefix: list[str] = []
-    if as_root:
+    if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
         os.chown(workdir, pw.pw_uid, pw.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
-    run = lambda *args: subprocess.run([*prefix, *args], check=True, capture_output=True, text=True)  # noqa: E731
-    run(_pg_bin("initdb"), "-D", str(data), "-U", "neuron", "--auth=trust", "-E", "UTF8")
-    run(_pg_bin("pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w", "-o",
-        f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    server = PgServer(workdir, free_port(), prefix)
+    server._run(_pg_bin("initdb"), "-D", str(server.data), "-U", "neuron", "--auth=trust", "-E", "UTF8")
+    server.start()
     try:
-        wait_for_port(port)
-        run(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "neuron", "neuron")
-        yield f"postgresql+psycopg2://neuron@127.0.0.1:{port}/neuron", port
+        server._run(_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "neuron", "neuron")
+        yield server
     finally:
-        subprocess.run([*prefix, _pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)
+        server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

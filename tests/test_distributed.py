@@ -31,13 +31,14 @@ N_LABELS = 18
 
 @pytest.fixture(scope="session")
 def servers():
-    with redis_server() as broker, postgres_server() as (pg_url, _port):
-        yield broker, pg_url
+    with redis_server() as broker, postgres_server() as pg:
+        yield broker, pg
 
 
 @pytest.fixture
 def env(servers, tmp_path):
-    broker, pg_url = servers
+    broker, pg = servers
+    pg_url = pg.url
     reset_postgres(pg_url)
     redis.Redis.from_url(broker).flushall()
     return {**os.environ, "NEURON_BROKER_URL": broker, "NEURON_DATABASE_URL": pg_url,
@@ -284,3 +285,25 @@ def test_settings_path_map_translates_both_ways():
     assert s.to_local("/archive/2024/a.dcm") == "/mnt/nas/archive/2024/a.dcm"
     assert s.to_shared("/mnt/nas/heat/ab/cd.png") == "/heatmaps/ab/cd.png"
     assert s.to_local("/elsewhere/x") == "/elsewhere/x"
+
+
+def test_a_database_outage_mid_run_is_ridden_out_by_retries(env, servers, tmp_path, chest_small):
+    """PostgreSQL goes away while studies are in flight; tasks retry with backoff and finish once it is back."""
+    _, pg = servers
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=6)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
+    try:
+        wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
+        pg.stop()
+        time.sleep(6)  # tasks fail to claim or commit and are retried with backoff
+        assert worker.poll() is None, "the worker must survive a database outage"
+        pg.start()
+        wait_until(lambda: count_done(env) == n, 240, "every study after the outage", [worker])
+    finally:
+        stop(worker)
+    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
+    assert no_duplicate_rows(env)
+    log = (tmp_path / "w.log").read_text()
+    assert "retrying" in log
