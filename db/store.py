@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import create_engine, event, func, select, update
@@ -37,7 +37,9 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class InstanceEntry:
+class InstanceHeader:
+    """The header facts of one DICOM instance that indexing and routing use (built by producer.scan)."""
+
     sop_instance_uid: str
     study_instance_uid: str
     series_instance_uid: str
@@ -49,6 +51,11 @@ class InstanceEntry:
     rows: int | None
     columns: int | None
     frames: int
+
+
+@dataclass(frozen=True)
+class InstanceEntry:
+    header: InstanceHeader
     route: str | None
     status: Status
     reason: str | None = None
@@ -167,13 +174,12 @@ class Database:
                 if inst is None:
                     continue
                 file_id = s.execute(select(FileRecord.id).where(FileRecord.path == e.path)).scalar_one()
-                irow = {k: getattr(inst, k) for k in (
-                    "sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid", "modality",
-                    "body_part", "photometric", "transfer_syntax", "rows", "columns", "frames", "route", "reason")}
-                irow.update(status=inst.status.value, file_id=file_id, updated_at=utcnow())
+                irow = asdict(inst.header)
+                irow.update(route=inst.route, reason=inst.reason, status=inst.status.value, file_id=file_id,
+                            updated_at=utcnow())
                 stmt = self._insert(Instance).values(**irow)
                 s.execute(stmt.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=irow))
-                owners[inst.sop_instance_uid] = e.path
+                owners[inst.header.sop_instance_uid] = e.path
 
     # -- worker side -----------------------------------------------------------------------------------------------
     def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None) -> list[WorkItem]:

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from db.schema import Status
-from db.store import Database, FileEntry, InstanceEntry
+from db.store import Database, FileEntry, InstanceEntry, InstanceHeader
 from neuron.errors import FailedInput, InputError, SkippedInput
 from neuron.routes import RoutingFacts, route_for
 
@@ -30,46 +30,30 @@ HEADER_TAGS = [
 ]
 
 
-@dataclass(frozen=True)
-class Header:
-    """The header facts of one DICOM instance, checked on the way in (an object that exists is valid)."""
-
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str | None
-    modality: str | None
-    body_part: str | None
-    photometric: str | None
-    transfer_syntax: str | None
-    rows: int | None
-    columns: int | None
-    frames: int
-
-    @classmethod
-    def from_dataset(cls, ds: pydicom.Dataset) -> Header:
-        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-        if not uid:
-            raise FailedInput("no SOP Instance UID (0008,0018): the instance cannot be identified; "
-                              "fix the file's header or leave it out of the archive")
-        try:
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
-            frames = 1
-        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        return cls(
-            sop_instance_uid=uid[:64],
-            study_instance_uid=str(ds.get("StudyInstanceUID", "") or "")[:64],
-            series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "")[:64],
-            sop_class_uid=str(ds.get("SOPClassUID", "") or "") or None,
-            modality=str(ds.get("Modality", "") or "").strip().upper() or None,
-            body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper() or None,
-            photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None,
-            transfer_syntax=str(ts) if ts else None,
-            rows=_int_or_none(ds.get("Rows")),
-            columns=_int_or_none(ds.get("Columns")),
-            frames=max(1, frames),
-        )
+def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
+    """The header facts of one instance, checked on the way in (an object that exists is valid)."""
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if not uid:
+        raise FailedInput("no SOP Instance UID (0008,0018): the instance cannot be identified; "
+                          "fix the file's header or leave it out of the archive")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return InstanceHeader(
+        sop_instance_uid=uid[:64],
+        study_instance_uid=str(ds.get("StudyInstanceUID", "") or "")[:64],
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "")[:64],
+        sop_class_uid=str(ds.get("SOPClassUID", "") or "") or None,
+        modality=str(ds.get("Modality", "") or "").strip().upper() or None,
+        body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper() or None,
+        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None,
+        transfer_syntax=str(ts) if ts else None,
+        rows=_int_or_none(ds.get("Rows")),
+        columns=_int_or_none(ds.get("Columns")),
+        frames=max(1, frames),
+    )
 
 
 def _int_or_none(value) -> int | None:
@@ -91,7 +75,7 @@ def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
                 yield path
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path) -> InstanceHeader:
     """Parse the header of one file, or raise InputError saying why it is not a usable DICOM instance."""
     size = path.stat().st_size
     if size == 0:
@@ -109,7 +93,7 @@ def read_header(path: Path) -> Header:
     if not has_marker and "SOPInstanceUID" not in ds:
         raise SkippedInput("not a DICOM file: no 'DICM' marker at byte 128 and no SOP Instance UID")
     try:
-        return Header.from_dataset(ds)
+        return header_from_dataset(ds)
     except InputError:
         raise
     except Exception as exc:  # pydicom raises lazily while converting malformed values
@@ -129,11 +113,7 @@ def index_entry(path: Path) -> FileEntry:
         route, status, reason = route_for(RoutingFacts.of(h.modality, h.body_part)).value, Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
-    inst = InstanceEntry(
-        sop_instance_uid=h.sop_instance_uid, study_instance_uid=h.study_instance_uid,
-        series_instance_uid=h.series_instance_uid, sop_class_uid=h.sop_class_uid, modality=h.modality,
-        body_part=h.body_part, photometric=h.photometric, transfer_syntax=h.transfer_syntax, rows=h.rows,
-        columns=h.columns, frames=h.frames, route=route, status=status, reason=reason)
+    inst = InstanceEntry(h, route=route, status=status, reason=reason)
     return FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
 
 

@@ -101,7 +101,7 @@ class FolderWatcher:
             self.db.add_files(indexed)
             for entry in indexed:
                 if entry.instance is not None:
-                    self.studies[entry.instance.study_instance_uid] = now
+                    self.studies[entry.instance.header.study_instance_uid] = now
         quiet = {s for s, t in self.studies.items() if now - t >= self.settings.watch_quiet_seconds}
         if not quiet:
             return 0

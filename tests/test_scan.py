@@ -33,10 +33,11 @@ def test_header_pass_records_identity(chest_small):
 
     entry = index_entry(chest_small)
     ds = pydicom.dcmread(chest_small, stop_before_pixels=True)
-    assert entry.instance.sop_instance_uid == ds.SOPInstanceUID
-    assert entry.instance.study_instance_uid == ds.StudyInstanceUID
-    assert entry.instance.series_instance_uid == ds.SeriesInstanceUID
-    assert entry.instance.modality == "CR" and entry.instance.route == Route.CHEST_XRAY.value
+    header = entry.instance.header
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+    assert header.study_instance_uid == ds.StudyInstanceUID
+    assert header.series_instance_uid == ds.SeriesInstanceUID
+    assert header.modality == "CR" and entry.instance.route == Route.CHEST_XRAY.value
 
 
 def test_producer_never_imports_torch():
