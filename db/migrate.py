@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
 
-from db.schema import create_views
+from db.schema import create_views, drop_views
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -26,6 +26,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
+        drop_views(conn)  # tables under a view cannot be rebuilt on SQLite; the views come back below
         command.upgrade(cfg, revision)
         create_views(conn)
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -115,6 +116,7 @@ class Prediction(Base):
     config_hash: Mapped[str] = mapped_column(ForeignKey("pipeline_configs.config_hash"))
     untrained: Mapped[bool] = mapped_column(Boolean)
     worker: Mapped[str | None] = mapped_column(String(128))
+    needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -123,7 +125,7 @@ CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
        f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
        p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
-       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker
+       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
 JOIN files f ON f.id = i.file_id
@@ -138,8 +140,13 @@ FROM files f
 VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW}
 
 
+def drop_views(conn: Connection) -> None:
+    for name in VIEWS:
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+
+
 def create_views(conn: Connection) -> None:
     """(Re)create the public views; safe to call on every start."""
-    for name, ddl in VIEWS.items():
-        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+    drop_views(conn)
+    for ddl in VIEWS.values():
         conn.execute(text(ddl))

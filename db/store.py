@@ -78,6 +78,7 @@ class LabelScore:
     uncertainty: float
     rank: int
     heatmap_path: str | None
+    needs_review: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,14 +312,15 @@ class Database:
                                      "weights": fr.weights, "label": sc.label, "probability": sc.probability,
                                      "uncertainty": sc.uncertainty, "rank": sc.rank, "heatmap_path": sc.heatmap_path,
                                      "config_hash": fr.config_hash, "untrained": fr.untrained, "worker": o.worker,
-                                     "processed_at": now})
+                                     "needs_review": sc.needs_review, "processed_at": now})
             for start in range(0, len(rows), 500):
                 chunk = rows[start:start + 500]
                 stmt = self._insert(Prediction).values(chunk)
                 keys = ["sop_instance_uid", "frame", "model", "weights", "label"]
                 stmt = stmt.on_conflict_do_update(index_elements=keys, set_={
                     c: stmt.excluded[c] for c in ("probability", "uncertainty", "rank", "heatmap_path",
-                                                  "config_hash", "untrained", "worker", "processed_at")})
+                                                  "config_hash", "untrained", "worker", "needs_review",
+                                                  "processed_at")})
                 s.execute(stmt)
             for o in outcomes:
                 s.execute(update(Instance).where(Instance.sop_instance_uid == o.sop_instance_uid)

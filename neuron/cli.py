@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from neuron.errors import NeuronError, SetupError
+from neuron.routes import Route
 from neuron.settings import Settings, WeightsMode
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
@@ -59,6 +60,10 @@ def run(
     max_pixels: Annotated[int, typer.Option(help="Refuse frames with more pixels than this.")] = 8192 * 8192,
     xrv_cache_dir: Annotated[Path, typer.Option(help="Folder of torchxrayvision weight files.")] = None,
     xrv_sha256: Annotated[str, typer.Option(help="Expected sha256 of the chest X-ray weights file.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints (EfficientNet routes).")] = None,
+    route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
+    mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
+    review_threshold: Annotated[float, typer.Option(help="Mark findings with uncertainty above this.")] = 0.1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Screen every DICOM file under FOLDER and write findings to a database (embedded: SQLite, one process)."""
@@ -68,7 +73,9 @@ def run(
         settings = Settings.from_env(out_dir=out, database_url=db, weights=weights, device=device,
                                      batch_size=batch_size, tta=tta, clahe=clahe, clahe_clip_limit=clahe_clip,
                                      clahe_grid=clahe_grid, heatmap_top_k=top_k, max_frames=max_frames,
-                                     max_pixels=max_pixels, xrv_cache_dir=xrv_cache_dir, xrv_sha256=xrv_sha256)
+                                     max_pixels=max_pixels, xrv_cache_dir=xrv_cache_dir, xrv_sha256=xrv_sha256,
+                                     model_dir=model_dir, route_override=route.value if route else None,
+                                     mc_dropout=mc_dropout, review_threshold=review_threshold)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     if settings.weights is WeightsMode.UNTRAINED:
@@ -85,6 +92,8 @@ def run(
         raise _fail(str(exc), EXIT_SETUP) from None
     loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in engine.routes.items())
     console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, models: {loaded}")
+    for r, why in engine.unavailable.items():
+        console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -149,16 +158,19 @@ def worker(
     batch_size: Annotated[int, typer.Option(help="Images per model batch, across studies.")] = None,
     max_wait_ms: Annotated[int, typer.Option(help="Run a partial batch after this wait (trickling queues).")] = 200,
     concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads).")] = 8,
-    queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume.")] = "chest-xray",
+    queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume.")] = "chest-xray,mri-us,skin",
     tta: Annotated[bool, typer.Option("--tta/--no-tta")] = True,
     clahe: Annotated[bool, typer.Option("--clahe/--no-clahe")] = True,
     top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image.")] = 1,
+    model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints (EfficientNet routes).")] = None,
+    mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery GPU worker: takes studies from Redis, batches their images across studies, writes results."""
     try:
         settings = Settings.from_env(device=device, weights=weights, batch_size=batch_size, max_wait_ms=max_wait_ms,
-                                     worker_concurrency=concurrency, tta=tta, clahe=clahe, heatmap_top_k=top_k)
+                                     worker_concurrency=concurrency, tta=tta, clahe=clahe, heatmap_top_k=top_k,
+                                     model_dir=model_dir, mc_dropout=mc_dropout)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     if settings.weights is WeightsMode.UNTRAINED:
@@ -251,17 +263,27 @@ def samples(dest: Annotated[Path, typer.Argument(help="Folder to copy the sample
 
 
 @app.command()
-def models() -> None:
-    """List the model registry: name, route, classes and weights."""
+def models(model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints.")] = None) -> None:
+    """List the model registry: name, route, classes, TTA views and the status of its weights."""
+    from neuron_models.checkpoint import find_checkpoints
     from neuron_models.registry import list_models
 
+    settings = Settings.from_env(model_dir=model_dir)
     table = Table(show_header=True)
-    for col in ("name", "route", "input", "classes", "TTA views", "weights source"):
+    for col in ("name", "route", "input", "classes", "TTA views", "weights"):
         table.add_column(col)
     for cfg in list_models():
-        table.add_row(cfg.name, cfg.route.value, f"{cfg.channels}x{cfg.input_size}", str(len(cfg.class_names)),
-                      ", ".join(v.name for v in cfg.tta_views), cfg.weights_source)
-    Console().print(table)
+        if cfg.route is Route.CHEST_XRAY:
+            status = "torchxrayvision densenet121-res224-all (pin NEURON_XRV_SHA256)"
+            classes = str(len(cfg.class_names))
+        else:
+            found = find_checkpoints(settings.model_dir, cfg.name)
+            status = (", ".join(f"{c.folder} ({c.sha256[:12]})" for c in found) if found
+                      else f"no checkpoint: neuron train {cfg.name} --data ... --out MODEL_DIR/{cfg.name}")
+            classes = ", ".join(found[0].class_names) if found else f"{len(cfg.class_names)} (set by training)"
+        table.add_row(cfg.name, cfg.route.value, f"{cfg.channels}x{cfg.input_size}", classes,
+                      ", ".join(v.name for v in cfg.tta_views), status)
+    Console(width=200).print(table)
 
 
 def main() -> None:  # pragma: no cover

@@ -3,7 +3,8 @@
     NeuronError
     ├── SetupError              the run cannot start; nothing was processed. Exit code 4.
     │   ├── ConfigError         a setting is invalid (names the setting and the allowed values)
-    │   └── WeightsError        model weights missing, unverifiable or not matching their sha256
+    │   ├── WeightsError        model weights missing, unverifiable or not matching their sha256
+    │   └── ModelUnavailable    a route has no trained checkpoint: its instances are skipped, the run goes on
     ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
     └── InputError              permanent and per instance: recorded on the instance, never retried
         ├── SkippedInput        valid input that Neuron does not screen (modality, body part, not DICOM)
@@ -34,6 +35,10 @@ class ConfigError(SetupError):
 
 class WeightsError(SetupError):
     """Model weights are missing, unverified or corrupt."""
+
+
+class ModelUnavailable(SetupError):
+    """A route's model has no checkpoint; the run goes on and that route's instances are skipped with this reason."""
 
 
 class RetryableError(NeuronError):

@@ -34,6 +34,7 @@ ENVIRONMENT = {
     "NEURON_HEATMAP_DIR": "where heatmap PNGs are written (default: <out>/heatmaps); a shared mount for many hosts",
     "NEURON_PATH_MAP": "shared=local path prefixes, ';'-separated, where this host mounts shares elsewhere",
     "NEURON_VISIBILITY_TIMEOUT": "seconds before Redis re-delivers a message whose worker died (default: 3600)",
+    "NEURON_MODEL_DIR": "folder of fine-tuned checkpoints (one sub-folder each) for the EfficientNet routes",
 }
 
 
@@ -85,6 +86,10 @@ class Settings:
     max_pixels: int = 8192 * 8192
     decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     seed: int = 0
+    model_dir: Path | None = None
+    mc_dropout: int = 0
+    review_threshold: float = 0.1
+    route_override: str | None = None
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
@@ -100,6 +105,10 @@ class Settings:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.heatmap_root is not None:
             object.__setattr__(self, "heatmap_root", Path(self.heatmap_root))
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir).expanduser())
+        if self.mc_dropout < 0:
+            raise ConfigError(f"--mc-dropout {self.mc_dropout} must be 0 (off) or a number of samples")
         object.__setattr__(self, "weights", WeightsMode(self.weights))
         if self.xrv_cache_dir is not None:
             object.__setattr__(self, "xrv_cache_dir", Path(self.xrv_cache_dir).expanduser())
@@ -159,6 +168,8 @@ class Settings:
             values["allow_download"] = _parse_bool("NEURON_ALLOW_DOWNLOAD", env["NEURON_ALLOW_DOWNLOAD"])
         if "NEURON_BATCH_SIZE" in env:
             values["batch_size"] = _parse_int("NEURON_BATCH_SIZE", env["NEURON_BATCH_SIZE"])
+        if "NEURON_MODEL_DIR" in env:
+            values["model_dir"] = Path(env["NEURON_MODEL_DIR"])
         if "NEURON_BROKER_URL" in env:
             values["broker_url"] = env["NEURON_BROKER_URL"]
         if "NEURON_HEATMAP_DIR" in env:

@@ -43,10 +43,11 @@ class ScreeningModel(nn.Module):
     """The contract: rectified final features -> logits -> probabilities, and the head weights for CAM maps."""
 
     config: ModelConfig
+    class_names: tuple[str, ...]
     weights_id: str  # sha256 of the weights file, or "untrained"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) normalised input -> (B, C', h, w) rectified final feature map (the CAM target)."""
+        """(B, C, H, W) normalised input -> (B, C', h, w) final feature map (the CAM target)."""
         raise NotImplementedError
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,27 @@ class ScreeningModel(nn.Module):
     def untrained(self) -> bool:
         return self.weights_id == UNTRAINED
 
+    def has_dropout(self) -> bool:
+        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()) or \
+            any(getattr(m, "drop_rate", 0) > 0 for m in self.modules() if not isinstance(m, nn.Dropout))
+
+    def predict(self, x: torch.Tensor, mc_samples: int = 0, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> probabilities (S, N, K) with S = max(1, mc_samples), features for CAM (N, C', h, w), head weights.
+        With ``mc_samples`` and dropout in the head, the head runs S times with dropout on (seeded: repeatable)."""
+        features = self.forward_features(x)
+        if mc_samples > 0 and self.has_dropout():
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                self.train()
+                try:
+                    probs = torch.stack([self.probabilities(self.forward_head(features)) for _ in range(mc_samples)])
+                finally:
+                    self.eval()
+        else:
+            probs = self.probabilities(self.forward_head(features)).unsqueeze(0)
+        return probs, features, self.cam_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(self.forward_head(self.forward_features(x)))
 
@@ -77,10 +99,13 @@ class PipelineSpec:
     preprocess: PreprocessConfig
     tta: TTAPolicy
     decoder: dict = field(default_factory=dict)
+    mc_dropout: int = 0
+    members: tuple[dict, ...] = ()
 
     def as_dict(self) -> dict:
         return {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
-                "tta": self.tta.as_dict(), "decoder": self.decoder}
+                "tta": self.tta.as_dict(), "decoder": self.decoder, "mc_dropout": self.mc_dropout,
+                "members": list(self.members)}
 
     @property
     def config_hash(self) -> str:
@@ -102,7 +127,7 @@ def register_model(config: ModelConfig) -> Callable[[Builder], Builder]:
 
 
 def _load_builtin_models() -> None:
-    from neuron_models import xray  # noqa: F401  (registers on import)
+    from neuron_models import effnet, xray  # noqa: F401  (register on import)
 
 
 def list_models() -> list[ModelConfig]:

@@ -75,8 +75,8 @@ class TTAPolicy:
         return torch.cat([v.apply(x) for v in self.views], dim=0)
 
     def reduce(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V*B, K) view-major -> mean and population std over views, each (B, K)."""
-        per_view = probs.view(len(self.views), -1, probs.shape[-1])
+        """(S, V*B, K) samples x view-major batch -> mean and population std over samples and views, each (B, K)."""
+        per_view = probs.reshape(probs.shape[0] * len(self.views), -1, probs.shape[-1])
         return per_view.mean(dim=0), per_view.std(dim=0, correction=0)
 
 

@@ -18,7 +18,8 @@ from pydicom.errors import InvalidDicomError
 from db.schema import Status
 from db.store import Database, FileEntry, InstanceEntry, InstanceHeader
 from neuron.errors import FailedInput, InputError, SkippedInput
-from neuron.routes import RoutingFacts, route_for
+from neuron.photos import photo_kind, photo_uids
+from neuron.routes import Route, RoutingFacts, route_for
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +102,34 @@ def read_header(path: Path) -> InstanceHeader:
                           "re-export the file from the source") from exc
 
 
-def index_entry(path: Path) -> FileEntry:
-    """Header pass over one file: identity, route (or the reason it has none) and status."""
+def photo_header(path: Path) -> InstanceHeader:
+    sop_uid, study_uid = photo_uids(path)
+    return InstanceHeader(sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=study_uid,
+                          sop_class_uid=None, modality="XC", body_part=None, photometric=None,
+                          transfer_syntax=photo_kind(path), rows=None, columns=None, frames=1)
+
+
+def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
+    """Header pass over one file: identity, route (or the reason it has none) and status. With ``route_override``
+    every instance goes to that route, and plain JPEG/PNG photographs are taken too (``neuron run --route skin``)."""
     st = path.stat()
     base = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
-        h = read_header(path)
+        if route_override is not None and photo_kind(path) is not None:
+            h = photo_header(path)
+        else:
+            h = read_header(path)
     except InputError as exc:
-        return FileEntry(**base, status=Status(exc.status), reason=exc.reason)
+        reason = exc.reason
+        if isinstance(exc, SkippedInput) and photo_kind(path) is not None:
+            reason += "; a folder of JPEG/PNG photographs is screened with --route skin"
+        return FileEntry(**base, status=Status(exc.status), reason=reason)
     try:
-        route, status, reason = route_for(RoutingFacts.of(h.modality, h.body_part)).value, Status.PENDING, None
+        route = route_override or route_for(RoutingFacts.of(h.modality, h.body_part))
+        status, reason = Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
-    inst = InstanceEntry(h, route=route, status=status, reason=reason)
+    inst = InstanceEntry(h, route=route.value if route else None, status=status, reason=reason)
     return FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
 
 
@@ -125,7 +141,7 @@ class ScanResult:
 
 
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
-                 on_file: Callable[[int], None] | None = None) -> ScanResult:
+                 on_file: Callable[[int], None] | None = None, route_override: Route | None = None) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all."""
     root = Path(root)
@@ -143,7 +159,7 @@ def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: 
         if known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
             result.unchanged += 1
         else:
-            pending.append(index_entry(path))
+            pending.append(index_entry(path, route_override))
             result.indexed += 1
         if len(pending) >= batch:
             db.add_files(pending)

@@ -141,7 +141,7 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     local = untrained_settings.with_(out_dir=tmp_path / "embedded")
     from worker.engine import Engine
 
-    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device))
+    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device, engine.unavailable))
     import sqlite3
 
     with sqlite3.connect(local.out_dir / "neuron.db") as conn:

@@ -91,7 +91,7 @@ def _engine_for(engine, settings):
     """The session's loaded models, writing heatmaps into this run's output folder."""
     from worker.engine import Engine
 
-    return Engine(settings, engine.routes, engine.device)
+    return Engine(settings, engine.routes, engine.device, engine.unavailable)
 
 
 def query(settings: Settings, sql: str, *args):
@@ -162,7 +162,7 @@ def test_lossless_compressed_and_uncompressed_copies_give_identical_results(firs
 @pytest.mark.parametrize(("key", "status", "reason"), [
     ("duplicate", "duplicate", "same SOP Instance UID as"),
     ("ct", "skipped", "Modality 'CT' is not screened"),
-    ("mr", "skipped", "no model for route 'mri-us'"),
+    ("mr", "skipped", "no trained checkpoint for mri-us-efficientnet-b4"),
     ("extremity", "skipped", "BodyPartExamined 'EXTREMITY' is not CHEST"),
     ("empty", "failed", "empty file"),
     ("text", "skipped", "not a DICOM file"),

@@ -15,12 +15,14 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.pixels import apply_color_lut, iter_pixels
 from pydicom.uid import UID
 
 from neuron.errors import DecodeError, ImageTooLarge
+from neuron.photos import photo_kind
 from neuron_models.image import DecodedFrame, LutTable, PixelParams, Window
 
 DECODER_PLUGIN = "pylibjpeg"
@@ -109,8 +111,30 @@ def check_size(ds: pydicom.Dataset, max_pixels: int) -> None:
             f"(--max-pixels); no real radiograph is that large; if this one is, raise --max-pixels")
 
 
+def decode_photo(path: str | Path, sop_instance_uid: str, max_pixels: int) -> list[DecodedFrame]:
+    """A plain JPEG or PNG (skin photographs, training sets): RGB or grayscale, 8 or 16 bits."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DecodeError("image file could not be decoded by OpenCV; it is truncated or not a JPEG/PNG")
+    if arr.shape[0] * arr.shape[1] > max_pixels:
+        raise ImageTooLarge(f"{arr.shape[0]}x{arr.shape[1]} pixels exceeds the limit of {max_pixels:,} "
+                            f"(--max-pixels)")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    bits = 8 * arr.itemsize
+    if arr.ndim == 3:
+        arr = np.ascontiguousarray(arr[..., ::-1])  # BGR -> RGB
+        return [DecodedFrame(sop_instance_uid, 0, arr, PixelParams("RGB", True, bits))]
+    top = float(2 ** bits - 1)  # full range: value / max, as torchxrayvision reads an 8-bit PNG (x / 255)
+    return [DecodedFrame(sop_instance_uid, 0, arr, PixelParams("MONOCHROME2", False, bits,
+                                                              window=Window(top / 2, top, "LINEAR_EXACT")))]
+
+
 def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, max_pixels: int) -> list[DecodedFrame]:
     """Read one instance's selected frames. Raises DecodeError/ImageTooLarge with a reason a person can act on."""
+    if photo_kind(Path(path)) is not None:
+        return decode_photo(path, sop_instance_uid, max_pixels)
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:

@@ -25,10 +25,11 @@ import torch
 
 from db.schema import Status
 from db.store import FrameResult, LabelScore, Outcome, WorkItem
-from neuron.errors import ConfigError, InputError, RetryableError
+from neuron.errors import ConfigError, InputError, ModelUnavailable, RetryableError
 from neuron.routes import Route
 from neuron.settings import Settings
 from neuron_models import cam
+from neuron_models.effnet import members_of
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import PreprocessConfig, normalize, prepare_batch
 from neuron_models.registry import (
@@ -109,9 +110,11 @@ def heatmap_name(sop_uid: str, frame: int, model: str, weights: str, label: str,
 
 
 class Engine:
-    def __init__(self, settings: Settings, routes: dict[Route, LoadedRoute], device: torch.device):
+    def __init__(self, settings: Settings, routes: dict[Route, LoadedRoute], device: torch.device,
+                 unavailable: dict[Route, str] | None = None):
         self.settings = settings
         self.routes = routes
+        self.unavailable = unavailable or {}
         self.device = device
         self.batch_size = settings.batch_size or default_batch_size(device)
         gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -120,20 +123,31 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
-        """Load the model of every route that has one; routes without a model are simply absent."""
+        """Load the model of every route that has one; a route without a checkpoint is recorded as unavailable
+        with the reason (its instances are skipped); missing chest X-ray weights stop the run (WeightsError)."""
         device = resolve_device(settings.device)
         decoder = {"plugin": "pylibjpeg", "versions": decoder_versions()}
         routes: dict[Route, LoadedRoute] = {}
+        unavailable: dict[Route, str] = {}
         for route in Route:
             configs = models_for_route(route)
             if not configs:
                 continue
-            cfg = configs[0]
-            model = create_model(cfg.name, settings).to(device)
+            try:
+                model = create_model(configs[0].name, settings).to(device)
+            except ModelUnavailable as exc:
+                unavailable[route] = str(exc)
+                continue
+            cfg = model.config
+            if settings.mc_dropout and not model.has_dropout():
+                log.warning("%s has no dropout: --mc-dropout does nothing for it; its uncertainty is the TTA spread",
+                            cfg.name)
             spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings),
-                                tta_policy(cfg, settings), decoder)
+                                tta_policy(cfg, settings), decoder,
+                                mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
+                                members=members_of(model))
             routes[route] = LoadedRoute(model, spec)
-        return cls(settings, routes, device)
+        return cls(settings, routes, device, unavailable)
 
     # -- pure compute ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,14 +171,14 @@ class Engine:
         if not kept:
             return out
         views = lr.tta.expand(x)
-        features = lr.model.forward_features(normalize(views, lr.preprocess))
-        probs = lr.model.probabilities(lr.model.forward_head(features))
+        probs, features, cam_weight = lr.model.predict(normalize(views, lr.preprocess), lr.spec.mc_dropout,
+                                                       self.settings.seed)
         mean, std = lr.tta.reduce(probs)
         order = torch.argsort(mean, dim=1, descending=True, stable=True)
         k = min(self.settings.heatmap_top_k, mean.shape[1])
         if k:
             identity_features = features[: x.shape[0]]  # views are view-major; the identity view comes first
-            maps = cam.class_activation_maps(identity_features, lr.model.cam_weight(), order[:, :k])
+            maps = cam.class_activation_maps(identity_features, cam_weight, order[:, :k])
             maps = cam.upsample(cam.normalize_maps(maps), lr.preprocess.input_size).cpu().numpy()
         else:
             maps = np.zeros((x.shape[0], 0, 1, 1), dtype=np.float32)
@@ -187,8 +201,9 @@ class Engine:
             heatmaps[int(label_idx)] = self.settings.to_shared(str(path))
             writes.append(writers.submit(_write_png, path, inf.image, inf.cams[slot]))
         for idx, name in enumerate(names):
-            scores.append(LabelScore(name, float(inf.probabilities[idx]), float(inf.uncertainty[idx]),
-                                     rank_of[idx], heatmaps.get(idx)))
+            unc = float(inf.uncertainty[idx])
+            scores.append(LabelScore(name, float(inf.probabilities[idx]), unc, rank_of[idx], heatmaps.get(idx),
+                                     unc > self.settings.review_threshold))
         return FrameResult(inf.frame.frame, spec.model, spec.weights, spec.config_hash, lr.model.untrained,
                            tuple(scores)), writes
 
@@ -244,6 +259,9 @@ class Engine:
                         exhausted = True
                     elif item is IDLE:
                         idle = True
+                    elif Route(item.route) not in self.routes:  # no model for it on this host
+                        reason = self.unavailable.get(Route(item.route), f"no model for route '{item.route}'")
+                        sink(Outcome(item.sop_instance_uid, Status.SKIPPED, reason, worker=self.worker_id))
                     else:
                         inflight.append((item, decoders.submit(
                             decode_instance, self.settings.to_local(item.file_path), item.sop_instance_uid,
