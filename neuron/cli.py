@@ -131,6 +131,110 @@ def _print_summary(report, settings: Settings) -> None:
     console.print("query: sqlite3 <db> \"select label, probability, file_path from findings where rank = 1\"")
 
 
+def _load_for_training(path: Path):
+    from worker.decode import decode_instance
+
+    return decode_instance(path, str(path), 1, 8192 * 8192)[0]
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="Registry name, e.g. skin-efficientnet-b4 (see `neuron models`).")],
+    data: Annotated[Path, typer.Option(help="ImageFolder-style folder (class sub-folders) or CSV (path,label).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder (model.safetensors + model.json + curves).")],
+    epochs: Annotated[int, typer.Option()] = 30,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate (head; backbone too unless --backbone-lr).")] = 1e-4,
+    backbone_lr: Annotated[float, typer.Option(help="Differential learning rate for the backbone.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-5,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.1,
+    class_weights: Annotated[str, typer.Option(help="'auto' (inverse label frequency) or 'none'.")] = "none",
+    t0: Annotated[int, typer.Option("--t0", help="CosineAnnealingWarmRestarts T_0 (epochs).")] = 5,
+    t_mult: Annotated[int, typer.Option(help="CosineAnnealingWarmRestarts T_mult.")] = 2,
+    accumulate: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    freeze: Annotated[int, typer.Option(help="Freeze the stem and the first N of 7 block stages.")] = 0,
+    drop_rate: Annotated[float, typer.Option(help="Dropout before the classifier (enables --mc-dropout).")] = 0.3,
+    input_size: Annotated[int, typer.Option(help="Training and inference resolution.")] = 224,
+    val_fraction: Annotated[float, typer.Option(help="Stratified validation split.")] = 0.2,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment")] = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only).")] = True,
+    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe")] = True,
+    from_scratch: Annotated[bool, typer.Option(help="Start from random weights (no ImageNet cache).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fine-tune an EfficientNet-B4 route with the seed's methodology; keeps the best checkpoint."""
+    from neuron_models.registry import model_config
+    from neuron_models.training import LabelledSet, TrainConfig, Trainer
+    from worker.engine import resolve_device
+
+    try:
+        cfg_model = model_config(model)
+    except KeyError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if not cfg_model.name.endswith("efficientnet-b4"):
+        raise _fail(f"{model} is not trainable here: only the EfficientNet-B4 routes are fine-tuned by Neuron",
+                    EXIT_USAGE)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+                      weight_decay=weight_decay, label_smoothing=label_smoothing, class_weights=class_weights,
+                      t0=t0, t_mult=t_mult, accumulate=accumulate, freeze=freeze, drop_rate=drop_rate,
+                      input_size=input_size, val_fraction=val_fraction, augment=augment, amp=amp,
+                      from_scratch=from_scratch, seed=seed, clahe=clahe)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    try:
+        dataset = LabelledSet.from_path(data)
+        with progress:
+            task = progress.add_task("training", total=None)
+            trainer = Trainer(cfg_model, cfg, dataset, out, _load_for_training, resolve_device(device),
+                              progress=lambda d, n, t: progress.update(task, description=d, completed=n, total=t))
+            history = trainer.run(resume=resume)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    table = Table(title=f"{model} on {len(dataset.paths)} images ({', '.join(dataset.class_names)})")
+    for col in ("epoch", "train loss", "val loss", "val acc", "val AUC", "val ECE", "lr"):
+        table.add_column(col, justify="right")
+    for m in history:
+        table.add_row(str(m.epoch), f"{m.train_loss:.3f}", f"{m.val_loss:.3f}", f"{m.val_accuracy:.3f}",
+                      f"{m.val_mean_auc:.3f}", f"{m.val_ece:.3f}", f"{m.lr_head:.2e}")
+    console.print(table)
+    console.print(f"best checkpoint: {out}/model.safetensors (+ model.json, metrics.csv, curves.png); use it with "
+                  f"neuron run ... --model-dir {out.parent}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Registry name (see `neuron models`).")],
+    data: Annotated[Path, typer.Option(help="Labelled set: class folders or CSV (path,label); for the chest "
+                                            "model a CSV of path plus one 0/1 column per pathology.")],
+    model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints.")] = None,
+    weights: Annotated[WeightsMode, typer.Option(help="pretrained or untrained (chest model).")] = None,
+    json_out: Annotated[Path, typer.Option("--json", help="Also write the metrics here as JSON.")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Metrics of a registered model on a labelled set: accuracy, per-class ROC AUC, calibration (ECE)."""
+    import json
+
+    from worker.evaluation import evaluate_model
+
+    try:
+        settings = Settings.from_env(model_dir=model_dir, weights=weights, device=device)
+        report = evaluate_model(model, data, settings, _load_for_training)
+    except (NeuronError, KeyError) as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    table = Table(title=f"{model} on {report['n']} images")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report["summary"].items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for label, auc in report["auc"].items():
+        table.add_row(f"AUC {label}", f"{auc:.4f}")
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
 db_app = typer.Typer(help="Database schema (Alembic migrations; SQLite or PostgreSQL).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -39,7 +39,11 @@ SKIN_CONFIG = ModelConfig(
 
 
 def create_net(num_classes: int, drop_rate: float = 0.0, pretrained: bool = False) -> nn.Module:
-    return timm.create_model(ARCH, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+    net = timm.create_model(ARCH, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+    # timm's Google-style init scales the head by 1/sqrt(num_classes): with a handful of classes its first logits
+    # reach +-9 and training from it diverges; a new head gets PyTorch's default (fan-in) init instead.
+    net.reset_classifier(num_classes)
+    return net
 
 
 class EfficientNetModel(ScreeningModel):

@@ -1,0 +1,271 @@
+"""`neuron train` and the EfficientNet routes: learning, checkpoints, flags that do what they say, routing,
+ensembles, MC dropout, review flags and `neuron evaluate`.
+
+There are no pretrained weights on these machines, so the learning test trains EfficientNet-B4 from scratch on a small
+synthetic set whose classes differ in a visible pattern, at 64x64 and with lr 1e-3 (the defaults are 224 and 1e-4),
+without augmentation or CLAHE, for 6 epochs: this is what fits two CPU cores in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from neuron.errors import WeightsError
+from neuron.routes import Route
+from neuron_models.checkpoint import read_checkpoint, save_checkpoint
+from neuron_models.effnet import (
+    DEFAULT_CLASSES,
+    MRI_US_CONFIG,
+    SKIN_CONFIG,
+    EnsembleModel,
+    build_untrained,
+    load_checkpoint_model,
+)
+from neuron_models.training import (
+    LabelledSet,
+    TrainConfig,
+    Trainer,
+    class_weights,
+    freeze_early,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    starting_net,
+    stratified_split,
+)
+from worker.decode import decode_instance
+from worker.embedded import run_folder
+from worker.engine import Engine
+from worker.evaluation import evaluate_model
+
+FAST = dict(epochs=6, batch_size=16, lr=1e-3, input_size=64, from_scratch=True, augment=False, clahe=False)
+
+
+def load(path: Path):
+    return decode_instance(path, str(path), 1, 1 << 26)[0]
+
+
+def make_synthetic(root: Path, n: int = 40, size: int = 64, seed: int = 0) -> Path:
+    """Three classes that differ in a visible pattern: a central disk, a ring, horizontal stripes; noisy, scaled."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    r = np.sqrt(xx ** 2 + yy ** 2)
+    for cls in ("disk", "ring", "stripes"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            s = rng.uniform(0.8, 1.2)
+            if cls == "disk":
+                img = (r < 0.22 * s).astype(float)
+            elif cls == "ring":
+                img = ((r > 0.3 * s) & (r < 0.42 * s)).astype(float)
+            else:
+                img = (np.sin(yy * 40 * s + rng.uniform(0, 6.3)) > 0).astype(float)
+            img = 0.2 + 0.6 * img + rng.normal(0, 0.08, img.shape)
+            rgb = np.stack([img * rng.uniform(0.85, 1.0), img, img * rng.uniform(0.85, 1.0)], -1)
+            cv2.imwrite(str(root / cls / f"{i}.png"), np.clip(rgb * 255, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "skin-efficientnet-b4"
+    trainer = Trainer(SKIN_CONFIG, TrainConfig(**FAST), LabelledSet.from_path(synthetic), out, load,
+                      torch.device("cpu"))
+    return trainer, trainer.run(), out
+
+
+def test_training_learns_a_visible_pattern_well_above_chance(trained):
+    _, history, out = trained
+    best = max(m.val_accuracy for m in history)
+    assert best >= 0.6, [round(m.val_accuracy, 2) for m in history]  # chance is 1/3
+    assert (out / "metrics.csv").read_text().count("\n") == len(history) + 1
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpt = read_checkpoint(out)
+    assert ckpt.class_names == ("disk", "ring", "stripes") and ckpt.input_size == 64
+    assert ckpt.meta["metrics"]["val_accuracy"] == best
+    for key in ("training", "preprocessing", "sha256", "code_version", "data"):
+        assert key in ckpt.meta
+    assert ckpt.meta["training"]["label_smoothing"] == 0.1
+
+
+def test_checkpoint_round_trips_without_unpickling(trained, tmp_path):
+    trainer, _, out = trained
+    model = load_checkpoint_model(SKIN_CONFIG, read_checkpoint(out))
+    x = torch.rand(2, 3, 64, 64)
+    best = read_checkpoint(out)
+    assert model.weights_id == best.sha256 and model.class_names == best.class_names
+    assert model(x).shape == (2, 3)
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="sha256"):
+        read_checkpoint(copy).state_dict()
+
+
+def test_run_routes_a_photo_folder_to_the_trained_skin_model(trained, synthetic, tmp_path, untrained_settings):
+    _, _, out = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for cls in ("disk", "ring", "stripes"):
+        shutil.copy(synthetic / cls / "0.png", photos / f"{cls}.png")
+        shutil.copy(synthetic / cls / "1.png", photos / f"{cls}_b.jpg.png")
+    settings = untrained_settings.with_(out_dir=tmp_path / "out", model_dir=out.parent, route_override="skin")
+    run_folder(photos, settings)
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        rows = conn.execute("select sop_instance_uid, model, label, probability, rank, modality, heatmap_path "
+                            "from findings").fetchall()
+        statuses = {s for (s,) in conn.execute("select status from ingest_status")}
+    assert statuses == {"done"}
+    assert len(rows) == 6 * 3 and {r[1] for r in rows} == {"skin-efficientnet-b4"}
+    assert {r[2] for r in rows} == {"disk", "ring", "stripes"} and {r[5] for r in rows} == {"XC"}
+    per_image: dict[str, float] = {}
+    for r in rows:
+        per_image[r[0]] = per_image.get(r[0], 0) + r[3]
+    assert all(abs(total - 1) < 1e-4 for total in per_image.values())  # softmax
+    assert all(Path(r[6]).is_file() for r in rows if r[4] == 1)
+
+
+def test_mr_and_us_dicoms_go_to_the_mri_us_route(tmp_path, data_dir, untrained_settings):
+    model_dir = tmp_path / "models"
+    net = build_untrained(MRI_US_CONFIG, DEFAULT_CLASSES, 64, drop_rate=0.3).net
+    save_checkpoint(model_dir / "mri-us-v1", net.state_dict(), {
+        "model": MRI_US_CONFIG.name, "class_names": list(DEFAULT_CLASSES),
+        "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.3}})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("MR2_UNCR.dcm", "US1_UNCR.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A_2frame.dcm"):
+        shutil.copy(data_dir / name, folder / name)
+    settings = untrained_settings.with_(out_dir=tmp_path / "out", model_dir=model_dir, review_threshold=0.0)
+    run_folder(folder, settings)
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        rows = conn.execute("select modality, model, frame, needs_review, uncertainty from findings").fetchall()
+    assert {r[0] for r in rows} == {"MR", "US"} and {r[1] for r in rows} == {"mri-us-efficientnet-b4"}
+    assert len(rows) == (3 + 2) * 9  # the 2-frame ultrasound gives results per frame
+    assert {r[2] for r in rows} == {0, 1}
+    assert all(bool(r[3]) == (r[4] > 0.0) for r in rows)  # needs_review follows the threshold
+
+
+def test_several_checkpoints_for_a_route_make_an_ensemble(trained, tmp_path, untrained_settings):
+    _, _, out = trained
+    model_dir = tmp_path / "models"
+    shutil.copytree(out, model_dir / "a")
+    other = build_untrained(SKIN_CONFIG, ("disk", "ring", "stripes"), 64, drop_rate=0.3).net
+    meta = read_checkpoint(out).meta
+    save_checkpoint(model_dir / "b", other.state_dict(), {k: meta[k] for k in
+                                                          ("model", "class_names", "preprocessing", "training")})
+    engine = Engine.from_settings(untrained_settings.with_(model_dir=model_dir))
+    lr = engine.routes[Route.SKIN]
+    assert isinstance(lr.model, EnsembleModel) and len(lr.spec.members) == 2
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        probs = lr.model.predict(x)[0][0]
+        members = [m(x) for m in lr.model.members]
+    torch.testing.assert_close(probs, (members[0] + members[1]) / 2)
+
+
+def test_mc_dropout_samples_the_head_repeatably_and_is_refused_for_the_xrv_densenet(
+        trained, untrained_settings, synthetic):
+    _, _, out = trained
+    plain = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False))
+    mc = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False, mc_dropout=8))
+    assert mc.routes[Route.SKIN].spec.mc_dropout == 8 and mc.routes[Route.CHEST_XRAY].spec.mc_dropout == 0
+    assert not mc.routes[Route.CHEST_XRAY].model.has_dropout()
+    frames = [load(synthetic / "disk" / "3.png")]
+    a = plain.infer(Route.SKIN, frames)[0]
+    b, c = mc.infer(Route.SKIN, frames)[0], mc.infer(Route.SKIN, frames)[0]
+    assert a.uncertainty.max() == 0 and b.uncertainty.max() > 0  # one view: only dropout makes a spread
+    np.testing.assert_array_equal(b.probabilities, c.probabilities)
+
+
+def test_evaluate_reports_accuracy_auc_and_calibration(trained, synthetic, untrained_settings):
+    _, _, out = trained
+    report = evaluate_model("skin-efficientnet-b4", synthetic, untrained_settings.with_(model_dir=out.parent,
+                                                                                        tta=False), load)
+    assert report["n"] == 120 and set(report["auc"]) == {"disk", "ring", "stripes"}
+    assert report["summary"]["accuracy"] > 0.5 and 0 <= report["summary"]["ECE"] <= 1
+
+
+def test_evaluate_gives_per_pathology_auc_for_the_chest_model(tmp_path, rg1, chest_small, untrained_settings):
+    from .conftest import small_chest
+
+    paths = [small_chest(rg1, tmp_path / f"c{i}.dcm", step=3 + i) for i in range(4)]
+    lines = ["path,Effusion,Cardiomegaly"] + [f"{p.name},{i % 2},{int(i < 2)}" for i, p in enumerate(paths)]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    report = evaluate_model("xrv-densenet121-res224-all", tmp_path / "labels.csv", untrained_settings, load)
+    assert report["n"] == 4 and len(report["auc"]) == 18
+    assert not math.isnan(report["auc"]["Effusion"]) and math.isnan(report["auc"]["Mass"])  # Mass: no labels
+
+
+def test_resume_continues_an_interrupted_run(synthetic, tmp_path):
+    data = LabelledSet.from_path(synthetic)
+    out = tmp_path / "run"
+    Trainer(SKIN_CONFIG, TrainConfig(**{**FAST, "epochs": 1}), data, out, load, torch.device("cpu")).run()
+    resumed = Trainer(SKIN_CONFIG, TrainConfig(**{**FAST, "epochs": 2}), data, out, load, torch.device("cpu"))
+    history = resumed.run(resume=True)
+    assert [m.epoch for m in history] == [1, 2]
+
+
+def test_class_weights_auto_are_inverse_frequencies():
+    w = class_weights([0, 0, 0, 1], 2)
+    torch.testing.assert_close(w, torch.tensor([4 / (2 * 3), 4 / (2 * 1)]))
+    assert make_loss(TrainConfig(class_weights="auto"), [0, 0, 0, 1], 2).weight is not None
+    assert make_loss(TrainConfig(), [0, 0, 0, 1], 2).weight is None
+
+
+def test_label_smoothing_is_the_seed_formula():
+    logits, target = torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0])
+    loss = make_loss(TrainConfig(label_smoothing=0.1), [0, 1, 2], 3)(logits, target)
+    logp = torch.log_softmax(logits, 1)[0]
+    expected = -(0.9 * logp[0] + 0.1 * logp.mean())  # y_smooth = (1 - a) y + a / K
+    torch.testing.assert_close(loss, expected)
+
+
+def test_scheduler_is_cosine_annealing_with_warm_restarts_t0_5_tmult_2():
+    net = build_untrained(SKIN_CONFIG, DEFAULT_CLASSES, 64).net
+    opt = make_optimizer(net, TrainConfig(lr=1e-4))
+    sched = make_scheduler(opt, TrainConfig())
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[1]["lr"])
+        sched.step()
+    assert lrs[0] == lrs[5] == lrs[15] == 1e-4  # restarts after 5 epochs, then after 10 more
+    assert all(lrs[i] > lrs[i + 1] for i in range(0, 4)) and all(lrs[i] > lrs[i + 1] for i in range(5, 14))
+    assert lrs[3] == pytest.approx(1e-4 * (1 + math.cos(math.pi * 3 / 5)) / 2)
+
+
+def test_differential_learning_rates_and_freezing():
+    net = build_untrained(SKIN_CONFIG, DEFAULT_CLASSES, 64).net
+    freeze_early(net, 3)
+    opt = make_optimizer(net, TrainConfig(lr=1e-3, backbone_lr=1e-5))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"backbone": 1e-5, "head": 1e-3}
+    assert not any(p.requires_grad for p in net.conv_stem.parameters())
+    assert not any(p.requires_grad for p in net.blocks[2].parameters())
+    assert all(p.requires_grad for p in net.blocks[3].parameters())
+
+
+def test_split_is_stratified():
+    labels = [0] * 10 + [1] * 5 + [2] * 20
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert sorted(train + val) == list(range(35))
+    assert [sum(labels[i] == k for i in val) for k in range(3)] == [2, 1, 4]
+
+
+def test_offline_without_cached_imagenet_weights_training_says_so():
+    with pytest.raises(WeightsError, match="--from-scratch"):
+        starting_net(3, TrainConfig(from_scratch=False))
