@@ -7,6 +7,7 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -387,7 +388,7 @@ def models(model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned ch
             classes = ", ".join(found[0].class_names) if found else f"{len(cfg.class_names)} (set by training)"
         table.add_row(cfg.name, cfg.route.value, f"{cfg.channels}x{cfg.input_size}", classes,
                       ", ".join(v.name for v in cfg.tta_views), status)
-    Console(width=200).print(table)
+    Console(width=max(200, shutil.get_terminal_size().columns)).print(table)
 
 
 def main() -> None:  # pragma: no cover

@@ -121,9 +121,10 @@ def test_run_routes_a_photo_folder_to_the_trained_skin_model(trained, synthetic,
     _, _, out = trained
     photos = tmp_path / "photos"
     photos.mkdir()
-    for cls in ("disk", "ring", "stripes"):
-        shutil.copy(synthetic / cls / "0.png", photos / f"{cls}.png")
-        shutil.copy(synthetic / cls / "1.png", photos / f"{cls}_b.jpg.png")
+    for cls in ("disk", "ring", "stripes"):  # a folder of JPEGs, as cameras write them, and PNGs
+        cv2.imwrite(str(photos / f"{cls}.jpg"), cv2.imread(str(synthetic / cls / "0.png")),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        shutil.copy(synthetic / cls / "1.png", photos / f"{cls}_b.png")
     settings = untrained_settings.with_(out_dir=tmp_path / "out", model_dir=out.parent, route_override="skin")
     run_folder(photos, settings)
     with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
@@ -269,3 +270,31 @@ def test_split_is_stratified():
 def test_offline_without_cached_imagenet_weights_training_says_so():
     with pytest.raises(WeightsError, match="--from-scratch"):
         starting_net(3, TrainConfig(from_scratch=False))
+
+
+def test_the_cli_trains_lists_and_evaluates(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = make_synthetic(tmp_path / "data", n=6)
+    out = tmp_path / "models" / "skin-v1"
+    env = {**os.environ, "COLUMNS": "400"}
+
+    def neuron(*args):
+        res = subprocess.run([sys.executable, "-m", "neuron", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res
+
+    res = neuron("train", "skin-efficientnet-b4", "--data", str(data), "--out", str(out), "--epochs", "1",
+                 "--from-scratch", "--input-size", "64", "--no-augment", "--no-clahe", "--device", "cpu")
+    assert "best checkpoint" in res.stderr and (out / "model.safetensors").is_file()
+    res = neuron("models", "--model-dir", str(out.parent))
+    assert "skin-v1" in res.stdout and "disk, ring, stripes" in res.stdout
+    neuron("evaluate", "skin-efficientnet-b4", "--data", str(data), "--model-dir", str(out.parent), "--weights",
+           "untrained", "--device", "cpu", "--json", str(tmp_path / "m.json"))
+    import json
+
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["n"] == 18 and "accuracy" in report["summary"]
