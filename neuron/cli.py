@@ -296,6 +296,7 @@ def scan(
     poll: Annotated[bool, typer.Option("--poll", help="Polling observer (network shares).")] = False,
     stable_seconds: Annotated[float, typer.Option(help="A file is complete once unchanged this long.")] = 2.0,
     quiet_seconds: Annotated[float, typer.Option(help="Enqueue a study once no file arrived this long.")] = 5.0,
+    route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
 ) -> None:
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
     from db.store import Database
@@ -304,7 +305,8 @@ def scan(
     from producer.scan import index_folder
     from producer.watch import FolderWatcher
 
-    settings = Settings.from_env(watch_stable_seconds=stable_seconds, watch_quiet_seconds=quiet_seconds)
+    settings = Settings.from_env(watch_stable_seconds=stable_seconds, watch_quiet_seconds=quiet_seconds,
+                                 route_override=route.value if route else None)
     database = Database(settings.resolved_database_url)
     try:
         database.create()
@@ -323,7 +325,7 @@ def scan(
                         console=console)
     with progress:
         task = progress.add_task("indexing", total=None)
-        result = index_folder(folder, database, exclude=[settings.out_dir],
+        result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
                               on_file=lambda n: progress.update(task, completed=n))
     sent = enqueue_pending(database, celery_app)
     console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "

@@ -20,6 +20,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from db.store import Database
+from neuron.routes import Route
 from neuron.settings import Settings
 from producer.enqueue import enqueue_pending
 from producer.scan import index_entry, index_folder
@@ -66,6 +67,7 @@ class FolderWatcher:
     def __init__(self, root: Path, db: Database, app: Celery, settings: Settings, poll: bool = False):
         self.root, self.db, self.app, self.settings = Path(root), db, app, settings
         self.collector = _Collector()
+        self.route = Route(settings.route_override) if settings.route_override else None
         self.observer = PollingObserver(timeout=0.5) if poll else Observer()
         self.candidates: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
         self.studies: dict[str, float] = {}  # study UID -> time its last file was indexed
@@ -73,7 +75,8 @@ class FolderWatcher:
     def start(self) -> None:
         self.observer.schedule(self.collector, str(self.root), recursive=True)
         self.observer.start()
-        index_folder(self.root, self.db, exclude=[self.settings.out_dir])  # what was there before we watched
+        # what was there before we watched
+        index_folder(self.root, self.db, exclude=[self.settings.out_dir], route_override=self.route)
         enqueue_pending(self.db, self.app)
 
     def stop(self) -> None:
@@ -96,7 +99,7 @@ class FolderWatcher:
                 self.candidates[path] = (st.st_size, st.st_mtime_ns, now)
             elif now - since >= self.settings.watch_stable_seconds:
                 del self.candidates[path]
-                indexed.append(index_entry(path))
+                indexed.append(index_entry(path, self.route))
         if indexed:
             self.db.add_files(indexed)
             for entry in indexed:
