@@ -314,10 +314,9 @@ def scan(
         raise _fail(str(exc), EXIT_SETUP) from None
     celery_app = make_app(settings)
     if watch:
-        console.print(f"watching {folder} (Ctrl-C to stop)")
         watcher = FolderWatcher(folder, database, celery_app, settings, poll=poll)
         try:
-            watcher.run()
+            watcher.run(on_ready=lambda: console.print(f"watching {folder} (Ctrl-C to stop)"))
         except KeyboardInterrupt:
             pass
         return

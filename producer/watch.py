@@ -23,7 +23,7 @@ from db.store import Database
 from neuron.routes import Route
 from neuron.settings import Settings
 from producer.enqueue import enqueue_pending
-from producer.scan import index_entry, index_folder
+from producer.scan import index_entry, iter_files
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,21 @@ class FolderWatcher:
         self.studies: dict[str, float] = {}  # study UID -> time its last file was indexed
 
     def start(self) -> None:
+        """Watch, then take what was already there: new or changed files go through the same stability rule as
+        events (a copy in progress when the watcher starts is not read half-written); unchanged ones are skipped."""
         self.observer.schedule(self.collector, str(self.root), recursive=True)
         self.observer.start()
-        # what was there before we watched
-        index_folder(self.root, self.db, exclude=[self.settings.out_dir], route_override=self.route)
-        enqueue_pending(self.db, self.app)
+        known, now = self.db.file_index(), time.monotonic()
+        for path in iter_files(self.root, exclude=[self.settings.out_dir]):
+            if is_temporary(path):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if known.get(str(path.resolve())) != (st.st_size, st.st_mtime_ns):
+                self.candidates[path] = (st.st_size, st.st_mtime_ns, now)
+        enqueue_pending(self.db, self.app)  # indexed earlier but never queued (e.g. the producer was stopped)
 
     def stop(self) -> None:
         self.observer.stop()
@@ -112,8 +122,11 @@ class FolderWatcher:
             del self.studies[s]
         return enqueue_pending(self.db, self.app, study_uids=quiet)
 
-    def run(self, should_stop: Callable[[], bool] = lambda: False, interval: float = 0.25) -> None:
+    def run(self, should_stop: Callable[[], bool] = lambda: False, interval: float = 0.25,
+            on_ready: Callable[[], None] | None = None) -> None:
         self.start()
+        if on_ready is not None:
+            on_ready()
         try:
             while not should_stop():
                 self.step()

@@ -223,7 +223,8 @@ def test_watch_folder_takes_complete_files_and_screens_without_a_scan(env, tmp_p
                                start_new_session=True)
     worker = start_worker(env, tmp_path, "w")
     try:
-        time.sleep(3)  # the watcher is up
+        wait_until(lambda: "watching" in (tmp_path / "watch.log").read_text(), 60, "the watcher to start",
+                   [watcher])
         slow = incoming / "slow.dcm"
         source = small_chest(chest_small, tmp_path / "src" / "slow.dcm", step=2)
         import threading
@@ -245,6 +246,38 @@ def test_watch_folder_takes_complete_files_and_screens_without_a_scan(env, tmp_p
         stop(worker)
     paths = {r[0] for r in sql(env, "select file_path from ingest_status")}
     assert paths == {str(slow.resolve()), str((incoming / "study2.dcm").resolve())}  # never the .part name
+
+
+def test_a_file_still_being_copied_when_the_watcher_starts_is_not_read_half_written(env, tmp_path, chest_small):
+    """Files already in the folder at start go through the same stability rule as new ones."""
+    from db.store import Database
+    from neuron.queue import make_app
+    from producer.watch import FolderWatcher
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    source = small_chest(chest_small, tmp_path / "src" / "a.dcm", step=2)
+    partial = incoming / "a.dcm"
+    partial.write_bytes(source.read_bytes()[:2000])  # a copy in progress
+    settings = Settings.from_env(env, watch_stable_seconds=0.5, watch_quiet_seconds=0.2)
+    db = Database(settings.resolved_database_url)
+    db.create()
+    watcher = FolderWatcher(incoming, db, make_app(settings), settings, poll=True)
+    watcher.start()
+    try:
+        t0 = time.monotonic()
+        watcher.step(now=t0 + 0.1)
+        assert sql(env, "select count(*) from files")[0][0] == 0  # not stable yet: not read
+        partial.write_bytes(source.read_bytes())  # the copy finishes
+        watcher.step(now=t0 + 0.2)  # changed: the stability clock restarts
+        assert sql(env, "select count(*) from files")[0][0] == 0
+        watcher.step(now=t0 + 1.0)  # stable for 0.8 s: indexed, complete
+        watcher.step(now=t0 + 1.5)  # the study is quiet: enqueued
+        assert [r[0] for r in sql(env, "select status from instances")] == ["queued"]
+        assert redis.Redis.from_url(env["NEURON_BROKER_URL"]).llen("chest-xray") == 1
+    finally:
+        watcher.stop()
+        db.dispose()
 
 
 def test_docker_compose_file_is_valid():
