@@ -62,8 +62,3 @@ def route_for(facts: RoutingFacts) -> Route:
 # Routes that have a model in the registry (whether or not a checkpoint is trained for it). The producer never imports
 # torch, so it reads this instead of the registry; a test checks it against neuron_models.registry.
 MODEL_ROUTES = frozenset(Route)
-
-NO_MODEL_REASON = {
-    Route.MRI_US.value: "no model for route 'mri-us' (MR, US) yet: these instances are recorded and not screened",
-    Route.SKIN.value: "no model for route 'skin' (photographs) yet: these instances are recorded and not screened",
-}

@@ -9,17 +9,15 @@ from celery import Celery
 
 from db.store import Database
 from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, queue_for
-from neuron.routes import MODEL_ROUTES, NO_MODEL_REASON
+from neuron.routes import MODEL_ROUTES
 
 log = logging.getLogger(__name__)
-
 
 
 def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = None) -> int:
     """Queue every pending instance (of the given studies, or all). Returns the number of tasks sent.
     Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``."""
     routes = [r.value for r in MODEL_ROUTES]
-    db.skip_routes_without_model(routes, NO_MODEL_REASON)
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for study, route, uid in db.pending_by_study(routes, study_uids):
         groups[(route, study)].append(uid)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from db.schema import utcnow
 from db.store import Database, Outcome, Summary
-from neuron.routes import NO_MODEL_REASON, Route
+from neuron.routes import Route
 from neuron.settings import Settings
 from producer.scan import ScanResult, index_folder
 from worker.engine import Engine
@@ -71,7 +71,7 @@ def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
         override = Route(settings.route_override) if settings.route_override else None
         scan = index_folder(folder, db, exclude=[settings.out_dir], on_file=hooks.on_scan, route_override=override)
-        reasons = {**NO_MODEL_REASON, **{r.value: why for r, why in engine.unavailable.items()}}
+        reasons = {r.value: why for r, why in engine.unavailable.items()}
         db.skip_routes_without_model([r.value for r in engine.routes], reasons)
         routes = [r.value for r in engine.routes]
         items = db.pending(routes=routes)
