@@ -170,11 +170,10 @@ class Database:
                 row = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "sop_instance_uid": e.sop_instance_uid,
                        "status": status.value, "reason": reason, "seen_at": utcnow()}
                 stmt = self._insert(FileRecord).values(**row)
-                stmt = stmt.on_conflict_do_update(index_elements=["path"], set_=row)
-                s.execute(stmt)
+                stmt = stmt.on_conflict_do_update(index_elements=["path"], set_=row).returning(FileRecord.id)
+                file_id = s.execute(stmt).scalar_one()
                 if inst is None:
                     continue
-                file_id = s.execute(select(FileRecord.id).where(FileRecord.path == e.path)).scalar_one()
                 irow = asdict(inst.header)
                 irow.update(route=inst.route, reason=inst.reason, status=inst.status.value, file_id=file_id,
                             updated_at=utcnow())
