@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -230,8 +230,8 @@ class Database:
             for uid, path, route, frames, attempts in rows:
                 if attempts >= max_attempts:
                     reason = (f"screening was interrupted {attempts} times (worker crash or lost connection) and "
-                              f"the limit is {max_attempts}; check the file and the worker logs, then reset the "
-                              f"instance to pending to try again")
+                              f"the limit is {max_attempts}; check the file and the worker logs, then run `neuron "
+                              f"scan FOLDER --retry-failed` to try again")
                     s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
                               .values(status=Status.FAILED.value, reason=reason, updated_at=utcnow()))
                     s.execute(update(FileRecord).where(FileRecord.path == path)
@@ -289,6 +289,37 @@ class Database:
                                                    FileRecord.status == Status.PENDING.value)
                           .values(status=Status.SKIPPED.value, reason=reason))
         return n
+
+    def reset_to_pending(self, *, awaiting_model: Iterable[str] = (), queued: bool = False,
+                         failed: bool = False) -> int:
+        """Put instances back in line; returns how many. ``awaiting_model``: instances skipped because their route had
+        no model, for routes that now have one (a model trained after the archive was scanned). ``queued``: sent to
+        a broker that may have lost the message (a broker restarted without its append-only file); a message that
+        still exists is harmless, the claim skips finished work. ``failed``: failed instances get a fresh attempt
+        count, after the cause (a file, a worker) has been fixed. Scan-time skips (modality, body part) stay."""
+        conditions = []
+        if awaiting_model:
+            conditions.append((Instance.status == Status.SKIPPED.value) & Instance.route.in_(list(awaiting_model)))
+        if queued:
+            conditions.append(Instance.status == Status.QUEUED.value)
+        if failed:
+            conditions.append((Instance.status == Status.FAILED.value) & Instance.route.is_not(None))
+        if not conditions:
+            return 0
+        with self.session() as s, s.begin():
+            uids = list(s.execute(select(Instance.sop_instance_uid).where(or_(*conditions))).scalars())
+            for start in range(0, len(uids), 500):
+                chunk = uids[start:start + 500]
+                s.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk))
+                          .values(status=Status.PENDING.value, reason=None, updated_at=utcnow(),
+                                  # only a failed instance starts its attempt count again: a requeue must not
+                                  # wipe the count that stops a poison message
+                                  attempts=case((Instance.status == Status.FAILED.value, 0),
+                                                else_=Instance.attempts)))
+                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid.in_(chunk),
+                                                   FileRecord.status != Status.DUPLICATE.value)
+                          .values(status=Status.PENDING.value, reason=None))
+        return len(uids)
 
     def ensure_config(self, config_hash: str, model: str, settings: dict) -> None:
         row = {"config_hash": config_hash, "model": model,

@@ -19,10 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from neuron.errors import NeuronError, SetupError
-from neuron.routes import Route
+from neuron.routes import MODEL_ROUTES, Route
 from neuron.settings import Settings, WeightsMode
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
+RETRY_FAILED_HELP = "Screen failed instances again, with a fresh attempt count (after fixing the cause)."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Neuron screens medical-image archives: DICOM in; findings with calibrated probabilities, "
@@ -65,6 +66,7 @@ def run(
     route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
     mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
     review_threshold: Annotated[float, typer.Option(help="Mark findings with uncertainty above this.")] = 0.1,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Screen every DICOM file under FOLDER and write findings to a database (embedded: SQLite, one process)."""
@@ -106,7 +108,7 @@ def run(
                                 progress.update(img_task, total=n, visible=True)),
             on_images=lambda n: progress.advance(img_task, n))
         try:
-            report = run_folder(folder, settings, engine=engine, hooks=hooks)
+            report = run_folder(folder, settings, engine=engine, hooks=hooks, retry_failed=retry_failed)
         except NeuronError as exc:
             raise _fail(str(exc), EXIT_SETUP) from None
     _print_summary(report, settings)
@@ -297,6 +299,10 @@ def scan(
     stable_seconds: Annotated[float, typer.Option(help="A file is complete once unchanged this long.")] = 2.0,
     quiet_seconds: Annotated[float, typer.Option(help="Enqueue a study once no file arrived this long.")] = 5.0,
     route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
+    requeue: Annotated[bool, typer.Option(
+        "--requeue", help="Send again instances already queued (after a broker lost its queue) and instances "
+        "skipped while their route had no model.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
 ) -> None:
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
     from db.store import Database
@@ -326,9 +332,11 @@ def scan(
         task = progress.add_task("indexing", total=None)
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
                               on_file=lambda n: progress.update(task, completed=n))
+    again = database.reset_to_pending(awaiting_model=[r.value for r in MODEL_ROUTES] if requeue else (),
+                                      queued=requeue, failed=retry_failed)
     sent = enqueue_pending(database, celery_app)
     console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "
-                  f"enqueued {sent} study tasks")
+                  f"{again} instances back in line, enqueued {sent} study tasks")
 
 
 @app.command()

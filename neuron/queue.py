@@ -33,6 +33,9 @@ def make_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # When the broker connection drops, studies in flight finish and commit; their acknowledgements are lost
+        # with the connection, so the broker redelivers them and the claim step finds nothing left to do.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
     )
     return app

@@ -42,20 +42,38 @@ def _need(binary: str | None, what: str) -> str:
     return binary
 
 
+class RedisServer:
+    """A redis-server in a temporary folder. ``durable`` keeps an append-only file, as a production broker does, so
+    ``stop``/``start`` simulate an outage that loses no queued message."""
+
+    def __init__(self, workdir: Path, port: int, durable: bool):
+        self.workdir, self.port, self.durable = workdir, port, durable
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = _need(shutil.which("redis-server"), "redis-server")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      *persistence, "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 @contextmanager
-def redis_server():
-    binary = _need(shutil.which("redis-server"), "redis-server")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="neuron-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def redis_server(durable: bool = False):
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="neuron-redis-")), free_port(), durable)
     try:
-        wait_for_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
+        server.start()
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def _pg_bin(name: str) -> str:

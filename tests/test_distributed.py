@@ -32,7 +32,7 @@ N_LABELS = 18
 @pytest.fixture(scope="session")
 def servers():
     with redis_server() as broker, postgres_server() as pg:
-        yield broker, pg
+        yield broker.url, pg
 
 
 @pytest.fixture
@@ -339,3 +339,48 @@ def test_a_database_outage_mid_run_is_ridden_out_by_retries(env, servers, tmp_pa
     assert no_duplicate_rows(env)
     log = (tmp_path / "w.log").read_text()
     assert "retrying" in log
+
+
+def test_a_broker_outage_mid_run_is_ridden_out(env, tmp_path, chest_small):
+    """Redis goes away while studies are queued and in flight (a durable broker, as in docker-compose.yml: its
+    append-only file keeps the queue). The worker survives, reconnects when it is back and finishes every study;
+    messages whose acknowledgement was lost with the connection are redelivered, and claims make them harmless."""
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=12)
+    with redis_server(durable=True) as broker:
+        env = {**env, "NEURON_BROKER_URL": broker.url}
+        assert neuron(env, "scan", str(folder)).returncode == 0
+        worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
+        try:
+            wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
+            broker.stop()
+            assert count_done(env) < n, "the outage must come while studies are still queued"
+            time.sleep(6)
+            assert worker.poll() is None, "the worker must survive a broker outage"
+            broker.start()
+            wait_until(lambda: count_done(env) == n, 240, "every study after the outage", [worker])
+        finally:
+            stop(worker)
+    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
+    assert sql(env, "select max(attempts) from instances")[0][0] <= 2
+    assert no_duplicate_rows(env)
+    log = (tmp_path / "w.log").read_text()
+    assert "Connection to broker lost" in log and "CPendingDeprecationWarning" not in log
+
+
+def test_a_lost_queue_is_sent_again_with_requeue(env, tmp_path, chest_small):
+    """A broker restarted without its append-only file has lost the queue: instances stay `queued` and a plain re-scan
+    sends nothing; `neuron scan --requeue` puts them back in line and a worker finishes them."""
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=3)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    redis.Redis.from_url(env["NEURON_BROKER_URL"]).flushall()
+    assert "0 instances back in line, enqueued 0 study tasks" in neuron(env, "scan", str(folder)).stderr
+    res = neuron(env, "scan", str(folder), "--requeue")
+    assert f"{n} instances back in line, enqueued 3 study tasks" in res.stderr, res.stderr
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        wait_until(lambda: count_done(env) == n, 180, "every study", [worker])
+    finally:
+        stop(worker)
+    assert no_duplicate_rows(env)

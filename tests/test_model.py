@@ -193,3 +193,41 @@ def test_results_and_heatmaps_are_the_same_on_cpu_and_gpu(untrained_settings, ch
     for a, b in zip(cpu.infer(Route.CHEST_XRAY, frames), gpu.infer(Route.CHEST_XRAY, frames), strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)
         np.testing.assert_allclose(a.cams, b.cams, atol=1e-3)
+
+
+class _OutOfMemoryAbove:
+    """Fault injection: the real model, but a batch of more than ``limit`` images raises CUDA's out-of-memory error,
+    as a GPU that is too small for the batch does."""
+
+    def __init__(self, model, limit: int):
+        self.model, self.limit, self.batches = model, limit, []
+
+    def predict(self, views, *args):
+        images = views.shape[0] // 5  # the chest route's five TTA views, view-major
+        self.batches.append(images)
+        if images > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"injected: {images} images > {self.limit}")
+        return self.model.predict(views, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_cuda_out_of_memory_splits_the_batch_and_gives_the_same_results(engine, chest_small, rg1, tmp_path):
+    from neuron.errors import RetryableError
+    from worker.engine import Engine, LoadedRoute
+
+    files = [chest_small] + [small_chest(rg1, tmp_path / f"c{i}.dcm", step=3 + i) for i in range(4)]
+    whole = engine.infer(Route.CHEST_XRAY, frames_of(*files))
+    lr = engine.routes[Route.CHEST_XRAY]
+    faulty = _OutOfMemoryAbove(lr.model, limit=2)
+    small_gpu = Engine(engine.settings, {Route.CHEST_XRAY: LoadedRoute(faulty, lr.spec)}, engine.device)
+    split = small_gpu.infer(Route.CHEST_XRAY, frames_of(*files))
+    assert faulty.batches == [5, 2, 3, 1, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b.cams, a.cams, atol=1e-4, rtol=0)
+    no_gpu_at_all = Engine(engine.settings, {Route.CHEST_XRAY: LoadedRoute(_OutOfMemoryAbove(lr.model, 0), lr.spec)},
+                           engine.device)
+    with pytest.raises(RetryableError, match="single image"):
+        no_gpu_at_all.infer(Route.CHEST_XRAY, frames_of(chest_small))

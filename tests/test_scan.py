@@ -107,4 +107,12 @@ def test_an_instance_that_keeps_crashing_workers_is_failed_not_retried_forever(t
     assert db.claim([item.sop_instance_uid], max_attempts=3) == []
     with db.engine.connect() as conn:
         status, reason = conn.exec_driver_sql("select status, reason from ingest_status").one()
-    assert status == "failed" and "interrupted 3 times" in reason and "reset the instance to pending" in reason
+    assert status == "failed" and "interrupted 3 times" in reason and "--retry-failed" in reason
+    assert db.reset_to_pending(queued=True) == 0  # a requeue alone does not revive it, nor reset its count
+    assert db.reset_to_pending(failed=True) == 1  # --retry-failed, once the cause is fixed
+    (again,) = db.pending()
+    assert again.sop_instance_uid == item.sop_instance_uid
+    assert len(db.claim([item.sop_instance_uid], max_attempts=3)) == 1  # a fresh attempt count
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("select status, reason from ingest_status").one() == ("pending", None)
+        assert conn.exec_driver_sql("select attempts from instances").scalar_one() == 1

@@ -143,20 +143,31 @@ def test_run_routes_a_photo_folder_to_the_trained_skin_model(trained, synthetic,
     assert all(Path(r[6]).is_file() for r in rows if r[4] == 1)
 
 
-def test_mr_and_us_dicoms_go_to_the_mri_us_route(tmp_path, data_dir, untrained_settings):
-    model_dir = tmp_path / "models"
-    net = build_untrained(MRI_US_CONFIG, DEFAULT_CLASSES, 64, drop_rate=0.3).net
-    save_checkpoint(model_dir / "mri-us-v1", net.state_dict(), {
-        "model": MRI_US_CONFIG.name, "class_names": list(DEFAULT_CLASSES),
-        "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.3}})
+def test_mr_and_us_dicoms_go_to_the_mri_us_route(tmp_path, data_dir, test_files_dir, untrained_settings):
+    """First without a model for the route: skipped with the reason. Once a checkpoint exists, the next run screens
+    those same instances (the CT stays skipped: no route reads it)."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("MR2_UNCR.dcm", "US1_UNCR.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "OBXXXX1A_2frame.dcm"):
         shutil.copy(data_dir / name, folder / name)
+    shutil.copy(test_files_dir / "CT_small.dcm", folder / "ct.dcm")
+    model_dir = tmp_path / "models"
     settings = untrained_settings.with_(out_dir=tmp_path / "out", model_dir=model_dir, review_threshold=0.0)
     run_folder(folder, settings)
     with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        waiting = conn.execute("select status, reason from ingest_status where file_path not like '%ct.dcm'").fetchall()
+    assert len(waiting) == 4 and all(s == "skipped" and "neuron train mri-us-efficientnet-b4" in r
+                                     for s, r in waiting), waiting
+    net = build_untrained(MRI_US_CONFIG, DEFAULT_CLASSES, 64, drop_rate=0.3).net
+    save_checkpoint(model_dir / "mri-us-v1", net.state_dict(), {
+        "model": MRI_US_CONFIG.name, "class_names": list(DEFAULT_CLASSES),
+        "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.3}})
+    run_folder(folder, settings)
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
         rows = conn.execute("select modality, model, frame, needs_review, uncertainty from findings").fetchall()
+        statuses = dict(conn.execute("select file_path like '%ct.dcm', group_concat(distinct status) "
+                                     "from ingest_status group by 1").fetchall())
+    assert statuses == {0: "done", 1: "skipped"}
     assert {r[0] for r in rows} == {"MR", "US"} and {r[1] for r in rows} == {"mri-us-efficientnet-b4"}
     assert len(rows) == (3 + 2) * 9  # the 2-frame ultrasound gives results per frame
     assert {r[2] for r in rows} == {0, 1}

@@ -59,7 +59,9 @@ class OutcomeWriter:
 
 
 def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
-               hooks: ProgressHooks | None = None) -> RunReport:
+               hooks: ProgressHooks | None = None, retry_failed: bool = False) -> RunReport:
+    """Index FOLDER, then screen every instance still to do: new ones, ones skipped earlier because their route had
+    no model and now has one, and (``retry_failed``) failed ones."""
     hooks = hooks or ProgressHooks()
     started = utcnow()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,7 @@ def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
         override = Route(settings.route_override) if settings.route_override else None
         scan = index_folder(folder, db, exclude=[settings.out_dir], on_file=hooks.on_scan, route_override=override)
+        db.reset_to_pending(awaiting_model=[r.value for r in engine.routes], failed=retry_failed)
         reasons = {r.value: why for r, why in engine.unavailable.items()}
         db.skip_routes_without_model([r.value for r in engine.routes], reasons)
         routes = [r.value for r in engine.routes]

@@ -16,11 +16,12 @@ import logging
 import queue
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from sqlalchemy.exc import OperationalError
 
 from db.store import Database, Outcome, WorkItem
@@ -136,6 +137,13 @@ def register_tasks(app: Celery) -> None:
         return len(outcomes)
 
 
+def _quiet_reconnect_warning(**_) -> None:
+    """Celery warns on every broker reconnect that the default of worker_cancel_long_running_tasks_on_connection_loss
+    will change; Neuron sets it on purpose (neuron/queue.py). Added after Celery's own logging setup, which turns
+    its pending-deprecation warnings to 'always'."""
+    warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
+
+
 def run_worker(settings: Settings, queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:
     """Build the engine (models on the device) first, then consume. Blocks until the worker stops."""
     engine = Engine.from_settings(settings)
@@ -148,6 +156,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int, loglevel
     ScreeningTask._batcher = StudyBatcher(engine)
     app = make_app(settings)
     register_tasks(app)
+    signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
     name = f"neuron-{socket.gethostname()}-{str(engine.device).replace(':', '')}@%h"
     app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", ",".join(queues),
                      "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", name, "--without-gossip",
