@@ -319,25 +319,32 @@ def test_settings_path_map_translates_both_ways():
     assert s.to_local("/elsewhere/x") == "/elsewhere/x"
 
 
-def test_a_database_outage_mid_run_is_ridden_out_by_retries(env, servers, tmp_path, chest_small):
-    """PostgreSQL goes away while studies are in flight; tasks retry with backoff and finish once it is back."""
-    _, pg = servers
-    folder = tmp_path / "archive"
-    n = make_archive(folder, chest_small, studies=6)
+def screen_through_an_outage(env, tmp_path, folder: Path, n: int, server, what: str) -> tuple[int, str]:
+    """Scan, start a worker, take ``server`` down for 6 s once results flow, bring it back: every study must finish,
+    once. Returns how many were done when the outage began, and the worker's log."""
     assert neuron(env, "scan", str(folder)).returncode == 0
     worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
     try:
         wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
-        pg.stop()
-        time.sleep(6)  # tasks fail to claim or commit and are retried with backoff
-        assert worker.poll() is None, "the worker must survive a database outage"
-        pg.start()
-        wait_until(lambda: count_done(env) == n, 240, "every study after the outage", [worker])
+        done_before = count_done(env)
+        server.stop()
+        time.sleep(6)
+        assert worker.poll() is None, f"the worker must survive a {what} outage"
+        server.start()
+        wait_until(lambda: count_done(env) == n, 240, f"every study after the {what} outage", [worker])
     finally:
         stop(worker)
     assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
     assert no_duplicate_rows(env)
-    log = (tmp_path / "w.log").read_text()
+    return done_before, (tmp_path / "w.log").read_text()
+
+
+def test_a_database_outage_mid_run_is_ridden_out_by_retries(env, servers, tmp_path, chest_small):
+    """PostgreSQL goes away while studies are in flight; tasks fail to claim or commit, retry with backoff and finish
+    once it is back."""
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=6)
+    _, log = screen_through_an_outage(env, tmp_path, folder, n, servers[1], "database")
     assert "retrying" in log
 
 
@@ -349,22 +356,9 @@ def test_a_broker_outage_mid_run_is_ridden_out(env, tmp_path, chest_small):
     n = make_archive(folder, chest_small, studies=12)
     with redis_server(durable=True) as broker:
         env = {**env, "NEURON_BROKER_URL": broker.url}
-        assert neuron(env, "scan", str(folder)).returncode == 0
-        worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
-        try:
-            wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
-            broker.stop()
-            assert count_done(env) < n, "the outage must come while studies are still queued"
-            time.sleep(6)
-            assert worker.poll() is None, "the worker must survive a broker outage"
-            broker.start()
-            wait_until(lambda: count_done(env) == n, 240, "every study after the outage", [worker])
-        finally:
-            stop(worker)
-    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
+        done_before, log = screen_through_an_outage(env, tmp_path, folder, n, broker, "broker")
+    assert done_before < n, "the outage must come while studies are still queued"
     assert sql(env, "select max(attempts) from instances")[0][0] <= 2
-    assert no_duplicate_rows(env)
-    log = (tmp_path / "w.log").read_text()
     assert "Connection to broker lost" in log and "CPendingDeprecationWarning" not in log
 
 
