@@ -66,8 +66,14 @@ class EfficientNetModel(ScreeningModel):
     def cam_weight(self) -> torch.Tensor:
         return self.net.get_classifier().weight
 
-    def has_dropout(self) -> bool:
-        return float(getattr(self.net, "drop_rate", 0.0)) > 0
+    def dropout_rate(self) -> float:
+        return float(getattr(self.net, "drop_rate", 0.0))
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net.global_pool(features)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net.get_classifier()(pooled)
 
 
 class EnsembleModel(ScreeningModel):
@@ -90,8 +96,8 @@ class EnsembleModel(ScreeningModel):
     def has_dropout(self) -> bool:
         return any(m.has_dropout() for m in self.members)
 
-    def predict(self, x, mc_samples: int = 0, seed: int = 0):
-        outs = [m.predict(x, mc_samples, seed) for m in self.members]
+    def predict(self, x, mc_samples: int = 0, seed: int = 0, keys=None):
+        outs = [m.predict(x, mc_samples, seed, keys) for m in self.members]
         samples = min(o[0].shape[0] for o in outs)
         probs = torch.stack([o[0][:samples] for o in outs]).mean(dim=0)
         return probs, outs[0][1], outs[0][2]

@@ -17,6 +17,7 @@ from torch import nn
 
 from neuron.routes import Route
 from neuron.settings import Settings, WeightsMode
+from neuron_models import dropout
 from neuron_models.preprocess import PreprocessConfig
 from neuron_models.tta import TTAPolicy, View
 
@@ -65,23 +66,36 @@ class ScreeningModel(nn.Module):
     def untrained(self) -> bool:
         return self.weights_id == UNTRAINED
 
-    def has_dropout(self) -> bool:
-        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()) or \
-            any(getattr(m, "drop_rate", 0) > 0 for m in self.modules() if not isinstance(m, nn.Dropout))
+    def dropout_rate(self) -> float:
+        """Dropout on the pooled features before the linear head (0: none, so no MC dropout)."""
+        return 0.0
 
-    def predict(self, x: torch.Tensor, mc_samples: int = 0, seed: int = 0
+    def has_dropout(self) -> bool:
+        return self.dropout_rate() > 0
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Final features -> (B, C') globally pooled, before dropout and the linear head."""
+        raise NotImplementedError
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C') pooled features -> (B, K) logits."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, mc_samples: int = 0, seed: int = 0, keys: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> probabilities (S, N, K) with S = max(1, mc_samples), features for CAM (N, C', h, w), head weights.
-        With ``mc_samples`` and dropout in the head, the head runs S times with dropout on (seeded: repeatable)."""
+        With ``mc_samples`` and dropout in the head, the head runs S times on masked pooled features. The masks come
+        from ``keys`` (one per row of ``x``, see ``neuron_models.dropout``): the same for an image alone or in any
+        batch, on any device. Without keys, rows are keyed by position (repeatable, not batch-invariant)."""
         features = self.forward_features(x)
         if mc_samples > 0 and self.has_dropout():
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                self.train()
-                try:
-                    probs = torch.stack([self.probabilities(self.forward_head(features)) for _ in range(mc_samples)])
-                finally:
-                    self.eval()
+            if keys is None:
+                keys = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+            pooled, p = self.pooled(features), self.dropout_rate()
+            probs = torch.stack([
+                self.probabilities(self.classify(
+                    pooled * dropout.keep_mask(keys, s, pooled.shape[1], p, seed).to(pooled.dtype) / (1 - p)))
+                for s in range(mc_samples)])
         else:
             probs = self.probabilities(self.forward_head(features)).unsqueeze(0)
         return probs, features, self.cam_weight()

@@ -207,6 +207,43 @@ def test_mc_dropout_samples_the_head_repeatably_and_is_refused_for_the_xrv_dense
     np.testing.assert_array_equal(b.probabilities, c.probabilities)
 
 
+def test_mc_dropout_gives_an_image_the_same_result_alone_or_in_a_mixed_batch(trained, untrained_settings, synthetic):
+    """Dropout masks are keyed by the image (neuron_models.dropout), not drawn in batch order."""
+    _, _, out = trained
+    mc = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, mc_dropout=8))  # with TTA: 5 views
+    disk = load(synthetic / "disk" / "3.png")
+    alone = mc.infer(Route.SKIN, [disk])[0]
+    mixed = mc.infer(Route.SKIN, [load(synthetic / "ring" / "2.png"), disk, load(synthetic / "stripes" / "5.png")])
+    np.testing.assert_allclose(mixed[1].probabilities, alone.probabilities, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(mixed[1].uncertainty, alone.uncertainty, atol=1e-5, rtol=0)
+    plain = Engine.from_settings(untrained_settings.with_(model_dir=out.parent)).infer(Route.SKIN, [disk])[0]
+    assert np.abs(alone.uncertainty - plain.uncertainty).max() > 1e-4  # the samples really differ
+
+
+def test_dropout_masks_are_exact_integer_hashes_kept_at_one_minus_p():
+    from neuron_models import dropout
+
+    def mix32(x: int) -> int:  # lowbias32 in Python's exact integers: the reference for the tensor version
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    values = [0, 1, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF, 0xDEADBEEF, 123456789]
+    assert dropout.mix32(torch.tensor(values)).tolist() == [mix32(v) for v in values]
+    keys = dropout.image_keys([f"1.2.3.{i}|0" for i in range(2000)])
+    mask = dropout.keep_mask(keys, 0, 448, 0.3, seed=0)
+    assert abs(mask.float().mean().item() - 0.7) < 0.005
+    # a row's mask is a function of its key alone, wherever the row sits; samples and seeds differ
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dropout.keep_mask(keys[perm], 0, 448, 0.3, seed=0), mask[perm])
+    assert (dropout.keep_mask(keys, 1, 448, 0.3, seed=0) != mask).float().mean() > 0.3
+    assert (dropout.keep_mask(keys, 0, 448, 0.3, seed=1) != mask).float().mean() > 0.3
+    rows = dropout.view_keys(keys[:3], 5)
+    assert rows.shape == (15,) and len(set(rows.tolist())) == 15
+
+
 def test_evaluate_reports_accuracy_auc_and_calibration(trained, synthetic, untrained_settings):
     _, _, out = trained
     report = evaluate_model("skin-efficientnet-b4", synthetic, untrained_settings.with_(model_dir=out.parent,

@@ -28,7 +28,7 @@ from db.store import FrameResult, LabelScore, Outcome, WorkItem
 from neuron.errors import ConfigError, InputError, ModelUnavailable, RetryableError
 from neuron.routes import Route
 from neuron.settings import Settings
-from neuron_models import cam
+from neuron_models import cam, dropout
 from neuron_models.effnet import members_of
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import PreprocessConfig, normalize, prepare_batch
@@ -171,8 +171,12 @@ class Engine:
         if not kept:
             return out
         views = lr.tta.expand(x)
+        keys = None
+        if lr.spec.mc_dropout:  # dropout masks keyed by the image, so they do not depend on the batch or device
+            ids = [f"{frames[i].sop_instance_uid}|{frames[i].frame}" for i in kept]
+            keys = dropout.view_keys(dropout.image_keys(ids, self.device), views.shape[0] // x.shape[0])
         probs, features, cam_weight = lr.model.predict(normalize(views, lr.preprocess), lr.spec.mc_dropout,
-                                                       self.settings.seed)
+                                                       self.settings.seed, keys)
         mean, std = lr.tta.reduce(probs)
         order = torch.argsort(mean, dim=1, descending=True, stable=True)
         k = min(self.settings.heatmap_top_k, mean.shape[1])
