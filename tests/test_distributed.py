@@ -249,7 +249,8 @@ def test_watch_folder_takes_complete_files_and_screens_without_a_scan(env, tmp_p
 
 
 def test_a_file_still_being_copied_when_the_watcher_starts_is_not_read_half_written(env, tmp_path, chest_small):
-    """Files already in the folder at start go through the same stability rule as new ones."""
+    """Files already in the folder at start go through the same stability rule as new ones; an instance that arrives
+    after its study was enqueued gets a task of its own."""
     from db.store import Database
     from neuron.queue import make_app
     from producer.watch import FolderWatcher
@@ -275,6 +276,17 @@ def test_a_file_still_being_copied_when_the_watcher_starts_is_not_read_half_writ
         watcher.step(now=t0 + 1.5)  # the study is quiet: enqueued
         assert [r[0] for r in sql(env, "select status from instances")] == ["queued"]
         assert redis.Redis.from_url(env["NEURON_BROKER_URL"]).llen("chest-xray") == 1
+        # a later instance of the same study, after its task went out, gets a task of its own
+        import pydicom
+
+        study = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+        small_chest(chest_small, incoming / "b.dcm", step=3, StudyInstanceUID=study)
+        wait_until(lambda: incoming / "b.dcm" in watcher.collector.seen, 30, "the observer to see the new file")
+        watcher.step(now=t0 + 2.0)  # first seen
+        watcher.step(now=t0 + 3.0)  # stable: indexed
+        watcher.step(now=t0 + 4.0)  # quiet: enqueued
+        assert sorted(r[0] for r in sql(env, "select status from instances")) == ["queued", "queued"]
+        assert redis.Redis.from_url(env["NEURON_BROKER_URL"]).llen("chest-xray") == 2
     finally:
         watcher.stop()
         db.dispose()
