@@ -15,6 +15,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -123,15 +124,33 @@ def make_loss(cfg: TrainConfig, train_labels: Sequence[int], n_classes: int) -> 
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
+@contextmanager
+def _hub_offline():
+    """The local Hugging Face cache only, never a download at run time, unless HF_HUB_OFFLINE is set to a false value
+    (0, false, no, off) by someone whose machine may download. huggingface_hub reads the variable once, at import
+    (timm imports it), so setting it later does nothing: its module constant is set for the duration instead."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off"):
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def starting_net(n_classes: int, cfg: TrainConfig) -> nn.Module:
     """ImageNet weights from the local hub cache when present; from scratch only when asked."""
     if cfg.from_scratch:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return create_net(n_classes, cfg.drop_rate)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # look in the local cache only; never download at run time
     try:
-        return create_net(n_classes, cfg.drop_rate, pretrained=True)
+        with _hub_offline():
+            return create_net(n_classes, cfg.drop_rate, pretrained=True)
     except Exception as exc:
         raise WeightsError(
             f"no ImageNet weights for timm '{ARCH}' in the local Hugging Face cache ({type(exc).__name__}); this "

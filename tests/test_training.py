@@ -319,8 +319,45 @@ def test_split_is_stratified():
 
 
 def test_offline_without_cached_imagenet_weights_training_says_so():
+    """At once: the hub is not asked (huggingface_hub would retry a closed network for most of a minute)."""
+    import time
+
+    start = time.monotonic()
     with pytest.raises(WeightsError, match="--from-scratch"):
         starting_net(3, TrainConfig(from_scratch=False))
+    assert time.monotonic() - start < 15
+
+
+def test_imagenet_weights_come_from_the_local_hugging_face_cache(tmp_path):
+    """`neuron train` without --from-scratch, through the real path: timm -> huggingface_hub -> the local cache,
+    offline. The real weights cannot be downloaded here, so the cache holds known weights made by the test, in the
+    layout huggingface_hub writes (refs/main -> snapshots/<commit>/model.safetensors)."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        imagenet = timm.create_model("efficientnet_b4", num_classes=1000)
+    repo = tmp_path / "hf" / "hub" / "models--timm--efficientnet_b4.ra2_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    code = ("from neuron_models.training import TrainConfig, starting_net\n"
+            "net = starting_net(3, TrainConfig())\n"
+            "print(repr(float(net.conv_stem.weight.double().sum())), net.get_classifier().out_features)")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # offline is Neuron's doing, not the environment's
+    env.pop("HF_HUB_OFFLINE", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    stem_sum, classes = res.stdout.split()
+    assert float(stem_sum) == float(imagenet.conv_stem.weight.detach().double().sum()) and classes == "3"
 
 
 def test_the_cli_trains_lists_and_evaluates(tmp_path):
