@@ -7,6 +7,7 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +30,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Neuron screens medical-image archives: DICOM in; findings with calibrated probabilities, "
                        "uncertainty and Grad-CAM heatmaps out, in SQL.")
 console = Console(stderr=True)
+
+
+def _keep_caches_inside(folder: Path) -> None:
+    """Nothing is written outside the output folder: importing timm makes torch create its compiler cache folder in
+    the system temp folder, and matplotlib (training curves) keeps a font cache in the home folder. Both go under
+    FOLDER/.cache unless the user has placed them. Call before the first torch-heavy import."""
+    cache = Path(folder).resolve() / ".cache"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torch"))
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -85,6 +95,7 @@ def run(
         console.print(Panel("[bold]--weights untrained[/]: the models have random (seeded) weights. Every result is "
                             "marked [bold]untrained[/] and means NOTHING clinically. Use for tests and demos only.",
                             title="WARNING", style="bold yellow"))
+    _keep_caches_inside(settings.out_dir)
     from worker.embedded import ProgressHooks, run_folder
     from worker.engine import Engine
 
@@ -168,6 +179,7 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Fine-tune an EfficientNet-B4 route with the seed's methodology; keeps the best checkpoint."""
+    _keep_caches_inside(out)
     from neuron_models.registry import model_config
     from neuron_models.training import LabelledSet, TrainConfig, Trainer
     from worker.engine import resolve_device
@@ -283,6 +295,7 @@ def worker(
     if settings.weights is WeightsMode.UNTRAINED:
         console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
                       "clinically.[/]")
+    _keep_caches_inside(settings.out_dir)
     from worker.service import run_worker
 
     try:

@@ -209,9 +209,10 @@ def test_hostile_uids_never_write_outside_the_output_folder(tmp_path, chest_smal
     assert all(heat in Path(p).resolve().parents for p in paths)
 
 
-def _neuron(*args, env=None, timeout=300):
+def _neuron(*args, env=None, timeout=300, unset=()):
+    full = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run([sys.executable, "-m", "neuron", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "250", **(env or {})})
+                          env={**full, "COLUMNS": "250", **(env or {})})
 
 
 def test_cli_help_reads_well():
@@ -232,17 +233,27 @@ def test_cli_missing_weights_exits_4_with_the_fix(tmp_path, chest_small):
 
 
 def test_cli_run_exit_codes_and_summary(tmp_path, chest_small):
+    """Also: nothing is written outside the output folder, not even by a dependency into the temp or home folder."""
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(chest_small, folder / "a.dcm")
-    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta")
+    elsewhere = {"TMPDIR": tmp_path / "tmp", "HOME": tmp_path / "home"}
+    for path in elsewhere.values():
+        path.mkdir()
+    env = {k: str(v) for k, v in elsewhere.items()}
+    unset = ("TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")  # torch sets the first in this process when timm loads
+    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta", env=env,
+                  unset=unset)
     assert res.returncode == 0, res.stderr
     assert "untrained" in res.stderr and "done" in res.stderr
     (folder / "broken.dcm").write_bytes(b"DICM" * 10)
     (folder / "zero.dcm").write_bytes(b"")
-    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta")
+    res = _neuron("run", str(folder), "--out", str(tmp_path / "out"), "--weights", "untrained", "--no-tta", env=env,
+                  unset=unset)
     assert res.returncode == 3, res.stderr
     assert "empty file" in res.stderr
+    assert {name: sorted(p.iterdir()) for name, p in elsewhere.items()} == {name: [] for name in elsewhere}
+    assert sorted(p.name for p in folder.iterdir()) == ["a.dcm", "broken.dcm", "zero.dcm"]
 
 
 def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_small, untrained_settings, engine):
