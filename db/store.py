@@ -116,6 +116,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
     cur.close()
 
 
+def _owner_files(sop_uids: Sequence[str]):
+    """The file each instance is screened from (not its ``duplicate`` copies, not a corrupt first copy it was moved
+    away from): the one whose ``ingest_status`` row follows the instance's status."""
+    return select(Instance.file_id).where(Instance.sop_instance_uid.in_(sop_uids))
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
@@ -234,7 +240,7 @@ class Database:
                               f"scan FOLDER --retry-failed` to try again")
                     s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
                               .values(status=Status.FAILED.value, reason=reason, updated_at=utcnow()))
-                    s.execute(update(FileRecord).where(FileRecord.path == path)
+                    s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files([uid])))
                               .values(status=Status.FAILED.value, reason=reason))
                     continue
                 s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
@@ -285,8 +291,7 @@ class Database:
                 n += len(uid_list)
                 s.execute(update(Instance).where(Instance.sop_instance_uid.in_(uid_list))
                           .values(status=Status.SKIPPED.value, reason=reason, updated_at=utcnow()))
-                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid.in_(uid_list),
-                                                   FileRecord.status == Status.PENDING.value)
+                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files(uid_list)))
                           .values(status=Status.SKIPPED.value, reason=reason))
         return n
 
@@ -316,8 +321,7 @@ class Database:
                                   # wipe the count that stops a poison message
                                   attempts=case((Instance.status == Status.FAILED.value, 0),
                                                 else_=Instance.attempts)))
-                s.execute(update(FileRecord).where(FileRecord.sop_instance_uid.in_(chunk),
-                                                   FileRecord.status != Status.DUPLICATE.value)
+                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files(chunk)))
                           .values(status=Status.PENDING.value, reason=None))
         return len(uids)
 
@@ -355,8 +359,7 @@ class Database:
             for o in outcomes:
                 s.execute(update(Instance).where(Instance.sop_instance_uid == o.sop_instance_uid)
                           .values(status=o.status.value, reason=o.reason, updated_at=now))
-                file_id = select(Instance.file_id).where(Instance.sop_instance_uid == o.sop_instance_uid)
-                s.execute(update(FileRecord).where(FileRecord.id == file_id.scalar_subquery())
+                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files([o.sop_instance_uid])))
                           .values(status=o.status.value, reason=o.reason))
 
     def retry_failed_from_duplicates(self) -> int:
