@@ -130,9 +130,10 @@ def run(
 def _print_summary(report, settings: Settings) -> None:
     files = report.summary.files
     table = Table(title="files", show_header=True)
-    for col in ("done", "failed", "skipped", "duplicate", "pending"):
+    columns = ("done", "failed", "skipped", "duplicate", "pending")
+    for col in columns:
         table.add_column(col, justify="right")
-    table.add_row(*(str(files.get(c, 0)) for c in ("done", "failed", "skipped", "duplicate", "pending")))
+    table.add_row(*(str(files.get(c, 0)) for c in columns))
     console.print(table)
     console.print(f"scanned {report.scan.seen} files ({report.scan.unchanged} unchanged since the last run), "
                   f"screened {report.screened} instances")
@@ -358,7 +359,6 @@ def status() -> None:
     import redis
 
     from db.store import Database
-    from neuron.routes import MODEL_ROUTES
 
     settings = Settings.from_env()
     database = Database(settings.resolved_database_url)

@@ -102,11 +102,11 @@ def read_header(path: Path) -> InstanceHeader:
                           "re-export the file from the source") from exc
 
 
-def photo_header(path: Path) -> InstanceHeader:
+def photo_header(path: Path, kind: str) -> InstanceHeader:
     sop_uid, study_uid = photo_uids(path)
     return InstanceHeader(sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=study_uid,
                           sop_class_uid=None, modality="XC", body_part=None, photometric=None,
-                          transfer_syntax=photo_kind(path), rows=None, columns=None, frames=1)
+                          transfer_syntax=kind, rows=None, columns=None, frames=1)
 
 
 def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
@@ -114,11 +114,9 @@ def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
     every instance goes to that route, and plain JPEG/PNG photographs are taken too (``neuron run --route skin``)."""
     st = path.stat()
     base = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    kind = photo_kind(path) if route_override is not None else None
     try:
-        if route_override is not None and photo_kind(path) is not None:
-            h = photo_header(path)
-        else:
-            h = read_header(path)
+        h = photo_header(path, kind) if kind is not None else read_header(path)
     except InputError as exc:
         reason = exc.reason
         if isinstance(exc, SkippedInput) and photo_kind(path) is not None:

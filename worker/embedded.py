@@ -22,7 +22,6 @@ from worker.engine import Engine
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class RunReport:
     scan: ScanResult
@@ -73,10 +72,9 @@ def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
         override = Route(settings.route_override) if settings.route_override else None
         scan = index_folder(folder, db, exclude=[settings.out_dir], on_file=hooks.on_scan, route_override=override)
-        db.reset_to_pending(awaiting_model=[r.value for r in engine.routes], failed=retry_failed)
-        reasons = {r.value: why for r, why in engine.unavailable.items()}
-        db.skip_routes_without_model([r.value for r in engine.routes], reasons)
         routes = [r.value for r in engine.routes]
+        db.reset_to_pending(awaiting_model=routes, failed=retry_failed)
+        db.skip_routes_without_model(routes, {r.value: why for r, why in engine.unavailable.items()})
         items = db.pending(routes=routes)
         if hooks.on_total is not None:
             hooks.on_total(sum(min(i.frames, settings.max_frames) for i in items))
