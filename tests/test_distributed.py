@@ -329,6 +329,8 @@ def test_settings_path_map_translates_both_ways():
     assert s.to_local("/archive/2024/a.dcm") == "/mnt/nas/archive/2024/a.dcm"
     assert s.to_shared("/mnt/nas/heat/ab/cd.png") == "/heatmaps/ab/cd.png"
     assert s.to_local("/elsewhere/x") == "/elsewhere/x"
+    assert s.to_local("/archive2/a.dcm") == "/archive2/a.dcm"  # a prefix is a whole folder name
+    assert s.to_shared("/mnt/nas/heatmaps-old/x.png") == "/mnt/nas/heatmaps-old/x.png"
 
 
 def screen_through_an_outage(env, tmp_path, folder: Path, n: int, server, what: str) -> tuple[int, str]:
