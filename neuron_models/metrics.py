@@ -29,11 +29,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 def per_class_auc(probs: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
     """One-vs-rest ROC AUC per class (NaN where the set lacks positives or negatives of that class)."""
-    out = {}
-    for k, name in enumerate(class_names):
-        target = (labels == k).astype(int)
-        out[name] = float(roc_auc_score(target, probs[:, k])) if 0 < target.sum() < len(target) else math.nan
-    return out
+    one_hot = (np.asarray(labels)[:, None] == np.arange(len(class_names))[None, :]).astype(np.float64)
+    return multilabel_auc(probs, one_hot, class_names)
 
 
 def multilabel_auc(probs: np.ndarray, targets: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
