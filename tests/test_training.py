@@ -248,10 +248,12 @@ def test_dropout_masks_are_exact_integer_hashes_kept_at_one_minus_p():
     assert rows.shape == (15,) and len(set(rows.tolist())) == 15
 
 
-def test_evaluate_reports_accuracy_auc_and_calibration(trained, synthetic, untrained_settings):
+def test_evaluate_reports_accuracy_auc_and_calibration(trained, synthetic, untrained_settings, tmp_path):
+    """On a machine without the chest X-ray weights too: evaluating the skin model loads only the skin route."""
     _, _, out = trained
-    report = evaluate_model("skin-efficientnet-b4", synthetic, untrained_settings.with_(model_dir=out.parent,
-                                                                                        tta=False), load)
+    no_chest_weights = untrained_settings.with_(model_dir=out.parent, tta=False, weights="pretrained",
+                                                xrv_cache_dir=tmp_path / "empty", allow_download=False)
+    report = evaluate_model("skin-efficientnet-b4", synthetic, no_chest_weights, load)
     assert report["n"] == 120 and set(report["auc"]) == {"disk", "ring", "stripes"}
     assert report["summary"]["accuracy"] > 0.5 and 0 <= report["summary"]["ECE"] <= 1
 

@@ -122,14 +122,15 @@ class Engine:
         self.heatmap_dir = settings.heatmap_dir.resolve()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Engine:
-        """Load the model of every route that has one; a route without a checkpoint is recorded as unavailable
-        with the reason (its instances are skipped); missing chest X-ray weights stop the run (WeightsError)."""
+    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None) -> Engine:
+        """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
+        evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
+        instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded."""
         device = resolve_device(settings.device)
         decoder = {"plugin": "pylibjpeg", "versions": decoder_versions()}
         routes: dict[Route, LoadedRoute] = {}
         unavailable: dict[Route, str] = {}
-        for route in Route:
+        for route in Route if only is None else only:
             configs = models_for_route(route)
             if not configs:
                 continue

@@ -54,7 +54,7 @@ def read_multilabel_csv(data: Path, labels: tuple[str, ...]) -> tuple[list[Path]
 
 def evaluate_model(name: str, data: Path, settings: Settings, load: Callable[[Path], DecodedFrame]) -> dict:
     cfg = model_config(name)
-    engine = Engine.from_settings(settings)
+    engine = Engine.from_settings(settings, only=[cfg.route])  # not the other routes' weights
     if cfg.route not in engine.routes:
         raise ModelUnavailable(engine.unavailable.get(cfg.route, f"{name} could not be loaded"))
     model = engine.routes[cfg.route].model

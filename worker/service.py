@@ -26,7 +26,8 @@ from sqlalchemy.exc import OperationalError
 
 from db.store import Database, Outcome, WorkItem
 from neuron.errors import RetryableError
-from neuron.queue import SCREEN_STUDY, make_app
+from neuron.queue import SCREEN_STUDY, make_app, queue_for
+from neuron.routes import Route
 from neuron.settings import Settings
 from worker.engine import IDLE, Engine
 
@@ -146,7 +147,7 @@ def _quiet_reconnect_warning(**_) -> None:
 
 def run_worker(settings: Settings, queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:
     """Build the engine (models on the device) first, then consume. Blocks until the worker stops."""
-    engine = Engine.from_settings(settings)
+    engine = Engine.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
     db = Database(settings.resolved_database_url)
     db.create()
     for lr in engine.routes.values():
