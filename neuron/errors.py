@@ -6,6 +6,8 @@
     │   ├── WeightsError        model weights missing, unverifiable or not matching their sha256
     │   └── ModelUnavailable    a route has no trained checkpoint: its instances are skipped, the run goes on
     ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
+    │   └── TransientReadError  the storage failed to deliver a file's bytes (EIO, stale NFS handle, timeout, out of
+    │                           memory): the file itself may be fine, so the instance is retried, never failed
     └── InputError              permanent and per instance: recorded on the instance, never retried
         ├── SkippedInput        valid input that Neuron does not screen (modality, body part, not DICOM)
         └── FailedInput         input that should have been screenable but is broken
@@ -43,6 +45,11 @@ class ModelUnavailable(SetupError):
 
 class RetryableError(NeuronError):
     """A transient failure: the same work may succeed later."""
+
+
+class TransientReadError(RetryableError):
+    """Reading an input file failed in a way that says nothing about the file (I/O error, network storage gone,
+    out of memory); the same read may succeed later."""
 
 
 class InputError(NeuronError):
