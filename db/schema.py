@@ -117,6 +117,7 @@ class Prediction(Base):
     untrained: Mapped[bool] = mapped_column(Boolean)
     worker: Mapped[str | None] = mapped_column(String(128))
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    decoder: Mapped[str | None] = mapped_column(String(64))  # provenance: e.g. "native", "imagecodecs-... jpeg2k"
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -125,7 +126,7 @@ CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
        f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
        p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
-       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review
+       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
 JOIN files f ON f.id = i.file_id

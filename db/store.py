@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, create_engine, event, func, or_, select, update
+from sqlalchemy import bindparam, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -89,6 +89,7 @@ class FrameResult:
     config_hash: str
     untrained: bool
     scores: tuple[LabelScore, ...]
+    decoder: str | None = None  # which decoder produced the pixels (provenance)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,17 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+    """WAL lets readers (``neuron status``, the views) work while the writer commits; ``synchronous=NORMAL`` is
+    durable across application crashes in WAL mode (a power loss may lose the last commits, which are redone: the
+    instances are still queued); the busy timeout makes a second writer wait for the lock instead of failing."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
@@ -129,6 +138,7 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._outcome_stmts = None
 
     def session(self) -> Session:
         return self._sessions()
@@ -188,7 +198,9 @@ class Database:
                 owners[inst.header.sop_instance_uid] = e.path
 
     # -- worker side -----------------------------------------------------------------------------------------------
-    def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None) -> list[WorkItem]:
+    def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None,
+                paths: Iterable[str] | None = None) -> list[WorkItem]:
+        """Instances waiting to be screened (of these routes, UIDs or file paths), study by study."""
         q = (select(Instance.sop_instance_uid, FileRecord.path, Instance.route, Instance.frames)
              .join(FileRecord, FileRecord.id == Instance.file_id)
              .where(Instance.status == Status.PENDING.value)
@@ -197,6 +209,8 @@ class Database:
             q = q.where(Instance.route.in_(list(routes)))
         if sop_uids is not None:
             q = q.where(Instance.sop_instance_uid.in_(list(sop_uids)))
+        if paths is not None:
+            q = q.where(FileRecord.path.in_(list(paths)))
         with self.session() as s:
             return [WorkItem(uid, path, route, frames or 1) for uid, path, route, frames in s.execute(q)]
 
@@ -333,58 +347,95 @@ class Database:
                 index_elements=["config_hash"]))
 
     def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        """Write results and statuses of finished instances in one transaction (upserts: redelivery is harmless)."""
+        """Write results and statuses of finished instances in one transaction (upserts: redelivery is harmless).
+
+        Three statement constructs built once per Database, so SQLAlchemy compiles each once and then hits its cache:
+        the findings upsert executed with all rows as parameter sets (PostgreSQL: multi-VALUES pages), and the
+        instance and file status updates once per distinct (status, reason)."""
         if not outcomes:
             return
         now = utcnow()
+        # one row per natural key, the last one winning as in sequential upserts: a multi-row ON CONFLICT DO UPDATE
+        # must not touch a row twice (a redelivered study may share a group commit with its first delivery)
+        rows = {(o.sop_instance_uid, fr.frame, fr.model, fr.weights, sc.label): {
+            "sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model, "weights": fr.weights,
+            "label": sc.label, "probability": sc.probability, "uncertainty": sc.uncertainty, "rank": sc.rank,
+            "heatmap_path": sc.heatmap_path, "config_hash": fr.config_hash, "untrained": fr.untrained,
+            "worker": o.worker, "needs_review": sc.needs_review, "processed_at": now, "decoder": fr.decoder}
+            for o in outcomes for fr in o.frames for sc in fr.scores}
+        # statuses grouped by (status, reason): one statement per group, usually one (all done) per call
+        groups: dict[tuple[str, str | None], list[str]] = {}
+        for o in outcomes:
+            groups.setdefault((o.status.value, o.reason), []).append(o.sop_instance_uid)
+        upsert, instance_status, file_status = self._outcome_statements()
+        with self.engine.begin() as conn:
+            if rows:
+                conn.execute(upsert, list(rows.values()))
+            for (status, reason), uids in groups.items():
+                for start in range(0, len(uids), 500):
+                    params = {"b_uids": uids[start:start + 500], "b_status": status, "b_reason": reason, "b_now": now}
+                    conn.execute(instance_status, params)
+                    conn.execute(file_status, params)
+
+    def _outcome_statements(self):
+        """The three statement constructs of ``record_outcomes``, built once per Database so SQLAlchemy's compiled
+        cache always hits."""
+        if self._outcome_stmts is None:
+            predictions, instances, files = Prediction.__table__, Instance.__table__, FileRecord.__table__
+            upsert = self._insert(predictions)
+            upsert = upsert.on_conflict_do_update(
+                index_elements=["sop_instance_uid", "frame", "model", "weights", "label"],
+                set_={c: upsert.excluded[c] for c in ("probability", "uncertainty", "rank", "heatmap_path",
+                                                      "config_hash", "untrained", "worker", "needs_review",
+                                                      "processed_at", "decoder")})
+            # RETURNING lets SQLAlchemy send the rows as multi-VALUES pages ("insertmanyvalues"); without it, an
+            # upsert's executemany is one round trip per row on psycopg2 (sqlalchemy#13130)
+            upsert = upsert.returning(predictions.c.id)
+            uids = bindparam("b_uids", expanding=True)  # compiled once, the list is rendered per execution
+            instance_status = (update(instances).where(instances.c.sop_instance_uid.in_(uids))
+                               .values(status=bindparam("b_status"), reason=bindparam("b_reason"),
+                                       updated_at=bindparam("b_now")))
+            # the instances' own files (_owner_files), never their duplicate copies
+            owners = select(instances.c.file_id).where(instances.c.sop_instance_uid.in_(uids))
+            file_status = (update(files).where(files.c.id.in_(owners))
+                           .values(status=bindparam("b_status"), reason=bindparam("b_reason")))
+            self._outcome_stmts = (upsert, instance_status, file_status)
+        return self._outcome_stmts
+
+    def retry_failed_from_duplicates(self, sop_uids: Iterable[str] | None = None) -> list[str]:
+        """A failed instance (of ``sop_uids``, or any) whose SOP Instance UID is also held by a ``duplicate`` file gets
+        another try from that file: a corrupt first copy must not hide a good second one. The instance moves to the
+        copy and is ``pending`` again; the failed file keeps its reason and says which copy was screened instead.
+        Returns the SOP Instance UIDs put back in line, for the caller to screen or enqueue. Each call uses up one
+        copy per instance, so calling it until it returns nothing ends."""
+        q = (select(Instance.sop_instance_uid, Instance.file_id, FileRecord.id, FileRecord.path)
+             .join(FileRecord, (FileRecord.sop_instance_uid == Instance.sop_instance_uid)
+                   & (FileRecord.id != Instance.file_id))
+             .where(Instance.status == Status.FAILED.value, FileRecord.status == Status.DUPLICATE.value)
+             .order_by(Instance.sop_instance_uid, FileRecord.path))
+        wanted = None if sop_uids is None else list(dict.fromkeys(sop_uids))
+        if wanted == []:
+            return []
+        moved: list[str] = []
         with self.session() as s, s.begin():
             rows = []
-            for o in outcomes:
-                for fr in o.frames:
-                    for sc in fr.scores:
-                        rows.append({"sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model,
-                                     "weights": fr.weights, "label": sc.label, "probability": sc.probability,
-                                     "uncertainty": sc.uncertainty, "rank": sc.rank, "heatmap_path": sc.heatmap_path,
-                                     "config_hash": fr.config_hash, "untrained": fr.untrained, "worker": o.worker,
-                                     "needs_review": sc.needs_review, "processed_at": now})
-            for start in range(0, len(rows), 500):
-                chunk = rows[start:start + 500]
-                stmt = self._insert(Prediction).values(chunk)
-                keys = ["sop_instance_uid", "frame", "model", "weights", "label"]
-                stmt = stmt.on_conflict_do_update(index_elements=keys, set_={
-                    c: stmt.excluded[c] for c in ("probability", "uncertainty", "rank", "heatmap_path",
-                                                  "config_hash", "untrained", "worker", "needs_review",
-                                                  "processed_at")})
-                s.execute(stmt)
-            for o in outcomes:
-                s.execute(update(Instance).where(Instance.sop_instance_uid == o.sop_instance_uid)
-                          .values(status=o.status.value, reason=o.reason, updated_at=now))
-                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files([o.sop_instance_uid])))
-                          .values(status=o.status.value, reason=o.reason))
-
-    def retry_failed_from_duplicates(self) -> int:
-        """A failed instance whose SOP Instance UID is also held by a ``duplicate`` file gets another try from that
-        file: a corrupt first copy must not hide a good second one. Returns how many instances were re-queued."""
-        n = 0
-        with self.session() as s, s.begin():
-            failed = s.execute(select(Instance.sop_instance_uid, Instance.file_id)
-                               .where(Instance.status == Status.FAILED.value)).all()
-            for uid, file_id in failed:
-                dup = s.execute(select(FileRecord.id, FileRecord.path)
-                                .where(FileRecord.sop_instance_uid == uid, FileRecord.id != file_id,
-                                       FileRecord.status == Status.DUPLICATE.value)
-                                .order_by(FileRecord.path).limit(1)).first()
-                if dup is None:
-                    continue
-                s.execute(update(FileRecord).where(FileRecord.id == file_id).values(
-                    status=Status.FAILED.value,
-                    reason=FileRecord.reason + f"; the copy at {dup.path} was screened instead"))
-                s.execute(update(FileRecord).where(FileRecord.id == dup.id)
+            if wanted is None:
+                rows = s.execute(q).all()
+            else:
+                for start in range(0, len(wanted), 500):
+                    rows += s.execute(q.where(Instance.sop_instance_uid.in_(wanted[start:start + 500]))).all()
+            for uid, failed_file, dup_id, dup_path in rows:
+                if moved and moved[-1] == uid:
+                    continue  # one copy per call: the first by path
+                instead = f"; the copy at {dup_path} was screened instead"
+                s.execute(update(FileRecord).where(FileRecord.id == failed_file).values(
+                    status=Status.FAILED.value, reason=func.coalesce(FileRecord.reason, "failed") + instead))
+                s.execute(update(FileRecord).where(FileRecord.id == dup_id)
                           .values(status=Status.PENDING.value, reason=None))
                 s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
-                          .values(file_id=dup.id, status=Status.PENDING.value, reason=None, updated_at=utcnow()))
-                n += 1
-        return n
+                          .values(file_id=dup_id, status=Status.PENDING.value, reason=None, updated_at=utcnow()))
+                moved.append(uid)
+        return moved
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def summary(self, since: datetime | None = None, limit: int = 5) -> Summary:

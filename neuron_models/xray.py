@@ -6,9 +6,15 @@ by ``op_norm`` so that 0.5 is each label's calibrated operating point. Never a s
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
+import os
+import threading
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
@@ -138,20 +144,36 @@ def calibration_batch(n: int = 32, size: int = 224, seed: int = 0) -> torch.Tens
     return (2.0 * x - 1.0) * 1024.0
 
 
+# What the untrained calibration depends on besides the code itself (hashed into the cache key with it).
+UNTRAINED_CALIBRATION = {"phantoms": 32, "size": 224, "head_units_per_spread": 0.5}
+
+
 @torch.no_grad()
-def build_untrained(seed: int = 0) -> XRVDenseNet:
+def build_untrained(seed: int = 0, cache_dir: Path | None = None) -> XRVDenseNet:
     """The same architecture with seeded random weights, scaled so its probabilities spread across (0, 1).
 
     A freshly initialised DenseNet's logits reach +-1000 on a radiograph, so every sigmoid would be exactly 0 or 1
     and tests comparing probabilities would prove nothing. BatchNorm statistics are set from a fixed synthetic
     batch; then each label's logit becomes the projection of the pooled features, centred on the batch mean, onto
     that label's random direction, scaled so a typical image lands within a few units of 0.
-    Built on the CPU so every device gets bit-identical weights.
+    Built on the CPU so every device gets bit-identical weights. The calibration takes seconds on the start-up path,
+    so with ``cache_dir`` its result is kept there (safetensors + sha256) and loaded bit for bit on the next start.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = xrv.models.DenseNet(weights=None, num_classes=len(CONFIG.class_names))
-    batch = calibration_batch(seed=seed)
+    cached = _load_calibrated(net, cache_dir, seed) if cache_dir is not None else False
+    if not cached:
+        _calibrate(net, seed)
+        if cache_dir is not None:
+            _save_calibrated(net, cache_dir, seed)
+    net.eval()
+    net.pathologies = list(CONFIG.class_names)
+    return XRVDenseNet(net, UNTRAINED, None)
+
+
+def _calibrate(net: xrv.models.DenseNet, seed: int) -> None:
+    batch = calibration_batch(n=UNTRAINED_CALIBRATION["phantoms"], size=UNTRAINED_CALIBRATION["size"], seed=seed)
     momenta = {}
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -169,15 +191,58 @@ def build_untrained(seed: int = 0) -> XRVDenseNet:
     direction = net.classifier.weight / net.classifier.weight.norm(dim=1, keepdim=True)
     # A random unit direction takes ~1/sqrt(C) of a vector's norm; real radiographs sit a few phantom spreads away
     # from the phantoms' centre, so half a unit per spread keeps their logits within a few units of 0.
-    scale = 0.5 * pooled.shape[1] ** 0.5 / spread
+    scale = UNTRAINED_CALIBRATION["head_units_per_spread"] * pooled.shape[1] ** 0.5 / spread
     net.classifier.weight.copy_(direction * scale)
     net.classifier.bias.copy_(-(direction @ center) * scale)
-    net.pathologies = list(CONFIG.class_names)
-    return XRVDenseNet(net, UNTRAINED, None)
+
+
+def untrained_cache_file(cache_dir: Path, seed: int) -> Path:
+    """The cache file for ``seed``, named by a hash of everything the calibrated weights depend on: the seed, the
+    torch and torchxrayvision versions, the calibration parameters and the calibration code."""
+    code = "".join(inspect.getsource(f) for f in (calibration_batch, _calibrate, build_untrained))
+    key = json.dumps({"seed": seed, "torch": torch.__version__, "torchxrayvision": xrv.__version__,
+                      "calibration": UNTRAINED_CALIBRATION, "code": hashlib.sha256(code.encode()).hexdigest()},
+                     sort_keys=True)
+    return Path(cache_dir) / f"xrv-untrained-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+def _load_calibrated(net: xrv.models.DenseNet, cache_dir: Path, seed: int) -> bool:
+    """Load the cached calibration into ``net``; False (rebuild) when there is none or it fails its sha256."""
+    path = untrained_cache_file(cache_dir, seed)
+    digest_file = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest_file.is_file():
+        return False
+    data = path.read_bytes()  # hashed and parsed from the same bytes
+    if hashlib.sha256(data).hexdigest() != digest_file.read_text().split()[0].strip().lower():
+        log.warning("%s does not match its sha256; calibrating the untrained weights again", path)
+        return False
+    try:
+        net.load_state_dict(safetensors.torch.load(data), strict=True)
+    except (RuntimeError, ValueError) as exc:  # a file of another layout under the same key
+        log.warning("%s could not be loaded (%s); calibrating the untrained weights again", path, exc)
+        return False
+    return True
+
+
+def _save_calibrated(net: xrv.models.DenseNet, cache_dir: Path, seed: int) -> None:
+    """Write file and digest each under a temporary name and rename: concurrent workers on one output folder write
+    the same bytes, and a reader never sees half a file."""
+    path = untrained_cache_file(cache_dir, seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()})
+        suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
+        for target, content in ((path, data), (path.with_name(path.name + ".sha256"),
+                                               f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())):
+            tmp = target.with_name(target.name + suffix)
+            tmp.write_bytes(content)
+            tmp.replace(target)
+    except OSError as exc:  # a read-only output folder costs start-up time, not the run
+        log.warning("could not cache the untrained weights in %s: %s", path.parent, exc)
 
 
 @register_model(CONFIG)
 def xrv_densenet121_res224_all(settings: Settings) -> ScreeningModel:
     if settings.weights is WeightsMode.UNTRAINED:
-        return build_untrained(settings.seed)
+        return build_untrained(settings.seed, cache_dir=settings.out_dir / ".cache" / "untrained")
     return load_pretrained(settings)

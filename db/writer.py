@@ -1,0 +1,192 @@
+"""One thread that owns the result writes: outcomes from many studies share a commit (group commit).
+
+    submit(outcomes) ──► bounded queue ──► writer thread: gather until 256 outcomes or 0.2 s after the first
+         │                                   uncommitted one ──► Database.record_outcomes (one transaction)
+         └── Future ◄── result after that commit, or the commit's exception ◄──┘
+
+A distributed task waits on its future and only then returns, so its message is acknowledged after its rows are
+committed (``acks_late``); a crash before the commit leaves the message unacknowledged and it is redelivered. A
+failed commit fails the futures of every outcome in it, never silently: database connection errors become
+``RetryableError`` (the tasks retry); any other error is retried per submission so one bad study does not fail its
+neighbours. Whether to commit now is a small pure object (``CommitPolicy``) tested on a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from db.store import Database, Outcome
+from neuron.errors import RetryableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTCOMES = 256
+DEFAULT_MAX_DELAY_S = 0.2
+DEFAULT_QUEUE_SUBMISSIONS = 1024
+
+
+@dataclass
+class CommitPolicy:
+    """Commit when ``max_outcomes`` are waiting, or ``max_delay`` seconds after the first uncommitted one arrived."""
+
+    max_outcomes: int = DEFAULT_MAX_OUTCOMES
+    max_delay: float = DEFAULT_MAX_DELAY_S
+    waiting: int = 0
+    first_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_outcomes < 1:
+            raise ValueError(f"max_outcomes {self.max_outcomes} must be at least 1")
+        if self.max_delay < 0:
+            raise ValueError(f"max_delay {self.max_delay} must be 0 or more seconds")
+
+    def add(self, n: int, now: float) -> None:
+        if self.first_at is None:
+            self.first_at = now
+        self.waiting += n
+
+    def due(self, now: float) -> bool:
+        return self.first_at is not None and (self.waiting >= self.max_outcomes
+                                              or now - self.first_at >= self.max_delay)
+
+    def wait_for(self, now: float) -> float | None:
+        """Seconds until the time rule fires; None when nothing is waiting (block until input)."""
+        if self.first_at is None:
+            return None
+        return max(0.0, self.first_at + self.max_delay - now)
+
+    def reset(self) -> None:
+        self.waiting, self.first_at = 0, None
+
+
+@dataclass
+class _Submission:
+    outcomes: Sequence[Outcome]
+    future: Future
+
+
+class _Flush:
+    def __init__(self) -> None:
+        self.future: Future = Future()
+
+
+_CLOSE = object()
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Connection-level database errors are transient; the rest keep their type."""
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return RetryableError(f"the results could not be committed, the database is not reachable: "
+                              f"{getattr(exc, 'orig', exc)}; the study is retried")
+    return exc
+
+
+class ResultWriter:
+    """Owns the result writes of one process. ``submit`` blocks when ``max_queue`` submissions are waiting
+    (back-pressure on the engine or the tasks), so a slow database slows the producers of outcomes instead of
+    filling memory."""
+
+    def __init__(self, db: Database, max_outcomes: int = DEFAULT_MAX_OUTCOMES,
+                 max_delay: float = DEFAULT_MAX_DELAY_S, max_queue: int = DEFAULT_QUEUE_SUBMISSIONS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.db = db
+        self.policy = CommitPolicy(max_outcomes, max_delay)
+        self._clock = clock
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.commits = 0
+        self.outcomes_written = 0
+        self._thread = threading.Thread(target=self._loop, name="result-writer", daemon=True)
+        self._thread.start()
+
+    # -- the callers' side ------------------------------------------------------------------------------------------
+    def submit(self, outcomes: Sequence[Outcome]) -> Future:
+        """Queue outcomes for the next commit; the future's result is how many were written, set after the commit
+        that contains them, or the commit's exception."""
+        fut: Future = Future()
+        if not outcomes:
+            fut.set_result(0)
+            return fut
+        self._put(_Submission(list(outcomes), fut))
+        return fut
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Commit everything submitted before this call, now; returns once it is committed (or failed)."""
+        marker = _Flush()
+        self._put(marker)
+        marker.future.result(timeout)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Commit what is queued, then stop the thread. Later submissions raise."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the result writer did not finish its last commit within %s s", timeout)
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _put(self, item: object) -> None:
+        if self._closed:
+            raise RuntimeError("the result writer is closed; outcomes submitted now would never be committed")
+        self._queue.put(item)
+
+    # -- the writer thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        pending: list[_Submission] = []
+        while True:
+            try:
+                item = self._queue.get(timeout=self.policy.wait_for(self._clock()))
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Submission):
+                pending.append(item)
+                self.policy.add(len(item.outcomes), self._clock())
+            if (item is not None and not isinstance(item, _Submission)) or self.policy.due(self._clock()):
+                self._commit(pending)
+                pending = []
+                self.policy.reset()
+            if isinstance(item, _Flush):
+                item.future.set_result(None)
+            elif item is _CLOSE:
+                return
+
+    def _commit(self, batch: list[_Submission]) -> None:
+        if not batch:
+            return
+        try:
+            self._write(batch)
+        except Exception as exc:  # every failure goes to the futures that wait on this commit
+            error = _translate(exc)
+            if isinstance(error, RetryableError) or len(batch) == 1:
+                log.warning("a commit of %d outcomes failed: %s", sum(len(s.outcomes) for s in batch), error)
+                for sub in batch:
+                    sub.future.set_exception(error)
+                return
+            # not a connection problem: find the submission(s) that cause it, commit the others
+            for sub in batch:
+                self._commit([sub])
+
+    def _write(self, batch: list[_Submission]) -> None:
+        outcomes = [o for sub in batch for o in sub.outcomes]
+        self.db.record_outcomes(outcomes)
+        self.commits += 1
+        self.outcomes_written += len(outcomes)
+        for sub in batch:
+            sub.future.set_result(len(sub.outcomes))

@@ -1,0 +1,218 @@
+"""Result writes on a real SQLite database: ``Database.record_outcomes`` and the group-committing ``ResultWriter``."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event
+
+from db.schema import Status
+from db.store import (
+    Database,
+    FileEntry,
+    FrameResult,
+    InstanceEntry,
+    InstanceHeader,
+    LabelScore,
+    Outcome,
+)
+from db.writer import CommitPolicy, ResultWriter
+from neuron.errors import RetryableError
+
+pytestmark = pytest.mark.timeout(60)
+CONFIG_HASH = "c" * 64
+LABELS = ("Atelectasis", "Effusion", "Nodule")
+
+
+def header(uid: str) -> InstanceHeader:
+    return InstanceHeader(uid, "1.2.3.study", "1.2.3.series", None, "CR", "CHEST", "MONOCHROME1", None, 64, 64, 1)
+
+
+@pytest.fixture
+def db(tmp_path) -> Database:
+    database = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    database.create()
+    database.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
+    yield database
+    database.dispose()
+
+
+def index(db: Database, n: int, prefix: str = "1.2.3.") -> list[str]:
+    uids = [f"{prefix}{i}" for i in range(n)]
+    db.add_files([FileEntry(f"/archive/{uid}.dcm", 10, 1, Status.QUEUED, None, uid,
+                            InstanceEntry(header(uid), "chest-xray", Status.QUEUED)) for uid in uids])
+    return uids
+
+
+def done(uid: str, probability: float = 0.25, frames: int = 1, worker: str = "host/cpu") -> Outcome:
+    results = tuple(FrameResult(f, "xrv-densenet121-res224-all", "untrained", CONFIG_HASH, True, tuple(
+        LabelScore(label, probability + 0.1 * k, 0.01, k + 1, f"/heat/{k}.png" if k == 0 else None, k == 2)
+        for k, label in enumerate(LABELS))) for f in range(frames))
+    return Outcome(uid, Status.DONE, None, results, worker=worker)
+
+
+def rows(db: Database, query: str) -> list[tuple]:
+    with sqlite3.connect(db.engine.url.database) as conn:  # a separate connection sees only committed rows
+        return conn.execute(query).fetchall()
+
+
+def test_record_outcomes_upserts_on_the_natural_key_and_sets_both_statuses(db):
+    a, b, c = index(db, 3)
+    db.record_outcomes([done(a, 0.2, frames=2), done(b, 0.3), Outcome(c, Status.FAILED, "decode failed")])
+    assert rows(db, "select count(*) from predictions") == [(3 * len(LABELS),)]
+    db.record_outcomes([done(a, 0.5, frames=2, worker="other/cuda:0")])  # a redelivery: same keys, new values
+    got = rows(db, "select frame, label, probability, rank, heatmap_path, needs_review, worker from predictions "
+                   f"where sop_instance_uid = '{a}' order by frame, label")
+    assert len(got) == 2 * len(LABELS)
+    assert got[0] == (0, "Atelectasis", 0.5, 1, "/heat/0.png", 0, "other/cuda:0")
+    assert got[1][2] == pytest.approx(0.6) and got[2][5] == 1
+    assert rows(db, "select count(*) from predictions") == [(3 * len(LABELS),)]  # updated, not added
+    assert dict(rows(db, "select sop_instance_uid, status from instances")) == {a: "done", b: "done", c: "failed"}
+    assert rows(db, f"select status, reason from files where sop_instance_uid = '{c}'") == [("failed",
+                                                                                              "decode failed")]
+
+
+def test_record_outcomes_leaves_duplicate_copies_of_a_file_alone(db):
+    (a,) = index(db, 1)
+    db.add_files([FileEntry("/archive/copy.dcm", 10, 1, Status.QUEUED, None, a,
+                            InstanceEntry(header(a), "chest-xray", Status.QUEUED))])
+    db.record_outcomes([done(a)])
+    assert dict(rows(db, "select path, status from files")) == {f"/archive/{a}.dcm": "done",
+                                                                "/archive/copy.dcm": "duplicate"}
+
+
+def test_record_outcomes_keeps_the_last_of_repeated_keys_in_one_call(db):
+    (a,) = index(db, 1)
+    db.record_outcomes([done(a, 0.1), done(a, 0.4)])
+    assert rows(db, "select probability from predictions where label = 'Atelectasis'") == [(0.4,)]
+
+
+def test_record_outcomes_compiles_each_statement_once(db):
+    uids = index(db, 30)
+    compiled = set()
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if context is not None and context.compiled is not None:
+            compiled.add(id(context.compiled))
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    db.record_outcomes([done(u) for u in uids[:5]])
+    first = len(compiled)
+    db.record_outcomes([done(u, frames=2) for u in uids[5:20]])
+    db.record_outcomes([done(u) for u in uids[20:]] + [Outcome(uids[0], Status.FAILED, "x")])
+    assert first == 3 and len(compiled) == first
+
+
+def test_commit_policy_commits_by_size_or_by_age_of_the_first_waiting_outcome():
+    policy = CommitPolicy(max_outcomes=4, max_delay=0.2)
+    assert policy.wait_for(now=10.0) is None and not policy.due(now=10.0)
+    policy.add(1, now=10.0)
+    policy.add(2, now=10.15)
+    assert not policy.due(now=10.19) and policy.wait_for(now=10.15) == pytest.approx(0.05)
+    assert policy.due(now=10.21)
+    policy.reset()
+    policy.add(4, now=11.0)
+    assert policy.due(now=11.0)
+
+
+def test_futures_resolve_after_the_commit_that_contains_them(db):
+    uids = index(db, 6)
+    seen_at_resolution = []
+    with ResultWriter(db, max_outcomes=100, max_delay=0.05) as writer:
+        futures = [writer.submit([done(u) for u in uids[i:i + 2]]) for i in range(0, 6, 2)]
+        for f in futures:
+            f.add_done_callback(lambda _f: seen_at_resolution.append(rows(db, "select count(*) from predictions")))
+        assert [f.result(timeout=10) for f in futures] == [2, 2, 2]
+    assert all(n[0][0] == 6 * len(LABELS) for n in seen_at_resolution)
+    assert writer.commits == 1  # one group commit for all three studies
+
+
+def test_a_commit_happens_by_time_with_no_more_input(db):
+    (a,) = index(db, 1)
+    with ResultWriter(db, max_outcomes=1000, max_delay=0.15) as writer:
+        t0 = time.monotonic()
+        fut = writer.submit([done(a)])
+        assert fut.result(timeout=10) == 1
+        assert time.monotonic() - t0 >= 0.14
+    assert rows(db, "select status from instances") == [("done",)]
+
+
+def test_a_commit_happens_by_size_before_the_time_limit(db):
+    uids = index(db, 4)
+    with ResultWriter(db, max_outcomes=4, max_delay=60) as writer:
+        futures = [writer.submit([done(u)]) for u in uids]
+        assert [f.result(timeout=10) for f in futures] == [1, 1, 1, 1]
+
+
+def test_flush_and_close_commit_what_is_waiting(db):
+    uids = index(db, 5)
+    writer = ResultWriter(db, max_outcomes=1000, max_delay=60)
+    first = writer.submit([done(uids[0])])
+    writer.flush(timeout=10)
+    assert first.done() and rows(db, "select count(*) from instances where status = 'done'") == [(1,)]
+    rest = [writer.submit([done(u)]) for u in uids[1:]]
+    writer.close()
+    assert all(f.done() and f.result() == 1 for f in rest)
+    assert rows(db, "select count(*) from instances where status = 'done'") == [(5,)]
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit([done(uids[0])])
+
+
+def test_submit_blocks_while_the_queue_is_full(db):
+    uids = index(db, 3)
+    gate = threading.Event()
+    original = db.record_outcomes
+
+    def slow(outcomes):
+        gate.wait(10)
+        original(outcomes)
+
+    db.record_outcomes = slow  # the database is slow: the writer thread is stuck in a commit
+    writer = ResultWriter(db, max_outcomes=1, max_delay=0, max_queue=1)
+    writer.submit([done(uids[0])])  # taken by the thread, committing
+    time.sleep(0.1)
+    writer.submit([done(uids[1])])  # fills the queue
+    third = threading.Thread(target=writer.submit, args=([done(uids[2])],))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive(), "a full queue must make submit wait"
+    gate.set()
+    third.join(10)
+    writer.close()
+    assert rows(db, "select count(*) from instances where status = 'done'") == [(3,)]
+
+
+def test_an_unreachable_database_fails_the_batch_with_a_retryable_error(db):
+    (a,) = index(db, 1)
+    with sqlite3.connect(db.engine.url.database) as conn:
+        conn.execute("drop view findings")
+        conn.execute("alter table predictions rename to gone")
+    with ResultWriter(db, max_outcomes=1, max_delay=0) as writer:
+        fut = writer.submit([done(a)])
+        with pytest.raises(RetryableError, match="could not be committed"):
+            fut.result(timeout=10)
+    assert rows(db, "select status from instances") == [("queued",)]  # nothing half-written
+
+
+def test_one_bad_study_does_not_fail_the_studies_it_shares_a_commit_with(db):
+    good = index(db, 2)
+    with ResultWriter(db, max_outcomes=3, max_delay=60) as writer:
+        futures = [writer.submit([done(good[0])]), writer.submit([done("1.9.unknown")]),
+                   writer.submit([done(good[1])])]
+        assert futures[0].result(timeout=10) == 1 and futures[2].result(timeout=10) == 1
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            futures[1].result(timeout=10)
+    assert rows(db, "select count(*) from instances where status = 'done'") == [(2,)]
+
+
+def test_the_database_file_is_in_wal_mode_with_normal_sync(db):
+    with db.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw.execute("pragma journal_mode").fetchone() == ("wal",)
+        assert raw.execute("pragma synchronous").fetchone() == (1,)  # NORMAL
+        assert raw.execute("pragma busy_timeout").fetchone()[0] >= 1000
+    assert Path(db.engine.url.database).is_file()
