@@ -3,7 +3,8 @@
 There are no public medical weights for these heads, so a route is only as good as the checkpoint its user trained:
 without one, its instances are skipped with a reason saying how to train it. 3 channels, ImageNet normalisation,
 softmax over classes (single-label), CAM on the final activation (after ``bn2``, NOTES 12). Several checkpoints for one
-route make an ensemble: probabilities are averaged and every member is recorded.
+route make an ensemble: probabilities are averaged, the heatmap is the average of the members' maps, and every member
+is recorded.
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ class EfficientNetModel(ScreeningModel):
 
 
 class EnsembleModel(ScreeningModel):
-    """Members share classes and input size; probabilities are averaged, maps come from the first member."""
+    """Members share classes and input size; probabilities are averaged, and so are the members' CAM maps, so a
+    heatmap explains the probability stored next to it, not one member's.
+
+    The maps come out of the one contract the engine uses, ``relu(einsum(cam_weight[classes], features))``: the
+    features are the members' concatenated along channels and the head weights concatenated the same way divided by
+    the number of members, so the einsum is the mean of the members' (pre-ReLU) maps."""
 
     def __init__(self, members: list[EfficientNetModel]):
         super().__init__()
@@ -96,11 +102,19 @@ class EnsembleModel(ScreeningModel):
     def has_dropout(self) -> bool:
         return any(m.has_dropout() for m in self.members)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.forward_features(x) for m in self.members], dim=1)
+
+    def cam_weight(self) -> torch.Tensor:
+        return torch.cat([m.cam_weight() for m in self.members], dim=1) / len(self.members)
+
     def predict(self, x, mc_samples: int = 0, seed: int = 0, keys=None):
         outs = [m.predict(x, mc_samples, seed, keys) for m in self.members]
         samples = min(o[0].shape[0] for o in outs)
         probs = torch.stack([o[0][:samples] for o in outs]).mean(dim=0)
-        return probs, outs[0][1], outs[0][2]
+        features = torch.cat([o[1] for o in outs], dim=1)
+        weight = torch.cat([o[2] for o in outs], dim=1) / len(outs)
+        return probs, features, weight
 
     def forward(self, x):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)

@@ -16,11 +16,22 @@ log = logging.getLogger(__name__)
 
 def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = None) -> int:
     """Queue every pending instance (of the given studies, or all). Returns the number of tasks sent.
-    Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``."""
+    Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``.
+
+    First, a failed instance whose SOP Instance UID a ``duplicate`` file also holds is put back in line from that
+    file, whatever its study: a corrupt copy indexed first (or a good copy that arrived after the corrupt one failed)
+    must not leave the instance without findings."""
     routes = [r.value for r in MODEL_ROUTES]
+    rescued = set(db.retry_failed_from_duplicates())
+    if rescued:
+        log.info("%d failed instances have another copy: screening them from it", len(rescued))
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for study, route, uid in db.pending_by_study(routes, study_uids):
         groups[(route, study)].append(uid)
+    if rescued and study_uids is not None:
+        for study, route, uid in db.pending_by_study(routes):
+            if uid in rescued and uid not in groups[(route, study)]:
+                groups[(route, study)].append(uid)
     sent = 0
     for (route, study), uids in sorted(groups.items()):
         for start in range(0, len(uids), MAX_INSTANCES_PER_TASK):

@@ -64,24 +64,30 @@ def test_monochrome1_is_inverted_before_the_model(tmp_path, rg1):
     assert mediastinum > lung
 
 
-@pytest.mark.parametrize(("h", "w"), [(1955, 1841), (489, 461), (300, 484), (100, 100), (150, 120)])
+@pytest.mark.parametrize(("h", "w"), [(1955, 1841), (489, 461), (300, 484), (224, 300)])
 def test_area_resize_equals_opencv_inter_area(h, w):
+    """Shrinking (or keeping the size): every case is compared, none returns early."""
     rng = np.random.default_rng(0)
     img = rng.random((h, w), dtype=np.float32)
     crop = center_square(torch.from_numpy(img)[None])
+    assert min(crop.shape[-2:]) >= 224
     ours = resize_square(crop, 224)[0].numpy()
-    size = min(h, w)
-    if size < 224:
-        return  # enlarging: linear interpolation, checked against torch below
     ref = cv2.resize(crop[0].numpy(), (224, 224), interpolation=cv2.INTER_AREA)
     np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
-def test_enlarging_is_bilinear():
-    img = torch.rand(1, 1, 100, 100)
-    ours = resize_square(img, 224)
-    ref = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+@pytest.mark.parametrize(("h", "w"), [(100, 100), (150, 120)])
+def test_enlarging_is_bilinear(h, w):
+    """Smaller than the input size: the centre square is enlarged bilinearly (cv2's half-pixel centres)."""
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.random((h, w), dtype=np.float32))[None]
+    crop = center_square(img)
+    assert crop.shape[-2:] == (min(h, w), min(h, w))
+    ours = resize_square(crop, 224)[0].numpy()
+    ref = torch.nn.functional.interpolate(crop[None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+    ref_cv2 = cv2.resize(crop[0].numpy(), (224, 224), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(ours, ref_cv2, atol=1e-3)
 
 
 def test_clahe_matches_opencv_within_two_grey_levels(rg1):
@@ -101,12 +107,17 @@ def test_rgb_clahe_works_on_lightness_only():
 
 
 def test_colour_image_is_rejected_by_a_grayscale_model(data_dir):
-    """Ultrasound in colour (US1) fails the saturation check; a grey RGB image passes and becomes one channel."""
-    rgb = unit(data_dir / "US1_UNCR.dcm")
+    """Real files: colour bars (SC_rgb) fail the saturation check; the ultrasound US1, stored as RGB but grey to the
+    eye, passes and becomes one channel: a weighted mean of its three (luminance), so between their min and max."""
+    bars = unit(data_dir / "SC_rgb.dcm")
     with pytest.raises(RejectedImage, match="mean saturation .* > 30"):
-        match_channels(rgb.clone().fill_(0).index_fill_(0, torch.tensor([0]), 1.0), 1, 30.0, "RGB")
-    grey = rgb.mean(dim=0, keepdim=True).expand(3, -1, -1)
-    assert match_channels(grey, 1, 30.0, "RGB").shape[0] == 1
+        match_channels(bars, 1, 30.0, "RGB")
+    us = unit(data_dir / "US1_UNCR.dcm")
+    assert us.shape[0] == 3
+    grey = match_channels(us, 1, 30.0, "RGB")
+    assert grey.shape == (1, *us.shape[1:])
+    lo, hi = us.min(dim=0, keepdim=True).values, us.max(dim=0, keepdim=True).values
+    assert bool(((grey >= lo - 1e-5) & (grey <= hi + 1e-5)).all()) and (hi - lo).max() > 0.1  # colour overlays
 
 
 def test_prepare_batch_reports_rejections_per_frame(data_dir, rg1):

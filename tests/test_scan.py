@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,132 @@ def test_an_instance_that_keeps_crashing_workers_is_failed_not_retried_forever(t
     with db.engine.connect() as conn:
         assert conn.exec_driver_sql("select status, reason from ingest_status").one() == ("pending", None)
         assert conn.exec_driver_sql("select attempts from instances").scalar_one() == 1
+
+
+def malformed_group_length(path):
+    """A file with the 'DICM' marker whose File Meta Information Group Length (0002,0000), VR UL, holds 2 bytes
+    instead of 4: pydicom raises its own BytesLengthException (not a ValueError) for it."""
+    syntax = b"1.2.840.10008.1.2.1\x00"
+    meta = (b"\x02\x00\x00\x00UL\x02\x00" + b"\x10\x00"
+            + b"\x02\x00\x10\x00UI" + len(syntax).to_bytes(2, "little") + syntax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x00" * 128 + b"DICM" + meta)
+    return path
+
+
+def ingest(db) -> dict[str, tuple[str, str | None]]:
+    with db.engine.connect() as conn:
+        return {p: (s, r) for p, s, r in conn.exec_driver_sql("select file_path, status, reason from ingest_status")}
+
+
+def test_a_malformed_file_meta_group_length_is_recorded_and_the_walk_goes_on(tmp_path, chest_small):
+    """One malformed header among good files: it is failed with the reason, every file around it is indexed, and a
+    re-run does not stop at it either."""
+    folder = tmp_path / "in"
+    small_chest(chest_small, folder / "a_good.dcm", step=1)
+    bad = malformed_group_length(folder / "b_malformed.dcm")
+    small_chest(chest_small, folder / "c_good.dcm", step=1)
+    (folder / "d_notes.txt").write_text("not DICOM")
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create()
+    result = index_folder(folder, db)
+    assert (result.seen, result.indexed) == (4, 4)
+    rows = ingest(db)
+    status, reason = rows[str(bad.resolve())]
+    assert status == "failed" and "DICOM header is unreadable (BytesLengthException" in reason, reason
+    assert "re-export it from the source" in reason
+    assert rows[str((folder / "a_good.dcm").resolve())][0] == "pending"
+    assert rows[str((folder / "c_good.dcm").resolve())][0] == "pending"
+    assert rows[str((folder / "d_notes.txt").resolve())][0] == "skipped"
+    bad.touch()  # changed: read again, recorded again, and the walk still goes on
+    assert index_folder(folder, db).indexed == 1
+
+
+def test_a_file_that_cannot_be_read_is_failed_with_the_reason_and_read_again_next_scan(tmp_path, chest_small,
+                                                                                       monkeypatch):
+    """Open errors (permissions, a share that went away) never stop the walk; an I/O error is often transient, so
+    the file is not remembered as unchanged. (Tests run as root here, so the error is raised for the one path.)"""
+    import pydicom
+
+    from producer import scan
+
+    folder = tmp_path / "in"
+    locked = small_chest(chest_small, folder / "a_locked.dcm", step=2)
+    small_chest(chest_small, folder / "b_good.dcm", step=2)
+    real_dcmread = pydicom.dcmread
+
+    def dcmread(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(scan.pydicom, "dcmread", dcmread)
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create()
+    index_folder(folder, db)
+    status, reason = ingest(db)[str(locked.resolve())]
+    assert status == "failed" and "could not be read (PermissionError: Permission denied)" in reason, reason
+    assert ingest(db)[str((folder / "b_good.dcm").resolve())][0] == "pending"
+    assert index_folder(folder, db).indexed == 1  # the unreadable file is tried again
+    monkeypatch.setattr(scan.pydicom, "dcmread", real_dcmread)  # readable again
+    index_folder(folder, db)
+    assert ingest(db)[str(locked.resolve())] == ("pending", None)
+
+
+def test_a_photo_that_cannot_be_read_is_recorded_not_raised(tmp_path, monkeypatch):
+    """photo_header reads the whole file; an error there is one file's failure, not the run's."""
+    from producer import scan
+
+    photo = tmp_path / "p.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+
+    def vanished(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(scan, "photo_uids", vanished)
+    entry = index_entry(photo, Route.SKIN)
+    assert entry.status == "failed" and "Input/output error" in entry.reason and entry.instance is None
+
+
+UID64 = "1.2.826.0.1.3680043.8.498." + "1" * 38  # exactly 64 characters
+
+
+@pytest.mark.parametrize(("keyword", "value", "problem"), [
+    ("SOPInstanceUID", UID64 + "1", "is 65 characters long, over the limit of 64"),
+    ("SOPInstanceUID", "1.2.3.abc", "has characters other than digits and dots"),
+    ("SOPInstanceUID", "1.2..3", "has an empty component"),
+    ("SOPInstanceUID", "1.2.3.", "has an empty component"),
+    ("StudyInstanceUID", UID64 + "9", "is 65 characters long"),
+    ("StudyInstanceUID", "1.2.3/../4", "has characters other than digits and dots"),
+    ("SeriesInstanceUID", ".1.2", "has an empty component"),
+    ("SeriesInstanceUID", "1.2.3 4", "has characters other than digits and dots"),
+])
+def test_an_invalid_uid_fails_the_instance_with_the_reason_and_is_never_altered(tmp_path, chest_small, keyword,
+                                                                                value, problem):
+    path = clone_with(chest_small, tmp_path / "f.dcm", **{keyword: value})
+    entry = index_entry(path)
+    assert entry.status == "failed" and entry.instance is None and entry.sop_instance_uid is None
+    assert problem in entry.reason and "is not a valid DICOM UID" in entry.reason, entry.reason
+    assert repr(value) in entry.reason  # the value as it is, not a shortened one
+
+
+def test_two_instances_whose_uids_share_the_first_64_characters_stay_two(tmp_path, chest_small):
+    """Neither is cut to the other: a valid 64-character UID is screened, the 65-character one is failed."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    exact = clone_with(chest_small, folder / "a.dcm", SOPInstanceUID=UID64)
+    longer = clone_with(chest_small, folder / "b.dcm", SOPInstanceUID=UID64 + "7")
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create()
+    index_folder(folder, db)
+    assert [i.sop_instance_uid for i in db.pending()] == [UID64]
+    rows = ingest(db)
+    assert rows[str(exact.resolve())] == ("pending", None)
+    status, reason = rows[str(longer.resolve())]
+    assert status == "failed" and "65 characters" in reason  # not 'duplicate' of the first
+
+
+def test_valid_uids_with_padding_are_kept_whole(tmp_path, chest_small):
+    path = clone_with(chest_small, tmp_path / "f.dcm", SOPInstanceUID=UID64, StudyInstanceUID="1.2.3.0.45")
+    header = index_entry(path).instance.header
+    assert header.sop_instance_uid == UID64 and header.study_instance_uid == "1.2.3.0.45"

@@ -177,6 +177,41 @@ def test_mr_and_us_dicoms_go_to_the_mri_us_route(tmp_path, data_dir, test_files_
     assert all(bool(r[3]) == (r[4] > 0.0) for r in rows)  # needs_review follows the threshold
 
 
+def test_cli_run_with_route_skin_needs_no_chest_weights_and_still_fails_fast_without_its_own(tmp_path, synthetic):
+    """`neuron run PHOTOS --route skin --model-dir MODELS` on a machine without the chest X-ray weights: only the
+    skin model is loaded, and the photos are screened. A route that has work and no weights still stops the run
+    before anything is screened (exit 4)."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "models"
+    net = build_untrained(SKIN_CONFIG, ("disk", "ring", "stripes"), 64).net
+    save_checkpoint(model_dir / "skin-v1", net.state_dict(), {
+        "model": SKIN_CONFIG.name, "class_names": ["disk", "ring", "stripes"],
+        "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.0}})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for cls in ("disk", "ring"):
+        shutil.copy(synthetic / cls / "0.png", photos / f"{cls}.png")
+    empty = tmp_path / "no-xrv-weights"
+    env = {**os.environ, "NEURON_ALLOW_DOWNLOAD": "0", "COLUMNS": "250"}
+
+    def neuron(*args):
+        return subprocess.run([sys.executable, "-m", "neuron", "run", *args, "--weights", "pretrained",
+                               "--xrv-cache-dir", str(empty), "--device", "cpu", "--no-tta"],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    res = neuron(str(photos), "--route", "skin", "--model-dir", str(model_dir), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    with sqlite3.connect(tmp_path / "out" / "neuron.db") as conn:
+        assert {s for (s,) in conn.execute("select status from ingest_status")} == {"done"}
+        assert conn.execute("select count(distinct sop_instance_uid) from findings").fetchone()[0] == 2
+    res = neuron(str(photos), "--route", "chest-xray", "--out", str(tmp_path / "out2"))
+    assert res.returncode == 4 and "NEURON_XRV_CACHE_DIR" in res.stderr, res.stderr
+    assert not (tmp_path / "out2" / "neuron.db").exists()  # stopped before indexing anything
+
+
 def test_several_checkpoints_for_a_route_make_an_ensemble(trained, tmp_path, untrained_settings):
     _, _, out = trained
     model_dir = tmp_path / "models"
@@ -194,6 +229,55 @@ def test_several_checkpoints_for_a_route_make_an_ensemble(trained, tmp_path, unt
         probs = lr.model.predict(x)[0][0]
         members = [m(x) for m in lr.model.members]
     torch.testing.assert_close(probs, (members[0] + members[1]) / 2)
+
+
+def test_an_ensembles_heatmap_is_the_mean_of_its_members_maps(tmp_path, untrained_settings, synthetic):
+    """The stored probability is the members' mean, so the map that explains it is the mean of the members' maps
+    (before rectification and normalisation), not the first member's; and the engine draws that map. Two seeded
+    members (no training needed: the claim is about how maps combine, whatever the weights)."""
+    from neuron_models import cam
+
+    model_dir = tmp_path / "models"
+    for name, seed in (("a", 0), ("b", 1)):
+        net = build_untrained(SKIN_CONFIG, ("disk", "ring", "stripes"), 64, seed=seed).net
+        with torch.no_grad():  # an untrained net's maps are ~1e-6: scale the head so they stand far above float noise
+            net.get_classifier().weight.mul_(1e4)
+        save_checkpoint(model_dir / name, net.state_dict(), {
+            "model": SKIN_CONFIG.name, "class_names": ["disk", "ring", "stripes"],
+            "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.0}})
+    engine = Engine.from_settings(untrained_settings.with_(model_dir=model_dir, tta=False, heatmap_top_k=3))
+    ensemble = engine.routes[Route.SKIN].model
+    assert isinstance(ensemble, EnsembleModel)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        _, features, weight = ensemble.predict(x)
+        member_maps = []
+        for m in ensemble.members:
+            _, f, w = m.predict(x)
+            member_maps.append(torch.einsum("kc,bchw->bkhw", w, f))  # every label's map, before the ReLU
+        ensemble_maps = torch.einsum("kc,bchw->bkhw", weight, features)
+    mean = torch.stack(member_maps).mean(dim=0)
+    torch.testing.assert_close(ensemble_maps, mean, atol=1e-5, rtol=1e-5)
+    assert mean.abs().max() > 1e-2 and (member_maps[0] - mean).abs().max() > 0.1 * mean.abs().max()  # member 0
+    # alone draws a different map
+    labels = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    torch.testing.assert_close(cam.class_activation_maps(features, weight, labels),
+                               torch.relu(torch.stack([mean[0, [0, 1, 2]], mean[1, [2, 1, 0]]])), atol=1e-5, rtol=0)
+
+    # through the engine: each top-k slot holds the normalised mean map of the label ranked there
+    frame = load(synthetic / "ring" / "4.png")
+    (inf,) = engine.infer(Route.SKIN, [frame])
+    from neuron_models.preprocess import normalize
+
+    lr = engine.routes[Route.SKIN]
+    with torch.no_grad():
+        image = normalize(torch.from_numpy(inf.image)[None], lr.preprocess)
+        per_member = [torch.einsum("kc,bchw->bkhw", m.cam_weight(), m.forward_features(image)) for m in
+                      ensemble.members]
+    expected = torch.relu(torch.stack(per_member).mean(dim=0))[0]  # (K, h, w)
+    for slot, label in enumerate(inf.order[:3]):
+        ref = cam.upsample(cam.normalize_maps(expected[int(label)][None, None]), lr.preprocess.input_size)[0, 0]
+        np.testing.assert_allclose(inf.cams[slot], ref.numpy(), atol=1e-4)
 
 
 def test_mc_dropout_samples_the_head_repeatably_and_is_refused_for_the_xrv_densenet(
