@@ -76,6 +76,8 @@ def run(
     route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
     mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
     review_threshold: Annotated[float, typer.Option(help="Mark findings with uncertainty above this.")] = 0.1,
+    precision: Annotated[str, typer.Option(help="fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
+                                                "probabilities within 0.01 of fp32).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -88,7 +90,8 @@ def run(
                                      clahe_grid=clahe_grid, heatmap_top_k=top_k, max_frames=max_frames,
                                      max_pixels=max_pixels, xrv_cache_dir=xrv_cache_dir, xrv_sha256=xrv_sha256,
                                      model_dir=model_dir, route_override=route.value if route else None,
-                                     mc_dropout=mc_dropout, review_threshold=review_threshold)
+                                     mc_dropout=mc_dropout, review_threshold=review_threshold,
+                                     precision=precision)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     if settings.weights is WeightsMode.UNTRAINED:
@@ -101,7 +104,8 @@ def run(
 
     try:
         with console.status("loading models..."):
-            engine = Engine.from_settings(settings)
+            # with --route every file goes to that route: no other route's weights are needed (or checked)
+            engine = Engine.from_settings(settings, only=[route] if route else None)
     except SetupError as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
     loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in engine.routes.items())
@@ -115,9 +119,9 @@ def run(
         img_task = progress.add_task("screening", total=None, visible=False)
         hooks = ProgressHooks(
             on_scan=lambda n: progress.update(scan_task, completed=n),
-            on_total=lambda n: (progress.update(scan_task, total=progress.tasks[scan_task].completed),
-                                progress.update(img_task, total=n, visible=True)),
-            on_images=lambda n: progress.advance(img_task, n))
+            on_total=lambda n: progress.update(img_task, total=n, visible=True),
+            on_images=lambda n: progress.advance(img_task, n),
+            on_scanned=lambda r: progress.update(scan_task, total=r.seen, completed=r.seen))
         try:
             report = run_folder(folder, settings, engine=engine, hooks=hooks, retry_failed=retry_failed)
         except NeuronError as exc:
@@ -277,20 +281,24 @@ def worker(
     weights: Annotated[WeightsMode, typer.Option(help="pretrained or untrained.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model batch, across studies.")] = None,
     max_wait_ms: Annotated[int, typer.Option(help="Run a partial batch after this wait (trickling queues).")] = 200,
-    concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads).")] = 8,
+    concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads; they only wait). Default: "
+                                                  "max(8, 4 x batch size), so batches fill from 1-image studies.")
+                           ] = None,
     queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume.")] = "chest-xray,mri-us,skin",
     tta: Annotated[bool, typer.Option("--tta/--no-tta")] = True,
     clahe: Annotated[bool, typer.Option("--clahe/--no-clahe")] = True,
     top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image.")] = 1,
     model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints (EfficientNet routes).")] = None,
     mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
+                                                "probabilities within 0.01 of fp32).")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery GPU worker: takes studies from Redis, batches their images across studies, writes results."""
     try:
         settings = Settings.from_env(device=device, weights=weights, batch_size=batch_size, max_wait_ms=max_wait_ms,
                                      worker_concurrency=concurrency, tta=tta, clahe=clahe, heatmap_top_k=top_k,
-                                     model_dir=model_dir, mc_dropout=mc_dropout)
+                                     model_dir=model_dir, mc_dropout=mc_dropout, precision=precision)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     if settings.weights is WeightsMode.UNTRAINED:
@@ -300,7 +308,7 @@ def worker(
     from worker.service import run_worker
 
     try:
-        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], concurrency, loglevel)
+        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency, loglevel)
     except SetupError as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
 
@@ -415,3 +423,59 @@ def models(model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned ch
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+@app.command()
+def bench(
+    n: Annotated[int, typer.Option("--n", help="Images per synthetic archive.")] = 256,
+    size: Annotated[int, typer.Option(help="Image side in pixels (real CRs are about 2000).")] = 2000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per model batch (default: 16 CPU, 128 CUDA).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 (exact) or a fast mode (bf16, fp16) where the build has it.")
+                         ] = "fp32",
+    archives: Annotated[str, typer.Option(help="Comma-separated: uncompressed, jpeg2000.")] = "uncompressed,jpeg2000",
+    modes: Annotated[str, typer.Option(help="Comma-separated: embedded, celery (celery needs redis-server and "
+                                            "PostgreSQL installed; it starts throwaway ones).")] = "embedded,celery",
+    out: Annotated[Path, typer.Option(help="Folder for <date>-<device>.json.")] = Path("benchmarks/results"),
+    workdir: Annotated[Path, typer.Option(help="Scratch and the cache of generated archives "
+                                               "(default: <system temp>/neuron-bench).")] = None,
+    no_append: Annotated[bool, typer.Option("--no-append", help="Do not add rows to BENCHMARKS.md.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Celery mode: studies in flight in the worker (default: the "
+                                                  "worker's own).")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep this run's scratch (databases, PNGs, worker log).")
+                    ] = False,
+) -> None:
+    """Measure throughput on a deterministic synthetic CR archive: model-only and decode-only bounds, and end to end
+    (embedded; Celery with one worker), in one run. Writes JSON under OUT and a row per result to BENCHMARKS.md."""
+    from neuron.errors import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from neuron.synthetic import default_workdir
+
+    workdir = workdir or default_workdir()
+    _keep_caches_inside(workdir)
+    from worker.bench import BenchConfig, run_bench
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+
+    try:
+        cfg = BenchConfig(n=n, size=size, device=device, batch_size=batch_size, precision=precision,
+                          archives=split(archives), modes=split(modes), out=out, workdir=workdir,
+                          append=not no_append, seed=seed, concurrency=concurrency, keep=keep)
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    try:
+        results = run_bench(cfg, say=console.print)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    table = Table(title=f"neuron bench: {results[0]['device'] if results else cfg.device}")
+    for col in ("mode", "archive", "images", "model-only img/s", "decode img/s", "end-to-end img/s", "ratio",
+                "batch fill"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["mode"], r["archive"], str(r["n_images"]), str(r["model_only_images_per_s"]),
+                      str(r["decode_images_per_s"]), str(r["end_to_end_images_per_s"]), str(r["ratio"]),
+                      str(r["batch_fill"]))
+    Console().print(table)

@@ -35,7 +35,10 @@ ENVIRONMENT = {
     "NEURON_PATH_MAP": "shared=local path prefixes, ';'-separated, where this host mounts shares elsewhere",
     "NEURON_VISIBILITY_TIMEOUT": "seconds before Redis re-delivers a message whose worker died (default: 3600)",
     "NEURON_MODEL_DIR": "folder of fine-tuned checkpoints (one sub-folder each) for the EfficientNet routes",
+    "NEURON_PRECISION": "fp32 (exact: the same answer on CPU and GPU), fp16 or bf16 (fast, CUDA; default: fp32)",
 }
+
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -98,12 +101,13 @@ class Settings:
     mc_dropout: int = 0
     review_threshold: float = 0.1
     route_override: str | None = None
+    precision: str = "fp32"
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
     path_map: tuple[tuple[str, str], ...] = ()
     max_wait_ms: int = 200
-    worker_concurrency: int = 8
+    worker_concurrency: int | None = None  # studies in flight; None: enough to fill batches (worker.service)
     visibility_timeout: int = 3600
     max_attempts: int = 3
     watch_stable_seconds: float = 2.0
@@ -128,6 +132,9 @@ class Settings:
             raise ConfigError(f"max frames {self.max_frames} must be at least 1")
         if self.clahe_grid < 1 or self.clahe_size < self.clahe_grid * 2:
             raise ConfigError(f"CLAHE grid {self.clahe_grid} with working size {self.clahe_size} is not usable")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}; fp32 is exact, "
+                              f"fp16/bf16 trade a documented tolerance for speed on CUDA")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
@@ -178,6 +185,8 @@ class Settings:
             values["heatmap_root"] = Path(env["NEURON_HEATMAP_DIR"])
         if "NEURON_PATH_MAP" in env:
             values["path_map"] = parse_path_map(env["NEURON_PATH_MAP"])
+        if "NEURON_PRECISION" in env:
+            values["precision"] = env["NEURON_PRECISION"].strip().lower()
         if "NEURON_VISIBILITY_TIMEOUT" in env:
             values["visibility_timeout"] = _parse_int("NEURON_VISIBILITY_TIMEOUT", env["NEURON_VISIBILITY_TIMEOUT"])
         known = {f.name for f in fields(cls)}

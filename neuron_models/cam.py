@@ -44,3 +44,20 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
         base = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
     heat = cv2.applyColorMap(np.clip(cam * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.addWeighted(heat, alpha, base, 1.0 - alpha, 0.0)
+
+
+def jet_table(device: torch.device) -> torch.Tensor:
+    """OpenCV's JET colour map as a (256, 3) BGR uint8 table on the device."""
+    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), cv2.COLORMAP_JET)
+    return torch.from_numpy(table.reshape(256, 3)).to(device)
+
+
+def overlay_batch(images: torch.Tensor, maps: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``overlay`` for a whole batch on the device, bit for bit: images (N, C, S, S) in [0, 1], maps (N, k, S, S) in
+    [0, 1] -> (N, k, S, S, 3) BGR uint8, ready for the PNG writer. cv2.addWeighted(heat, 0.5, base, 0.5, 0) rounds
+    half to even, as torch.round does; both truncate the [0, 1] -> [0, 255] scaling the same way."""
+    base = (images * 255.0).clamp(0, 255).to(torch.uint8)
+    base = base.expand(-1, 3, -1, -1) if base.shape[1] == 1 else base.flip(1)  # RGB -> BGR
+    base = base.permute(0, 2, 3, 1).unsqueeze(1).to(torch.float32)  # (N, 1, S, S, 3)
+    heat = table[(maps * 255.0).clamp(0, 255).to(torch.uint8).long()].to(torch.float32)  # (N, k, S, S, 3)
+    return torch.round(heat * 0.5 + base * 0.5).to(torch.uint8)

@@ -115,11 +115,12 @@ class PipelineSpec:
     decoder: dict = field(default_factory=dict)
     mc_dropout: int = 0
     members: tuple[dict, ...] = ()
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
                 "tta": self.tta.as_dict(), "decoder": self.decoder, "mc_dropout": self.mc_dropout,
-                "members": list(self.members)}
+                "members": list(self.members), "precision": self.precision}
 
     @property
     def config_hash(self) -> str:

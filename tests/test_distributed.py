@@ -392,3 +392,118 @@ def test_a_lost_queue_is_sent_again_with_requeue(env, tmp_path, chest_small):
     finally:
         stop(worker)
     assert no_duplicate_rows(env)
+
+
+def test_a_stream_of_small_studies_fills_the_batches_at_the_default_concurrency(env, tmp_path, chest_small):
+    """Studies of 1-4 images and a worker at its default concurrency (studies in flight sized from the batch size):
+    batches run full instead of waiting out --max-wait-ms, results are committed in groups, and the worker logs a
+    fill summary rather than a line per batch."""
+    import random
+    import re
+
+    from worker.service import default_concurrency
+
+    assert default_concurrency(128) >= 2 * 128 and default_concurrency(1) == 8
+    rng = random.Random(0)
+    folder = tmp_path / "archive"
+    n = sum(make_archive(folder / f"part{s}", chest_small, studies=1, per_study=rng.randint(1, 4)) for s in range(14))
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    log_path = tmp_path / "fill.log"
+    worker = subprocess.Popen([sys.executable, "-m", "neuron", "worker", "--device", "cpu", "--weights", "untrained",
+                               "--batch-size", "4", "--no-tta", "--max-wait-ms", "300", "--loglevel", "INFO"],
+                              env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                              start_new_session=True)
+    try:
+        wait_until(lambda: count_done(env) == n, 240, "all instances done", [worker])
+    finally:
+        stop(worker)
+    log = log_path.read_text()
+    assert "16 studies in flight" in log, log[-3000:]
+    summary = re.search(r"batch fill over the run: (\d+) batches, (\d+) frames, mean fill (\d+)%", log)
+    assert summary, log[-3000:]
+    batches, frames = int(summary.group(1)), int(summary.group(2))
+    assert frames == n and frames / (4 * batches) >= 0.9, summary.group(0)
+    assert log.count("batch fill") <= 2  # a summary, not a line per batch
+    assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS and no_duplicate_rows(env)
+
+
+def corrupt_first_copy(folder: Path, chest: Path) -> tuple[Path, Path]:
+    """A truncated copy of a radiograph (same SOP Instance UID) at a path that sorts before the good copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = chest.read_bytes()
+    (folder / "a_corrupt.dcm").write_bytes(raw[: len(raw) - 5000])
+    shutil.copy(chest, folder / "b_good.dcm")
+    return folder / "a_corrupt.dcm", folder / "b_good.dcm"
+
+
+def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate_in_the_distributed_mode(
+        env, tmp_path, chest_small, untrained_settings, engine):
+    """`neuron scan` + `neuron worker` end as `neuron run` does: findings for the radiograph from the good copy, the
+    truncated file failed with the reason and the copy that was screened instead; ingest_status row for row."""
+    import sqlite3
+
+    folder = tmp_path / "archive"
+    corrupt, good = corrupt_first_copy(folder, chest_small)
+    other = small_chest(chest_small, folder / "c_other.dcm", step=3)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        wait_until(lambda: count_done(env) == 2, 180, "the radiograph screened from its good copy", [worker])
+    finally:
+        stop(worker)
+    rows = {Path(p).name: (s, r) for p, s, r in sql(env, "select file_path, status, reason from ingest_status")}
+    status, reason = rows[corrupt.name]
+    assert status == "failed" and "could not be decoded" in reason and f"{good} was screened instead" in reason
+    assert rows[good.name] == ("done", None) and rows[other.name] == ("done", None)
+    uid = sql(env, "select sop_instance_uid from ingest_status where file_path = :p", p=str(good))[0][0]
+    assert len(sql(env, "select label from findings where sop_instance_uid = :u", u=uid)) == N_LABELS
+    assert no_duplicate_rows(env)
+
+    local = untrained_settings.with_(out_dir=tmp_path / "embedded")
+    from worker.engine import Engine
+
+    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device, engine.unavailable))
+    with sqlite3.connect(local.out_dir / "neuron.db") as conn:
+        embedded = {Path(p).name: (s, r) for p, s, r in conn.execute(
+            "select file_path, status, reason from ingest_status")}
+    assert embedded == rows
+
+
+def test_the_watch_folder_screens_a_good_copy_that_arrives_after_the_corrupt_one_failed(env, tmp_path, chest_small):
+    """The truncated copy arrives first, is queued and failed by a worker; the good copy arrives later: it is not
+    left a `duplicate` of a failed instance, the instance is screened from it."""
+    from db.store import Database
+    from neuron.queue import make_app
+    from producer.watch import FolderWatcher
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    raw = chest_small.read_bytes()
+    (incoming / "a_corrupt.dcm").write_bytes(raw[: len(raw) - 5000])
+    settings = Settings.from_env(env, watch_stable_seconds=0.5, watch_quiet_seconds=0.2)
+    db = Database(settings.resolved_database_url)
+    db.create()
+    watcher = FolderWatcher(incoming, db, make_app(settings), settings, poll=True)
+    watcher.start()
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        t0 = time.monotonic()
+        watcher.step(now=t0 + 1.0)  # stable: indexed
+        watcher.step(now=t0 + 1.5)  # quiet: enqueued
+        wait_until(lambda: sql(env, "select status from instances") == [("failed",)], 180,
+                   "the worker to fail the truncated copy", [worker])
+        shutil.copy(chest_small, incoming / "b_good.dcm")
+        wait_until(lambda: incoming / "b_good.dcm" in watcher.collector.seen, 30, "the observer to see the copy")
+        watcher.step(now=t0 + 2.0)  # first seen
+        watcher.step(now=t0 + 3.0)  # stable: indexed (a duplicate of the failed instance)
+        watcher.step(now=t0 + 4.0)  # quiet: the instance is sent again, from the good copy
+        wait_until(lambda: count_done(env) == 1, 180, "the instance screened from the good copy", [worker])
+    finally:
+        stop(worker)
+        watcher.stop()
+        db.dispose()
+    rows = {Path(p).name: (s, r) for p, s, r in sql(env, "select file_path, status, reason from ingest_status")}
+    assert rows["b_good.dcm"] == ("done", None)
+    assert rows["a_corrupt.dcm"][0] == "failed"
+    assert f"{(incoming / 'b_good.dcm').resolve()} was screened instead" in rows["a_corrupt.dcm"][1]
+    assert sql(env, "select count(*) from findings")[0][0] == N_LABELS

@@ -139,7 +139,12 @@ def test_screened_instances_have_a_full_set_of_findings(first_run, archive):
         assert all(r[3] == "untrained" and r[15] == 1 and len(r[14]) == 16 for r in uid_rows)
         assert all(0.0 < r[5] < 1.0 and r[6] >= 0 for r in uid_rows)
     (config,) = query(settings, "select settings_json from pipeline_configs")
-    assert '"clahe": true' in config[0] and '"brightness"' in config[0]
+    assert '"clahe": true' in config[0] and '"brightness"' in config[0] and '"precision": "fp32"' in config[0]
+    # which decoder produced each result is part of its provenance: the RLE and JPEG 2000 copies went through
+    # imagecodecs, the uncompressed files were read straight from the file
+    decoders = dict(query(settings, "select file_path, decoder from findings where rank = 1"))
+    assert decoders[str(files["mono1"].resolve())] == "native"
+    assert all("imagecodecs" in decoders[str(files[k].resolve())] for k in ("j2k", "rle"))
 
 
 def test_monochrome1_and_monochrome2_twin_agree_end_to_end(first_run, archive):
@@ -189,24 +194,6 @@ def test_rerun_adds_no_rows_and_changes_no_results(first_run, archive, engine):
     assert report.screened == 0 and report.scan.unchanged == report.scan.seen
     assert query(settings, "select * from findings order by sop_instance_uid, label") == before
     assert query(settings, "select * from ingest_status order by file_path") == status_before
-
-
-def test_hostile_uids_never_write_outside_the_output_folder(tmp_path, chest_small, untrained_settings, engine):
-    folder, out = tmp_path / "in", tmp_path / "out"
-    for i, uid in enumerate(["../../../../etc/neuron_evil", "/tmp/neuron_evil", "..\\..\\x", "a/../../b"]):
-        small_chest(chest_small, folder / f"f{i}.dcm", step=2, SOPInstanceUID=uid, StudyInstanceUID=uid,
-                    SeriesInstanceUID=uid)
-    before = {p for p in tmp_path.parent.rglob("*")}
-    settings = untrained_settings.with_(out_dir=out)
-    run_folder(folder, settings, engine=_engine_for(engine, settings))
-    after = {p for p in tmp_path.parent.rglob("*")}
-    new = after - before
-    assert new and all(out in p.parents or p == out for p in new), sorted(map(str, new - {out}))
-    assert not Path("/etc/neuron_evil").exists() and not Path("/tmp/neuron_evil").exists()
-    paths = [r[0] for r in query(settings, "select heatmap_path from findings where heatmap_path is not null")]
-    assert len(paths) == 4
-    heat = (out / "heatmaps").resolve()
-    assert all(heat in Path(p).resolve().parents for p in paths)
 
 
 def _neuron(*args, env=None, timeout=300, unset=()):
@@ -268,3 +255,24 @@ def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_sma
     assert status == "failed" and "could not be decoded" in reason and "b_good.dcm was screened instead" in reason
     assert status_of(settings, folder / "b_good.dcm") == ("done", None)
     assert len(probs(settings, folder / "b_good.dcm")) == N_LABELS
+
+
+def test_hostile_uids_are_failed_with_the_reason_and_nothing_is_written_outside(tmp_path, chest_small,
+                                                                                untrained_settings, engine):
+    """Path-like UIDs are not valid DICOM UIDs: each file is failed with the value's problem (never altered into a
+    different UID, never screened), and nothing lands outside the output folder."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    hostile = ["../../../../etc/neuron_evil", "/tmp/neuron_evil", "..\\..\\x", "a/../../b"]
+    for i, uid in enumerate(hostile):
+        small_chest(chest_small, folder / f"f{i}.dcm", step=2, SOPInstanceUID=uid, StudyInstanceUID=uid,
+                    SeriesInstanceUID=uid)
+    before = {p for p in tmp_path.parent.rglob("*")}
+    settings = untrained_settings.with_(out_dir=out)
+    run_folder(folder, settings, engine=_engine_for(engine, settings))
+    new = {p for p in tmp_path.parent.rglob("*")} - before
+    assert new and all(out in p.parents or p == out for p in new), sorted(map(str, new - {out}))
+    assert not Path("/etc/neuron_evil").exists() and not Path("/tmp/neuron_evil").exists()
+    for i, uid in enumerate(hostile):
+        status, reason = status_of(settings, folder / f"f{i}.dcm")
+        assert status == "failed" and f"SOP Instance UID (0008,0018) {uid!r} is not a valid DICOM UID" in reason
+    assert query(settings, "select count(*) from findings")[0][0] == 0

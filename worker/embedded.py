@@ -1,19 +1,26 @@
 """The embedded default: index a folder, screen it and write results, in one process on one database.
 
-The same steps the distributed mode splits between producer and workers: ``producer.scan.index_folder`` ->
-``Engine.run`` -> ``Database.record_outcomes``.
+The same steps the distributed mode splits between producer and workers, overlapped:
+
+    walk + index (a thread: ``producer.scan.index_folder``) ──► instances pending, a committed batch at a time
+        ──► Engine.run (the staged engine) ──► ResultWriter (one thread, group commits) ──► the database
+
+Indexing streams into screening: the first batch reaches the device while the walk is still going.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from db.schema import utcnow
-from db.store import Database, Outcome, Summary
+from db.store import Database, Outcome, Summary, WorkItem
+from db.writer import ResultWriter
 from neuron.routes import Route
 from neuron.settings import Settings
 from producer.scan import ScanResult, index_folder
@@ -30,37 +37,95 @@ class RunReport:
     summary: Summary
 
 
+@dataclass
 class ProgressHooks:
-    """Callbacks a front end (the CLI's progress bar) may set; all optional."""
+    """Callbacks a front end (the CLI's progress bar) may set; all optional. ``on_total`` is called with the number
+    of frames found to screen so far, each time it grows; ``on_scanned`` once the walk has ended."""
 
-    def __init__(self, on_scan: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
-                 on_images: Callable[[int], None] | None = None):
-        self.on_scan = on_scan
-        self.on_total = on_total
-        self.on_images = on_images
+    on_scan: Callable[[int], None] | None = None
+    on_total: Callable[[int], None] | None = None
+    on_images: Callable[[int], None] | None = None
+    on_scanned: Callable[[ScanResult], None] | None = None
 
 
-class OutcomeWriter:
-    """Collects outcomes and commits them in batches, so one slow instance never holds back the others' rows."""
+@dataclass
+class _Indexer:
+    """Walks and indexes in a thread; hands out each committed batch's newly pending instances."""
 
-    def __init__(self, db: Database, batch: int = 64):
-        self.db, self.batch, self.buffer, self.count = db, batch, [], 0
+    folder: Path
+    db: Database
+    settings: Settings
+    routes: list[str]
+    hooks: ProgressHooks
+    batches: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=64))
+    result: ScanResult | None = None
+    error: BaseException | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._walk, name="indexer", daemon=True).start()
+
+    def _walk(self) -> None:
+        try:
+            override = Route(self.settings.route_override) if self.settings.route_override else None
+            self.result = index_folder(self.folder, self.db, exclude=[self.settings.out_dir],
+                                       batch=64, on_file=self.hooks.on_scan, route_override=override,
+                                       on_indexed=lambda paths: self.batches.put(list(paths)))
+            if self.hooks.on_scanned is not None:
+                self.hooks.on_scanned(self.result)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.batches.put(None)
+
+    def items(self, backlog: list[WorkItem]) -> Iterator[WorkItem]:
+        """The backlog (instances pending before this walk), then what the walk indexes, as it indexes it."""
+        handed = {i.sop_instance_uid for i in backlog}  # a changed file re-indexed during the walk is not sent twice
+        found = self._found(0, backlog)
+        yield from backlog
+        while (paths := self.batches.get()) is not None:
+            fresh = [i for i in self.db.pending(routes=self.routes, paths=paths) if i.sop_instance_uid not in handed]
+            found = self._found(found, fresh)
+            yield from fresh
+        if self.error is not None:
+            raise self.error
+
+    def _found(self, found: int, items: list[WorkItem]) -> int:
+        if items:
+            found += sum(min(i.frames, self.settings.max_frames) for i in items)
+            if self.hooks.on_total is not None:
+                self.hooks.on_total(found)
+        return found
+
+
+class _Sink:
+    """Hands each outcome to the writer and surfaces a failed commit (a full or read-only database) as an error
+    that stops the run: what was committed stays, and a re-run screens the rest."""
+
+    def __init__(self, writer: ResultWriter):
+        self.writer, self.count, self._futures = writer, 0, []
 
     def __call__(self, outcome: Outcome) -> None:
-        self.buffer.append(outcome)
         self.count += 1
-        if len(self.buffer) >= self.batch:
-            self.flush()
+        self._futures.append(self.writer.submit([outcome]))
+        if len(self._futures) >= 256:
+            self.check(wait=False)
 
-    def flush(self) -> None:
-        self.db.record_outcomes(self.buffer)
-        self.buffer = []
+    def check(self, wait: bool = True) -> None:
+        if wait:
+            self.writer.flush()
+        keep = []
+        for fut in self._futures:
+            if not fut.done():
+                keep.append(fut)
+            elif fut.exception() is not None:
+                raise fut.exception()
+        self._futures = keep
 
 
 def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
                hooks: ProgressHooks | None = None, retry_failed: bool = False) -> RunReport:
-    """Index FOLDER, then screen every instance still to do: new ones, ones skipped earlier because their route had
-    no model and now has one, and (``retry_failed``) failed ones."""
+    """Index FOLDER while screening every instance still to do: new ones, ones skipped earlier because their route
+    had no model and now has one, and (``retry_failed``) failed ones."""
     hooks = hooks or ProgressHooks()
     started = utcnow()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,22 +135,22 @@ def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
         engine = engine or Engine.from_settings(settings)
         for lr in engine.routes.values():
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
-        override = Route(settings.route_override) if settings.route_override else None
-        scan = index_folder(folder, db, exclude=[settings.out_dir], on_file=hooks.on_scan, route_override=override)
         routes = [r.value for r in engine.routes]
+        unavailable = {r.value: why for r, why in engine.unavailable.items()}
         db.reset_to_pending(awaiting_model=routes, failed=retry_failed)
-        db.skip_routes_without_model(routes, {r.value: why for r, why in engine.unavailable.items()})
-        items = db.pending(routes=routes)
-        if hooks.on_total is not None:
-            hooks.on_total(sum(min(i.frames, settings.max_frames) for i in items))
-        writer = OutcomeWriter(db)
-        while items:
-            try:
-                engine.run(items, writer, progress=hooks.on_images)
-            finally:
-                writer.flush()
+        db.skip_routes_without_model(routes, unavailable)
+        backlog = db.pending(routes=routes)
+        indexer = _Indexer(Path(folder), db, settings, routes, hooks)
+        indexer.start()
+        with ResultWriter(db) as writer:
+            sink = _Sink(writer)
+            engine.run(indexer.items(backlog), sink, progress=hooks.on_images)
+            sink.check()
             # A corrupt first copy must not hide a good duplicate: those get one more pass, from the other file.
-            items = db.pending(routes=routes) if db.retry_failed_from_duplicates() else []
-        return RunReport(scan, writer.count, started, db.summary(since=started))
+            while db.retry_failed_from_duplicates():
+                engine.run(db.pending(routes=routes), sink, progress=hooks.on_images)
+                sink.check()
+        db.skip_routes_without_model(routes, unavailable)  # instances of routes with no model, found by this walk
+        return RunReport(indexer.result or ScanResult(), sink.count, started, db.summary(since=started))
     finally:
         db.dispose()

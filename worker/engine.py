@@ -1,37 +1,38 @@
-"""The batch engine shared by the embedded run and the distributed worker.
+"""The batch engine shared by the embedded run and the distributed worker: models on a device, and the device job.
 
-    WorkItems ─► decode threads (CPU: read + parse) ─► per-route batches across studies ─► device:
-    LUT/window/invert/crop/resize/CLAHE ─► TTA views in one forward ─► mean/std + CAM maps ─► PNG threads ─► Outcomes
+    frames ─► Preprocessor (one upload, batched LUT/window/invert/crop/resize/CLAHE) ─► model_job: TTA views in one
+    forward ─► mean/std ─► CAM maps of the top-k labels ─► heatmap overlays as uint8 ─► one copy back
 
-Decoding runs ahead of the device on a thread pool and PNG writing behind it on another, so the device is fed while
-the CPU reads. Each instance's Outcome is emitted once all its frames are inferred and its heatmaps are on disk.
+``Engine.run`` (``worker/pipeline.py``) streams work through readers, a batcher, a stager, this device job, a result
+stage and a PNG pool; ``Engine.infer`` runs one batch synchronously (tests, evaluation).
+
+Precision: ``fp32`` is exact: TF32 is switched off, so the CPU and a GPU give the same probabilities (1e-4), ranks
+and maps (1e-3). ``fp16``/``bf16`` run the model under autocast in channels-last with cuDNN autotuning; preprocessing,
+CAM maps and overlays stay in fp32. The precision is part of every result's settings hash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from db.schema import Status
 from db.store import FrameResult, LabelScore, Outcome, WorkItem
-from neuron.errors import ConfigError, InputError, ModelUnavailable, RetryableError
+from neuron.errors import ConfigError, InputError, ModelUnavailable, RetryableError, SetupError
 from neuron.routes import Route
 from neuron.settings import Settings
 from neuron_models import cam, dropout
 from neuron_models.effnet import members_of
-from neuron_models.image import DecodedFrame
-from neuron_models.preprocess import PreprocessConfig, normalize, prepare_batch
+from neuron_models.image import DecodedFrame, EncodedFrame
+from neuron_models.preprocess import Prepared, PreprocessConfig, Preprocessor, StagedBatch, normalize
 from neuron_models.registry import (
     PipelineSpec,
     ScreeningModel,
@@ -41,12 +42,14 @@ from neuron_models.registry import (
     tta_policy,
 )
 from neuron_models.tta import TTAPolicy
-from worker.decode import decode_instance, decoder_versions
+from worker.decode import decode_encoded, decoder_versions
+from worker.gpu_decode import GPU_SYNTAXES, GpuDecoder, nvimgcodec_version
 
 log = logging.getLogger(__name__)
 
 
 IDLE = object()  # yielded by an endless feed when nothing new has arrived
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,16 +65,79 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
+def _gpu_decoder(device: torch.device) -> GpuDecoder | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return GpuDecoder(device)
+    except SetupError as exc:
+        log.warning("JPEG 2000 and JPEG lossless decode on the CPU: %s", exc)
+        return None
+
+
+@contextlib.contextmanager
+def float32_mode(exact: bool):
+    """TF32 rounds fp32 convolutions and matrix products to a 10-bit mantissa on Ampere and newer GPUs (cuDNN allows it
+    for convolutions by default): exact mode switches it off around the device job, so a GPU computes what the CPU
+    computes, whatever another engine in the process asked for."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not exact
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@dataclass
+class EngineStats:
+    """How full the batches were and how long the first one took; read by the benchmark and the worker's logs."""
+
+    batch_size: int
+    created_at: float = field(default_factory=time.monotonic)
+    batches: int = 0
+    frames: int = 0
+    first_batch_at: float | None = None
+    why: Counter[str] = field(default_factory=Counter)  # "full", "waited", "drained"
+
+    def record(self, frames: int, reason: str) -> None:
+        if self.first_batch_at is None:
+            self.first_batch_at = time.monotonic()
+        self.batches += 1
+        self.frames += frames
+        self.why[reason] += 1
+
+    @property
+    def fill(self) -> float:
+        return self.frames / (self.batches * self.batch_size) if self.batches else 0.0
+
+    @property
+    def time_to_first_batch_s(self) -> float | None:
+        return None if self.first_batch_at is None else self.first_batch_at - self.created_at
+
+
 @dataclass(frozen=True)
 class FrameInference:
-    """One frame's numbers from the device, before heatmaps are written."""
+    """One frame's numbers from the device. ``image`` and ``cams`` (floats) are copied back only by ``infer``; the
+    pipeline takes the uint8 ``overlays`` alone."""
 
     frame: DecodedFrame
     probabilities: np.ndarray  # (K,)
     uncertainty: np.ndarray  # (K,)
     order: np.ndarray  # label indices by descending probability
-    image: np.ndarray  # (C, S, S) identity view in [0, 1], the heatmap's background
-    cams: np.ndarray  # (k, S, S) in [0, 1] for the top-k labels
+    overlays: np.ndarray  # (k, S, S, 3) BGR uint8: the heatmaps of the top-k labels over the image
+    image: np.ndarray | None = None  # (C, S, S) identity view in [0, 1]
+    cams: np.ndarray | None = None  # (k, S, S) in [0, 1]
+
+
+@dataclass
+class ModelOutput:
+    """The model job's results for a batch, on the device (nothing waited for)."""
+
+    mean: torch.Tensor  # (N, K)
+    std: torch.Tensor  # (N, K)
+    order: torch.Tensor  # (N, K)
+    maps: torch.Tensor  # (N, k, S, S)
+    overlays: torch.Tensor  # (N, k, S, S, 3) uint8
 
 
 @dataclass
@@ -86,21 +152,6 @@ class LoadedRoute:
     @property
     def tta(self) -> TTAPolicy:
         return self.spec.tta
-
-
-@dataclass
-class _InstanceState:
-    item: WorkItem
-    expected: int
-    results: list[FrameResult] = field(default_factory=list)
-    writes: list[Future] = field(default_factory=list)
-    error: InputError | None = None
-
-    seen: int = 0
-
-    @property
-    def inferred(self) -> bool:
-        return self.seen == self.expected
 
 
 def heatmap_name(sop_uid: str, frame: int, model: str, weights: str, label: str, config_hash: str) -> str:
@@ -120,14 +171,32 @@ class Engine:
         gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
         self.worker_id = f"{socket.gethostname()}/{device}{gpu}"
         self.heatmap_dir = settings.heatmap_dir.resolve()
+        self.precision = settings.precision
+        self.fast = self.precision in AUTOCAST
+        if self.fast and device.type != "cuda":
+            log.warning("--precision %s on %s: autocast on the CPU is slow; fp32 is the CPU's exact mode",
+                        self.precision, device)
+        if self.fast:
+            torch.backends.cudnn.benchmark = True
+            for lr in routes.values():
+                lr.model.to(memory_format=torch.channels_last)
+        self.preprocessors = {r: Preprocessor(lr.preprocess, device) for r, lr in routes.items()}
+        self.gpu_decoder = _gpu_decoder(device)
+        # compressed syntaxes the readers leave encoded for the device decoder (JPEG 2000, HTJ2K, JPEG lossless)
+        self.defer_syntaxes = GPU_SYNTAXES if self.gpu_decoder is not None else frozenset()
+        self.jet = cam.jet_table(device)
+        self.stats = EngineStats(self.batch_size)
 
     @classmethod
     def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None) -> Engine:
         """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
         evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
         instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded."""
+        created = time.monotonic()
         device = resolve_device(settings.device)
-        decoder = {"plugin": "pylibjpeg", "versions": decoder_versions()}
+        gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
+        decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
+                   "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
         routes: dict[Route, LoadedRoute] = {}
         unavailable: dict[Route, str] = {}
         for route in Route if only is None else only:
@@ -146,181 +215,160 @@ class Engine:
             spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings),
                                 tta_policy(cfg, settings), decoder,
                                 mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
-                                members=members_of(model))
+                                members=members_of(model), precision=settings.precision)
             routes[route] = LoadedRoute(model, spec)
-        return cls(settings, routes, device, unavailable)
+        engine = cls(settings, routes, device, unavailable)
+        engine.stats.created_at = created  # time to first batch counts the model loading
+        return engine
 
-    # -- pure compute ---------------------------------------------------------------------------------------------
+    # -- the device job -------------------------------------------------------------------------------------------
+    def autocast(self):
+        if not self.fast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
+
     @torch.no_grad()
-    def infer(self, route: Route, frames: Sequence[DecodedFrame]) -> list[FrameInference | InputError]:
-        """Run one batch of frames through a route's model. The same for any batch composition: every per-image
-        result is independent of the others in the batch."""
+    def model_job(self, route: Route, x: torch.Tensor, ids: Sequence[str] | None = None) -> ModelOutput:
+        """The whole model job on a prepared batch already on the device ((N, C, S, S) in [0, 1]): TTA views in one
+        forward, mean and spread, CAM maps of the top-k labels and their overlays. Asynchronous on CUDA. ``ids``
+        (one per image) key the MC-dropout masks, so they do not depend on the batch or the device."""
         lr = self.routes[route]
+        views = lr.tta.expand(x)
+        keys = None
+        if lr.spec.mc_dropout:
+            ids = ids if ids is not None else [str(i) for i in range(x.shape[0])]
+            keys = dropout.view_keys(dropout.image_keys(list(ids), self.device), views.shape[0] // x.shape[0])
+        inputs = normalize(views, lr.preprocess)
+        if self.fast:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            probs, features, cam_weight = lr.model.predict(inputs, lr.spec.mc_dropout, self.settings.seed, keys)
+        mean, std = lr.tta.reduce(probs.float())
+        order = torch.argsort(mean, dim=1, descending=True, stable=True)
+        n, size = x.shape[0], lr.preprocess.input_size
+        k = min(self.settings.heatmap_top_k, mean.shape[1])
+        if k:
+            identity = features[:n].float()  # views are view-major; the identity view comes first
+            maps = cam.class_activation_maps(identity, cam_weight.float(), order[:, :k])
+            maps = cam.upsample(cam.normalize_maps(maps), size)
+        else:
+            maps = torch.zeros(n, 0, size, size, device=x.device)
+        return ModelOutput(mean, std, order, maps, cam.overlay_batch(x, maps, self.jet))
+
+    def device_job(self, route: Route, frames: Sequence[DecodedFrame], staged: StagedBatch | None = None,
+                   uploaded: torch.Tensor | None = None) -> list[tuple[Sequence[DecodedFrame], Prepared, ModelOutput]]:
+        """Upload (unless the caller did), preprocess and run the model on one batch; on CUDA out of memory, split it
+        in halves (the same results: every image is independent of its batch). Returns (frames, prepared, output)
+        chunks."""
         try:
-            return self._infer(lr, frames)
+            with float32_mode(exact=not self.fast):
+                return self._device_job(route, frames, staged, uploaded)
         except torch.cuda.OutOfMemoryError as exc:
             if len(frames) == 1:
                 raise RetryableError(f"CUDA out of memory on a single image on {self.device}") from exc
             torch.cuda.empty_cache()
             half = len(frames) // 2
             log.warning("CUDA out of memory on a batch of %d; splitting", len(frames))
-            return self.infer(route, frames[:half]) + self.infer(route, frames[half:])
+            return self.device_job(route, frames[:half]) + self.device_job(route, frames[half:])
 
-    def _infer(self, lr: LoadedRoute, frames: Sequence[DecodedFrame]) -> list[FrameInference | InputError]:
-        x, kept, rejected = prepare_batch(frames, lr.preprocess, self.device)
-        out: list[FrameInference | InputError] = list(rejected.get(i) for i in range(len(frames)))  # type: ignore
-        if not kept:
+    def _device_job(self, route: Route, frames: Sequence[DecodedFrame], staged: StagedBatch | None,
+                    uploaded: torch.Tensor | None) -> list[tuple[Sequence[DecodedFrame], Prepared, ModelOutput]]:
+        pre = self.preprocessors[route]
+        staged = staged if staged is not None else pre.stage(frames)
+        prepared = pre.run(staged, uploaded if uploaded is not None else pre.upload(staged))
+        ids = [f"{f.sop_instance_uid}|{f.frame}" for f in frames]
+        return [(frames, prepared, self.model_job(route, prepared.x, ids))]
+
+    @torch.no_grad()
+    def infer(self, route: Route, frames: Sequence[DecodedFrame]) -> list[FrameInference | InputError]:
+        """Run one batch of frames through a route's model and wait for it. The same for any batch composition:
+        every per-image result is independent of the others in the batch."""
+        out: list[FrameInference | InputError] = []
+        for chunk, prepared, result in self.device_job(route, frames):
+            out.extend(self.host_results(route, chunk, prepared, result, images=True))
+        return out
+
+    def host_results(self, route: Route, frames: Sequence[DecodedFrame], prepared: Prepared, result: ModelOutput,
+                     images: bool = False) -> list[FrameInference | InputError]:
+        """Copy a batch's results back (blocking) and split them per frame; rejected frames become their reason."""
+        host = {name: t.cpu().numpy() for name, t in (("mean", result.mean), ("std", result.std),
+                                                        ("order", result.order), ("overlays", result.overlays),
+                                                        ("rejected", prepared.rejected),
+                                                        ("saturation", prepared.saturation))}
+        if images:
+            host["image"], host["maps"] = prepared.x.cpu().numpy(), result.maps.cpu().numpy()
+        return self.split_results(route, frames, prepared, host)
+
+    def split_results(self, route: Route, frames: Sequence[DecodedFrame], prepared: Prepared,
+                      host: dict[str, np.ndarray]) -> list[FrameInference | InputError]:
+        limit = self.routes[route].preprocess.grayscale_max_saturation
+        rejected = prepared.rejections(host["rejected"], host["saturation"], limit)
+        out: list[FrameInference | InputError] = []
+        for i, fr in enumerate(frames):
+            if i in rejected:
+                out.append(rejected[i])
+                continue
+            out.append(FrameInference(fr, host["mean"][i], host["std"][i], host["order"][i], host["overlays"][i],
+                                      host["image"][i] if "image" in host else None,
+                                      host["maps"][i] if "maps" in host else None))
+        return out
+
+    def finish_decoding(self, frames: Sequence[DecodedFrame | EncodedFrame]) -> list[DecodedFrame | InputError]:
+        """Frames the readers left encoded are decoded on the device in one nvImageCodec call; what it returns as
+        None is decoded on the CPU. Which decoder produced each frame stays with it (provenance)."""
+        encoded = [i for i, f in enumerate(frames) if isinstance(f, EncodedFrame)]
+        out: list[DecodedFrame | InputError] = list(frames)  # type: ignore[arg-type]
+        if not encoded:
             return out
-        views = lr.tta.expand(x)
-        keys = None
-        if lr.spec.mc_dropout:  # dropout masks keyed by the image, so they do not depend on the batch or device
-            ids = [f"{frames[i].sop_instance_uid}|{frames[i].frame}" for i in kept]
-            keys = dropout.view_keys(dropout.image_keys(ids, self.device), views.shape[0] // x.shape[0])
-        probs, features, cam_weight = lr.model.predict(normalize(views, lr.preprocess), lr.spec.mc_dropout,
-                                                       self.settings.seed, keys)
-        mean, std = lr.tta.reduce(probs)
-        order = torch.argsort(mean, dim=1, descending=True, stable=True)
-        k = min(self.settings.heatmap_top_k, mean.shape[1])
-        if k:
-            identity_features = features[: x.shape[0]]  # views are view-major; the identity view comes first
-            maps = cam.class_activation_maps(identity_features, cam_weight, order[:, :k])
-            maps = cam.upsample(cam.normalize_maps(maps), lr.preprocess.input_size).cpu().numpy()
-        else:
-            maps = np.zeros((x.shape[0], 0, 1, 1), dtype=np.float32)
-        mean_np, std_np, order_np, images = mean.cpu().numpy(), std.cpu().numpy(), order.cpu().numpy(), x.cpu().numpy()
-        for j, i in enumerate(kept):
-            out[i] = FrameInference(frames[i], mean_np[j], std_np[j], order_np[j], images[j], maps[j])
+        tensors = self.gpu_decoder.decode_batch([frames[i] for i in encoded]) if self.gpu_decoder else \
+            [None] * len(encoded)
+        for i, tensor in zip(encoded, tensors, strict=True):
+            f = frames[i]
+            if tensor is not None:
+                out[i] = DecodedFrame(f.sop_instance_uid, f.frame, tensor, f.params, decoder=self.gpu_decoder.label)
+                continue
+            try:
+                out[i] = decode_encoded(f)
+            except InputError as exc:
+                out[i] = exc
         return out
 
     # -- results --------------------------------------------------------------------------------------------------
-    def _frame_result(self, lr: LoadedRoute, inf: FrameInference, writers: ThreadPoolExecutor
-                      ) -> tuple[FrameResult, list[Future]]:
-        names = lr.model.class_names
+    def frame_result(self, route: Route, inf: FrameInference) -> tuple[FrameResult, list[tuple[str, np.ndarray]]]:
+        """The rows of one frame and the heatmaps to write ((path, BGR uint8 image) pairs)."""
+        lr = self.routes[route]
+        names, spec = lr.model.class_names, lr.spec
         rank_of = {int(label): r + 1 for r, label in enumerate(inf.order)}
-        spec, writes, scores = lr.spec, [], []
         heatmaps: dict[int, str] = {}
-        for slot, label_idx in enumerate(inf.order[: inf.cams.shape[0]]):
+        writes = []
+        for slot, label_idx in enumerate(inf.order[: inf.overlays.shape[0]]):
             rel = heatmap_name(inf.frame.sop_instance_uid, inf.frame.frame, spec.model, spec.weights,
                                names[label_idx], spec.config_hash)
             path = self.heatmap_dir / rel
             heatmaps[int(label_idx)] = self.settings.to_shared(str(path))
-            writes.append(writers.submit(_write_png, path, inf.image, inf.cams[slot]))
+            writes.append((str(path), inf.overlays[slot]))
+        scores = []
         for idx, name in enumerate(names):
             unc = float(inf.uncertainty[idx])
             scores.append(LabelScore(name, float(inf.probabilities[idx]), unc, rank_of[idx], heatmaps.get(idx),
                                      unc > self.settings.review_threshold))
         return FrameResult(inf.frame.frame, spec.model, spec.weights, spec.config_hash, lr.model.untrained,
-                           tuple(scores)), writes
+                           tuple(scores), decoder=getattr(inf.frame, "decoder", None)), writes
 
     # -- the pipeline ---------------------------------------------------------------------------------------------
     def run(self, items: Iterable[WorkItem | object], sink: Callable[[Outcome], None],
             progress: Callable[[int], None] | None = None) -> None:
-        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order.
+        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order, on this thread.
 
-        ``items`` may be endless (the distributed worker's feed): it yields ``IDLE`` when nothing new has arrived,
-        and partial batches whose first frame has waited ``max_wait_ms`` are then run rather than held back.
-        """
-        workers = max(1, self.settings.decode_workers)
-        ahead = max(2 * self.batch_size, 4 * workers)
-        max_wait = self.settings.max_wait_ms / 1000.0
-        batches: dict[Route, list[tuple[_InstanceState, DecodedFrame]]] = {r: [] for r in self.routes}
-        started: dict[Route, float] = {}
-        completing: deque[_InstanceState] = deque()
+        ``items`` may be endless (the distributed worker's feed) and may yield ``IDLE`` when nothing new has arrived;
+        partial batches whose first frame has waited ``max_wait_ms`` are run rather than held back."""
+        from worker.pipeline import Pipeline
 
-        def flush(route: Route, writers: ThreadPoolExecutor) -> None:
-            batch, batches[route] = batches[route], []
-            started.pop(route, None)
-            if not batch:
-                return
-            results = self.infer(route, [f for _, f in batch])
-            lr = self.routes[route]
-            for (state, _), res in zip(batch, results, strict=True):
-                state.seen += 1
-                if isinstance(res, InputError):
-                    state.error = state.error or res
-                elif state.error is None:
-                    fr, writes = self._frame_result(lr, res, writers)
-                    state.results.append(fr)
-                    state.writes.extend(writes)
-                if state.inferred:
-                    completing.append(state)
-            if progress is not None:
-                progress(len(batch))
+        Pipeline(self).run(items, sink, progress)
 
-        def emit(block: bool) -> None:
-            while completing and (block or all(w.done() for w in completing[0].writes)):
-                sink(self._outcome(completing.popleft()))
+    def decode_only(self, items: Iterable[WorkItem]) -> int:
+        """The decode bound: files to raw frames on the device with the engine's readers, no model. Returns the number
+        of frames."""
+        from worker.pipeline import decode_to_device
 
-        it = iter(items)
-        inflight: deque[tuple[WorkItem, Future]] = deque()
-        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
-                ThreadPoolExecutor(2, thread_name_prefix="png") as writers:
-            exhausted = False
-            while True:
-                idle = False
-                while not exhausted and len(inflight) < ahead:
-                    item = next(it, None)
-                    if item is None:
-                        exhausted = True
-                    elif item is IDLE:
-                        idle = True
-                    elif Route(item.route) not in self.routes:  # no model for it on this host
-                        reason = self.unavailable.get(Route(item.route), f"no model for route '{item.route}'")
-                        sink(Outcome(item.sop_instance_uid, Status.SKIPPED, reason, worker=self.worker_id))
-                    else:
-                        inflight.append((item, decoders.submit(
-                            decode_instance, self.settings.to_local(item.file_path), item.sop_instance_uid,
-                            self.settings.max_frames, self.settings.max_pixels)))
-                        continue
-                    break
-                if not inflight:
-                    if exhausted:
-                        break
-                    now = time.monotonic()
-                    for route, t0 in list(started.items()):
-                        if now - t0 >= max_wait:
-                            flush(route, writers)
-                    emit(block=False)
-                    continue
-                if idle and not inflight[0][1].done():
-                    emit(block=False)
-                    continue
-                item, fut = inflight.popleft()
-                route = Route(item.route)
-                try:
-                    frames = fut.result()
-                except InputError as exc:
-                    sink(Outcome(item.sop_instance_uid, Status(exc.status), exc.reason, worker=self.worker_id))
-                    if progress is not None:
-                        progress(1)
-                    continue
-                state = _InstanceState(item, expected=len(frames))
-                for f in frames:
-                    batches[route].append((state, f))
-                    started.setdefault(route, time.monotonic())
-                    if len(batches[route]) >= self.batch_size:
-                        flush(route, writers)
-                emit(block=False)
-            for route in batches:
-                flush(route, writers)
-            emit(block=True)
-
-    def _outcome(self, state: _InstanceState) -> Outcome:
-        uid = state.item.sop_instance_uid
-        if state.error is not None:
-            return Outcome(uid, Status(state.error.status), state.error.reason, worker=self.worker_id)
-        for w in state.writes:
-            exc = w.exception()
-            if exc is not None:
-                return Outcome(uid, Status.FAILED, f"heatmap could not be written: {exc}; check free space and "
-                                                   f"permissions of {self.heatmap_dir}", worker=self.worker_id)
-        frames = tuple(sorted(state.results, key=lambda r: r.frame))
-        return Outcome(uid, Status.DONE, None, frames, worker=self.worker_id)
-
-
-def _write_png(path: Path, image: np.ndarray, cam_map: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    if not cv2.imwrite(str(tmp), cam.overlay(image, cam_map)):
-        raise OSError(f"cv2 could not write {tmp}")
-    tmp.replace(path)
+        return decode_to_device(self, items)

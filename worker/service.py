@@ -2,12 +2,18 @@
 
     Celery thread pool (N studies in flight) ──submit(items)──► StudyBatcher queue ──► Engine.run (one thread)
            ▲                                                                           │ frames of all studies
-           └── commit results, then ack ◄── Future[list[Outcome]] per study ◄──────────┘ batched together
+           │                                      Future[list[Outcome]] per study ◄────┘ batched together
+           └── return, then ack ◄── Future (after the commit) ◄── ResultWriter: one thread, group commits
 
 Why not celery-batches: 0.11 pins celery<5.7 and acknowledges messages when they are buffered, so a crash loses the
-buffered batch. Here each task waits for its own study's results, commits them and only then returns, so with
-``acks_late`` a message is acknowledged after its rows are in the database; a killed worker's messages are redelivered.
-The thread pool never forks, so CUDA is safe; the engine is built once per process, before the worker consumes.
+buffered batch. Here each task waits for its own study's results, hands them to the process's ``ResultWriter`` and
+waits for the commit that contains them, and only then returns, so with ``acks_late`` a message is acknowledged after
+its rows are in the database; a killed worker's messages are redelivered.
+
+A task's thread only waits on futures, so threads are cheap and the pool is sized to fill batches: a batch of 128
+from 1-image studies needs 128 studies in flight, and twice that keeps the next batch filling while one runs
+(``default_concurrency``). The thread pool never forks, so CUDA is safe; the engine is built once per process, before
+the worker consumes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -24,14 +31,53 @@ from dataclasses import dataclass, field
 from celery import Celery, Task, signals
 from sqlalchemy.exc import OperationalError
 
+from db.schema import Status
 from db.store import Database, Outcome, WorkItem
+from db.writer import ResultWriter
 from neuron.errors import RetryableError
 from neuron.queue import SCREEN_STUDY, make_app, queue_for
 from neuron.routes import Route
 from neuron.settings import Settings
-from worker.engine import IDLE, Engine
+from worker.engine import IDLE, Engine, EngineStats
 
 log = logging.getLogger(__name__)
+
+FILL_REPORT_SECONDS = 60.0
+
+
+def default_concurrency(batch_size: int) -> int:
+    """Studies in flight (Celery threads) so that batches fill even from 1-image studies. A study holds its thread
+    from claim to commit: while one batch runs on the device and the next fills, the studies of the batch before wait
+    for their group commit (up to 0.2 s), so four batches' worth keeps the device fed (Little's law: studies in
+    flight = rate x time each one holds a thread)."""
+    return max(8, 4 * batch_size)
+
+
+class FillReport:
+    """Logs how full the engine's batches were, once per ``every`` seconds of work (never per batch), from the
+    engine's counters. Counts only: nothing about the studies or patients."""
+
+    def __init__(self, stats: EngineStats, every: float = FILL_REPORT_SECONDS, clock=time.monotonic):
+        self.stats, self.every, self.clock = stats, every, clock
+        self._since = clock()
+        self._batches = self._frames = 0
+        self._first_reported = False
+
+    def tick(self, final: bool = False) -> None:
+        now = self.clock()
+        if not self._first_reported and self.stats.time_to_first_batch_s is not None:
+            self._first_reported = True
+            log.info("first batch ran %.2f s after the engine was created", self.stats.time_to_first_batch_s)
+        if not final and now - self._since < self.every:
+            return
+        batches, frames = self.stats.batches - self._batches, self.stats.frames - self._frames
+        if batches:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.why.items()))
+            log.info("batch fill %s: %d batches, %d frames, mean fill %.0f%% of %d (run total %.0f%%; by reason: %s)",
+                     "over the run" if final else f"in the last {now - self._since:.0f} s", batches, frames,
+                     100.0 * frames / (batches * self.stats.batch_size), self.stats.batch_size,
+                     100.0 * self.stats.fill, why or "n/a")
+        self._since, self._batches, self._frames = now, self.stats.batches, self.stats.frames
 
 
 @dataclass
@@ -44,9 +90,10 @@ class _Submission:
 class StudyBatcher:
     """Feeds work from many concurrent studies into one engine, so their images share device batches."""
 
-    def __init__(self, engine: Engine, poll_seconds: float = 0.02):
+    def __init__(self, engine: Engine, poll_seconds: float = 0.02, report_seconds: float = FILL_REPORT_SECONDS):
         self.engine = engine
         self.poll = poll_seconds
+        self.report = FillReport(engine.stats, report_seconds)
         self._queue: queue.Queue[WorkItem] = queue.Queue()
         self._waiting: dict[str, list[_Submission]] = {}
         self._lock = threading.Lock()
@@ -70,9 +117,11 @@ class StudyBatcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        self.report.tick(final=True)
 
     def _feed(self) -> Iterator[WorkItem | object]:
         while not self._stop.is_set():
+            self.report.tick()
             try:
                 yield self._queue.get(timeout=self.poll)
             except queue.Empty:
@@ -108,6 +157,7 @@ class ScreeningTask(Task):
     settings: Settings | None = None
     _db: Database | None = None
     _batcher: StudyBatcher | None = None
+    _writer: ResultWriter | None = None
 
     @property
     def db(self) -> Database:
@@ -121,6 +171,12 @@ class ScreeningTask(Task):
             ScreeningTask._batcher = StudyBatcher(Engine.from_settings(self.settings))
         return ScreeningTask._batcher
 
+    @property
+    def writer(self) -> ResultWriter:
+        if ScreeningTask._writer is None:
+            ScreeningTask._writer = ResultWriter(self.db)
+        return ScreeningTask._writer
+
 
 def register_tasks(app: Celery) -> None:
     @app.task(bind=True, base=ScreeningTask, name=SCREEN_STUDY, acks_late=True, reject_on_worker_lost=True,
@@ -130,7 +186,18 @@ def register_tasks(app: Celery) -> None:
         try:
             items = self.db.claim(sop_uids, self.settings.max_attempts)
             outcomes = self.batcher.submit(items).result()
-            self.db.record_outcomes(outcomes)
+            self.writer.submit(outcomes).result()  # group commit; returning acknowledges the message
+            # a corrupt first copy must not hide a good duplicate: screen the instance again from that copy
+            failed = [o.sop_instance_uid for o in outcomes if o.status is Status.FAILED]
+            while moved := self.db.retry_failed_from_duplicates(failed):
+                again = self.batcher.submit(self.db.claim(moved, self.settings.max_attempts)).result()
+                self.writer.submit(again).result()
+                outcomes = [o for o in outcomes if o.sop_instance_uid not in set(moved)] + again
+                failed = [o.sop_instance_uid for o in again if o.status is Status.FAILED]
+            transient = [o for o in outcomes if o.status is Status.PENDING]
+            if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
+                raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
+                                     f"{transient[0].reason}")
         except (RetryableError, OperationalError) as exc:
             countdown = min(300, 2 ** self.request.retries)
             log.warning("study task retrying in %d s: %s", countdown, exc)
@@ -145,20 +212,33 @@ def _quiet_reconnect_warning(**_) -> None:
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
 
 
-def run_worker(settings: Settings, queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:
-    """Build the engine (models on the device) first, then consume. Blocks until the worker stops."""
+def run_worker(settings: Settings, queues: list[str], concurrency: int | None = None, loglevel: str = "INFO") -> None:
+    """Build the engine (models on the device) first, then consume. Blocks until the worker stops, then commits
+    what is left. ``concurrency`` None: ``default_concurrency`` of the engine's batch size."""
     engine = Engine.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
     db = Database(settings.resolved_database_url)
     db.create()
     for lr in engine.routes.values():
         db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
+    concurrency = concurrency or default_concurrency(engine.batch_size)
     ScreeningTask.settings = settings
     ScreeningTask._db = db
-    ScreeningTask._batcher = StudyBatcher(engine)
+    ScreeningTask._batcher = batcher = StudyBatcher(engine)
+    ScreeningTask._writer = writer = ResultWriter(db)
     app = make_app(settings)
     register_tasks(app)
     signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
     name = f"neuron-{socket.gethostname()}-{str(engine.device).replace(':', '')}@%h"
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", ",".join(queues),
-                     "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", name, "--without-gossip",
-                     "--without-mingle"])
+
+    def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
+        log.info("worker: batch size %d, %d studies in flight, batches wait at most %d ms", engine.batch_size,
+                 concurrency, settings.max_wait_ms)
+
+    signals.worker_ready.connect(_announce, weak=False)
+    try:
+        app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", ",".join(queues),
+                         "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", name, "--without-gossip",
+                         "--without-mingle"])
+    finally:  # the pool has stopped: every task has returned, so nothing waits on these any more
+        writer.close()
+        batcher.close()

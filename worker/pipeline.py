@@ -1,0 +1,450 @@
+"""The staged engine: stages joined by bounded queues, each one job on its own thread (STYLE 15).
+
+    feeder ─► readers (thread pool: read + parse; GIL-free decoders) ─► decoded queue, in completion order
+        ─► batcher (BatchPolicy: by route, by size, by max_wait_ms) ─► stager (packs a batch into a pinned buffer)
+        ─► device (one upload on a copy stream; preprocessing, model job and overlays on a compute stream; results
+           copied back asynchronously) ─► results (waits for the copy, shapes rows) ─► PNG pool
+        ─► outcomes queue ─► the caller's thread: sink (the database writer)
+
+Every queue is bounded and the readers hold at most ``ahead`` files, so memory stays flat however long the feed.
+While batch N runs on the device, batch N+1 is staged and uploaded, and batch N-1's PNGs are written.
+
+A file that cannot be read becomes its instance's Outcome with the reason, whatever the exception: it never stops
+the run. Transient read errors (a network share timing out) leave the instance ``pending`` for the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from db.schema import Status
+from db.store import FrameResult, Outcome, WorkItem
+from neuron.errors import InputError, RetryableError
+from neuron.routes import Route
+from neuron_models.image import DecodedFrame, EncodedFrame
+from worker.batching import Batch, BatchPolicy
+from worker.decode import decode_instance
+from worker.engine import IDLE, Engine
+
+log = logging.getLogger(__name__)
+
+_EOF = object()
+_POLL = 0.1  # seconds between checks of the stop flag while a stage blocks
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class _Instance:
+    item: WorkItem
+    expected: int
+    results: list[FrameResult] = field(default_factory=list)
+    error: InputError | None = None
+    write_error: BaseException | None = None
+    seen: int = 0
+    writes: int = 0  # PNG writes not yet finished
+    emitted: bool = False
+
+
+@dataclass
+class _Launched:
+    """A batch launched on the device: host buffers being filled, and the event that says they are."""
+
+    route: Route
+    frames: list[tuple[_Instance, DecodedFrame]]
+    prepared: object
+    host: dict[str, torch.Tensor]
+    event: object  # torch.cuda.Event, or None on the CPU
+    last_chunk: int = 1  # 1 on the last chunk of a batch (a batch split after CUDA OOM comes in several)
+
+
+def read_item(engine: Engine, item: WorkItem) -> list[DecodedFrame | EncodedFrame]:
+    s = engine.settings
+    return decode_instance(s.to_local(item.file_path), item.sop_instance_uid, s.max_frames, s.max_pixels,
+                           defer_syntaxes=engine.defer_syntaxes)
+
+
+def failure_outcome(item: WorkItem, exc: BaseException, worker: str) -> Outcome:
+    """Whatever reading one file raised, that instance gets an Outcome with a reason; the run goes on."""
+    if isinstance(exc, InputError):
+        return Outcome(item.sop_instance_uid, Status(exc.status), exc.reason, worker=worker)
+    if isinstance(exc, RetryableError | MemoryError):
+        return Outcome(item.sop_instance_uid, Status.PENDING,
+                       f"transient error, to be tried again: {type(exc).__name__}: {exc}", worker=worker)
+    return Outcome(item.sop_instance_uid, Status.FAILED,
+                   f"unexpected error while reading the file ({type(exc).__name__}: {exc}); the file is probably "
+                   f"corrupt: re-export it from the source, and report the error if the file is valid", worker=worker)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Write atomically: a crash never leaves half a PNG under the final name."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
+    try:
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"cv2 could not write {tmp}")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Pipeline:
+    """One run of the staged engine over a feed of WorkItems."""
+
+    def __init__(self, engine: Engine, reader: Callable[[Engine, WorkItem], list] = read_item):
+        self.engine = engine
+        self.reader = reader  # the readers' job; tests put a gate or a fault in front of the real one
+        s = engine.settings
+        self.readers_n = max(1, s.decode_workers)
+        self.ahead = max(2 * engine.batch_size, 4 * self.readers_n)
+        self.policy: BatchPolicy[tuple[_Instance, DecodedFrame]] = BatchPolicy(engine.batch_size,
+                                                                               s.max_wait_ms / 1000.0)
+        self.stop = threading.Event()
+        self.sent = self.finished = 0  # batches handed on by the batcher / whose results are back
+        self.depth = 2 if engine.device.type == "cuda" else 1
+        self.failure: BaseException | None = None
+        self.decoded: queue.Queue = queue.Queue()  # bounded by ``slots``: at most ``ahead`` files read ahead
+        self.slots = threading.Semaphore(self.ahead)
+        self.to_stage: queue.Queue = queue.Queue(maxsize=2)
+        self.to_device: queue.Queue = queue.Queue(maxsize=1)
+        self.to_results: queue.Queue = queue.Queue(maxsize=2)
+        self.outcomes: queue.Queue = queue.Queue(maxsize=4 * engine.batch_size)
+        self.png_slots = threading.Semaphore(4 * engine.batch_size)
+        self.lock = threading.Lock()
+        cuda = engine.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(engine.device) if cuda else None
+        self.compute_stream = torch.cuda.Stream(engine.device) if cuda else None
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+    def _put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                q.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue, timeout: float | None = None):
+        """Wait for the next item; raises queue.Empty after ``timeout`` seconds (None: forever)."""
+        waited = 0.0
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            step = _POLL if timeout is None else min(_POLL, max(0.0, timeout - waited))
+            try:
+                return q.get(timeout=step) if step > 0 else q.get_nowait()
+            except queue.Empty:
+                waited += step
+                if timeout is not None and waited >= timeout:
+                    raise
+
+    def _stage_thread(self, name: str, fn: Callable[[], None]) -> threading.Thread:
+        def body() -> None:
+            try:
+                fn()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # a stage died: stop everything and tell the caller
+                log.exception("engine stage %s failed", name)
+                self.failure = self.failure or exc
+                self.stop.set()
+        t = threading.Thread(target=body, name=f"engine-{name}", daemon=True)
+        t.start()
+        return t
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def _feed(self, items: Iterable, readers: ThreadPoolExecutor) -> None:
+        engine, submitted = self.engine, 0
+        for item in items:
+            if self.stop.is_set():
+                raise _Stopped
+            if item is IDLE:
+                continue
+            route = Route(item.route)
+            if route not in engine.routes:  # no model for it on this host
+                reason = engine.unavailable.get(route, f"no model for route '{item.route}'")
+                self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.SKIPPED, reason,
+                                                 worker=engine.worker_id))
+                continue
+            while not self.slots.acquire(timeout=_POLL):
+                if self.stop.is_set():
+                    raise _Stopped
+            future = readers.submit(self.reader, engine, item)
+            future.add_done_callback(lambda f, item=item: self.decoded.put((item, f)))
+            submitted += 1
+        self.decoded.put((_EOF, submitted))
+
+    def _batch(self) -> None:
+        """Decoded files -> batches, by size or by the wait cap, which holds while decodes are still in flight."""
+        engine, received, total = self.engine, 0, None
+        while total is None or received < total:
+            timeout = self.policy.timeout()
+            if timeout is not None and not self._room():
+                timeout = max(timeout, _POLL)  # the device is busy: look again soon, the batch keeps filling
+            try:
+                item, payload = self._get(self.decoded, timeout)
+            except queue.Empty:
+                self._flush_due()
+                continue
+            if item is _EOF:
+                total = payload
+                continue
+            received += 1
+            self.slots.release()
+            try:
+                frames = payload.result()
+            except BaseException as exc:
+                self._put(self.outcomes, failure_outcome(item, exc, engine.worker_id))
+                self._put(self.outcomes, ("progress", 1))
+                continue
+            if not frames:
+                self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.FAILED,
+                                                 "no frames could be read", worker=engine.worker_id))
+                continue
+            inst = _Instance(item, expected=len(frames))
+            for fr in frames:
+                for batch in self.policy.add(Route(item.route), (inst, fr)):
+                    self._send(batch)
+            self._flush_due()
+        for batch in self.policy.drain():
+            self._send(batch)
+        self._put(self.to_stage, _EOF)
+
+    def _room(self) -> bool:
+        """Whether the device can take a partial batch now: nothing waits ahead of it (on CUDA, one batch may run
+        while the next is uploaded)."""
+        return self.sent - self.finished < self.depth
+
+    def _send(self, batch: Batch) -> None:
+        with self.lock:
+            self.sent += 1
+        self._put(self.to_stage, batch)
+
+    def _flush_due(self) -> None:
+        for batch in self.policy.due(room=self._room()):
+            self._send(batch)
+
+    def _stage(self) -> None:
+        """Pack each batch's stored values into a pinned buffer, while the device runs the batch before."""
+        while (batch := self._get(self.to_stage)) is not _EOF:
+            if any(isinstance(fr, EncodedFrame) for _, fr in batch.items):
+                batch = self._decode_on_device(batch)
+                if not batch.items:  # every frame failed to decode: nothing goes to the device
+                    with self.lock:
+                        self.finished += 1
+                    continue
+            pre = self.engine.preprocessors[batch.key]
+            staged = pre.stage([fr for _, fr in batch.items])
+            self._put(self.to_device, (batch, staged))
+        self._put(self.to_device, _EOF)
+
+    def _decode_on_device(self, batch: Batch) -> Batch:
+        decoded = self.engine.finish_decoding([fr for _, fr in batch.items])
+        kept = []
+        for (inst, _), fr in zip(batch.items, decoded, strict=True):
+            if isinstance(fr, InputError):
+                inst.error = inst.error or fr
+                self._frame_done(inst, None, [])
+            else:
+                kept.append((inst, fr))
+        return Batch(batch.key, tuple(kept), batch.reason)
+
+    def _device(self) -> None:
+        engine = self.engine
+        while (got := self._get(self.to_device)) is not _EOF:
+            batch, staged = got
+            engine.stats.record(len(batch.items), batch.reason)
+            try:
+                for launched in self._launch(batch, staged):
+                    self._put(self.to_results, launched)
+            except RetryableError as exc:  # a single image that does not fit on the device
+                for inst, _ in batch.items:
+                    inst.error = inst.error or _Transient(str(exc))
+                self._put(self.to_results, _Launched(batch.key, list(batch.items), None, {}, None))
+        self._put(self.to_results, _EOF)
+
+    def _launch(self, batch: Batch, staged) -> list[_Launched]:
+        engine, route = self.engine, batch.key
+        frames = [fr for _, fr in batch.items]
+        if self.copy_stream is None:
+            chunks = engine.device_job(route, frames, staged)
+        else:
+            pre = engine.preprocessors[route]
+            with torch.cuda.stream(self.copy_stream):
+                flat = pre.upload(staged)
+                uploaded = torch.cuda.Event()
+                uploaded.record(self.copy_stream)
+            self.compute_stream.wait_event(uploaded)
+            with torch.cuda.stream(self.compute_stream):
+                flat.record_stream(self.compute_stream)
+                chunks = engine.device_job(route, frames, staged, flat)
+        out, start = [], 0
+        for n, (chunk_frames, prepared, result) in enumerate(chunks):
+            last = int(n == len(chunks) - 1)
+            members = list(batch.items[start:start + len(chunk_frames)])
+            start += len(chunk_frames)
+            tensors = {"mean": result.mean, "std": result.std, "order": result.order, "overlays": result.overlays,
+                       "rejected": prepared.rejected, "saturation": prepared.saturation}
+            if self.compute_stream is None:
+                out.append(_Launched(route, members, prepared, tensors, None, last))
+                continue
+            with torch.cuda.stream(self.compute_stream):
+                host = {}
+                for name, t in tensors.items():
+                    host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host[name].copy_(t, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.compute_stream)
+            out.append(_Launched(route, members, prepared, host, event, last))
+        return out
+
+    def _results(self, pngs: ThreadPoolExecutor) -> None:
+        engine = self.engine
+        while (launched := self._get(self.to_results)) is not _EOF:
+            if launched.event is not None:
+                launched.event.synchronize()
+            with self.lock:
+                self.finished += launched.last_chunk
+            if launched.prepared is None:  # the device refused the batch: every instance retries
+                for inst, _ in launched.frames:
+                    self._frame_done(inst, None, [])
+                self._put(self.outcomes, ("progress", len(launched.frames)))
+                continue
+            host = {name: t.numpy() for name, t in launched.host.items()}
+            frames = [fr for _, fr in launched.frames]
+            results = engine.split_results(launched.route, frames, launched.prepared, host)
+            for (inst, _), res in zip(launched.frames, results, strict=True):
+                if isinstance(res, InputError):
+                    inst.error = inst.error or res
+                    self._frame_done(inst, None, [])
+                    continue
+                row, writes = engine.frame_result(launched.route, res)
+                self._frame_done(inst, row, writes, pngs)
+            self._put(self.outcomes, ("progress", len(launched.frames)))
+        pngs.shutdown(wait=True)
+        self._put(self.outcomes, _EOF)
+
+    def _frame_done(self, inst: _Instance, row: FrameResult | None, writes: list[tuple[str, np.ndarray]],
+                    pngs: ThreadPoolExecutor | None = None) -> None:
+        with self.lock:
+            inst.seen += 1
+            if row is not None and inst.error is None:
+                inst.results.append(row)
+                inst.writes += len(writes)
+            else:
+                writes = []
+        for path, image in writes:
+            while not self.png_slots.acquire(timeout=_POLL):
+                if self.stop.is_set():
+                    raise _Stopped
+            pngs.submit(write_png, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
+        self._maybe_emit(inst)
+
+    def _written(self, inst: _Instance, future: Future) -> None:
+        self.png_slots.release()
+        with self.lock:
+            inst.writes -= 1
+            if future.exception() is not None and inst.write_error is None:
+                inst.write_error = future.exception()
+        self._maybe_emit(inst)
+
+    def _maybe_emit(self, inst: _Instance) -> None:
+        with self.lock:
+            if inst.seen != inst.expected or inst.writes != 0 or inst.emitted:
+                return
+            inst.emitted = True
+        self._put(self.outcomes, self._outcome(inst))
+
+    def _outcome(self, inst: _Instance) -> Outcome:
+        uid, worker = inst.item.sop_instance_uid, self.engine.worker_id
+        if isinstance(inst.error, _Transient):
+            return Outcome(uid, Status.PENDING, f"transient error, to be tried again: {inst.error}", worker=worker)
+        if inst.error is not None:
+            return Outcome(uid, Status(inst.error.status), inst.error.reason, worker=worker)
+        if inst.write_error is not None:
+            return Outcome(uid, Status.FAILED, f"heatmap could not be written: {inst.write_error}; check free space "
+                                               f"and permissions of {self.engine.heatmap_dir}", worker=worker)
+        frames = tuple(sorted(inst.results, key=lambda r: r.frame))
+        return Outcome(uid, Status.DONE, None, frames, worker=worker)
+
+    # -- the run --------------------------------------------------------------------------------------------------
+    def run(self, items: Iterable, sink: Callable[[Outcome], None], progress: Callable[[int], None] | None) -> None:
+        readers = ThreadPoolExecutor(self.readers_n, thread_name_prefix="read")
+        pngs = ThreadPoolExecutor(2, thread_name_prefix="png")
+        threads = [self._stage_thread("feed", lambda: self._feed(items, readers)),
+                   self._stage_thread("batch", self._batch),
+                   self._stage_thread("stage", self._stage),
+                   self._stage_thread("device", self._device),
+                   self._stage_thread("results", lambda: self._results(pngs))]
+        try:
+            while True:
+                try:
+                    got = self.outcomes.get(timeout=_POLL)
+                except queue.Empty:
+                    if self.failure is not None:
+                        raise self.failure from None
+                    continue
+                if got is _EOF:
+                    break
+                if isinstance(got, Outcome):
+                    sink(got)
+                elif progress is not None:
+                    progress(got[1])
+        finally:
+            self.stop.set()
+            readers.shutdown(wait=False, cancel_futures=True)
+            for t in threads:
+                t.join(timeout=30)
+            pngs.shutdown(wait=True)
+
+
+class _Transient(InputError):
+    """Marks frames the device could not take (a single image out of memory): their instance is tried again."""
+
+
+def decode_to_device(engine: Engine, items: Iterable[WorkItem]) -> int:
+    """Files -> raw frames on the device through the same readers, stager and upload as a run, no model."""
+    frames_total = 0
+    items = [i for i in items if Route(i.route) in engine.routes]
+    with ThreadPoolExecutor(max(1, engine.settings.decode_workers), thread_name_prefix="read") as readers:
+        batch: dict[Route, list[DecodedFrame]] = {}
+        for item, future in zip(items, [readers.submit(read_item, engine, i) for i in items], strict=True):
+            try:
+                frames = future.result()
+            except Exception:  # counted as not decoded; a run records the reason
+                continue
+            group = batch.setdefault(Route(item.route), [])
+            group.extend(frames)
+            if len(group) >= engine.batch_size:
+                frames_total += _upload(engine, Route(item.route), group)
+                batch[Route(item.route)] = []
+        for route, group in batch.items():
+            if group:
+                frames_total += _upload(engine, route, group)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return frames_total
+
+
+def _upload(engine: Engine, route: Route, frames: list[DecodedFrame]) -> int:
+    frames = [f for f in engine.finish_decoding(frames) if not isinstance(f, InputError)]
+    pre = engine.preprocessors[route]
+    staged = pre.stage(frames)
+    pre.unit_groups(staged, pre.upload(staged))
+    return len(frames)
