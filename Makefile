@@ -26,5 +26,6 @@ check: setup
 test: check
 	$(BIN)/pytest -q
 
+# Small N for this CPU; on a GPU machine: neuron bench --device cuda --n 2048 (see BENCHMARKS.md).
 bench: setup
-	$(PY) benchmarks/bench_engine.py
+	$(BIN)/neuron bench --n 32 --size 1024

@@ -1,0 +1,175 @@
+"""`neuron bench`: the synthetic archive it measures on, and one tiny run end to end (speed itself is never asserted).
+
+The tiny run goes through ``worker.bench.run_bench``, the function the `neuron bench` command calls, with the session's
+untrained engine, so the test does not pay for loading the models a second time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from typer.testing import CliRunner
+
+from neuron import synthetic
+from neuron.routes import Route, RoutingFacts, route_for
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> dict[str, synthetic.Archive]:
+    return synthetic.ensure_archives(tmp_path_factory.mktemp("synthetic"), n=10, size=96, seed=3)
+
+
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_pixels(archives, tmp_path):
+    again = synthetic.ensure_archives(tmp_path / "again", n=10, size=96, seed=3)
+    for flavour, archive in archives.items():
+        assert [p.read_bytes() for p in archive.files] == [p.read_bytes() for p in again[flavour].files]
+    other = synthetic.make_instance(synthetic.plan_studies(1, 4)[0], 96, seed=4).pixels
+    first = pydicom.dcmread(archives["uncompressed"].files[0]).pixel_array
+    assert other.shape != first.shape or not np.array_equal(other, first)
+
+
+def test_a_generated_archive_is_reused_not_rewritten(archives):
+    mtimes = [p.stat().st_mtime_ns for p in archives["uncompressed"].files]
+    root = archives["uncompressed"].root.parent.parent
+    synthetic.ensure_archives(root, n=10, size=96, seed=3, flavours=["uncompressed"])
+    assert [p.stat().st_mtime_ns for p in archives["uncompressed"].files] == mtimes
+
+
+def test_instances_declare_the_bits_photometrics_and_window_they_store(archives):
+    photometrics, per_study = Counter(), Counter()
+    for path in archives["uncompressed"].files:
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        bits = int(ds.BitsStored)
+        assert 12 <= bits <= 15 and ds.BitsAllocated == 16 and ds.HighBit == bits - 1
+        px = ds.pixel_array
+        assert px.dtype == np.uint16 and int(px.max()) < 2**bits
+        assert px.std() > 0.05 * 2**bits  # a picture, not a flat field
+        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        assert 0 < center < 2**bits and 1 < width <= 2**bits
+        inside = ((px >= center - width / 2) & (px <= center + width / 2)).mean()
+        assert inside > 0.9  # the window frames the image's values
+        photometrics[ds.PhotometricInterpretation] += 1
+        per_study[ds.StudyInstanceUID] += 1
+        assert str(ds.PatientName).startswith("SYNTHETIC^") and ds.PatientID.startswith("FAKE")
+        assert route_for(RoutingFacts.of(ds.Modality, ds.BodyPartExamined)) is Route.CHEST_XRAY
+    assert set(photometrics) == {"MONOCHROME1", "MONOCHROME2"}
+    assert all(1 <= k <= 4 for k in per_study.values()) and sum(per_study.values()) == 10
+    assert len(per_study) == archives["uncompressed"].studies
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+def test_studies_hold_one_to_four_images_and_add_up_to_n(n):
+    plans = synthetic.plan_studies(n, seed=0)
+    sizes = Counter(p.study for p in plans)
+    assert len(plans) == n and all(1 <= k <= 4 for k in sizes.values())
+    assert [p.index for p in plans] == list(range(n))
+
+
+def test_the_jpeg2000_flavour_decodes_losslessly_to_the_uncompressed_pixels(archives):
+    from worker.decode import decode_instance
+
+    for raw, j2k in zip(archives["uncompressed"].files, archives["jpeg2000"].files, strict=True):
+        a, b = pydicom.dcmread(raw), pydicom.dcmread(j2k)
+        assert b.file_meta.TransferSyntaxUID == JPEG2000Lossless and a.SOPInstanceUID == b.SOPInstanceUID
+        assert len(j2k.read_bytes()) < len(raw.read_bytes())
+        assert np.array_equal(a.pixel_array, b.pixel_array)
+        engine_decoded = decode_instance(j2k, "x", 1, 1 << 30)[0].pixels  # the engine's pinned decoder too
+        assert np.array_equal(engine_decoded, a.pixel_array)
+
+
+def test_the_imagecodecs_fallback_encoder_is_lossless_too():
+    inst = synthetic.make_instance(synthetic.plan_studies(1, 0)[0], 80, seed=0)
+    ds = synthetic.to_jpeg2000(inst, "imagecodecs")
+    assert ds.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert np.array_equal(ds.pixel_array, inst.pixels)
+
+
+def test_bench_rows_go_under_their_heading_and_after_the_last_row(tmp_path):
+    from worker.bench import TABLE_HEADING, append_rows
+
+    row = {"date": "2026-01-01", "device": "cpu", "mode": "embedded", "archive": "uncompressed", "n_images": 4,
+           "image_size": 256, "batch_size": 4, "precision": "fp32", "model_only_images_per_s": 2.5,
+           "decode_images_per_s": 300.0, "end_to_end_images_per_s": 2.1, "ratio": 0.84, "batch_fill": 1.0,
+           "time_to_first_batch_s": 1.5, "peak_rss_mb": 900.0, "peak_gpu_mb": 0.0}
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Older\n\ntext\n")
+    append_rows(md, [row])
+    append_rows(md, [{**row, "archive": "jpeg2000"}])
+    lines = md.read_text().splitlines()
+    assert lines.count(TABLE_HEADING) == 1 and lines[2] == "## Older"
+    rows = [ln for ln in lines if ln.startswith("| 2026-01-01")]
+    assert [("uncompressed" in r, "jpeg2000" in r) for r in rows] == [(True, False), (False, True)]
+    md.write_text(md.read_text() + "\n## Later section\n\nmore\n")
+    append_rows(md, [{**row, "mode": "celery", "batch_fill": None}])
+    lines = md.read_text().splitlines()
+    assert "celery" in lines[lines.index("## Later section") - 2] and lines[-1] == "more"
+
+
+def test_batch_fill_and_first_batch_are_read_from_the_worker_log():
+    from worker.bench import parse_worker_log
+
+    text = ("[2026-11-27 07:36:10,000: INFO/MainProcess] worker: batch size 4, 16 studies in flight, batches wait\n"
+            "[2026-11-27 07:36:19,220: INFO/MainProcess] first batch ran 55.08 s after the engine was created\n"
+            "[2026-11-27 07:37:19,000: INFO/MainProcess] batch fill in the last 60 s: 3 batches, 10 frames, mean fill "
+            "83% of 4 (run total 83%; by reason: full 2, waited 1)\n"
+            "[2026-11-27 07:37:24,321: INFO/MainProcess] batch fill over the run: 1 batches, 4 frames, mean fill 100% "
+            "of 4 (run total 88%; by reason: full 1)\n")
+    wlog = parse_worker_log(text)
+    assert (wlog.batches, wlog.frames, wlog.batch_size, wlog.concurrency) == (4, 14, 4, 16)
+    assert wlog.fill == pytest.approx(14 / 16)
+    assert wlog.first_batch_at == datetime(2026, 11, 27, 7, 36, 19, 220000)
+    assert parse_worker_log("nothing").fill is None
+
+
+@pytest.mark.timeout(300)  # the session engine may be loaded here first
+def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(engine, tmp_path):
+    from worker.bench import REQUIRED_KEYS, BenchConfig, run_bench
+
+    md = tmp_path / "BENCHMARKS.md"
+    cfg = BenchConfig(n=4, size=256, batch_size=4, modes=("embedded",), out=tmp_path / "results",
+                      workdir=tmp_path / "work", append=False, benchmarks_md=md)
+    results = run_bench(cfg, engine=engine, say=lambda _: None)
+    files = list((tmp_path / "results").glob("*-cpu.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == results
+    assert {(r["mode"], r["archive"]) for r in results} == {("embedded", "uncompressed"), ("embedded", "jpeg2000")}
+    for r in results:
+        assert all(k in r for k in REQUIRED_KEYS), set(REQUIRED_KEYS) - set(r)
+        assert r["device"] == "cpu" and r["n_images"] == 4 and r["batch_size"] == 4 and r["precision"] == "fp32"
+        assert r["instances_done"] == 4 and r["heatmaps_written"] == 4
+        for key in ("model_only_images_per_s", "decode_images_per_s", "end_to_end_images_per_s", "ratio",
+                    "time_to_first_batch_s"):
+            assert r[key] > 0, key
+        assert r["ratio"] == pytest.approx(r["end_to_end_images_per_s"] / r["model_only_images_per_s"], rel=0.01)
+        assert 0 < r["batch_fill"] <= 1
+        assert r["peak_rss_mb"] > 50 and r["peak_gpu_mb"] == 0
+        assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"]
+    assert not md.exists()
+    assert not list((tmp_path / "work" / "runs").iterdir())  # scratch removed; archives kept for the next run
+
+
+def test_bench_refuses_an_unknown_archive_flavour(tmp_path, monkeypatch):
+    from neuron.cli import EXIT_USAGE, app
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    res = CliRunner().invoke(app, ["bench", "--archives", "jpeg-ls", "--workdir", str(tmp_path), "--no-append"])
+    assert res.exit_code == EXIT_USAGE
+    assert "jpeg-ls" in res.output
+
+
+def test_bench_results_are_named_by_date_and_device(tmp_path):
+    from worker.bench import device_slug, write_json
+
+    path = write_json(tmp_path, [{"a": 1}], "NVIDIA H100 80GB HBM3")
+    assert path.name.endswith("-nvidia-h100-80gb-hbm3.json") and device_slug("cpu") == "cpu"
+    write_json(tmp_path, [{"a": 2}], "NVIDIA H100 80GB HBM3")
+    assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}]
+    assert Path(path).parent == tmp_path
