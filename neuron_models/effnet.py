@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from neuron.errors import ModelUnavailable
 from neuron.routes import Route
 from neuron.settings import Settings
 from neuron_models.checkpoint import Checkpoint, require_checkpoints
@@ -145,12 +146,22 @@ def _from_checkpoints(config: ModelConfig, settings: Settings) -> ScreeningModel
     return members[0] if len(members) == 1 else EnsembleModel(members)
 
 
-@register_model(MRI_US_CONFIG)
+def _checkpoint_probe(config: ModelConfig):
+    def probe(settings: Settings) -> str | None:
+        try:
+            require_checkpoints(settings.model_dir, config.name, config.route.value)
+        except ModelUnavailable as exc:
+            return str(exc)
+        return None
+    return probe
+
+
+@register_model(MRI_US_CONFIG, probe=_checkpoint_probe(MRI_US_CONFIG))
 def mri_us_efficientnet_b4(settings: Settings) -> ScreeningModel:
     return _from_checkpoints(MRI_US_CONFIG, settings)
 
 
-@register_model(SKIN_CONFIG)
+@register_model(SKIN_CONFIG, probe=_checkpoint_probe(SKIN_CONFIG))
 def skin_efficientnet_b4(settings: Settings) -> ScreeningModel:
     return _from_checkpoints(SKIN_CONFIG, settings)
 

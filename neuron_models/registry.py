@@ -129,16 +129,30 @@ class PipelineSpec:
 
 
 Builder = Callable[[Settings], ScreeningModel]
+Probe = Callable[[Settings], str | None]
 _builders: dict[str, tuple[ModelConfig, Builder]] = {}
+_probes: dict[str, Probe] = {}
 
 
-def register_model(config: ModelConfig) -> Callable[[Builder], Builder]:
+def register_model(config: ModelConfig, probe: Probe | None = None) -> Callable[[Builder], Builder]:
+    """``probe``: a cheap check, without loading weights, that says why the model cannot be built (no checkpoint)
+    or None; a run uses it to load a route's model only once that route has work."""
     def decorator(fn: Builder) -> Builder:
         if config.name in _builders:
             raise ValueError(f"model {config.name!r} is registered twice")
         _builders[config.name] = (config, fn)
+        if probe is not None:
+            _probes[config.name] = probe
         return fn
     return decorator
+
+
+def unavailable_reason(name: str, settings: Settings) -> str | None:
+    """Why a registered model cannot be built with these settings, found without loading it; None if it may be
+    (weights that turn out missing or corrupt still fail when it is built)."""
+    _load_builtin_models()
+    probe = _probes.get(name)
+    return probe(settings) if probe is not None else None
 
 
 def _load_builtin_models() -> None:
@@ -191,4 +205,4 @@ def sha256_file(path: Path) -> str:
 
 __all__ = ["ModelConfig", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "create_model",
            "list_models", "model_config", "models_for_route", "preprocess_config", "register_model", "sha256_file",
-           "tta_policy"]
+           "tta_policy", "unavailable_reason"]

@@ -212,6 +212,40 @@ def test_cli_run_with_route_skin_needs_no_chest_weights_and_still_fails_fast_wit
     assert not (tmp_path / "out2" / "neuron.db").exists()  # stopped before indexing anything
 
 
+def test_cli_run_loads_only_the_models_of_routes_with_work(tmp_path, data_dir, chest_small):
+    """Without --route, `neuron run` loads a route's model when its first instance arrives: a folder of MR images
+    screens without the chest X-ray weights on the machine; a folder that holds a radiograph stops with exit 4 and
+    the fix, while what other routes finished stays committed."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "models"
+    net = build_untrained(MRI_US_CONFIG, DEFAULT_CLASSES, 64).net
+    save_checkpoint(model_dir / "mri-us-v1", net.state_dict(), {
+        "model": MRI_US_CONFIG.name, "class_names": list(DEFAULT_CLASSES),
+        "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.0}})
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    shutil.copy(data_dir / "MR2_UNCR.dcm", mr / "mr.dcm")
+    env = {**os.environ, "NEURON_ALLOW_DOWNLOAD": "0", "COLUMNS": "250"}
+
+    def neuron(folder, out):
+        return subprocess.run([sys.executable, "-m", "neuron", "run", str(folder), "--out", str(out), "--weights",
+                               "pretrained", "--xrv-cache-dir", str(tmp_path / "no-xrv-weights"), "--model-dir",
+                               str(model_dir), "--device", "cpu", "--no-tta"],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    res = neuron(mr, tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    with sqlite3.connect(tmp_path / "out" / "neuron.db") as conn:
+        assert conn.execute("select status from ingest_status").fetchall() == [("done",)]
+    shutil.copy(chest_small, mr / "chest.dcm")
+    res = neuron(mr, tmp_path / "out2")
+    assert res.returncode == 4 and "NEURON_XRV_CACHE_DIR" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_several_checkpoints_for_a_route_make_an_ensemble(trained, tmp_path, untrained_settings):
     _, _, out = trained
     model_dir = tmp_path / "models"

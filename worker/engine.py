@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ from neuron_models.registry import (
     models_for_route,
     preprocess_config,
     tta_policy,
+    unavailable_reason,
 )
 from neuron_models.tta import TTAPolicy
 from worker.decode import decode_encoded, decoder_versions
@@ -154,6 +156,21 @@ class LoadedRoute:
         return self.spec.tta
 
 
+def load_route(route: Route, settings: Settings, device: torch.device) -> LoadedRoute:
+    """Build a route's model on the device with the settings behind its results (raises ModelUnavailable)."""
+    model = create_model(models_for_route(route)[0].name, settings).to(device)
+    cfg = model.config
+    if settings.mc_dropout and not model.has_dropout():
+        log.warning("%s has no dropout: --mc-dropout does nothing for it; its uncertainty is the TTA spread", cfg.name)
+    gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
+    decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
+               "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
+    spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings), tta_policy(cfg, settings),
+                        decoder, mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
+                        members=members_of(model), precision=settings.precision)
+    return LoadedRoute(model, spec)
+
+
 def heatmap_name(sop_uid: str, frame: int, model: str, weights: str, label: str, config_hash: str) -> str:
     """File names never come from UIDs or paths in the file: a hash of them, fanned out over 256 folders."""
     digest = hashlib.sha256("|".join([sop_uid, str(frame), model, weights, label, config_hash]).encode()).hexdigest()
@@ -162,10 +179,13 @@ def heatmap_name(sop_uid: str, frame: int, model: str, weights: str, label: str,
 
 class Engine:
     def __init__(self, settings: Settings, routes: dict[Route, LoadedRoute], device: torch.device,
-                 unavailable: dict[Route, str] | None = None):
+                 unavailable: dict[Route, str] | None = None, loadable: Iterable[Route] = ()):
         self.settings = settings
         self.routes = routes
         self.unavailable = unavailable or {}
+        self.loadable = set(loadable) - set(routes)  # routes whose model loads when their first instance arrives
+        self.on_load: Callable[[LoadedRoute], None] | None = None  # e.g. record the route's settings in the database
+        self._loading = threading.Lock()
         self.device = device
         self.batch_size = settings.batch_size or default_batch_size(device)
         gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -188,38 +208,61 @@ class Engine:
         self.stats = EngineStats(self.batch_size)
 
     @classmethod
-    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None) -> Engine:
+    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False) -> Engine:
         """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
         evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
-        instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded."""
+        instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded.
+        ``lazy``: a route's model is loaded when its first instance arrives (``ensure``), so a run loads only the
+        models it has work for, and still stops at once when a route with work has no weights."""
         created = time.monotonic()
         device = resolve_device(settings.device)
-        gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
-        decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
-                   "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
         routes: dict[Route, LoadedRoute] = {}
         unavailable: dict[Route, str] = {}
+        loadable: set[Route] = set()
         for route in Route if only is None else only:
             configs = models_for_route(route)
             if not configs:
                 continue
+            if lazy:
+                reason = unavailable_reason(configs[0].name, settings)
+                if reason is None:
+                    loadable.add(route)
+                else:
+                    unavailable[route] = reason
+                continue
             try:
-                model = create_model(configs[0].name, settings).to(device)
+                routes[route] = load_route(route, settings, device)
             except ModelUnavailable as exc:
                 unavailable[route] = str(exc)
-                continue
-            cfg = model.config
-            if settings.mc_dropout and not model.has_dropout():
-                log.warning("%s has no dropout: --mc-dropout does nothing for it; its uncertainty is the TTA spread",
-                            cfg.name)
-            spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings),
-                                tta_policy(cfg, settings), decoder,
-                                mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
-                                members=members_of(model), precision=settings.precision)
-            routes[route] = LoadedRoute(model, spec)
-        engine = cls(settings, routes, device, unavailable)
+        engine = cls(settings, routes, device, unavailable, loadable)
         engine.stats.created_at = created  # time to first batch counts the model loading
         return engine
+
+    @property
+    def available_routes(self) -> list[Route]:
+        """Routes whose instances this engine screens: loaded, or to be loaded when work arrives."""
+        return [r for r in Route if r in self.routes or r in self.loadable]
+
+    def ensure(self, route: Route) -> None:
+        """Load a lazily deferred route's model now (its first instance has arrived). A model that cannot be built
+        stops the run: WeightsError for missing or unverified weights; a vanished checkpoint makes it unavailable."""
+        with self._loading:
+            if route in self.routes or route not in self.loadable:
+                return
+            try:
+                lr = load_route(route, self.settings, self.device)
+            except ModelUnavailable as exc:
+                self.unavailable[route] = str(exc)
+                self.loadable.discard(route)
+                return
+            if self.fast:
+                lr.model.to(memory_format=torch.channels_last)
+            self.preprocessors[route] = Preprocessor(lr.preprocess, self.device)
+            if self.on_load is not None:
+                self.on_load(lr)
+            self.routes[route] = lr
+            self.loadable.discard(route)
+            log.info("loaded %s for route %s", lr.spec.model, route.value)
 
     # -- the device job -------------------------------------------------------------------------------------------
     def autocast(self):
