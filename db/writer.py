@@ -84,8 +84,10 @@ _CLOSE = object()
 def _translate(exc: BaseException) -> BaseException:
     """Connection-level database errors are transient; the rest keep their type."""
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        return RetryableError(f"the results could not be committed, the database is not reachable: "
-                              f"{getattr(exc, 'orig', exc)}; the study is retried")
+        error = RetryableError(f"the results could not be committed, the database is not reachable: "
+                               f"{getattr(exc, 'orig', exc)}; the study is retried")
+        error.__cause__ = exc  # the embedded run tells a full or read-only SQLite file from an outage by it
+        return error
     return exc
 
 

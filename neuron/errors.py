@@ -6,8 +6,11 @@
     │   ├── WeightsError        model weights missing, unverifiable or not matching their sha256
     │   └── ModelUnavailable    a route has no trained checkpoint: its instances are skipped, the run goes on
     ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
-    │   └── TransientReadError  the storage failed to deliver a file's bytes (EIO, stale NFS handle, timeout, out of
-    │                           memory): the file itself may be fine, so the instance is retried, never failed
+    │   ├── TransientReadError  the storage failed to deliver a file's bytes (EIO, stale NFS handle, timeout, out of
+    │   │                       memory): the file itself may be fine, so the instance is retried, never failed
+    │   └── BrokerUnavailable   the producer could not reach the broker within its wait; instances stay pending
+    ├── OutputUnwritable        the results database refuses writes (read-only, full): the run stops, what was
+    │                           committed stays, and the same command finishes the rest once it is fixed. Exit code 4.
     └── InputError              permanent and per instance: recorded on the instance, never retried
         ├── SkippedInput        valid input that Neuron does not screen (modality, body part, not DICOM)
         └── FailedInput         input that should have been screenable but is broken
@@ -50,6 +53,14 @@ class RetryableError(NeuronError):
 class TransientReadError(RetryableError):
     """Reading an input file failed in a way that says nothing about the file (I/O error, network storage gone,
     out of memory); the same read may succeed later."""
+
+
+class BrokerUnavailable(RetryableError):
+    """The broker could not be reached within the producer's wait; nothing was sent, the instances stay pending."""
+
+
+class OutputUnwritable(NeuronError):
+    """The results database refuses writes (read-only file or folder, full disk); the run cannot go on."""
 
 
 class InputError(NeuronError):

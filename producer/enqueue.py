@@ -3,24 +3,67 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from celery import Celery
 
 from db.store import Database
+from neuron.errors import BrokerUnavailable
 from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, queue_for
 from neuron.routes import MODEL_ROUTES
 
 log = logging.getLogger(__name__)
 
+BROKER_WAIT_SECONDS = 120.0  # how long the producer waits for an unreachable broker before giving up
+_BROKER_RETRY_MAX_S = 10.0
 
-def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = None) -> int:
+
+def broker_uri(app: Celery) -> str:
+    """The broker URL with its password masked: safe for logs and messages."""
+    with app.connection_for_write() as conn:
+        return conn.as_uri()  # kombu masks the password (redis://:**@host:6379/0)
+
+
+def wait_for_broker(app: Celery, wait_s: float = BROKER_WAIT_SECONDS, clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """Return once the broker accepts a connection; retry with backoff (1 s doubling to 10 s), saying so each time;
+    raise ``BrokerUnavailable`` after ``wait_s`` seconds. Nothing has been marked queued yet, so instances stay
+    pending and a later scan sends them."""
+    deadline, delay, tries = clock() + wait_s, 1.0, 0
+    while True:
+        tries += 1
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+            if tries > 1:
+                log.warning("broker %s is reachable again after %d tries; enqueueing", broker_uri(app), tries)
+            return
+        except Exception as exc:  # kombu raises OperationalError or the transport's own connection errors
+            left = deadline - clock()
+            if left <= 0:
+                raise BrokerUnavailable(
+                    f"broker {broker_uri(app)} was not reachable within {wait_s:.0f} s ({type(exc).__name__}: "
+                    f"{exc}); nothing was sent and the instances stay pending: start the broker (or fix "
+                    f"NEURON_BROKER_URL) and run `neuron scan` again, which sends them") from exc
+            pause = min(delay, left)
+            log.warning("broker %s is not reachable (%s: %s); retrying in %.0f s, giving up in %.0f s",
+                        broker_uri(app), type(exc).__name__, exc, pause, left)
+            sleep(pause)
+            delay = min(2 * delay, _BROKER_RETRY_MAX_S)
+
+
+def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = None,
+                    broker_wait_s: float = BROKER_WAIT_SECONDS) -> int:
     """Queue every pending instance (of the given studies, or all). Returns the number of tasks sent.
     Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``.
 
     First, a failed instance whose SOP Instance UID a ``duplicate`` file also holds is put back in line from that
     file, whatever its study: a corrupt copy indexed first (or a good copy that arrived after the corrupt one failed)
-    must not leave the instance without findings."""
+    must not leave the instance without findings.
+
+    An unreachable broker is waited for (``wait_for_broker``) before anything is marked queued."""
     routes = [r.value for r in MODEL_ROUTES]
     rescued = set(db.retry_failed_from_duplicates())
     if rescued:
@@ -33,16 +76,39 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
             if uid in rescued and uid not in groups[(route, study)]:
                 groups[(route, study)].append(uid)
     sent = 0
-    for (route, study), uids in sorted(groups.items()):
-        for start in range(0, len(uids), MAX_INSTANCES_PER_TASK):
-            chunk = uids[start:start + MAX_INSTANCES_PER_TASK]
-            db.mark_queued(chunk)
-            try:
-                app.send_task(SCREEN_STUDY, args=[study, chunk], queue=queue_for(route))
-            except Exception:
-                db.mark_pending(chunk)
-                raise
-            sent += 1
+    tasks = [(route, study, uids[start:start + MAX_INSTANCES_PER_TASK])
+             for (route, study), uids in sorted(groups.items())
+             for start in range(0, len(uids), MAX_INSTANCES_PER_TASK)]
+    if tasks:
+        wait_for_broker(app, broker_wait_s)
+    # Tasks go out in blocks: one transaction marks a block's instances queued, then its messages are sent over one
+    # broker connection (one commit and one connection per task held a 50,000-instance scan to a few hundred tasks/s).
+    with app.producer_or_acquire() as producer:
+        for block in _blocks(tasks):
+            db.mark_queued([uid for _, _, chunk in block for uid in chunk])
+            for i, (route, study, chunk) in enumerate(block):
+                try:
+                    app.send_task(SCREEN_STUDY, args=[study, chunk], queue=queue_for(route), producer=producer)
+                except Exception:
+                    db.mark_pending([uid for _, _, unsent in block[i:] for uid in unsent])
+                    raise
+                sent += 1
     if sent:
         log.info("enqueued %d tasks", sent)
     return sent
+
+
+SEND_BLOCK_INSTANCES = 2_000
+
+
+def _blocks(tasks: list[tuple[str, str, list[str]]]) -> list[list[tuple[str, str, list[str]]]]:
+    """Consecutive tasks holding about SEND_BLOCK_INSTANCES instances together (one commit each)."""
+    blocks: list[list[tuple[str, str, list[str]]]] = [[]]
+    size = 0
+    for task in tasks:
+        if size >= SEND_BLOCK_INSTANCES:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(task)
+        size += len(task[2])
+    return [b for b in blocks if b]

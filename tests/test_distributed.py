@@ -23,27 +23,10 @@ from neuron.settings import Settings
 from worker.embedded import run_folder
 
 from .conftest import small_chest
-from .services import postgres_server, redis_server, reset_postgres
+from .services import redis_server
 
 pytestmark = pytest.mark.timeout(300)
 N_LABELS = 18
-
-
-@pytest.fixture(scope="session")
-def servers():
-    with redis_server() as broker, postgres_server() as pg:
-        yield broker.url, pg
-
-
-@pytest.fixture
-def env(servers, tmp_path):
-    broker, pg = servers
-    pg_url = pg.url
-    reset_postgres(pg_url)
-    redis.Redis.from_url(broker).flushall()
-    return {**os.environ, "NEURON_BROKER_URL": broker, "NEURON_DATABASE_URL": pg_url,
-            "NEURON_OUT": str(tmp_path / "out"), "NEURON_VISIBILITY_TIMEOUT": "8", "COLUMNS": "200",
-            "PYTHONUNBUFFERED": "1"}
 
 
 def neuron(env, *args, timeout=120) -> subprocess.CompletedProcess:
@@ -333,20 +316,26 @@ def test_settings_path_map_translates_both_ways():
     assert s.to_shared("/mnt/nas/heatmaps-old/x.png") == "/mnt/nas/heatmaps-old/x.png"
 
 
-def screen_through_an_outage(env, tmp_path, folder: Path, n: int, server, what: str) -> tuple[int, str]:
-    """Scan, start a worker, take ``server`` down for 6 s once results flow, bring it back: every study must finish,
-    once. Returns how many were done when the outage began, and the worker's log."""
+def screen_through_an_outage(env, tmp_path, folder: Path, n: int, server, what: str, seconds: float = 6
+                             ) -> tuple[int, str]:
+    """Scan, start a worker, take ``server`` down for ``seconds`` once results flow, bring it back: every study must
+    finish, once. Returns how many were done when the outage began, and the worker's log."""
     assert neuron(env, "scan", str(folder)).returncode == 0
     worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
+    stopped = False
     try:
         wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
         done_before = count_done(env)
         server.stop()
-        time.sleep(6)
-        assert worker.poll() is None, f"the worker must survive a {what} outage"
+        stopped = True
+        time.sleep(seconds)
+        assert worker.poll() is None, f"the worker must survive a {seconds:g} s {what} outage"
         server.start()
+        stopped = False
         wait_until(lambda: count_done(env) == n, 240, f"every study after the {what} outage", [worker])
     finally:
+        if stopped:  # a failed check must not leave the session's server down for the tests after it
+            server.start()
         stop(worker)
     assert sql(env, "select count(*) from predictions")[0][0] == n * N_LABELS
     assert no_duplicate_rows(env)

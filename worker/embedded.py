@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
 from db.schema import utcnow
 from db.store import Database, Outcome, Summary, WorkItem
 from db.writer import ResultWriter
+from neuron.errors import OutputUnwritable
 from neuron.routes import Route
 from neuron.settings import Settings
 from producer.scan import ScanResult, index_folder
@@ -69,6 +73,7 @@ class _Indexer:
             override = Route(self.settings.route_override) if self.settings.route_override else None
             self.result = index_folder(self.folder, self.db, exclude=[self.settings.out_dir],
                                        batch=64, on_file=self.hooks.on_scan, route_override=override,
+                                       follow_links=self.settings.follow_links,
                                        on_indexed=lambda paths: self.batches.put(list(paths)))
             if self.hooks.on_scanned is not None:
                 self.hooks.on_scanned(self.result)
@@ -122,20 +127,59 @@ class _Sink:
         self._futures = keep
 
 
+def _database_error(exc: BaseException) -> DBAPIError | None:
+    """The SQLAlchemy error behind ``exc`` (itself, or a cause in its chain), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DBAPIError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unwritable(url: str, exc: DBAPIError) -> OutputUnwritable:
+    """A refused write, translated at the boundary: names the database, what SQLite said and the fix."""
+    parsed = make_url(url)
+    where = parsed.database if parsed.get_backend_name() == "sqlite" else parsed.render_as_string(hide_password=True)
+    said = str(getattr(exc, "orig", exc))
+    if "readonly" in said or "read-only" in said or "unable to open" in said:
+        fix = (f"make {where}, its folder and its -wal/-shm files writable by this user (or mount the volume "
+               f"read-write)")
+    elif "full" in said or "No space" in said:
+        fix = f"free space on the volume that holds {where}, or point --db / NEURON_DATABASE_URL at one with room"
+    else:
+        fix = f"check that {where} is a writable, healthy database"
+    return OutputUnwritable(f"the results database {where} refused a write ({said}); the run stopped. Results "
+                            f"committed so far are kept: {fix}, then run the same command again to screen the rest")
+
+
 def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
                hooks: ProgressHooks | None = None, retry_failed: bool = False) -> RunReport:
     """Index FOLDER while screening every instance still to do: new ones, ones skipped earlier because their route
-    had no model and now has one, and (``retry_failed``) failed ones."""
+    had no model and now has one, and (``retry_failed``) failed ones. A database that refuses writes (read-only, full)
+    stops the run with ``OutputUnwritable``; what was committed stays."""
+    try:
+        return _run_folder(folder, settings, engine, hooks, retry_failed)
+    except Exception as exc:
+        cause = _database_error(exc)
+        if cause is None:
+            raise
+        raise _unwritable(settings.resolved_database_url, cause) from exc
+
+
+def _run_folder(folder: Path, settings: Settings, engine: Engine | None, hooks: ProgressHooks | None,
+                retry_failed: bool) -> RunReport:
     hooks = hooks or ProgressHooks()
     started = utcnow()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
     try:
         db.create()
-        engine = engine or Engine.from_settings(settings)
+        engine = engine or Engine.from_settings(settings, lazy=True)
         for lr in engine.routes.values():
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
-        routes = [r.value for r in engine.routes]
+        engine.on_load = lambda lr: db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
+        routes = [r.value for r in engine.available_routes]
         unavailable = {r.value: why for r, why in engine.unavailable.items()}
         db.reset_to_pending(awaiting_model=routes, failed=retry_failed)
         db.skip_routes_without_model(routes, unavailable)

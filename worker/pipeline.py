@@ -30,7 +30,7 @@ import torch
 
 from db.schema import Status
 from db.store import FrameResult, Outcome, WorkItem
-from neuron.errors import InputError, RetryableError
+from neuron.errors import InputError, RetryableError, SetupError
 from neuron.routes import Route
 from neuron_models.image import DecodedFrame, EncodedFrame
 from worker.batching import Batch, BatchPolicy
@@ -90,13 +90,18 @@ def failure_outcome(item: WorkItem, exc: BaseException, worker: str) -> Outcome:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-    """Write atomically: a crash never leaves half a PNG under the final name."""
+    """Write atomically: encoded in memory, written under a temporary name, renamed. A crash, a full disk or a
+    read-only folder never leaves half a PNG, under the final name or the temporary one; the OSError (with its errno:
+    ENOSPC, EROFS, EACCES, ...) reaches the caller."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"cv2 could not encode a {image.shape} {image.dtype} heatmap as PNG for {path}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
     try:
-        if not cv2.imwrite(str(tmp), image):
-            raise OSError(f"cv2 could not write {tmp}")
+        with open(tmp, "wb") as fh:
+            fh.write(encoded.tobytes())
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -105,9 +110,11 @@ def write_png(path: str, image: np.ndarray) -> None:
 class Pipeline:
     """One run of the staged engine over a feed of WorkItems."""
 
-    def __init__(self, engine: Engine, reader: Callable[[Engine, WorkItem], list] = read_item):
+    def __init__(self, engine: Engine, reader: Callable[[Engine, WorkItem], list] = read_item,
+                 png_writer: Callable[[str, np.ndarray], None] = write_png):
         self.engine = engine
         self.reader = reader  # the readers' job; tests put a gate or a fault in front of the real one
+        self.png_writer = png_writer  # likewise for the heatmap writes (a full disk where no tmpfs can be mounted)
         s = engine.settings
         self.readers_n = max(1, s.decode_workers)
         self.ahead = max(2 * engine.batch_size, 4 * self.readers_n)
@@ -161,7 +168,8 @@ class Pipeline:
             except _Stopped:
                 pass
             except BaseException as exc:  # a stage died: stop everything and tell the caller
-                log.exception("engine stage %s failed", name)
+                if not isinstance(exc, SetupError):  # a setup error (weights) is the caller's message, not a bug
+                    log.exception("engine stage %s failed", name)
                 self.failure = self.failure or exc
                 self.stop.set()
         t = threading.Thread(target=body, name=f"engine-{name}", daemon=True)
@@ -177,6 +185,8 @@ class Pipeline:
             if item is IDLE:
                 continue
             route = Route(item.route)
+            if route not in engine.routes and route in engine.loadable:
+                engine.ensure(route)  # the route's first instance: load its model now (or stop the run)
             if route not in engine.routes:  # no model for it on this host
                 reason = engine.unavailable.get(route, f"no model for route '{item.route}'")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.SKIPPED, reason,
@@ -353,7 +363,7 @@ class Pipeline:
             while not self.png_slots.acquire(timeout=_POLL):
                 if self.stop.is_set():
                     raise _Stopped
-            pngs.submit(write_png, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
+            pngs.submit(self.png_writer, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
         self._maybe_emit(inst)
 
     def _written(self, inst: _Instance, future: Future) -> None:
@@ -377,9 +387,11 @@ class Pipeline:
             return Outcome(uid, Status.PENDING, f"transient error, to be tried again: {inst.error}", worker=worker)
         if inst.error is not None:
             return Outcome(uid, Status(inst.error.status), inst.error.reason, worker=worker)
-        if inst.write_error is not None:
-            return Outcome(uid, Status.FAILED, f"heatmap could not be written: {inst.write_error}; check free space "
-                                               f"and permissions of {self.engine.heatmap_dir}", worker=worker)
+        if inst.write_error is not None:  # the output folder's fault, not the file's: pending, tried again
+            return Outcome(uid, Status.PENDING, f"heatmap could not be written ({type(inst.write_error).__name__}: "
+                                                f"{inst.write_error}); free space on or make writable "
+                                                f"{self.engine.heatmap_dir}, then run again: the instance is "
+                                                f"screened then", worker=worker)
         frames = tuple(sorted(inst.results, key=lambda r: r.frame))
         return Outcome(uid, Status.DONE, None, frames, worker=worker)
 
