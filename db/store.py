@@ -7,9 +7,10 @@ instance/frame/model/weights/label), so running the same work twice never adds o
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, case, create_engine, event, func, or_, select, update
@@ -125,10 +126,32 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
     cur.close()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str | None) -> str | None:
+    """Control characters escaped as \\xNN, for text that may quote a file's content (header values, a decoder's
+    error). A NUL above all: PostgreSQL refuses it in text while SQLite stores it, so unescaped, one hostile file
+    fails a whole group commit of other studies' results in the distributed mode and not in the embedded one."""
+    return None if text is None else _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _owner_files(sop_uids: Sequence[str]):
     """The file each instance is screened from (not its ``duplicate`` copies, not a corrupt first copy it was moved
     away from): the one whose ``ingest_status`` row follows the instance's status."""
     return select(Instance.file_id).where(Instance.sop_instance_uid.in_(sop_uids))
+
+
+def prediction_rows(outcomes: Sequence[Outcome], now: datetime) -> dict[tuple, dict]:
+    """The predictions rows of these outcomes by natural key, the last one winning as in sequential upserts: a
+    multi-row ON CONFLICT DO UPDATE must not touch a row twice (a redelivered study may share a group commit with its
+    first delivery)."""
+    return {(o.sop_instance_uid, fr.frame, fr.model, fr.weights, sc.label): {
+        "sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model, "weights": fr.weights,
+        "label": sc.label, "probability": sc.probability, "uncertainty": sc.uncertainty, "rank": sc.rank,
+        "heatmap_path": sc.heatmap_path, "config_hash": fr.config_hash, "untrained": fr.untrained,
+        "worker": o.worker, "needs_review": sc.needs_review, "processed_at": now, "decoder": fr.decoder}
+        for o in outcomes for fr in o.frames for sc in fr.scores}
 
 
 class Database:
@@ -139,6 +162,7 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._outcome_stmts = None
+        self._index_stmts = None
 
     def session(self) -> Session:
         return self._sessions()
@@ -169,33 +193,64 @@ class Database:
 
     def add_files(self, entries: Sequence[FileEntry]) -> None:
         """Record a batch of scanned files and their instances. A SOP Instance UID already known at another path
-        makes the file a ``duplicate``; a changed file is re-indexed and its instance screened again."""
+        makes the file a ``duplicate``; a changed file is re-indexed and its instance screened again.
+
+        Statuses are decided here in order, as sequential upserts would (the first path of a SOP Instance UID owns
+        it), then the batch is written as two multi-row upserts built once per Database: one round trip per page
+        instead of two per file (a 50,000-file first scan went from ~800 to several thousand files/s)."""
         if not entries:
             return
-        with self.session() as s, s.begin():
-            uids = {e.sop_instance_uid for e in entries if e.sop_instance_uid}
-            owners = dict(s.execute(
-                select(Instance.sop_instance_uid, FileRecord.path).join(FileRecord, FileRecord.id == Instance.file_id)
-                .where(Instance.sop_instance_uid.in_(uids))
-            ).all()) if uids else {}
+        now = utcnow()
+        file_upsert, instance_upsert = self._index_statements()
+        with self.engine.begin() as conn:
+            uids = list({e.sop_instance_uid for e in entries if e.sop_instance_uid})
+            owners: dict[str, str] = {}
+            for start in range(0, len(uids), 500):
+                owners.update(conn.execute(
+                    select(Instance.sop_instance_uid, FileRecord.path)
+                    .join(FileRecord, FileRecord.id == Instance.file_id)
+                    .where(Instance.sop_instance_uid.in_(uids[start:start + 500]))).all())
+            files: dict[str, dict] = {}
+            instances: dict[str, tuple[str, dict]] = {}
             for e in entries:
                 status, reason, inst = e.status, e.reason, e.instance
                 owner = owners.get(e.sop_instance_uid) if e.sop_instance_uid else None
                 if inst is not None and owner is not None and owner != e.path:
                     status, reason, inst = Status.DUPLICATE, f"same SOP Instance UID as {owner}; processed once", None
-                row = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "sop_instance_uid": e.sop_instance_uid,
-                       "status": status.value, "reason": reason, "seen_at": utcnow()}
-                stmt = self._insert(FileRecord).values(**row)
-                stmt = stmt.on_conflict_do_update(index_elements=["path"], set_=row).returning(FileRecord.id)
-                file_id = s.execute(stmt).scalar_one()
+                files[e.path] = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns,
+                                 "sop_instance_uid": e.sop_instance_uid, "status": status.value, "reason": reason,
+                                 "seen_at": now}
                 if inst is None:
                     continue
                 irow = asdict(inst.header)
-                irow.update(route=inst.route, reason=inst.reason, status=inst.status.value, file_id=file_id,
-                            updated_at=utcnow())
-                stmt = self._insert(Instance).values(**irow)
-                s.execute(stmt.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=irow))
+                irow.update(route=inst.route, reason=inst.reason, status=inst.status.value, updated_at=now)
+                instances[inst.header.sop_instance_uid] = (e.path, irow)
                 owners[inst.header.sop_instance_uid] = e.path
+            file_ids = {path: file_id for file_id, path in conn.execute(file_upsert, list(files.values()))}
+            if instances:
+                conn.execute(instance_upsert,
+                             [{**irow, "file_id": file_ids[path]} for path, irow in instances.values()])
+
+    def _index_statements(self):
+        """The files and instances upserts of ``add_files``, built once per Database so SQLAlchemy compiles each once.
+        RETURNING makes an executemany go out as multi-VALUES pages on both dialects ("insertmanyvalues")."""
+        if self._index_stmts is None:
+            files, instances = FileRecord.__table__, Instance.__table__
+            file_upsert = self._insert(files)
+            file_upsert = file_upsert.on_conflict_do_update(
+                index_elements=["path"],
+                set_={c: file_upsert.excluded[c] for c in ("size", "mtime_ns", "sop_instance_uid", "status", "reason",
+                                                           "seen_at")}
+            ).returning(files.c.id, files.c.path)
+            columns = [f.name for f in fields(InstanceHeader) if f.name != "sop_instance_uid"]
+            instance_upsert = self._insert(instances)
+            instance_upsert = instance_upsert.on_conflict_do_update(
+                index_elements=["sop_instance_uid"],
+                set_={c: instance_upsert.excluded[c] for c in (*columns, "route", "reason", "status", "file_id",
+                                                               "updated_at")}
+            ).returning(instances.c.sop_instance_uid)
+            self._index_stmts = (file_upsert, instance_upsert)
+        return self._index_stmts
 
     # -- worker side -----------------------------------------------------------------------------------------------
     def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None,
@@ -355,18 +410,11 @@ class Database:
         if not outcomes:
             return
         now = utcnow()
-        # one row per natural key, the last one winning as in sequential upserts: a multi-row ON CONFLICT DO UPDATE
-        # must not touch a row twice (a redelivered study may share a group commit with its first delivery)
-        rows = {(o.sop_instance_uid, fr.frame, fr.model, fr.weights, sc.label): {
-            "sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model, "weights": fr.weights,
-            "label": sc.label, "probability": sc.probability, "uncertainty": sc.uncertainty, "rank": sc.rank,
-            "heatmap_path": sc.heatmap_path, "config_hash": fr.config_hash, "untrained": fr.untrained,
-            "worker": o.worker, "needs_review": sc.needs_review, "processed_at": now, "decoder": fr.decoder}
-            for o in outcomes for fr in o.frames for sc in fr.scores}
+        rows = prediction_rows(outcomes, now)
         # statuses grouped by (status, reason): one statement per group, usually one (all done) per call
         groups: dict[tuple[str, str | None], list[str]] = {}
         for o in outcomes:
-            groups.setdefault((o.status.value, o.reason), []).append(o.sop_instance_uid)
+            groups.setdefault((o.status.value, printable(o.reason)), []).append(o.sop_instance_uid)
         upsert, instance_status, file_status = self._outcome_statements()
         with self.engine.begin() as conn:
             if rows:

@@ -207,6 +207,13 @@ def _rejection(photometric: str, sat: float, limit: float) -> RejectedImage:
         f"grayscale images; check the file's Modality")
 
 
+def _not_finite(photometric: str) -> RejectedImage:
+    return RejectedImage(
+        f"PhotometricInterpretation {photometric} frame has display values that are not finite numbers (NaN or "
+        f"infinite): its Rescale Slope/Intercept, window or lookup table overflow 32-bit floats; the header is "
+        f"corrupt: fix it at the source and re-export the file")
+
+
 def _luminance(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
@@ -284,7 +291,8 @@ class Prepared:
 
     def rejections(self, rejected: np.ndarray, saturation: np.ndarray, limit: float) -> dict[int, RejectedImage]:
         """Host copies of ``rejected``/``saturation`` -> the reasons, by batch position."""
-        return {int(i): _rejection(self.photometric[i], float(saturation[i]), limit) for i in np.flatnonzero(rejected)}
+        return {int(i): _not_finite(self.photometric[i]) if np.isnan(saturation[i])
+                else _rejection(self.photometric[i], float(saturation[i]), limit) for i in np.flatnonzero(rejected)}
 
 
 def _torch_dtype(arr: np.ndarray) -> torch.dtype:
@@ -442,13 +450,19 @@ class Preprocessor:
         rejected = torch.zeros(n, dtype=torch.bool, device=self.device)
         saturation = torch.zeros(n, device=self.device)
         for _, idx, unit in self.unit_groups(staged, flat, crop=True):
+            # A hostile header can still overflow float32 (a LUT, a slope the decoder let through): such a frame is
+            # rejected with its reason (saturation NaN marks it), and zeros stand in so the batch's CLAHE runs.
+            broken = ~torch.isfinite(unit).flatten(1).all(dim=1)
+            rejected[idx] |= broken
+            saturation[idx] = torch.where(broken, torch.nan, saturation[idx])
+            unit = torch.nan_to_num(unit, nan=0.0, posinf=0.0, neginf=0.0)
             if unit.shape[1] != cfg.channels:
                 if cfg.channels == 3:
                     unit = unit.expand(-1, 3, -1, -1)
                 else:
                     sat = mean_saturation(unit)
-                    saturation[idx] = sat
-                    rejected[idx] = sat > cfg.grayscale_max_saturation
+                    saturation[idx] = torch.where(broken, torch.nan, sat)
+                    rejected[idx] |= sat > cfg.grayscale_max_saturation
                     unit = _luminance(unit)
             x[idx] = self.resize(center_square(unit), work)
         if cfg.clahe:

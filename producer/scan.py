@@ -9,15 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import pydicom
 from pydicom.multival import MultiValue
 
 from db.schema import Status
-from db.store import Database, FileEntry, InstanceEntry, InstanceHeader
+from db.store import Database, FileEntry, InstanceEntry, InstanceHeader, printable
 from neuron.errors import FailedInput, InputError, SkippedInput
 from neuron.photos import photo_kind, photo_uids
 from neuron.routes import Route, RoutingFacts, route_for
@@ -35,6 +39,7 @@ HEADER_TAGS = [
 UID_MAX_LENGTH = 64
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_PADDING = " \x00"
+DB_INT_MAX = 2**31 - 1  # the integer columns (frames, rows, columns) of PostgreSQL; SQLite would store more
 
 
 def checked_uid(value: object, keyword: str, tag: str, required: bool) -> str:
@@ -71,6 +76,9 @@ def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
+    if frames > DB_INT_MAX:
+        raise FailedInput(f"Number of Frames (0028,0008) {frames} is over {DB_INT_MAX}: no instance holds that many "
+                          "frames, the header is corrupt; fix it at the source and re-export")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return InstanceHeader(
         sop_instance_uid=uid,
@@ -80,7 +88,7 @@ def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
         modality=_code(ds, "Modality", 16),
         body_part=_code(ds, "BodyPartExamined", 64),
         photometric=_code(ds, "PhotometricInterpretation", 32),
-        transfer_syntax=str(ts) if ts else None,
+        transfer_syntax=_valid_uid_or_none(ts),  # descriptive: the decoder reads the file's own
         rows=_int_or_none(ds.get("Rows")),
         columns=_int_or_none(ds.get("Columns")),
         frames=max(1, frames),
@@ -95,8 +103,9 @@ def _valid_uid_or_none(value: object) -> str | None:
 
 def _code(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
     """A code string for routing and reporting. A value longer than its VR allows (CS: 16) is no code Neuron
-    routes on; it is kept to the database column's width so one hostile header cannot fail a whole batch's insert."""
-    return str(ds.get(keyword, "") or "").strip().upper()[:limit] or None
+    routes on; it is kept to the database column's width, control characters escaped (PostgreSQL refuses a NUL,
+    SQLite stores it), so one hostile header cannot fail a whole batch's insert in one mode and not the other."""
+    return printable(str(ds.get(keyword, "") or "").strip().upper())[:limit] or None
 
 
 def _int_or_none(value) -> int | None:
@@ -106,25 +115,77 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-def iter_files(root: Path, exclude: Iterable[Path] = ()) -> Iterator[Path]:
-    """Every regular file below root, in a stable order, skipping excluded folders (e.g. our own output)."""
+def iter_files(root: Path, exclude: Iterable[Path] = (), follow_links: bool = False) -> Iterator[Path]:
+    """Every regular file below root, in a stable order, skipping excluded folders (e.g. our own output).
+
+    Symbolic links are not followed by default (``Settings.follow_links``, NEURON_FOLLOW_LINKS): a link would bring
+    in files that are not part of the archive being scanned, from anywhere the link points, and a link loop would
+    never end. A link that leads out of root is logged as a warning naming the link and the setting, so an operator
+    who expected it screened knows why it was not; a link inside root is left silently (the walk finds its target
+    anyway). With ``follow_links`` links are followed wherever they lead, and every folder and every file is still
+    visited once (by its device and inode, by its resolved path), so a loop ends and no file is indexed twice."""
+    root = Path(root)
     excluded = {p.resolve() for p in exclude}
+    real_root = root.resolve()
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
 
     def unreadable_folder(exc: OSError) -> None:
         log.error("folder %s could not be listed (%s): its files are not indexed; fix its permissions and scan "
                   "again", exc.filename, exc.strerror or exc)
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable_folder):
+    def resolved(path: Path) -> Path | None:
+        try:
+            return path.resolve()
+        except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+            return None
+
+    def not_followed(link: Path) -> None:
+        target = resolved(link)
+        if target is None or not target.is_relative_to(real_root):
+            log.warning("symbolic link %s leads out of the scanned folder %s (to %s) and is not followed: its "
+                        "target is not screened; scan the target's folder, or set NEURON_FOLLOW_LINKS=1 to follow "
+                        "links", link, root, target if target is not None else "a link loop")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable_folder, followlinks=follow_links):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() not in excluded)
+        if follow_links:
+            try:
+                st = os.stat(here)
+            except OSError:
+                dirnames[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link: a loop, or a second way in
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+        kept = []
+        for d in sorted(dirnames):
+            sub = here / d
+            if resolved(sub) in excluded:
+                continue
+            if not follow_links and sub.is_symlink():
+                not_followed(sub)
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = here / name
+            if not follow_links and path.is_symlink():
+                not_followed(path)
+                continue
             try:
                 regular = path.is_file()
             except OSError:
                 regular = True  # cannot tell (e.g. permission denied): index_entry records why it cannot be read
-            if regular:
-                yield path
+            if not regular:
+                continue
+            if follow_links:
+                key = str(resolved(path) or path)
+                if key in seen_files:
+                    continue
+                seen_files.add(key)
+            yield path
 
 
 def read_header(path: Path) -> InstanceHeader:
@@ -138,8 +199,14 @@ def read_header(path: Path) -> InstanceHeader:
     has_marker = head[PREAMBLE_MARKER_OFFSET:PREAMBLE_MARKER_OFFSET + 4] == b"DICM"
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_marker)
-    except OSError:
-        raise
+    except OSError as exc:
+        if exc.errno is not None:  # the storage failed (permissions, a share): the caller records and re-reads it
+            raise
+        # pydicom raises a bare OSError ("No tag to read at file position ...") for a corrupt header: the file's fault
+        if has_marker:
+            raise FailedInput(f"DICOM header is unreadable ({type(exc).__name__}: {_short(exc)}); "
+                              "the file is truncated or corrupt: re-export it from the source") from exc
+        raise SkippedInput("not a DICOM file: no 'DICM' marker at byte 128 and no parseable DICOM header") from exc
     except Exception as exc:  # pydicom raises many types on malformed input (BytesLengthException ...)
         if has_marker:
             raise FailedInput(f"DICOM header is unreadable ({type(exc).__name__}: {_short(exc)}); "
@@ -158,7 +225,7 @@ def read_header(path: Path) -> InstanceHeader:
 
 def _short(exc: BaseException, limit: int = 300) -> str:
     """An exception's message for a reason column: a hostile file must not make its own reason megabytes long."""
-    text = str(exc)
+    text = printable(str(exc))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -219,6 +286,86 @@ def _unreadable(path: Path, st: os.stat_result | None, exc: OSError) -> FileEntr
                      status=Status.FAILED, reason=reason)
 
 
+# Header parsing is the producer's CPU cost (~0.3 ms a file in pydicom). A large scan moves it to a pool of spawned
+# processes: the producer never imports torch, so a worker starts in about a second, which pays off past a few thousand
+# files; a small scan (and every test of a few files) never starts one.
+PARSE_POOL_AFTER = 4096
+PARSE_CHUNK = 64
+PARSE_WORKERS_MAX = 8
+
+
+def _parse_workers() -> int:
+    return min(PARSE_WORKERS_MAX, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+               (os.cpu_count() or 1))
+
+
+def _index_chunk(paths: list[Path], route_override: Route | None) -> list[FileEntry]:
+    return [index_entry(p, route_override) for p in paths]
+
+
+class _HeaderReader:
+    """index_entry for the files of one scan, results in walk order (the first path of a SOP Instance UID owns it).
+    In this process until ``pool_after`` files were read, then in a process pool with at most two chunks per worker
+    in flight, so the walk waits for the parsers and memory stays flat. If a pool process dies (the OOM killer), its
+    chunk and the rest are read here: a file is never lost to a parser's crash."""
+
+    def __init__(self, route_override: Route | None, workers: int, pool_after: int = PARSE_POOL_AFTER):
+        self.route_override, self.workers, self.pool_after = route_override, workers, pool_after
+        self.read = 0
+        self.pool: ProcessPoolExecutor | None = None
+        self.chunk: list[Path] = []
+        self.in_flight: deque[tuple[list[Path], Future]] = deque()
+
+    def add(self, path: Path) -> list[FileEntry]:
+        """Read one file's header; returns the entries finished so far, in walk order."""
+        self.read += 1
+        if self.pool is None and (self.workers < 2 or self.read <= self.pool_after):
+            return [index_entry(path, self.route_override)]
+        self.chunk.append(path)
+        if len(self.chunk) < PARSE_CHUNK:
+            return self._collect(block_over=None)
+        self._submit()
+        return self._collect(block_over=2 * self.workers)
+
+    def finish(self) -> list[FileEntry]:
+        if self.chunk:
+            self._submit()
+        done = self._collect(block_over=0)
+        self.close()
+        return done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def _submit(self) -> None:
+        paths, self.chunk = self.chunk, []
+        if self.pool is None and self.workers >= 2:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        if self.pool is None:  # the pool broke: read here
+            fut: Future = Future()
+            fut.set_result(_index_chunk(paths, self.route_override))
+        else:
+            fut = self.pool.submit(_index_chunk, paths, self.route_override)
+        self.in_flight.append((paths, fut))
+
+    def _collect(self, block_over: int | None) -> list[FileEntry]:
+        done: list[FileEntry] = []
+        while self.in_flight and ((block_over is not None and len(self.in_flight) > block_over)
+                                  or self.in_flight[0][1].done()):
+            paths, fut = self.in_flight.popleft()
+            try:
+                done += fut.result()
+            except BrokenProcessPool:
+                log.error("a header-parsing process died (out of memory?); reading the rest of this scan in the "
+                          "producer itself")
+                self.workers = 0
+                self.close()
+                done += _index_chunk(paths, self.route_override)
+        return done
+
+
 @dataclass
 class ScanResult:
     seen: int = 0
@@ -228,33 +375,41 @@ class ScanResult:
 
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
-                 on_indexed: Callable[[list[str]], None] | None = None) -> ScanResult:
+                 on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
+                 follow_links: bool = False) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
-    committed batch (the embedded run screens them while the walk goes on)."""
+    committed batch (the embedded run screens them while the walk goes on). ``workers``: header-parsing processes
+    once the scan has read PARSE_POOL_AFTER files (default: one per CPU, at most 8; 0 or 1 reads every header in this
+    process)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
     known = db.file_index()
     result = ScanResult()
     pending: list[FileEntry] = []
-    for path in iter_files(root, exclude):
-        result.seen += 1
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue  # vanished between listing and stat
-        except OSError:
-            st = None  # index_entry records why it cannot be read
-        if st is not None and known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
-            result.unchanged += 1
-        else:
-            pending.append(index_entry(path, route_override))
-            result.indexed += 1
-        if len(pending) >= batch:
-            _commit(db, pending, on_indexed)
-        if on_file is not None:
-            on_file(result.seen)
+    reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers)
+    try:
+        for path in iter_files(root, exclude, follow_links=follow_links):
+            result.seen += 1
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # vanished between listing and stat
+            except OSError:
+                st = None  # index_entry records why it cannot be read
+            if st is not None and known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
+                result.unchanged += 1
+            else:
+                pending += reader.add(path)
+                result.indexed += 1
+            if len(pending) >= batch:
+                _commit(db, pending, on_indexed)
+            if on_file is not None:
+                on_file(result.seen)
+        pending += reader.finish()
+    finally:
+        reader.close()
     _commit(db, pending, on_indexed)
     log.info("scanned %d files: %d indexed, %d unchanged", result.seen, result.indexed, result.unchanged)
     return result

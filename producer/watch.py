@@ -79,7 +79,7 @@ class FolderWatcher:
         self.observer.schedule(self.collector, str(self.root), recursive=True)
         self.observer.start()
         known, now = self.db.file_index(), time.monotonic()
-        for path in iter_files(self.root, exclude=[self.settings.out_dir]):
+        for path in iter_files(self.root, exclude=[self.settings.out_dir], follow_links=self.settings.follow_links):
             if is_temporary(path):
                 continue
             try:

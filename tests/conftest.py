@@ -128,3 +128,28 @@ def engine_plain(untrained_settings):
     from worker.engine import Engine
 
     return Engine.from_settings(untrained_settings.with_(clahe=False, tta=False))
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """One real Redis and one real PostgreSQL for the session (tests/services.py): (broker URL, PgServer). Shared by
+    the distributed tests and the scenario table, so a session starts them once."""
+    from .services import postgres_server, redis_server
+
+    with redis_server() as broker, postgres_server() as pg:
+        yield broker.url, pg
+
+
+@pytest.fixture
+def env(servers, tmp_path) -> dict[str, str]:
+    """The environment of the distributed mode's processes: empty database and broker, the test's own output folder."""
+    import redis
+
+    from .services import reset_postgres
+
+    broker, pg = servers
+    reset_postgres(pg.url)
+    redis.Redis.from_url(broker).flushall()
+    return {**os.environ, "NEURON_BROKER_URL": broker, "NEURON_DATABASE_URL": pg.url,
+            "NEURON_OUT": str(tmp_path / "out"), "NEURON_VISIBILITY_TIMEOUT": "8", "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1"}

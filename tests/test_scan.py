@@ -6,8 +6,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from db.schema import Status
 from db.store import Database
 from neuron.errors import SkippedInput
 from neuron.routes import Route, RoutingFacts, route_for
@@ -156,6 +158,24 @@ def test_a_malformed_file_meta_group_length_is_recorded_and_the_walk_goes_on(tmp
     assert rows[str((folder / "d_notes.txt").resolve())][0] == "skipped"
     bad.touch()  # changed: read again, recorded again, and the walk still goes on
     assert index_folder(folder, db).indexed == 1
+
+
+def test_a_sequence_cut_off_at_the_end_of_the_file_is_a_corrupt_file_not_a_storage_error(tmp_path, chest_small):
+    """pydicom raises a bare OSError ("No tag to read at file position ...") for a sequence whose items run past the
+    end of the file. That is the file's fault: failed with the reason, not recorded as unreadable storage that every
+    scan reads again (found by the fuzzer)."""
+    import io
+
+    ds = pydicom.dcmread(chest_small)
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    # (0040,A730) ContentSequence, explicit VR 'SQ', undefined length, and then the file ends
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(buf.getvalue() + b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff")
+    entry = index_entry(cut)
+    assert entry.status is Status.FAILED and "DICOM header is unreadable (OSError" in entry.reason, entry.reason
+    assert entry.mtime_ns == cut.stat().st_mtime_ns  # a real mtime: an unchanged corrupt file is not read again
 
 
 def test_a_file_that_cannot_be_read_is_failed_with_the_reason_and_read_again_next_scan(tmp_path, chest_small,

@@ -54,6 +54,8 @@ DECODER_PLUGIN = "pylibjpeg"
 DECODER_PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "imagecodecs")
 
 MAX_SIDE = 65535
+# Display parameters must keep every value a finite float32 (the device computes in float32; its maximum is 3.4e38).
+FLOAT_LIMIT = 1e30
 PIXEL_DATA = 0x7FE00010
 # Elements larger than this are not read by the header parse; only Pixel Data is ever that large (LUTs top out at
 # 128 KiB), and the native path reads just the frames it needs from the file.
@@ -134,6 +136,8 @@ def _lut_from_item(item, bits_default: int) -> LutTable | None:
         data = item.LUTData
         first = int(desc[1])
         bits = int(desc[2]) if len(desc) > 2 and int(desc[2]) else bits_default
+        if not 1 <= bits <= 16:  # PS3.3 C.11.1.1: 8 or 16 (some writers say 10-16); 65535 is no table depth
+            return None
         if isinstance(data, bytes):
             dtype = np.uint16 if bits > 8 else np.uint8
             data = np.frombuffer(data, dtype=dtype)
@@ -155,8 +159,14 @@ def pixel_params(ds: pydicom.Dataset, photometric: str) -> PixelParams:
         modality_lut = _lut_from_item(ds.ModalityLUTSequence[0], bits_stored)
     slope = _first_float(ds.get("RescaleSlope")) or 1.0
     intercept = _first_float(ds.get("RescaleIntercept")) or 0.0
+    if not abs(slope) * 2.0 ** min(max(bits_stored, 1), 64) + abs(intercept) < FLOAT_LIMIT:  # NaN fails too
+        raise DecodeError(f"RescaleSlope {slope!r} and RescaleIntercept {intercept!r} give values that are not "
+                          f"finite 32-bit numbers (|slope| x 2^BitsStored + |intercept| must stay below "
+                          f"{FLOAT_LIMIT:.0e}); the header is corrupt: fix it at the source and re-export the file")
     window = voi = None
     center, width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
+    if not (center is not None and width is not None and abs(center) < FLOAT_LIMIT and width < FLOAT_LIMIT):
+        center = width = None  # NaN, infinite or absurd: no usable window; the VOI LUT or the image's range decides
     if center is not None and width is not None and width >= 1:
         fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         window = Window(center, width, fn if fn in {"LINEAR", "LINEAR_EXACT", "SIGMOID"} else "LINEAR")
@@ -247,7 +257,13 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
         except Exception as exc:
             raise translate_error(exc, "file can no longer be read",
                                   "it is not DICOM or is damaged: re-export it from the source") from exc
-        header = _Header.from_dataset(ds, max_pixels)
+        try:
+            header = _Header.from_dataset(ds, max_pixels)
+        except NeuronError:
+            raise
+        except Exception as exc:  # pydicom converts values lazily: a malformed one (a VR of two random bytes) raises
+            raise translate_error(exc, "the image pixel attributes (group 0028) are malformed",
+                                  "the header is corrupt: re-export the file from the source") from exc
         indices = select_frames(header.n_frames, max_frames)
         ts = header.transfer_syntax
         try:
@@ -264,13 +280,14 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
                 return _finish(ds, header, sop_instance_uid, indices, [a for a, _ in decoded], [d for _, d in decoded])
             _load_deferred(ds, fp)
             arrays = list(iter_pixels(ds, indices=indices, decoding_plugin=DECODER_PLUGIN if ts.is_compressed else ""))
+            label = f"{_PLUGIN_PACKAGE[ts]}-{_version(_PLUGIN_PACKAGE[ts])}" if ts in _PLUGIN_PACKAGE \
+                else f"pydicom-{_version('pydicom')}"
+            # Inside the try: the display parameters are read here, and a malformed one raises like the pixels do.
+            return _finish(ds, header, sop_instance_uid, indices, arrays, [label] * len(indices))
         except NeuronError:
             raise
         except Exception as exc:
             raise translate_error(exc, f"pixel data could not be decoded (transfer syntax {ts.name})") from exc
-        label = f"{_PLUGIN_PACKAGE[ts]}-{_version(_PLUGIN_PACKAGE[ts])}" if ts in _PLUGIN_PACKAGE \
-            else f"pydicom-{_version('pydicom')}"
-        return _finish(ds, header, sop_instance_uid, indices, arrays, [label] * len(indices))
 
 
 @dataclass(frozen=True)
