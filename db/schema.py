@@ -1,4 +1,4 @@
-"""Tables and the two public views (``findings``, ``ingest_status``).
+"""Tables and the public views (``findings``, ``ingest_status``, ``study_findings``).
 
 Tables are ours to change; the views are the documented interface that users and tools query, so their columns only
 ever grow. Status and route columns hold the string values of the enums in ``neuron``.
@@ -132,13 +132,41 @@ JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
 JOIN files f ON f.id = i.file_id
 """
 
+# A file that holds its instance shows the instance's status (pending, queued, done, failed, skipped); any other file
+# (a duplicate copy, a file that is not DICOM or not readable) shows its own. ``attempts`` counts the workers that took
+# the instance; ``worker`` is the one that produced its results.
 INGEST_STATUS_VIEW = """
 CREATE VIEW ingest_status AS
-SELECT f.path AS file_path, f.sop_instance_uid, f.status, f.reason, f.seen_at
+SELECT f.path AS file_path, f.sop_instance_uid, COALESCE(i.status, f.status) AS status,
+       COALESCE(i.reason, f.reason) AS reason, f.seen_at, COALESCE(i.attempts, 0) AS attempts,
+       (SELECT MAX(p.worker) FROM predictions p WHERE p.sop_instance_uid = i.sop_instance_uid) AS worker
 FROM files f
+LEFT JOIN instances i ON i.file_id = f.id
 """
 
-VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW}
+# One row per screened study: its top finding (highest probability over every frame and model), how many findings
+# are positive and how many need review. ``screened_at`` is when its latest result was written.
+STUDY_FINDINGS_VIEW = """
+CREATE VIEW study_findings AS
+WITH scored AS (
+    SELECT i.study_instance_uid, p.sop_instance_uid, p.label, p.model, p.probability, p.needs_review,
+           p.processed_at,
+           ROW_NUMBER() OVER (PARTITION BY i.study_instance_uid
+                              ORDER BY p.probability DESC, p.label, p.model) AS position
+    FROM predictions p
+    JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
+)
+SELECT study_instance_uid, MAX(processed_at) AS screened_at, COUNT(DISTINCT sop_instance_uid) AS instances,
+       MAX(CASE WHEN position = 1 THEN label END) AS top_finding,
+       MAX(CASE WHEN position = 1 THEN model END) AS top_model,
+       MAX(probability) AS max_probability,
+       SUM(CASE WHEN probability >= 0.5 THEN 1 ELSE 0 END) AS positive_findings,
+       SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS needs_review
+FROM scored
+GROUP BY study_instance_uid
+"""
+
+VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW, "study_findings": STUDY_FINDINGS_VIEW}
 
 
 def drop_views(conn: Connection) -> None:

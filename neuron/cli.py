@@ -19,24 +19,33 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from neuron.errors import NeuronError, SetupError
+from neuron.errors import NeuronError, RetryableError, SetupError
+from neuron.options import screening_options
 from neuron.routes import MODEL_ROUTES, Route
 from neuron.settings import Settings, WeightsMode
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
 RETRY_FAILED_HELP = "Screen failed instances again, with a fresh attempt count (after fixing the cause)."
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+# plain help (rich_markup_mode=None): click wraps long help texts and defaults instead of cutting them at the column
+# width, and "[default: ...]" stays literal
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Neuron screens medical-image archives: DICOM in; findings with calibrated probabilities, "
                        "uncertainty and Grad-CAM heatmaps out, in SQL.")
 console = Console(stderr=True)
 
 
 def _keep_caches_inside(folder: Path) -> None:
+    """Caches under FOLDER/.cache (``_use_cache_dir``)."""
+    _use_cache_dir(Path(folder) / ".cache")
+
+
+def _use_cache_dir(cache: Path) -> None:
     """Nothing is written outside the output folder: importing timm makes torch create its compiler cache folder in
     the system temp folder, and matplotlib (training curves) keeps a font cache in the home folder. Both go under
-    FOLDER/.cache unless the user has placed them. Call before the first torch-heavy import."""
-    cache = Path(folder).resolve() / ".cache"
+    CACHE (the output folder's .cache, or NEURON_CACHE_DIR) unless the user has placed them. Call before the first
+    torch-heavy import."""
+    cache = Path(cache).resolve()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torch"))
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
 
@@ -56,62 +65,38 @@ class _Rate(TextColumn):
 
 
 @app.command()
+@screening_options
 def run(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to screen (recursively).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: neuron.db and heatmaps/.")] = None,
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL; default sqlite:///OUT/neuron.db.")] = None,
-    weights: Annotated[WeightsMode, typer.Option(help="pretrained (needs the weights file) or untrained.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model batch (default: 16 CPU, 128 CUDA).")] = None,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation (5 fixed views).")] = True,
-    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe", help="CLAHE contrast equalisation.")] = True,
-    clahe_clip: Annotated[float, typer.Option(help="CLAHE clip limit.")] = 2.0,
-    clahe_grid: Annotated[int, typer.Option(help="CLAHE tiles per side.")] = 8,
-    top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image (0: none).")] = 1,
-    max_frames: Annotated[int, typer.Option(help="Frames screened per multi-frame instance (evenly spaced).")] = 16,
-    max_pixels: Annotated[int, typer.Option(help="Refuse frames with more pixels than this.")] = 8192 * 8192,
-    xrv_cache_dir: Annotated[Path, typer.Option(help="Folder of torchxrayvision weight files.")] = None,
-    xrv_sha256: Annotated[str, typer.Option(help="Expected sha256 of the chest X-ray weights file.")] = None,
-    model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints (EfficientNet routes).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: neuron.db, heatmaps/ and .cache/. "
+                                                          "[default: ./results; env NEURON_OUT]")] = None,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: sqlite:///OUT/neuron.db; env "
+                                                 "NEURON_DATABASE_URL]")] = None,
     route: Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")] = None,
-    mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
-    review_threshold: Annotated[float, typer.Option(help="Mark findings with uncertainty above this.")] = 0.1,
-    precision: Annotated[str, typer.Option(help="fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
-                                                "probabilities within 0.01 of fp32).")] = None,
+    follow_links: Annotated[bool, typer.Option("--follow-links/--no-follow-links", help="Follow symbolic links "
+                                               "that leave the folder (loops are still cut, each file indexed "
+                                               "once). [default: off; env NEURON_FOLLOW_LINKS]",
+                                               show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does (INFO level).")] = False,
+    *,
+    screening: dict,
 ) -> None:
     """Screen every DICOM file under FOLDER and write findings to a database (embedded: SQLite, one process)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.WARNING)  # its plugins log tracebacks of files we record anyway
     try:
-        settings = Settings.from_env(out_dir=out, database_url=db, weights=weights, device=device,
-                                     batch_size=batch_size, tta=tta, clahe=clahe, clahe_clip_limit=clahe_clip,
-                                     clahe_grid=clahe_grid, heatmap_top_k=top_k, max_frames=max_frames,
-                                     max_pixels=max_pixels, xrv_cache_dir=xrv_cache_dir, xrv_sha256=xrv_sha256,
-                                     model_dir=model_dir, route_override=route.value if route else None,
-                                     mc_dropout=mc_dropout, review_threshold=review_threshold,
-                                     precision=precision)
+        settings = Settings.from_env(out_dir=out, database_url=db, route_override=route.value if route else None,
+                                     follow_links=follow_links, **screening)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
-    if settings.weights is WeightsMode.UNTRAINED:
-        console.print(Panel("[bold]--weights untrained[/]: the models have random (seeded) weights. Every result is "
-                            "marked [bold]untrained[/] and means NOTHING clinically. Use for tests and demos only.",
-                            title="WARNING", style="bold yellow"))
-    _keep_caches_inside(settings.out_dir)
+    _warn_untrained(settings)
+    _use_cache_dir(settings.resolved_cache_dir)
     from worker.embedded import ProgressHooks, run_folder
-    from worker.engine import Engine
 
-    try:
-        with console.status("loading models..."):
-            # with --route every file goes to that route: no other route's weights are needed (or checked)
-            engine = Engine.from_settings(settings, only=[route] if route else None)
-    except SetupError as exc:
-        raise _fail(str(exc), EXIT_SETUP) from None
-    loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in engine.routes.items())
-    console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, models: {loaded}")
-    for r, why in engine.unavailable.items():
-        console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
+    # with --route only that route's model; otherwise each route's model loads with its first instance
+    engine = _load_engine(settings, only=[route] if route else None, lazy=route is None)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -129,6 +114,32 @@ def run(
     _print_summary(report, settings)
     failed = report.summary.files.get("failed", 0)
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _warn_untrained(settings: Settings) -> None:
+    if settings.weights is WeightsMode.UNTRAINED:
+        console.print(Panel("[bold]--weights untrained[/]: the models have random (seeded) weights. Every result is "
+                            "marked [bold]untrained[/] and means NOTHING clinically. Use for tests and demos only.",
+                            title="WARNING", style="bold yellow"))
+
+
+def _load_engine(settings: Settings, only=None, lazy: bool = False):
+    """The engine with ``only`` these routes' models; ``lazy``: each route's model loads when its first instance
+    arrives, so no route's weights are needed (or checked) unless the folder holds work for it."""
+    from worker.engine import Engine
+
+    try:
+        with console.status("loading models..."):
+            engine = Engine.from_settings(settings, only=only, lazy=lazy)
+    except SetupError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in engine.routes.items())
+    later = ", ".join(r.value for r in engine.available_routes if r in engine.loadable)
+    console.print(f"device [bold]{engine.device}[/], batch size {engine.batch_size}, models: {loaded or 'none yet'}"
+                  + (f"; loaded when their first instance arrives: {later}" if later else ""))
+    for r, why in engine.unavailable.items():
+        console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
+    return engine
 
 
 def _print_summary(report, settings: Settings) -> None:
@@ -276,47 +287,49 @@ def db_upgrade(db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (def
 
 
 @app.command()
+@screening_options
 def worker(
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N; run one worker per GPU.")] = None,
-    weights: Annotated[WeightsMode, typer.Option(help="pretrained or untrained.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model batch, across studies.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: heatmaps/ (unless NEURON_HEATMAP_DIR) and "
+                                                          ".cache/. [default: ./results; env NEURON_OUT]")] = None,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL]")] = None,
+    name: Annotated[str, typer.Option(help="This worker's identity: its Celery node name (neuron-NAME@host) and the "
+                                           "findings' worker column. [default: host/device/pid]")] = None,
     max_wait_ms: Annotated[int, typer.Option(help="Run a partial batch after this wait (trickling queues).")] = 200,
-    concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads; they only wait). Default: "
-                                                  "max(8, 4 x batch size), so batches fill from 1-image studies.")
-                           ] = None,
-    queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume.")] = "chest-xray,mri-us,skin",
-    tta: Annotated[bool, typer.Option("--tta/--no-tta")] = True,
-    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe")] = True,
-    top_k: Annotated[int, typer.Option(help="Heatmaps for the top K findings of each image.")] = 1,
-    model_dir: Annotated[Path, typer.Option(help="Folder of fine-tuned checkpoints (EfficientNet routes).")] = None,
-    mc_dropout: Annotated[int, typer.Option(help="MC-dropout samples per view for models with dropout.")] = 0,
-    precision: Annotated[str, typer.Option(help="fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
-                                                "probabilities within 0.01 of fp32).")] = None,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    concurrency: Annotated[int, typer.Option(help="Studies in flight (Celery threads; they only wait). [default: "
+                                                  "max(8, 4 x batch size), so batches fill from 1-image studies]",
+                                             show_default=False)] = None,
+    queues: Annotated[str, typer.Option(help="Comma-separated route queues to consume; only their models are "
+                                             "loaded.")] = "chest-xray,mri-us,skin",
+    loglevel: Annotated[str, typer.Option(help="Celery log level (DEBUG, INFO, WARNING).")] = "INFO",
+    *,
+    screening: dict,
 ) -> None:
     """Run a Celery GPU worker: takes studies from Redis, batches their images across studies, writes results."""
     try:
-        settings = Settings.from_env(device=device, weights=weights, batch_size=batch_size, max_wait_ms=max_wait_ms,
-                                     worker_concurrency=concurrency, tta=tta, clahe=clahe, heatmap_top_k=top_k,
-                                     model_dir=model_dir, mc_dropout=mc_dropout, precision=precision)
+        settings = Settings.from_env(out_dir=out, database_url=db, max_wait_ms=max_wait_ms,
+                                     worker_concurrency=concurrency, **screening)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     if settings.weights is WeightsMode.UNTRAINED:
         console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
                       "clinically.[/]")
-    _keep_caches_inside(settings.out_dir)
+    _use_cache_dir(settings.resolved_cache_dir)
     from worker.service import run_worker
 
     try:
-        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency, loglevel)
-    except SetupError as exc:
+        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency, loglevel,
+                   name=name)
+    except (SetupError, RetryableError) as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
 
 
 @app.command()
 def scan(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to index and enqueue.")],
-    watch: Annotated[bool, typer.Option("--watch", help="Keep watching for new files until stopped.")] = False,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep watching for new files until stopped (SIGTERM or "
+                                                        "Ctrl-C enqueues what was indexed, then exits).")] = False,
     poll: Annotated[bool, typer.Option("--poll", help="Polling observer (network shares).")] = False,
     stable_seconds: Annotated[float, typer.Option(help="A file is complete once unchanged this long.")] = 2.0,
     quiet_seconds: Annotated[float, typer.Option(help="Enqueue a study once no file arrived this long.")] = 5.0,
@@ -325,66 +338,332 @@ def scan(
         "--requeue", help="Send again instances already queued (after a broker lost its queue) and instances "
         "skipped while their route had no model.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
+    follow_links: Annotated[bool, typer.Option("--follow-links/--no-follow-links", help="Follow symbolic links "
+                                               "that leave the folder (loops are still cut, each file indexed "
+                                               "once). [default: off; env NEURON_FOLLOW_LINKS]",
+                                               show_default=False)] = None,
 ) -> None:
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
+    import signal
+
     from db.store import Database
-    from neuron.queue import make_app
+    from neuron.queue import make_app, mask_url
     from producer.enqueue import enqueue_pending
     from producer.scan import index_folder
     from producer.watch import FolderWatcher
 
-    settings = Settings.from_env(watch_stable_seconds=stable_seconds, watch_quiet_seconds=quiet_seconds,
-                                 route_override=route.value if route else None)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env(database_url=db, watch_stable_seconds=stable_seconds,
+                                     watch_quiet_seconds=quiet_seconds, route_override=route.value if route else None,
+                                     follow_links=follow_links)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
     database = Database(settings.resolved_database_url)
     try:
         database.create()
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
     celery_app = make_app(settings)
+    console.print(f"database {mask_url(settings.resolved_database_url)}, broker {mask_url(settings.broker_url)}")
     if watch:
         watcher = FolderWatcher(folder, database, celery_app, settings, poll=poll)
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
         try:
-            watcher.run(on_ready=lambda: console.print(f"watching {folder} (Ctrl-C to stop)"))
+            watcher.run(should_stop=lambda: bool(stopping),
+                        on_ready=lambda: console.print(f"watching {folder} (Ctrl-C or SIGTERM to stop)"))
         except KeyboardInterrupt:
             pass
+        # what was indexed but is still inside its quiet period goes out now, not at the next start
+        sent = _enqueue_logged(database, celery_app, watcher.studies)
+        console.print(f"stopped; enqueued {sent} study tasks of files already indexed")
         return
     progress = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     with progress:
         task = progress.add_task("indexing", total=None)
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
-                              on_file=lambda n: progress.update(task, completed=n))
+                              on_file=lambda n: progress.update(task, completed=n),
+                              follow_links=settings.follow_links)
     again = database.reset_to_pending(awaiting_model=[r.value for r in MODEL_ROUTES] if requeue else (),
                                       queued=requeue, failed=retry_failed)
-    sent = enqueue_pending(database, celery_app)
+    try:
+        sent = enqueue_pending(database, celery_app)
+    except NeuronError as exc:  # the broker never came up: what was indexed stays pending for the next scan
+        raise _fail(str(exc), EXIT_SETUP) from None
     console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "
                   f"{again} instances back in line, enqueued {sent} study tasks")
 
 
-@app.command()
-def status() -> None:
-    """Queue depth, studies and instances by status, and recent images/s."""
-    import redis
+def _enqueue_logged(database, celery_app, studies: dict[str, float]) -> int:
+    """Enqueue every pending instance, logging one line per study (its position, never its UID) as it goes."""
+    from producer.enqueue import enqueue_pending
+
+    sent = 0
+    for n, study in enumerate(sorted(studies), 1):
+        tasks = enqueue_pending(database, celery_app, study_uids={study})
+        console.print(f"enqueued study {n} of {len(studies)} ({tasks} tasks)")
+        sent += tasks
+    studies.clear()
+    return sent + enqueue_pending(database, celery_app)
+
+
+def _open_database(settings: Settings):
+    """The results database for reading, or exit 4 saying what could not be opened and how to point at it."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
     from db.store import Database
+    from neuron.queue import mask_url
 
-    settings = Settings.from_env()
-    database = Database(settings.resolved_database_url)
-    counts = database.status_counts()
+    url = settings.resolved_database_url
+    shown = mask_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+        origin = "--db or NEURON_DATABASE_URL" if settings.database_url else "NEURON_OUT or the default ./results"
+        raise _fail(f"no Neuron database at {parsed.database} (from {origin}): "
+                    f"screen a folder first (`neuron run FOLDER --out OUT`), or point --db or NEURON_DATABASE_URL at "
+                    f"your database", EXIT_SETUP)
+    database = Database(url)
+    try:
+        with database.engine.connect() as conn:
+            conn.execute(text("select count(*) from instances")).scalar_one()
+    except SQLAlchemyError as exc:
+        database.dispose()
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise _fail(f"cannot read the Neuron tables in {shown}: {first}; check the URL (--db or NEURON_DATABASE_URL) "
+                    f"and that the server is up, then run `neuron db upgrade --db URL`", EXIT_SETUP) from None
+    return database
+
+
+def _gather_status(settings: Settings, database) -> dict:
+    from db.admin import db_status, throughput
+    from neuron.queue import broker_status, mask_url
+
+    st = db_status(database)
+    rate = throughput(database)
+    broker = broker_status(settings, sorted(r.value for r in MODEL_ROUTES))
+    worker_rate = sum(w.get("images_per_s") or 0.0 for w in broker.workers.values())
+    per_s = worker_rate or rate.per_second
+    eta = st.remaining_instances / per_s if per_s and st.remaining_instances else None
+    return {
+        "database": mask_url(settings.resolved_database_url),
+        "broker": broker.url, "broker_error": broker.error,
+        "queues": broker.waiting, "unacknowledged": broker.unacknowledged,
+        "oldest_unacknowledged_s": broker.oldest_unacknowledged_s, "visibility_timeout_s": settings.visibility_timeout,
+        "workers": broker.workers,
+        "studies": st.studies, "instances": st.instances, "files": st.files,
+        "in_flight": {"studies": st.in_flight_studies, "instances": st.in_flight_instances},
+        "remaining_instances": st.remaining_instances,
+        "images_per_s": rate.per_second, "images_per_s_window": {"frames": rate.frames, "seconds": rate.seconds},
+        "eta_s": eta,
+        "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
+    }
+
+
+def _status_view(data: dict):
+    from rich.console import Group
+
     table = Table(title="neuron status", show_header=True)
     table.add_column("what")
     table.add_column("count", justify="right")
-    try:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3)
-        for route in sorted(r.value for r in MODEL_ROUTES):
-            table.add_row(f"queue {route} (waiting messages)", str(client.llen(route)))
-    except redis.RedisError as exc:
-        table.add_row("queue", f"broker unreachable: {exc}")
+    table.add_row("database", data["database"])
+    table.add_row("broker", data["broker"])
+    if data["broker_error"]:
+        table.add_row("broker problem", data["broker_error"])
+    for q, n in data["queues"].items():
+        table.add_row(f"queue {q} (waiting messages)", str(n))
+    unacked = str(data["unacknowledged"])
+    if data["oldest_unacknowledged_s"] is not None:
+        unacked += (f" (oldest {data['oldest_unacknowledged_s']:.0f} s; a dead worker's are redelivered after "
+                    f"{data['visibility_timeout_s']} s)")
+    table.add_row("unacknowledged messages (held by workers)", unacked)
+    table.add_row("in flight (claimed by a worker)",
+                  f"{data['in_flight']['studies']} studies, {data['in_flight']['instances']} instances")
     for kind in ("studies", "instances"):
-        for st, n in sorted(counts[kind].items()):
-            table.add_row(f"{kind} {st}", str(n))
-    table.add_row("images/s (last 5 min)", f"{database.recent_rate():.2f}")
-    Console().print(table)
+        for st in STATUS_ORDER:
+            if st in data[kind]:
+                table.add_row(f"{kind} {st}", str(data[kind][st]))
+    rate = data["images_per_s"]
+    table.add_row("images/s (last 5 min)", "n/a (fewer than two commits)" if rate is None else f"{rate:.2f}")
+    eta = data["eta_s"]
+    table.add_row("ETA", "n/a" if eta is None else f"{eta / 60:.1f} min for {data['remaining_instances']} instances")
+    workers = Table(title=f"workers alive: {len(data['workers'])}", show_header=True)
+    for col in ("node", "device", "batch size", "images", "images/s", "up"):
+        workers.add_column(col)
+    for node, w in data["workers"].items():
+        workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
+                        str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
+    failures = Table(title="latest failures by reason", show_header=True)
+    failures.add_column("instances", justify="right")
+    failures.add_column("reason")
+    for f in data["failures_by_reason"]:
+        failures.add_row(str(f["instances"]), f["reason"])
+    return Group(table, workers, failures)
+
+
+STATUS_ORDER = ("pending", "queued", "done", "failed", "skipped", "duplicate")
+
+
+@app.command()
+def status(
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db to read. [default: "
+                                                          "./results; env NEURON_OUT]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="A live view, refreshed every --interval seconds.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes of --watch.")] = 2.0,
+) -> None:
+    """Queue depth, unacknowledged and in-flight studies, workers alive, studies and instances by status (pending,
+    queued, done, failed, skipped, duplicate), images/s, ETA and the latest failures by reason."""
+    import json
+    import time
+
+    try:
+        settings = Settings.from_env(database_url=db, out_dir=out)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    database = _open_database(settings)
+    if as_json:
+        print(json.dumps(_gather_status(settings, database), indent=2, sort_keys=True))
+        return
+    if not watch:
+        Console(width=max(160, shutil.get_terminal_size().columns)).print(_status_view(_gather_status(settings,
+                                                                                                      database)))
+        return
+    from rich.live import Live
+
+    with Live(_status_view(_gather_status(settings, database)), console=Console(), refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(_status_view(_gather_status(settings, database)))
+        except KeyboardInterrupt:
+            pass
+
+
+StudyOpt = Annotated[str, typer.Option("--study", help="A Study Instance UID.")]
+SeriesOpt = Annotated[str, typer.Option("--series", help="A Series Instance UID.")]
+FolderOpt = Annotated[Path, typer.Option("--folder", help="Every file under this folder (as indexed).")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Results of this model (registry name, see `neuron models`).")]
+WeightsOpt = Annotated[str, typer.Option("--weights-id", help="With --model: only results of these weights (sha256 "
+                                                              "or its first characters, or 'untrained').")]
+
+
+def _selection(settings: Settings, study, series, folder, model, weights_id, reason=None):
+    from db.admin import Selection
+
+    shared = settings.to_shared(str(folder.resolve())) if folder is not None else None
+    try:
+        return Selection(study=study, series=series, folder=shared, model=model, weights=weights_id, reason=reason)
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+
+
+def _remove_heatmaps(settings: Settings, paths: set[str]) -> int:
+    removed = 0
+    for p in paths:
+        try:
+            Path(settings.to_local(p)).unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+@app.command()
+@screening_options
+def rescreen(
+    study: StudyOpt = None,
+    series: SeriesOpt = None,
+    folder: FolderOpt = None,
+    model: ModelOpt = None,
+    weights_id: WeightsOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="Failed instances whose reason contains this text.")] = None,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (heatmaps/, .cache/). [default: ./results; "
+                                                          "env NEURON_OUT]")] = None,
+    enqueue: Annotated[bool, typer.Option("--enqueue", help="Distributed mode: send the instances to the workers "
+                                                            "instead of screening them here; their results are "
+                                                            "replaced as each one finishes.")] = False,
+    *,
+    screening: dict,
+) -> None:
+    """Screen selected instances again (a study, a series, a folder, a model's results or a failure reason): each
+    instance's results are replaced in one transaction and the heatmaps of its old results are removed."""
+    from db.admin import queue_again, replace_results, select_instances, work_items
+
+    try:
+        settings = Settings.from_env(database_url=db, out_dir=out, **screening)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    selection = _selection(settings, study, series, folder, model, weights_id, reason)
+    database = _open_database(settings)
+    uids = select_instances(database, selection)
+    if not uids:
+        console.print("nothing matches the selection; nothing changed")
+        return
+    if enqueue:
+        from neuron.queue import make_app
+        from producer.enqueue import enqueue_pending
+
+        queue_again(database, uids)
+        sent = enqueue_pending(database, make_app(settings))
+        console.print(f"{len(uids)} instances back in line, {sent} study tasks enqueued")
+        return
+    _warn_untrained(settings)
+    _use_cache_dir(settings.resolved_cache_dir)
+    engine = _load_engine(settings)
+    for lr in engine.routes.values():
+        database.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
+    items = work_items(database, uids)
+    outcomes = []
+    engine.run(iter(items), outcomes.append)
+    final = [o for o in outcomes if o.status.value != "pending"]
+    stale = replace_results(database, final)
+    removed = _remove_heatmaps(settings, stale)
+    console.print(f"rescreened {len(final)} of {len(uids)} selected instances "
+                  f"({len(uids) - len(items)} without a route, {len(outcomes) - len(final)} unreadable for now and "
+                  f"left as they were); {removed} old heatmaps removed")
+    failed = sum(1 for o in final if o.status.value == "failed")
+    raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+@app.command()
+def purge(
+    study: StudyOpt = None,
+    folder: FolderOpt = None,
+    model: ModelOpt = None,
+    weights_id: WeightsOpt = None,
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder. [default: ./results; env NEURON_OUT]")
+                   ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Delete without asking.")] = False,
+) -> None:
+    """Delete results (and their heatmaps) of a study, a folder or an old model version (--model with --weights-id).
+    The instances stay indexed; `neuron rescreen` screens them again."""
+    from db.admin import purge_results, select_instances
+
+    try:
+        settings = Settings.from_env(database_url=db, out_dir=out)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    selection = _selection(settings, study, None, folder, model, weights_id)
+    database = _open_database(settings)
+    uids = select_instances(database, selection)
+    if not uids:
+        console.print("nothing matches the selection; nothing deleted")
+        return
+    if not yes and not typer.confirm(f"delete the selected results of {len(uids)} instances?"):
+        raise typer.Exit(EXIT_OK)
+    deleted, maps = purge_results(database, selection, uids)
+    removed = _remove_heatmaps(settings, maps)
+    console.print(f"deleted {deleted} result rows of {len(uids)} instances and {removed} heatmaps")
 
 
 @app.command()

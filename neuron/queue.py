@@ -6,6 +6,12 @@ queue named after the instances' route, so a host consumes only the routes whose
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
 from celery import Celery
 
 from neuron.routes import Route
@@ -39,3 +45,77 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+NEURON_INFO = "neuron_info"  # the remote-control inspect command a worker answers with its device and numbers
+
+
+def mask_url(url: str) -> str:
+    """A database or broker URL fit for logs and ``neuron status``: the password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def default_worker_name(device: str) -> str:
+    """host + device + pid: two workers on one host never share a Celery node name or a ``worker`` value."""
+    return f"{socket.gethostname()}/{device}/{os.getpid()}"
+
+
+def node_name(worker_name: str) -> str:
+    """The Celery node name of a worker: ``neuron-NAME@host`` (what Flower and ``celery inspect`` show)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in worker_name)
+    return f"neuron-{safe}@{socket.gethostname()}"
+
+
+def register_info_command() -> None:
+    """Register the ``neuron_info`` inspect command (in the worker process): it answers with what the app's
+    ``neuron_info`` callable returns (device, batch size, images, images/s)."""
+    from celery.worker.control import inspect_command
+
+    @inspect_command(name=NEURON_INFO)
+    def neuron_info(state) -> dict:  # pragma: no cover - runs inside the worker
+        provider = getattr(state.consumer.app, "neuron_info", None)
+        return provider() if provider is not None else {}
+
+
+@dataclass
+class BrokerStatus:
+    url: str  # masked
+    error: str | None = None
+    waiting: dict[str, int] = field(default_factory=dict)  # queue -> messages not yet delivered
+    unacknowledged: int = 0  # delivered to a worker, not acknowledged (in flight, or held by a dead worker)
+    oldest_unacknowledged_s: float | None = None
+    workers: dict[str, dict] = field(default_factory=dict)  # node name -> neuron_info
+
+
+def broker_status(settings: Settings, queues: list[str], timeout: float = 1.5) -> BrokerStatus:
+    """Queue depths and unacknowledged messages straight from Redis, and the live workers' own numbers."""
+    import redis
+
+    out = BrokerStatus(mask_url(settings.broker_url))
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+        for q in queues:
+            out.waiting[q] = client.llen(q)
+        out.unacknowledged = client.hlen("unacked")  # kombu's Redis transport keeps delivered messages here
+        oldest = client.zrange("unacked_index", 0, 0, withscores=True)
+        if oldest:
+            out.oldest_unacknowledged_s = max(0.0, time.time() - oldest[0][1])
+    except redis.RedisError as exc:
+        out.error = (f"broker {out.url} is not reachable: {exc}; start Redis or set NEURON_BROKER_URL "
+                     f"(redis://[:PASSWORD@]HOST:PORT/DB)")
+        return out
+    try:
+        app = make_app(settings)
+        replies = app.control.inspect(timeout=timeout)._request(NEURON_INFO) or {}
+        out.workers = {node: info for node, info in sorted(replies.items()) if isinstance(info, dict)}
+    except Exception as exc:  # noqa: BLE001 - status reports what it could not learn, it never stops on it
+        out.error = f"could not ask the workers for their numbers: {type(exc).__name__}: {exc}"
+    return out

@@ -36,6 +36,19 @@ ENVIRONMENT = {
     "NEURON_VISIBILITY_TIMEOUT": "seconds before Redis re-delivers a message whose worker died (default: 3600)",
     "NEURON_MODEL_DIR": "folder of fine-tuned checkpoints (one sub-folder each) for the EfficientNet routes",
     "NEURON_PRECISION": "fp32 (exact: the same answer on CPU and GPU), fp16 or bf16 (fast, CUDA; default: fp32)",
+    "NEURON_FOLLOW_LINKS": "1 to follow symbolic links that leave the scanned folder (loops are still cut), 0 not to "
+                           "(default: 0)",
+    # the screening options shared by `neuron run` and `neuron worker` (neuron/options.py)
+    "NEURON_TTA": "1 or 0: test-time augmentation (default: 1)",
+    "NEURON_CLAHE": "1 or 0: CLAHE contrast equalisation (default: 1)",
+    "NEURON_CLAHE_CLIP": "CLAHE clip limit (default: 2.0)",
+    "NEURON_CLAHE_GRID": "CLAHE tiles per side (default: 8)",
+    "NEURON_TOP_K": "heatmaps for the top K findings of each image, 0 for none (default: 1)",
+    "NEURON_MAX_FRAMES": "frames screened per multi-frame instance (default: 16)",
+    "NEURON_MAX_PIXELS": "refuse frames with more pixels than this (default: 67108864)",
+    "NEURON_MC_DROPOUT": "MC-dropout samples per view for models with dropout (default: 0, off)",
+    "NEURON_REVIEW_THRESHOLD": "uncertainty above which a finding is marked needs_review (default: 0.1)",
+    "NEURON_CACHE_DIR": "folder for caches (calibrated untrained model, torch, matplotlib; default: <out>/.cache)",
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -55,6 +68,27 @@ def _parse_int(name: str, value: str) -> int:
         return int(value)
     except ValueError as exc:
         raise ConfigError(f"{name}={value!r} is not a whole number") from exc
+
+
+def _parse_float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={value!r} is not a number") from exc
+
+
+_SCREENING_ENV = {
+    "NEURON_TTA": ("tta", _parse_bool),
+    "NEURON_CLAHE": ("clahe", _parse_bool),
+    "NEURON_CLAHE_CLIP": ("clahe_clip_limit", _parse_float),
+    "NEURON_CLAHE_GRID": ("clahe_grid", _parse_int),
+    "NEURON_TOP_K": ("heatmap_top_k", _parse_int),
+    "NEURON_MAX_FRAMES": ("max_frames", _parse_int),
+    "NEURON_MAX_PIXELS": ("max_pixels", _parse_int),
+    "NEURON_MC_DROPOUT": ("mc_dropout", _parse_int),
+    "NEURON_REVIEW_THRESHOLD": ("review_threshold", _parse_float),
+    "NEURON_CACHE_DIR": ("cache_dir", lambda _name, v: Path(v)),
+}
 
 
 def parse_path_map(value: str) -> tuple[tuple[str, str], ...]:
@@ -101,7 +135,9 @@ class Settings:
     mc_dropout: int = 0
     review_threshold: float = 0.1
     route_override: str | None = None
+    follow_links: bool = False  # symbolic links in a scanned folder (producer.scan.iter_files)
     precision: str = "fp32"
+    cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
@@ -137,6 +173,10 @@ class Settings:
                               f"fp16/bf16 trade a documented tolerance for speed on CUDA")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else self.out_dir / ".cache"
 
     @property
     def heatmap_dir(self) -> Path:
@@ -187,6 +227,11 @@ class Settings:
             values["path_map"] = parse_path_map(env["NEURON_PATH_MAP"])
         if "NEURON_PRECISION" in env:
             values["precision"] = env["NEURON_PRECISION"].strip().lower()
+        for name, (key, parse) in _SCREENING_ENV.items():
+            if name in env:
+                values[key] = parse(name, env[name])
+        if "NEURON_FOLLOW_LINKS" in env:
+            values["follow_links"] = _parse_bool("NEURON_FOLLOW_LINKS", env["NEURON_FOLLOW_LINKS"])
         if "NEURON_VISIBILITY_TIMEOUT" in env:
             values["visibility_timeout"] = _parse_int("NEURON_VISIBILITY_TIMEOUT", env["NEURON_VISIBILITY_TIMEOUT"])
         known = {f.name for f in fields(cls)}

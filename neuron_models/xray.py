@@ -244,5 +244,5 @@ def _save_calibrated(net: xrv.models.DenseNet, cache_dir: Path, seed: int) -> No
 @register_model(CONFIG)
 def xrv_densenet121_res224_all(settings: Settings) -> ScreeningModel:
     if settings.weights is WeightsMode.UNTRAINED:
-        return build_untrained(settings.seed, cache_dir=settings.out_dir / ".cache" / "untrained")
+        return build_untrained(settings.seed, cache_dir=settings.resolved_cache_dir / "untrained")
     return load_pretrained(settings)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 import warnings
@@ -35,7 +34,15 @@ from db.schema import Status
 from db.store import Database, Outcome, WorkItem
 from db.writer import ResultWriter
 from neuron.errors import RetryableError
-from neuron.queue import SCREEN_STUDY, make_app, queue_for
+from neuron.queue import (
+    SCREEN_STUDY,
+    default_worker_name,
+    make_app,
+    mask_url,
+    node_name,
+    queue_for,
+    register_info_command,
+)
 from neuron.routes import Route
 from neuron.settings import Settings
 from worker.engine import IDLE, Engine, EngineStats
@@ -212,10 +219,14 @@ def _quiet_reconnect_warning(**_) -> None:
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
 
 
-def run_worker(settings: Settings, queues: list[str], concurrency: int | None = None, loglevel: str = "INFO") -> None:
+def run_worker(settings: Settings, queues: list[str], concurrency: int | None = None, loglevel: str = "INFO",
+               name: str | None = None) -> None:
     """Build the engine (models on the device) first, then consume. Blocks until the worker stops, then commits
-    what is left. ``concurrency`` None: ``default_concurrency`` of the engine's batch size."""
+    what is left. ``concurrency`` None: ``default_concurrency`` of the engine's batch size. ``name`` is this worker's
+    identity, in its Celery node name and its results' ``worker`` column (default: host + device + pid)."""
     engine = Engine.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
+    name = name or default_worker_name(str(engine.device))
+    engine.worker_id = name
     db = Database(settings.resolved_database_url)
     db.create()
     for lr in engine.routes.values():
@@ -227,18 +238,29 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     ScreeningTask._writer = writer = ResultWriter(db)
     app = make_app(settings)
     register_tasks(app)
+    register_info_command()
+    started = time.monotonic()
+
+    def _info() -> dict:  # answered to `neuron status` (inspect neuron_info): counts only, nothing about patients
+        busy = time.monotonic() - (engine.stats.first_batch_at or time.monotonic())
+        return {"name": name, "device": str(engine.device), "batch_size": engine.batch_size,
+                "concurrency": concurrency, "queues": queues, "images": engine.stats.frames,
+                "images_per_s": round(engine.stats.frames / busy, 2) if busy > 0 else None,
+                "up_s": round(time.monotonic() - started, 1)}
+
+    app.neuron_info = _info
     signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
-    name = f"neuron-{socket.gethostname()}-{str(engine.device).replace(':', '')}@%h"
 
     def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
-        log.info("worker: batch size %d, %d studies in flight, batches wait at most %d ms", engine.batch_size,
-                 concurrency, settings.max_wait_ms)
+        log.info("worker %s: batch size %d, %d studies in flight, batches wait at most %d ms; database %s, "
+                 "broker %s", name, engine.batch_size, concurrency, settings.max_wait_ms,
+                 mask_url(settings.resolved_database_url), mask_url(settings.broker_url))
 
     signals.worker_ready.connect(_announce, weak=False)
     try:
         app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", ",".join(queues),
-                         "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", name, "--without-gossip",
-                         "--without-mingle"])
+                         "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", node_name(name),
+                         "--without-gossip", "--without-mingle"])
     finally:  # the pool has stopped: every task has returned, so nothing waits on these any more
         writer.close()
         batcher.close()

@@ -1,0 +1,109 @@
+"""The screening options, defined once and shared by ``neuron run`` and ``neuron worker`` (and the environment).
+
+Each option maps a command-line flag to a ``Settings`` field and, where there is one, its environment variable; the
+help text states the default, taken from ``Settings`` itself, so flags, environment and help cannot drift apart.
+``screening_options`` adds them all to a command; the command receives them as one ``screening`` dict of Settings
+overrides (None: not given, so the environment or the default applies).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from neuron.settings import ENVIRONMENT, Settings, WeightsMode
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+@dataclass(frozen=True)
+class ScreeningOption:
+    param: str  # the Python parameter name (typer derives --flag-name from it)
+    field: str  # the Settings field it overrides
+    type: Any
+    help: str
+    env: str | None = None
+    flag: str | None = None  # explicit flag declaration, e.g. "--tta/--no-tta"
+    default_text: str | None = None  # when the Settings default needs words (None: decided at run time)
+
+    def annotation(self) -> Any:
+        default = self.default_text if self.default_text is not None else _DEFAULTS[self.field]
+        env = f"; env {self.env}" if self.env else ""
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        help_text = f"{self.help} [default: {default}{env}]"
+        decls = [self.flag] if self.flag else []
+        return Annotated[self.type, typer.Option(*decls, help=help_text, show_default=False)]
+
+
+def _env(name: str) -> str:
+    if name not in ENVIRONMENT:
+        raise KeyError(f"{name} is not listed in neuron.settings.ENVIRONMENT; add it there (and to the README)")
+    return name
+
+
+SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
+    ScreeningOption("device", "device", str, "auto, cpu, cuda or cuda:N; one worker per GPU", _env("NEURON_DEVICE")),
+    ScreeningOption("weights", "weights", WeightsMode, "pretrained (needs the weights file) or untrained (tests, "
+                    "demos: results mean nothing)", _env("NEURON_WEIGHTS"), default_text="pretrained"),
+    ScreeningOption("batch_size", "batch_size", int, "Images per model batch, across studies",
+                    _env("NEURON_BATCH_SIZE"), default_text="16 on CPU, 128 on CUDA"),
+    ScreeningOption("precision", "precision", str, "fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
+                    "probabilities within 0.01 of fp32)", _env("NEURON_PRECISION")),
+    ScreeningOption("tta", "tta", bool, "Test-time augmentation: 5 fixed views, their mean and spread",
+                    _env("NEURON_TTA"), flag="--tta/--no-tta"),
+    ScreeningOption("clahe", "clahe", bool, "CLAHE contrast equalisation before the model", _env("NEURON_CLAHE"),
+                    flag="--clahe/--no-clahe"),
+    ScreeningOption("clahe_clip", "clahe_clip_limit", float, "CLAHE clip limit", _env("NEURON_CLAHE_CLIP")),
+    ScreeningOption("clahe_grid", "clahe_grid", int, "CLAHE tiles per side", _env("NEURON_CLAHE_GRID")),
+    ScreeningOption("top_k", "heatmap_top_k", int, "Heatmaps for the top K findings of each image (0: none)",
+                    _env("NEURON_TOP_K")),
+    ScreeningOption("max_frames", "max_frames", int, "Frames screened per multi-frame instance (evenly spaced)",
+                    _env("NEURON_MAX_FRAMES")),
+    ScreeningOption("max_pixels", "max_pixels", int, "Refuse frames with more pixels than this",
+                    _env("NEURON_MAX_PIXELS")),
+    ScreeningOption("mc_dropout", "mc_dropout", int, "MC-dropout samples per view for models with dropout (0: off)",
+                    _env("NEURON_MC_DROPOUT")),
+    ScreeningOption("review_threshold", "review_threshold", float, "Mark findings whose uncertainty is above this "
+                    "as needs_review", _env("NEURON_REVIEW_THRESHOLD")),
+    ScreeningOption("xrv_cache_dir", "xrv_cache_dir", Path, "Folder of torchxrayvision weight files",
+                    _env("NEURON_XRV_CACHE_DIR"), default_text="~/.torchxrayvision/models_data"),
+    ScreeningOption("xrv_sha256", "xrv_sha256", str, "Expected sha256 of the chest X-ray weights file; required "
+                    "before the pickle is loaded", _env("NEURON_XRV_SHA256"), default_text="none"),
+    ScreeningOption("model_dir", "model_dir", Path, "Folder of fine-tuned checkpoints (EfficientNet routes)",
+                    _env("NEURON_MODEL_DIR"), default_text="none: those routes are skipped"),
+    ScreeningOption("cache_dir", "cache_dir", Path, "Folder for caches (calibrated untrained model, torch and "
+                    "matplotlib caches)", _env("NEURON_CACHE_DIR"), default_text="OUT/.cache"),
+)
+
+
+def screening_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command every screening option; it receives them as ``screening``: {Settings field: value}."""
+    sig = inspect.signature(func)
+    hints = typing.get_type_hints(func, include_extras=True)  # the command module may use string annotations
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
+           if p.name != "screening"]
+    clash = {p.name for p in own} & {o.param for o in SCREENING_OPTIONS}
+    if clash:
+        raise TypeError(f"{func.__name__} declares the shared screening options {sorted(clash)} itself; remove them "
+                        f"from the command, neuron.options defines them")
+    extra = [inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=o.annotation())
+             for o in SCREENING_OPTIONS]
+    positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        screening = {o.field: kwargs.pop(o.param, None) for o in SCREENING_OPTIONS}
+        return func(*args, screening=screening, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=positional + keyword + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*positional, *keyword, *extra)}
+    return wrapper
