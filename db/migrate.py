@@ -9,6 +9,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from db.schema import create_views, drop_views
@@ -22,9 +23,16 @@ def alembic_config() -> Config:
     return cfg
 
 
+# Any fixed number: the PostgreSQL advisory lock that makes concurrent upgrades (two workers starting at once on a
+# new database) take turns; the second finds the schema at head and only recreates the views.
+MIGRATION_LOCK = 0x6E6575726F6E  # "neuron"
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         drop_views(conn)  # tables under a view cannot be rebuilt on SQLite; the views come back below
         command.upgrade(cfg, revision)

@@ -289,6 +289,38 @@ def test_docker_compose_file_is_valid():
     assert "driver: nvidia" in config and "capabilities" in config
 
 
+def test_workers_starting_together_on_a_new_database_migrate_it_once(env):
+    """Two workers started at the same moment on an empty PostgreSQL both ran the migrations and one died on
+    CREATE TABLE alembic_version (seen in CI). Upgrades now take turns under an advisory lock."""
+    import threading
+
+    from db.migrate import current
+    from db.store import Database
+
+    url = env["NEURON_DATABASE_URL"]
+    start, errors = threading.Barrier(4), []
+
+    def upgrade() -> None:
+        db = Database(url)
+        try:
+            start.wait()
+            db.create()
+        except Exception as exc:  # collected: the test names what each one raised
+            errors.append(exc)
+        finally:
+            db.dispose()
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    db = Database(url)
+    assert current(db.engine) is not None
+    db.dispose()
+
+
 def test_migrations_build_the_same_schema_on_sqlite_and_postgres(env, tmp_path):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
