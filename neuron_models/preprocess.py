@@ -48,10 +48,10 @@ class PreprocessConfig:
 # How a frame's stored values become display values; frames are grouped so each group takes one path.
 MINMAX, LINEAR, LINEAR_EXACT, SIGMOID, VOI_LUT, THRESHOLD = range(6)
 _WINDOW_MODES = {"LINEAR": LINEAR, "LINEAR_EXACT": LINEAR_EXACT, "SIGMOID": SIGMOID}
-# Per-frame scalars, in this column order, in one float64 block of the packed buffer.
-P_SLOPE, P_INTERCEPT, P_LO, P_WIDTH, P_INVERT, P_SCALE, P_LUT_FIRST, P_LUT_LAST, P_LUT_ROW, P_VOI_FIRST, \
-    P_VOI_LAST, P_VOI_ROW, P_VOI_DIV = range(13)
-N_PARAMS = 13
+# Per-frame scalars, in this column order, in one float64 block of the packed buffer (inversion is per group).
+P_SLOPE, P_INTERCEPT, P_LO, P_WIDTH, P_SCALE, P_LUT_FIRST, P_LUT_LAST, P_LUT_ROW, P_VOI_FIRST, P_VOI_LAST, \
+    P_VOI_ROW, P_VOI_DIV = range(12)
+N_PARAMS = 12
 
 
 def _mode(params: PixelParams) -> int:
@@ -64,7 +64,7 @@ def _mode(params: PixelParams) -> int:
 
 def _frame_params(params: PixelParams, lut_rows: dict[int, int], voi_rows: dict[int, int]) -> list[float]:
     """The scalars each path needs, computed in float64 on the host exactly as the reference formulas do."""
-    row = [1.0, 0.0, 0.0, 1.0, float(params.invert), 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    row = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     if params.color:
         row[P_SCALE] = float(2 ** min(params.bits_stored, 32) - 1)
         return row
