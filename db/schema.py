@@ -1,4 +1,4 @@
-"""Tables and the public views (``findings``, ``ingest_status``, ``study_findings``).
+"""Tables and the public views (``findings``, ``ingest_status``, ``study_findings``, ``reviews``).
 
 Tables are ours to change; the views are the documented interface that users and tools query, so their columns only
 ever grow. Status and route columns hold the string values of the enums in ``neuron``.
@@ -6,12 +6,13 @@ ever grow. Status and route columns hold the string values of the enums in ``neu
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import Enum
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -83,6 +84,61 @@ class Instance(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Study(Base):
+    """One row per Study Instance UID: what the worklist needs from the header (written when the study's files are
+    indexed) and a summary of its results (kept current by every results commit, rescreen and purge: the worklist
+    orders and pages on indexed columns instead of aggregating the predictions table on every request).
+
+    Patient identity is not stored: ``patient_key`` is HMAC-SHA256(secret, Patient ID), and only with --patient-key.
+    """
+
+    __tablename__ = "studies"
+    __table_args__ = (
+        Index("ix_studies_top_probability", "top_probability"),
+        Index("ix_studies_study_date", "study_date"),
+        Index("ix_studies_patient_key", "patient_key"),
+    )
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_date: Mapped[date | None] = mapped_column(Date)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    patient_key: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    top_probability: Mapped[float | None] = mapped_column(Float)
+    top_label: Mapped[str | None] = mapped_column(String(64))
+    top_model: Mapped[str | None] = mapped_column(String(64))
+    positive_findings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    needs_review: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    screened_instances: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    screened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Verdict(Base):
+    """A reviewer's verdict on one finding (by its natural key, so it survives a rescreen that replaces the
+    prediction row). History is kept; the newest verdict of a reviewer on a finding is the one that counts."""
+
+    __tablename__ = "verdicts"
+    __table_args__ = (
+        Index("ix_verdicts_study", "study_instance_uid"),
+        Index("ix_verdicts_finding", "sop_instance_uid", "frame", "model", "weights", "label"),
+    )
+    VALUES = ("agree", "disagree", "unsure")
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(128))
+    reviewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class PipelineConfig(Base):
     """The exact preprocessing and TTA settings behind a set of predictions, keyed by their hash."""
 
@@ -126,10 +182,12 @@ CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
        f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
        p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
-       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder
+       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder,
+       s.study_date, s.accession_number, s.study_description
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
 JOIN files f ON f.id = i.file_id
+LEFT JOIN studies s ON s.study_instance_uid = i.study_instance_uid
 """
 
 # A file that holds its instance shows the instance's status (pending, queued, done, failed, skipped); any other file
@@ -145,7 +203,9 @@ LEFT JOIN instances i ON i.file_id = f.id
 """
 
 # One row per screened study: its top finding (highest probability over every frame and model), how many findings
-# are positive and how many need review. ``screened_at`` is when its latest result was written.
+# are positive and how many need review. ``screened_at`` is when its latest result was written; ``study_date``,
+# ``accession_number`` and ``study_description`` come from the header, ``patient_key`` (with --patient-key) groups one
+# patient's studies without naming the patient.
 STUDY_FINDINGS_VIEW = """
 CREATE VIEW study_findings AS
 WITH scored AS (
@@ -161,12 +221,33 @@ SELECT study_instance_uid, MAX(processed_at) AS screened_at, COUNT(DISTINCT sop_
        MAX(CASE WHEN position = 1 THEN model END) AS top_model,
        MAX(probability) AS max_probability,
        SUM(CASE WHEN probability >= 0.5 THEN 1 ELSE 0 END) AS positive_findings,
-       SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS needs_review
+       SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS needs_review,
+       (SELECT s.study_date FROM studies s WHERE s.study_instance_uid = scored.study_instance_uid) AS study_date,
+       (SELECT s.accession_number FROM studies s
+        WHERE s.study_instance_uid = scored.study_instance_uid) AS accession_number,
+       (SELECT s.study_description FROM studies s
+        WHERE s.study_instance_uid = scored.study_instance_uid) AS study_description,
+       (SELECT s.patient_key FROM studies s WHERE s.study_instance_uid = scored.study_instance_uid) AS patient_key
 FROM scored
 GROUP BY study_instance_uid
 """
 
-VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW, "study_findings": STUDY_FINDINGS_VIEW}
+# Every verdict with the finding it is on (the finding's columns are NULL once its results were purged). ``latest``
+# is 1 for the newest verdict of a reviewer on a finding: agreement is counted over those.
+REVIEWS_VIEW = """
+CREATE VIEW reviews AS
+SELECT v.study_instance_uid, v.sop_instance_uid, v.frame, v.model, v.weights, v.label,
+       p.probability, p.uncertainty, CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.needs_review,
+       v.verdict, v.note, v.reviewer, v.reviewed_at,
+       CASE WHEN ROW_NUMBER() OVER (PARTITION BY v.sop_instance_uid, v.frame, v.model, v.weights, v.label, v.reviewer
+                                    ORDER BY v.reviewed_at DESC, v.id DESC) = 1 THEN 1 ELSE 0 END AS latest
+FROM verdicts v
+LEFT JOIN predictions p ON p.sop_instance_uid = v.sop_instance_uid AND p.frame = v.frame AND p.model = v.model
+                       AND p.weights = v.weights AND p.label = v.label
+"""
+
+VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW, "study_findings": STUDY_FINDINGS_VIEW,
+         "reviews": REVIEWS_VIEW}
 
 
 def drop_views(conn: Connection) -> None:

@@ -20,7 +20,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
-from db.schema import FileRecord, Instance, PipelineConfig, Prediction, Status, utcnow
+from db.schema import FileRecord, Instance, PipelineConfig, Prediction, Status, Study, utcnow
+from db.studies import StudyHeader, refresh_studies
 from neuron.errors import RetryableError
 
 
@@ -60,6 +61,7 @@ class InstanceEntry:
     route: str | None
     status: Status
     reason: str | None = None
+    study: StudyHeader | None = None  # the study's header facts for the worklist (db.studies)
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,28 @@ class Database:
             if instances:
                 conn.execute(instance_upsert,
                              [{**irow, "file_id": file_ids[path]} for path, irow in instances.values()])
+                studies = {e.instance.study.study_instance_uid: e.instance.study for e in entries
+                           if e.instance is not None and e.instance.study is not None
+                           and e.instance.header.sop_instance_uid in instances}
+                if studies:
+                    conn.execute(self._study_upsert(), [{**asdict(h), "updated_at": now} for h in studies.values()])
+                refresh_studies(conn, {irow["study_instance_uid"] for _, irow in instances.values()}, now)
+
+    def _study_upsert(self):
+        """A study's header facts: a value an instance of it has wins over one it lacks (instances of one study
+        normally agree; a later scan fills what an earlier one did not have)."""
+        studies = Study.__table__
+        upsert = self._insert(studies)
+        return upsert.on_conflict_do_update(
+            index_elements=["study_instance_uid"],
+            set_={**{c: func.coalesce(upsert.excluded[c], studies.c[c]) for c in (
+                "study_date", "accession_number", "study_description", "patient_key")},
+                "updated_at": upsert.excluded.updated_at})
+
+    def refresh_studies(self, study_uids: Iterable[str]) -> None:
+        """Recompute the results summary of these studies (after a rescreen or purge changed their predictions)."""
+        with self.engine.begin() as conn:
+            refresh_studies(conn, study_uids)
 
     def _index_statements(self):
         """The files and instances upserts of ``add_files``, built once per Database so SQLAlchemy compiles each once.
@@ -424,6 +448,13 @@ class Database:
                     params = {"b_uids": uids[start:start + 500], "b_status": status, "b_reason": reason, "b_now": now}
                     conn.execute(instance_status, params)
                     conn.execute(file_status, params)
+            if rows:  # the worklist's summary of every study these results belong to, in the same transaction
+                sops = list({o.sop_instance_uid for o in outcomes if o.frames})
+                studies = set()
+                for start in range(0, len(sops), 500):
+                    studies.update(conn.execute(select(Instance.study_instance_uid).distinct().where(
+                        Instance.sop_instance_uid.in_(sops[start:start + 500]))).scalars())
+                refresh_studies(conn, studies, now, create=False)
 
     def _outcome_statements(self):
         """The three statement constructs of ``record_outcomes``, built once per Database so SQLAlchemy's compiled

@@ -22,6 +22,7 @@ from pydicom.multival import MultiValue
 
 from db.schema import Status
 from db.store import Database, FileEntry, InstanceEntry, InstanceHeader, printable
+from db.studies import StudyHeader, parse_da, patient_key
 from neuron.errors import FailedInput, InputError, SkippedInput
 from neuron.photos import photo_kind, photo_uids
 from neuron.routes import Route, RoutingFacts, route_for
@@ -93,6 +94,30 @@ def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
         columns=_int_or_none(ds.get("Columns")),
         frames=max(1, frames),
     )
+
+
+def study_from_dataset(ds: pydicom.Dataset, study_uid: str, patient_secret: str | None = None) -> StudyHeader:
+    """StudyDate, AccessionNumber and StudyDescription for the worklist. The Patient ID leaves this function only as
+    a keyed hash, and only when a secret is given (--patient-key); the patient's name is never read."""
+    return StudyHeader(
+        study_instance_uid=study_uid,
+        study_date=parse_da(_text(ds, "StudyDate", 16)),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_description=_text(ds, "StudyDescription", 64),
+        patient_key=patient_key(patient_secret, _text(ds, "PatientID", 64)) if patient_secret else None,
+    )
+
+
+def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
+    """A short descriptive text as stored (spaces trimmed), control characters escaped, cut to the column's width
+    (a longer value breaks its VR's limit; it is shown, not used as an identity)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom converts lazily: a malformed value of a descriptive field is left out
+        return None
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return printable(str(value or "").strip())[:limit] or None
 
 
 def _valid_uid_or_none(value: object) -> str | None:
@@ -191,6 +216,11 @@ def iter_files(root: Path, exclude: Iterable[Path] = (), follow_links: bool = Fa
 def read_header(path: Path) -> InstanceHeader:
     """Parse the header of one file, or raise InputError saying why it is not a usable DICOM instance. An OSError
     (the file could not be read: permissions, a network share) is raised as it is: the caller decides."""
+    return read_headers(path)[0]
+
+
+def read_headers(path: Path, patient_secret: str | None = None) -> tuple[InstanceHeader, StudyHeader]:
+    """``read_header`` and what the worklist needs about the instance's study (``study_from_dataset``)."""
     size = path.stat().st_size
     if size == 0:
         raise FailedInput("empty file (0 bytes): not DICOM; remove it or re-export it from the source")
@@ -215,7 +245,8 @@ def read_header(path: Path) -> InstanceHeader:
     try:
         if not has_marker and "SOPInstanceUID" not in ds:
             raise SkippedInput("not a DICOM file: no 'DICM' marker at byte 128 and no SOP Instance UID")
-        return header_from_dataset(ds)
+        header = header_from_dataset(ds)
+        return header, study_from_dataset(ds, header.study_instance_uid, patient_secret)
     except InputError:
         raise
     except Exception as exc:  # pydicom raises lazily while converting malformed values
@@ -236,9 +267,10 @@ def photo_header(path: Path, kind: str) -> InstanceHeader:
                           transfer_syntax=kind, rows=None, columns=None, frames=1)
 
 
-def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
+def index_entry(path: Path, route_override: Route | None = None, patient_secret: str | None = None) -> FileEntry:
     """Header pass over one file: identity, route (or the reason it has none) and status. With ``route_override``
     every instance goes to that route, and plain JPEG/PNG photographs are taken too (``neuron run --route skin``).
+    ``patient_secret`` (--patient-key) keeps a keyed hash of the Patient ID with the study.
     Never raises for one file's sake: whatever reading it raises, the file is recorded with the reason."""
     try:
         st = path.stat()
@@ -247,7 +279,11 @@ def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
     base = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         kind = photo_kind(path) if route_override is not None else None
-        h = photo_header(path, kind) if kind is not None else read_header(path)
+        if kind is not None:
+            h = photo_header(path, kind)
+            study = StudyHeader(h.study_instance_uid, None, None, None, None)
+        else:
+            h, study = read_headers(path, patient_secret)
     except InputError as exc:
         reason = exc.reason
         if isinstance(exc, SkippedInput) and photo_kind(path) is not None:
@@ -265,7 +301,7 @@ def index_entry(path: Path, route_override: Route | None = None) -> FileEntry:
         status, reason = Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
-    inst = InstanceEntry(h, route=route.value if route else None, status=status, reason=reason)
+    inst = InstanceEntry(h, route=route.value if route else None, status=status, reason=reason, study=study)
     return FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
 
 
@@ -299,8 +335,8 @@ def _parse_workers() -> int:
                (os.cpu_count() or 1))
 
 
-def _index_chunk(paths: list[Path], route_override: Route | None) -> list[FileEntry]:
-    return [index_entry(p, route_override) for p in paths]
+def _index_chunk(paths: list[Path], route_override: Route | None, secret: str | None) -> list[FileEntry]:
+    return [index_entry(p, route_override, secret) for p in paths]
 
 
 class _HeaderReader:
@@ -309,8 +345,10 @@ class _HeaderReader:
     in flight, so the walk waits for the parsers and memory stays flat. If a pool process dies (the OOM killer), its
     chunk and the rest are read here: a file is never lost to a parser's crash."""
 
-    def __init__(self, route_override: Route | None, workers: int, pool_after: int = PARSE_POOL_AFTER):
+    def __init__(self, route_override: Route | None, workers: int, pool_after: int = PARSE_POOL_AFTER,
+                 patient_secret: str | None = None):
         self.route_override, self.workers, self.pool_after = route_override, workers, pool_after
+        self.secret = patient_secret
         self.read = 0
         self.pool: ProcessPoolExecutor | None = None
         self.chunk: list[Path] = []
@@ -320,7 +358,7 @@ class _HeaderReader:
         """Read one file's header; returns the entries finished so far, in walk order."""
         self.read += 1
         if self.pool is None and (self.workers < 2 or self.read <= self.pool_after):
-            return [index_entry(path, self.route_override)]
+            return [index_entry(path, self.route_override, self.secret)]
         self.chunk.append(path)
         if len(self.chunk) < PARSE_CHUNK:
             return self._collect(block_over=None)
@@ -345,9 +383,9 @@ class _HeaderReader:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
         if self.pool is None:  # the pool broke: read here
             fut: Future = Future()
-            fut.set_result(_index_chunk(paths, self.route_override))
+            fut.set_result(_index_chunk(paths, self.route_override, self.secret))
         else:
-            fut = self.pool.submit(_index_chunk, paths, self.route_override)
+            fut = self.pool.submit(_index_chunk, paths, self.route_override, self.secret)
         self.in_flight.append((paths, fut))
 
     def _collect(self, block_over: int | None) -> list[FileEntry]:
@@ -362,7 +400,7 @@ class _HeaderReader:
                           "producer itself")
                 self.workers = 0
                 self.close()
-                done += _index_chunk(paths, self.route_override)
+                done += _index_chunk(paths, self.route_override, self.secret)
         return done
 
 
@@ -376,19 +414,20 @@ class ScanResult:
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
                  on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
-                 follow_links: bool = False) -> ScanResult:
+                 follow_links: bool = False, patient_secret: str | None = None) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
     committed batch (the embedded run screens them while the walk goes on). ``workers``: header-parsing processes
     once the scan has read PARSE_POOL_AFTER files (default: one per CPU, at most 8; 0 or 1 reads every header in this
-    process)."""
+    process). ``patient_secret``: keep a keyed hash of each study's Patient ID (--patient-key)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
     known = db.file_index()
     result = ScanResult()
     pending: list[FileEntry] = []
-    reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers)
+    reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers,
+                           patient_secret=patient_secret)
     try:
         for path in iter_files(root, exclude, follow_links=follow_links):
             result.seen += 1

@@ -327,6 +327,16 @@ def test_no_patient_data_reaches_logs_file_names_or_the_database(tmp_path, out_d
         texts["database values"] = "\n".join(str(v) for t in tables for row in conn.execute(f'select * from "{t}"')
                                              for v in row if isinstance(v, str))
     texts["database bytes"] = b"".join(p.read_bytes() for p in out_dir.glob("neuron.db*")).decode("latin-1")
+    # The worklist keeps the accession number and study description (issue 9), in the database only: they are taken
+    # out of the database texts before the search, and must still appear nowhere else.
+    kept = sorted((f"{MARKERS[k]}{i}" for k in ("AccessionNumber", "StudyDescription") for i in range(8)),
+                  key=len, reverse=True)
+    with sqlite3.connect(db) as conn:
+        stored = {v for row in conn.execute("select accession_number, study_description from studies") for v in row}
+    assert {"ZQXACC00010", "ZQX study description0"} <= stored
+    for where in ("database values", "database bytes"):
+        for value in kept:
+            texts[where] = texts[where].replace(value, "")
     leaks = {(where, n) for where, text in texts.items() for n in needles if n in text}
     assert not leaks, sorted(leaks)
     assert len(texts["database values"]) > 1000  # the search looked at real content

@@ -1,0 +1,124 @@
+"""The ``studies`` table: header facts the worklist shows, and a per-study summary of the results.
+
+The summary (top finding, positives, needs-review count, when screened) is derived data, recomputed from
+``predictions`` for exactly the studies a change touched: a results commit, a rescreen, a purge, or the migration that
+created the table. The review worklist then orders and pages on indexed columns of one small table instead of
+aggregating millions of predictions rows per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+from functools import lru_cache
+
+from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy.engine import Connection
+
+from db.schema import Instance, Prediction, Study, utcnow
+
+POSITIVE = 0.5
+CHUNK = 500
+
+
+@dataclass(frozen=True)
+class StudyHeader:
+    """What the worklist needs from one instance's header about its study (built by producer.scan)."""
+
+    study_instance_uid: str
+    study_date: date | None
+    accession_number: str | None
+    study_description: str | None
+    patient_key: str | None  # HMAC of the Patient ID, never the ID itself
+
+
+def patient_key(secret: str, patient_id: str | None) -> str | None:
+    """HMAC-SHA256(secret, Patient ID) as hex: the same patient gives the same key under the same secret, and the key
+    reveals nothing about the ID without the secret (a plain hash of an ID would: IDs are short and guessable)."""
+    if not patient_id:
+        return None
+    return hmac.new(secret.encode(), patient_id.strip().encode(), hashlib.sha256).hexdigest()
+
+
+def parse_da(value: object) -> date | None:
+    """A DICOM DA value (YYYYMMDD; the old YYYY.MM.DD form too) as a date, None when absent or not a real date."""
+    text = str(value or "").strip().replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def refresh_studies(conn: Connection, study_uids: Iterable[str], now: datetime | None = None,
+                    create: bool = True) -> None:
+    """Recompute the summary columns (and, with ``create``, the modalities) of these studies from their instances
+    and predictions, in SQL: one aggregate query and one executemany update per chunk of studies. ``create`` also
+    makes the rows of studies missing from ``studies`` (instances indexed before it existed); a results commit
+    passes False (its studies were indexed first)."""
+    uids = sorted({u for u in study_uids if u is not None})
+    now = now or utcnow()
+    for start in range(0, len(uids), CHUNK):
+        chunk = uids[start:start + CHUNK]
+        values = {u: {"b_uid": u, "top_probability": None, "top_label": None, "top_model": None,
+                      "positive_findings": 0, "needs_review": 0, "screened_instances": 0, "screened_at": None,
+                      "updated_at": now} for u in chunk}
+        for study, top_p, top_label, top_model, positives, review, screened, at in conn.execute(
+                _summary_query(), {"b_studies": chunk}):
+            values[study].update(top_probability=top_p, top_label=top_label, top_model=top_model,
+                                 positive_findings=int(positives or 0), needs_review=int(review or 0),
+                                 screened_instances=int(screened or 0), screened_at=at)
+        if create:
+            _create_missing(conn, chunk, values, now)
+        conn.execute(_summary_update(), list(values.values()))
+
+
+def _create_missing(conn: Connection, chunk: list[str], values: dict[str, dict], now: datetime) -> None:
+    existing = set(conn.execute(select(Study.study_instance_uid).where(Study.study_instance_uid.in_(chunk))).scalars())
+    missing = [{"study_instance_uid": u, "updated_at": now} for u in chunk if u not in existing]
+    if missing:
+        conn.execute(Study.__table__.insert(), missing)
+    modalities: dict[str, set[str]] = {u: set() for u in chunk}
+    for study, modality in conn.execute(select(Instance.study_instance_uid, Instance.modality).distinct()
+                                        .where(Instance.study_instance_uid.in_(chunk))):
+        if modality:
+            modalities[study].add(modality)
+    conn.execute(update(Study).where(Study.study_instance_uid == bindparam("b_uid"))
+                 .values(modalities=bindparam("b_modalities")),
+                 [{"b_uid": u, "b_modalities": ",".join(sorted(m))[:64] or None} for u, m in modalities.items()])
+
+
+@lru_cache(maxsize=1)
+def _summary_query():
+    """Per study: the top finding (highest probability, then label, then model: the order of the study_findings
+    view), positives, findings needing review, screened instances and the latest result time."""
+    studies = bindparam("b_studies", expanding=True)
+    position = func.row_number().over(partition_by=Instance.study_instance_uid,
+                                      order_by=(Prediction.probability.desc(), Prediction.label, Prediction.model))
+    scored = (select(Instance.study_instance_uid.label("study"), Prediction.sop_instance_uid, Prediction.label,
+                     Prediction.model, Prediction.probability, Prediction.needs_review, Prediction.processed_at,
+                     position.label("position"))
+              .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
+              .where(Instance.study_instance_uid.in_(studies))).subquery()
+    first = scored.c.position == 1
+    return (select(scored.c.study,
+                   func.max(case((first, scored.c.probability))),
+                   func.max(case((first, scored.c.label))),
+                   func.max(case((first, scored.c.model))),
+                   func.sum(case((scored.c.probability >= POSITIVE, 1), else_=0)),
+                   func.sum(case((scored.c.needs_review, 1), else_=0)),
+                   func.count(func.distinct(scored.c.sop_instance_uid)),
+                   func.max(scored.c.processed_at))
+            .group_by(scored.c.study))
+
+
+@lru_cache(maxsize=1)
+def _summary_update():
+    columns = ("top_probability", "top_label", "top_model", "positive_findings", "needs_review",
+               "screened_instances", "screened_at", "updated_at")
+    return (update(Study).where(Study.study_instance_uid == bindparam("b_uid"))
+            .values({c: bindparam(c) for c in columns}))
