@@ -81,6 +81,11 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     _env("NEURON_MODEL_DIR"), default_text="none: those routes are skipped"),
     ScreeningOption("cache_dir", "cache_dir", Path, "Folder for caches (calibrated untrained model, torch and "
                     "matplotlib caches)", _env("NEURON_CACHE_DIR"), default_text="OUT/.cache"),
+    ScreeningOption("dicom_out", "dicom_out", Path, "Also write DICOM objects for PACS here: per image a secondary "
+                    "capture with the heatmap burned in, per study a structured report", _env("NEURON_DICOM_OUT"),
+                    default_text="none"),
+    ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
+                    _env("NEURON_METRICS_PORT"), default_text="off"),
 )
 
 

@@ -49,6 +49,13 @@ ENVIRONMENT = {
     "NEURON_MC_DROPOUT": "MC-dropout samples per view for models with dropout (default: 0, off)",
     "NEURON_REVIEW_THRESHOLD": "uncertainty above which a finding is marked needs_review (default: 0.1)",
     "NEURON_CACHE_DIR": "folder for caches (calibrated untrained model, torch, matplotlib; default: <out>/.cache)",
+    "NEURON_DICOM_OUT": "folder for DICOM outputs (secondary capture with the heatmap, structured report per study); "
+                        "unset: none are written",
+    "NEURON_METRICS_PORT": "port of the Prometheus /metrics endpoint of `neuron run` and `neuron worker` (unset: off)",
+    "NEURON_METRICS_HOST": "address the /metrics endpoint listens on (default: 127.0.0.1; 0.0.0.0 in a container)",
+    "NEURON_PATIENT_KEY": "secret for --patient-key: the Patient ID is stored only as HMAC-SHA256(secret, ID), so "
+                          "one patient's studies can be grouped without storing who it is",
+    "NEURON_REVIEW_TOKEN": "token that `neuron review` requires for writing verdicts (unset: read-only)",
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -88,6 +95,8 @@ _SCREENING_ENV = {
     "NEURON_MC_DROPOUT": ("mc_dropout", _parse_int),
     "NEURON_REVIEW_THRESHOLD": ("review_threshold", _parse_float),
     "NEURON_CACHE_DIR": ("cache_dir", lambda _name, v: Path(v)),
+    "NEURON_DICOM_OUT": ("dicom_out", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_METRICS_PORT": ("metrics_port", lambda name, v: _parse_int(name, v) if v.strip() else None),
 }
 
 
@@ -138,6 +147,10 @@ class Settings:
     follow_links: bool = False  # symbolic links in a scanned folder (producer.scan.iter_files)
     precision: str = "fp32"
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
+    dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
+    metrics_port: int | None = None  # Prometheus /metrics; None: off
+    # the secret of --patient-key (NEURON_PATIENT_KEY); never printed (repr=False), never stored
+    patient_key: str | None = field(default=None, repr=False)
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
@@ -168,6 +181,8 @@ class Settings:
             raise ConfigError(f"max frames {self.max_frames} must be at least 1")
         if self.clahe_grid < 1 or self.clahe_size < self.clahe_grid * 2:
             raise ConfigError(f"CLAHE grid {self.clahe_grid} with working size {self.clahe_size} is not usable")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port {self.metrics_port} is not a TCP port (0-65535; 0 picks a free one)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}; fp32 is exact, "
                               f"fp16/bf16 trade a documented tolerance for speed on CUDA")
