@@ -223,6 +223,17 @@ def test_rescreen_replaces_a_studys_results_and_removes_old_heatmaps_then_purge_
     assert res.exit_code == 2 and "--model" in res.output
 
 
+# -- snag 12: the README's setup names every variable the compose file reads, and the role and database ----------
+def test_the_readme_lists_every_variable_the_compose_file_reads_and_how_to_create_the_role_and_database():
+    readme = (ROOT / "README.md").read_text()
+    variables = set(re.findall(r"\$\{([A-Z0-9_]+)", (ROOT / "docker-compose.yml").read_text()))
+    assert "POSTGRES_PASSWORD" in variables
+    table = {m for m in re.findall(r"^\| `([A-Z0-9_]+)` \|", readme, re.M)}
+    assert variables <= table, f"compose variables missing from the README's table: {sorted(variables - table)}"
+    assert re.search(r"CREATE ROLE neuron LOGIN PASSWORD", readme) and "CREATE DATABASE neuron OWNER neuron" in readme
+    assert "Flower" in readme and "5555" in readme
+
+
 # -- snag 13: the compose stack ---------------------------------------------------------------------------------
 def compose_config() -> dict:
     import yaml
