@@ -26,6 +26,22 @@ from neuron.settings import Settings, WeightsMode
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
 RETRY_FAILED_HELP = "Screen failed instances again, with a fresh attempt count (after fixing the cause)."
+PATIENT_KEY_HELP = ("Keep each study's Patient ID as HMAC-SHA256 under the secret in NEURON_PATIENT_KEY, so one "
+                    "patient's studies can be grouped without storing who it is. [default: off: no patient identity "
+                    "is stored]")
+
+
+def _patient_secret(enabled: bool) -> str | None:
+    """The --patient-key secret, from the environment only (a command line is visible to every user of the host)."""
+    if not enabled:
+        return None
+    secret = os.environ.get("NEURON_PATIENT_KEY", "")
+    if len(secret) < 16:
+        raise _fail("--patient-key needs a secret of at least 16 characters in NEURON_PATIENT_KEY (it is "
+                    f"{'unset' if not secret else f'{len(secret)} characters'}); generate one with `python3 -c "
+                    "'import secrets; print(secrets.token_hex(32))'`, keep it with the database's credentials and use "
+                    "the same one for every scan, or the keys of one patient will not match", EXIT_USAGE)
+    return secret
 
 # plain help (rich_markup_mode=None): click wraps long help texts and defaults instead of cutting them at the column
 # width, and "[default: ...]" stays literal
@@ -78,6 +94,7 @@ def run(
                                                "once). [default: off; env NEURON_FOLLOW_LINKS]",
                                                show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
+    patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does (INFO level).")] = False,
     *,
     screening: dict,
@@ -88,7 +105,8 @@ def run(
     logging.getLogger("pydicom").setLevel(logging.WARNING)  # its plugins log tracebacks of files we record anyway
     try:
         settings = Settings.from_env(out_dir=out, database_url=db, route_override=route.value if route else None,
-                                     follow_links=follow_links, **screening)
+                                     follow_links=follow_links, patient_key=_patient_secret(patient_key),
+                                     **screening)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     _warn_untrained(settings)
@@ -97,6 +115,7 @@ def run(
 
     # with --route only that route's model; otherwise each route's model loads with its first instance
     engine = _load_engine(settings, only=[route] if route else None, lazy=route is None)
+    _start_metrics(settings, engine)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -286,11 +305,41 @@ def db_upgrade(db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (def
     console.print(f"schema at revision {current(database.engine)}")
 
 
+def _user_cache_dir() -> Path:
+    """The user's cache folder for Neuron: $XDG_CACHE_HOME/neuron, else ~/.cache/neuron."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "neuron"
+
+
+def _worker_places(settings: Settings, out_given: bool) -> Settings:
+    """Where a worker writes, decided before it writes anything. A worker is started by a service manager from any
+    folder, so without an output folder (--out, NEURON_OUT) nothing may default into the working directory: heatmaps
+    need NEURON_HEATMAP_DIR and results NEURON_DATABASE_URL (else exit 4 naming them), and caches go to
+    NEURON_CACHE_DIR, else the user's cache folder (logged once)."""
+    if out_given:
+        return settings
+    missing = []
+    if settings.heatmap_root is None and settings.heatmap_top_k > 0:
+        missing.append("heatmaps: set NEURON_HEATMAP_DIR (a folder every worker host and reviewer can reach)")
+    if not settings.database_url:
+        missing.append("results: set NEURON_DATABASE_URL (or --db)")
+    if missing:
+        raise _fail(f"the worker has no output folder (--out or NEURON_OUT) and would write into {Path.cwd()}; "
+                    f"{'; '.join(missing)}; or set NEURON_OUT to a folder for both", EXIT_SETUP)
+    if settings.cache_dir is None:
+        settings = settings.with_(cache_dir=_user_cache_dir())
+        console.print(f"caches in {settings.cache_dir} (no --out/NEURON_OUT or --cache-dir/NEURON_CACHE_DIR given)")
+    return settings
+
+
 @app.command()
 @screening_options
 def worker(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: heatmaps/ (unless NEURON_HEATMAP_DIR) and "
-                                                          ".cache/. [default: ./results; env NEURON_OUT]")] = None,
+                                                          ".cache/ (unless NEURON_CACHE_DIR). Without it the worker "
+                                                          "needs NEURON_HEATMAP_DIR and NEURON_DATABASE_URL, and "
+                                                          "caches go to $XDG_CACHE_HOME/neuron (~/.cache/neuron). "
+                                                          "[default: env NEURON_OUT]")] = None,
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL]")] = None,
     name: Annotated[str, typer.Option(help="This worker's identity: its Celery node name (neuron-NAME@host) and the "
                                            "findings' worker column. [default: host/device/pid]")] = None,
@@ -310,6 +359,7 @@ def worker(
                                      worker_concurrency=concurrency, **screening)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
+    settings = _worker_places(settings, out_given=out is not None or "NEURON_OUT" in os.environ)
     if settings.weights is WeightsMode.UNTRAINED:
         console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
                       "clinically.[/]")
@@ -342,6 +392,7 @@ def scan(
                                                "that leave the folder (loops are still cut, each file indexed "
                                                "once). [default: off; env NEURON_FOLLOW_LINKS]",
                                                show_default=False)] = None,
+    patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
 ) -> None:
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
     import signal
@@ -356,7 +407,7 @@ def scan(
     try:
         settings = Settings.from_env(database_url=db, watch_stable_seconds=stable_seconds,
                                      watch_quiet_seconds=quiet_seconds, route_override=route.value if route else None,
-                                     follow_links=follow_links)
+                                     follow_links=follow_links, patient_key=_patient_secret(patient_key))
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     database = Database(settings.resolved_database_url)
@@ -385,7 +436,7 @@ def scan(
         task = progress.add_task("indexing", total=None)
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
                               on_file=lambda n: progress.update(task, completed=n),
-                              follow_links=settings.follow_links)
+                              follow_links=settings.follow_links, patient_secret=settings.patient_key)
     again = database.reset_to_pending(awaiting_model=[r.value for r in MODEL_ROUTES] if requeue else (),
                                       queued=requeue, failed=retry_failed)
     try:
@@ -438,13 +489,87 @@ def _open_database(settings: Settings):
     return database
 
 
+def _unacknowledged(settings: Settings) -> dict[str, tuple[int, float]] | None:
+    """Every message Redis delivered and has not seen acknowledged, read from kombu's Redis transport (the
+    ``unacked`` hash and its ``unacked_index`` delivery times): task id -> (instances it carries, delivered at).
+    None when the broker cannot be read (``broker_status`` says why)."""
+    import base64
+    import json
+
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+        raw = client.hgetall("unacked")
+        delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+    except redis.RedisError:
+        return None
+    out: dict[str, tuple[int, float]] = {}
+    for tag, value in raw.items():
+        try:
+            message = json.loads(value)[0]
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            out[message["headers"]["id"]] = (len(args[1]), delivered.get(tag, 0.0))
+        except (ValueError, KeyError, IndexError, TypeError):  # not a Neuron task: count it, it holds no instances
+            out[tag.decode(errors="replace")] = (0, delivered.get(tag, 0.0))
+    return out
+
+
+def _tasks_held_by_live_workers(settings: Settings, timeout: float) -> set[str] | None:
+    """The ids of the tasks the live workers hold (running, received, or waiting out a retry countdown), asked in
+    parallel so ``neuron status`` waits one inspect timeout. None when the workers could not be asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neuron.queue import make_app
+
+    def ask(method: str) -> dict:
+        return make_app(settings).control.inspect(timeout=timeout)._request(method) or {}
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(ask, ("active", "reserved", "scheduled")))
+    except Exception:  # noqa: BLE001 - status reports what it could not learn, it never stops on it
+        return None
+    held: set[str] = set()
+    for per_node in replies:
+        for tasks in per_node.values():
+            for t in tasks if isinstance(tasks, list) else ():
+                held.add((t.get("request") or t).get("id"))  # scheduled entries wrap the task in "request"
+    return held
+
+
+def _held_by_no_live_worker(before, after, held, visibility_timeout: int) -> dict | None:
+    """Messages unacknowledged throughout the workers' answers and held by none of them: a dead worker's studies,
+    which Redis redelivers only once they are ``visibility_timeout`` seconds old. Reading the unacknowledged
+    messages before and after the answers leaves out a message delivered or acknowledged meanwhile."""
+    import time
+
+    if before is None or after is None or held is None:
+        return None
+    orphans = [after[t] for t in before.keys() & after.keys() if t not in held]
+    oldest = max((time.time() - at for _, at in orphans), default=None)
+    return {"studies": len(orphans), "instances": sum(n for n, _ in orphans),
+            "oldest_s": None if oldest is None else round(oldest, 1),
+            "redelivered_in_s": None if oldest is None else round(max(0.0, visibility_timeout - oldest), 1)}
+
+
 def _gather_status(settings: Settings, database) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     from db.admin import db_status, throughput
     from neuron.queue import broker_status, mask_url
 
     st = db_status(database)
     rate = throughput(database)
-    broker = broker_status(settings, sorted(r.value for r in MODEL_ROUTES))
+    before = _unacknowledged(settings)
+    with ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(broker_status, settings, sorted(r.value for r in MODEL_ROUTES))
+        held = _tasks_held_by_live_workers(settings, timeout=1.5) if before else set()
+        broker = asked.result()
+    orphans = _held_by_no_live_worker(before, _unacknowledged(settings), held, settings.visibility_timeout)
     worker_rate = sum(w.get("images_per_s") or 0.0 for w in broker.workers.values())
     per_s = worker_rate or rate.per_second
     eta = st.remaining_instances / per_s if per_s and st.remaining_instances else None
@@ -453,7 +578,7 @@ def _gather_status(settings: Settings, database) -> dict:
         "broker": broker.url, "broker_error": broker.error,
         "queues": broker.waiting, "unacknowledged": broker.unacknowledged,
         "oldest_unacknowledged_s": broker.oldest_unacknowledged_s, "visibility_timeout_s": settings.visibility_timeout,
-        "workers": broker.workers,
+        "workers": broker.workers, "held_by_no_live_worker": orphans,
         "studies": st.studies, "instances": st.instances, "files": st.files,
         "in_flight": {"studies": st.in_flight_studies, "instances": st.in_flight_instances},
         "remaining_instances": st.remaining_instances,
@@ -480,6 +605,16 @@ def _status_view(data: dict):
         unacked += (f" (oldest {data['oldest_unacknowledged_s']:.0f} s; a dead worker's are redelivered after "
                     f"{data['visibility_timeout_s']} s)")
     table.add_row("unacknowledged messages (held by workers)", unacked)
+    dead = data["held_by_no_live_worker"]
+    if dead is None:
+        table.add_row("held by no live worker", "unknown (broker or workers could not be asked)")
+    elif dead["studies"]:
+        table.add_row("held by no live worker (a dead worker's)",
+                      f"{dead['studies']} study tasks, {dead['instances']} instances; redelivered once "
+                      f"{data['visibility_timeout_s']} s old (NEURON_VISIBILITY_TIMEOUT), in "
+                      f"{dead['redelivered_in_s']:.0f} s")
+    else:
+        table.add_row("held by no live worker", "0")
     table.add_row("in flight (claimed by a worker)",
                   f"{data['in_flight']['studies']} studies, {data['in_flight']['instances']} instances")
     for kind in ("studies", "instances"):
@@ -516,6 +651,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="A live view, refreshed every --interval seconds.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes of --watch.")] = 2.0,
+    count: Annotated[int, typer.Option(help="With --watch: stop after this many refreshes (0: until Ctrl-C). "
+                                            "Without a terminal each refresh is printed in full, for a log.",
+                                       min=0)] = 0,
 ) -> None:
     """Queue depth, unacknowledged and in-flight studies, workers alive, studies and instances by status (pending,
     queued, done, failed, skipped, duplicate), images/s, ETA and the latest failures by reason."""
@@ -534,15 +672,26 @@ def status(
         Console(width=max(160, shutil.get_terminal_size().columns)).print(_status_view(_gather_status(settings,
                                                                                                       database)))
         return
+    from itertools import count as refreshes
+
     from rich.live import Live
 
-    with Live(_status_view(_gather_status(settings, database)), console=Console(), refresh_per_second=1) as live:
-        try:
-            while True:
-                time.sleep(interval)
-                live.update(_status_view(_gather_status(settings, database)))
-        except KeyboardInterrupt:
-            pass
+    screen = Console(width=max(160, shutil.get_terminal_size().columns))
+    frames = refreshes(1) if count == 0 else range(1, count + 1)
+    try:
+        if not screen.is_terminal:  # a pipe or a log: every refresh in full, one after the other
+            for n in frames:
+                if n > 1:
+                    time.sleep(interval)
+                screen.print(_status_view(_gather_status(settings, database)))
+            return
+        with Live(_status_view(_gather_status(settings, database)), console=screen, refresh_per_second=1) as live:
+            for n in frames:
+                if n > 1:
+                    time.sleep(interval)
+                    live.update(_status_view(_gather_status(settings, database)))
+    except KeyboardInterrupt:
+        pass
 
 
 StudyOpt = Annotated[str, typer.Option("--study", help="A Study Instance UID.")]
@@ -664,6 +813,106 @@ def purge(
     deleted, maps = purge_results(database, selection, uids)
     removed = _remove_heatmaps(settings, maps)
     console.print(f"deleted {deleted} result rows of {len(uids)} instances and {removed} heatmaps")
+
+
+@app.command()
+def review(
+    port: Annotated[int, typer.Option(help="TCP port to serve on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback lets other machines read the "
+                                           "findings: put a TLS proxy with authentication in front.")] = "127.0.0.1",
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db and heatmaps/ to show. "
+                                                          "[default: ./results; env NEURON_OUT]")] = None,
+    heatmap_dir: Annotated[Path, typer.Option("--heatmap-dir", help="The heatmap folder; only files inside it are "
+                                                                    "served. [default: OUT/heatmaps; env "
+                                                                    "NEURON_HEATMAP_DIR]")] = None,
+) -> None:
+    """Serve the morning review in a browser: a worklist of screened studies (highest finding first, filters, paging),
+    a study page with heatmaps, provenance and a verdict per finding, and a summary page. Reading needs no login;
+    recording verdicts needs the token in NEURON_REVIEW_TOKEN (unset: read-only)."""
+    import uvicorn
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from review.app import create_app, is_loopback
+
+    try:
+        settings = Settings.from_env(database_url=db, out_dir=out, heatmap_root=heatmap_dir)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    database = _open_database(settings)
+    try:
+        with database.engine.connect() as conn:
+            conn.execute(text("select count(*) from studies")).scalar_one()
+    except SQLAlchemyError:
+        database.dispose()
+        raise _fail("this database has no studies table yet (an older schema): run `neuron db upgrade` with the same "
+                    "--db/--out once, then start the review again", EXIT_SETUP) from None
+    token = os.environ.get("NEURON_REVIEW_TOKEN", "").strip() or None
+    if not is_loopback(host):
+        console.print(Panel(f"binding {host}: every machine that reaches this address can read the findings. Put a "
+                            "reverse proxy with TLS and authentication in front, or bind 127.0.0.1.",
+                            title="WARNING", style="bold yellow"))
+    if token is None:
+        console.print("read-only: set NEURON_REVIEW_TOKEN to record verdicts")
+    elif len(token) < 16:
+        console.print("[yellow]NEURON_REVIEW_TOKEN is shorter than 16 characters; use a long random one[/]")
+    if not settings.heatmap_dir.is_dir():
+        console.print(f"[yellow]no heatmap folder at {settings.heatmap_dir}[/]: pages show no heatmaps; point "
+                      f"--heatmap-dir or NEURON_HEATMAP_DIR at it")
+    console.print(f"Neuron review of {database.engine.url.render_as_string(hide_password=True)} at "
+                  f"http://{host}:{port}/  (Ctrl+C stops it)")
+    uvicorn.run(create_app(database, settings, token), host=host, port=port, log_level="warning",
+                server_header=False)
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write; the format follows its suffix: .csv "
+                                                                "or .parquet.")],
+    where: Annotated[str, typer.Option("--where", help="SQL condition over the view's columns, e.g. \"label = "
+                                                       "'Effusion' and probability > 0.7\". [default: every row]",
+                                       show_default=False)] = None,
+    view: Annotated[str, typer.Option("--view", help="findings, study_findings, ingest_status or reviews.")
+                    ] = "findings",
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder whose neuron.db to read. [default: ./results; "
+                                                    "env NEURON_OUT]")] = None,
+) -> None:
+    """Export a view's rows that match --where to CSV or Parquet: the same rows as `SELECT * FROM VIEW WHERE (...)`,
+    streamed, read-only (the condition cannot write), typed (floats, UTC timestamps, booleans)."""
+    from db.export import ExportRefused, check_condition, output_format
+    from db.export import export as export_view
+
+    try:
+        output_format(output)
+        if where is not None:
+            check_condition(where)
+        settings = Settings.from_env(database_url=db, out_dir=out)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    database = _open_database(settings)
+    database.dispose()
+    try:
+        rows = export_view(settings.resolved_database_url, view, where, output)
+    except ExportRefused as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    console.print(f"wrote {rows} rows of {view} to {output}")
+
+
+def _start_metrics(settings: Settings, engine):
+    """Serve Prometheus /metrics for this run (--metrics-port), or exit 4 saying why the port cannot be opened."""
+    from worker.metrics import start
+
+    try:
+        server = start(settings, engine)
+    except SetupError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    if server is not None:
+        console.print(f"Prometheus metrics at {server.url}")
+    return server
 
 
 @app.command()

@@ -108,7 +108,7 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     res = neuron(env, "scan", str(folder))
     assert res.returncode == 0, res.stderr
     assert "enqueued 3 study tasks" in res.stderr
-    worker = start_worker(env, tmp_path, "w1")
+    worker = start_worker({**env, "NEURON_DICOM_OUT": str(tmp_path / "dicom")}, tmp_path, "w1")
     try:
         wait_until(lambda: count_done(env) == n, 180, "all instances done", [worker])
     finally:
@@ -120,6 +120,14 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     assert len(heatmaps) == n and all(Path(p).is_file() for p in heatmaps)
     workers = {r[0] for r in sql(env, "select distinct worker from findings")}
     assert len(workers) == 1 and "/cpu" in next(iter(workers))
+    # the worker wrote the DICOM outputs after each commit (tests/test_dicom_out.py checks them in depth)
+    import pydicom
+
+    reports = [pydicom.dcmread(p) for p in (tmp_path / "dicom").rglob("sr.dcm")]
+    studies = {r[0] for r in sql(env, "select distinct study_instance_uid from findings")}
+    assert {r.StudyInstanceUID for r in reports} == studies and len(reports) == 3
+    assert all(r.CompletionFlag == "COMPLETE" for r in reports)
+    assert len(list((tmp_path / "dicom").rglob("sc-*.dcm"))) == n
 
     local = untrained_settings.with_(out_dir=tmp_path / "embedded")
     from worker.engine import Engine

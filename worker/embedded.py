@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from db.schema import utcnow
+from db.schema import Status, utcnow
 from db.store import Database, Outcome, Summary, WorkItem
 from db.writer import ResultWriter
 from neuron.errors import OutputUnwritable
@@ -74,6 +74,7 @@ class _Indexer:
             self.result = index_folder(self.folder, self.db, exclude=[self.settings.out_dir],
                                        batch=64, on_file=self.hooks.on_scan, route_override=override,
                                        follow_links=self.settings.follow_links,
+                                       patient_secret=self.settings.patient_key,
                                        on_indexed=lambda paths: self.batches.put(list(paths)))
             if self.hooks.on_scanned is not None:
                 self.hooks.on_scanned(self.result)
@@ -108,9 +109,12 @@ class _Sink:
 
     def __init__(self, writer: ResultWriter):
         self.writer, self.count, self._futures = writer, 0, []
+        self.screened: list[str] = []  # instances with results this run: their DICOM outputs are written at the end
 
     def __call__(self, outcome: Outcome) -> None:
         self.count += 1
+        if outcome.status is Status.DONE and outcome.frames:
+            self.screened.append(outcome.sop_instance_uid)
         self._futures.append(self.writer.submit([outcome]))
         if len(self._futures) >= 256:
             self.check(wait=False)
@@ -153,6 +157,15 @@ def _unwritable(url: str, exc: DBAPIError) -> OutputUnwritable:
                             f"committed so far are kept: {fix}, then run the same command again to screen the rest")
 
 
+def _dicom_writer(settings: Settings, db: Database):
+    """The DICOM output writer when --dicom-out is set (highdicom is only imported then), else None."""
+    if settings.dicom_out is None:
+        return None
+    from worker.dicom_out import DicomWriter
+
+    return DicomWriter(settings, db)
+
+
 def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
                hooks: ProgressHooks | None = None, retry_failed: bool = False) -> RunReport:
     """Index FOLDER while screening every instance still to do: new ones, ones skipped earlier because their route
@@ -175,6 +188,7 @@ def _run_folder(folder: Path, settings: Settings, engine: Engine | None, hooks: 
     db = Database(settings.resolved_database_url)
     try:
         db.create()
+        dicom = _dicom_writer(settings, db)  # before screening: an unwritable --dicom-out stops the run early
         engine = engine or Engine.from_settings(settings, lazy=True)
         for lr in engine.routes.values():
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
@@ -195,6 +209,8 @@ def _run_folder(folder: Path, settings: Settings, engine: Engine | None, hooks: 
                 engine.run(db.pending(routes=routes), sink, progress=hooks.on_images)
                 sink.check()
         db.skip_routes_without_model(routes, unavailable)  # instances of routes with no model, found by this walk
+        if dicom is not None:  # every result is committed: the outputs say what the database says
+            dicom.write_for_instances(sink.screened)
         return RunReport(indexer.result or ScanResult(), sink.count, started, db.summary(since=started))
     finally:
         db.dispose()

@@ -27,7 +27,17 @@ import numpy as np
 import torch
 
 from db.store import FrameResult, LabelScore, Outcome, WorkItem
-from neuron.errors import ConfigError, InputError, ModelUnavailable, RetryableError, SetupError
+from neuron.errors import (
+    ConfigError,
+    DecodeError,
+    ImageTooLarge,
+    InputError,
+    ModelUnavailable,
+    RejectedImage,
+    RetryableError,
+    SetupError,
+    SkippedInput,
+)
 from neuron.routes import Route
 from neuron.settings import Settings
 from neuron_models import cam, dropout
@@ -90,9 +100,21 @@ def float32_mode(exact: bool):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def failure_category(exc: BaseException | None) -> str:
+    """A bounded name for why an instance was not screened (metrics label): never the reason text, which can quote
+    a file's contents."""
+    for kind, name in ((ImageTooLarge, "too-large"), (RejectedImage, "rejected"), (DecodeError, "decode"),
+                       (SkippedInput, "unsupported"), (RetryableError | MemoryError | OSError, "storage")):
+        if isinstance(exc, kind):
+            return name
+    return "other"
+
+
 @dataclass
 class EngineStats:
-    """How full the batches were and how long the first one took; read by the benchmark and the worker's logs."""
+    """How full the batches were, how long the first one took and where the time went; read by the benchmark, the
+    worker's logs and the Prometheus collector (worker/metrics.py) at scrape time. Updated from several stage
+    threads, hence the lock."""
 
     batch_size: int
     created_at: float = field(default_factory=time.monotonic)
@@ -100,13 +122,36 @@ class EngineStats:
     frames: int = 0
     first_batch_at: float | None = None
     why: Counter[str] = field(default_factory=Counter)  # "full", "waited", "drained"
+    files_read: int = 0
+    read_seconds: float = 0.0  # readers' read + decode time, summed over threads (and device decodes)
+    device_batches: int = 0
+    device_seconds: float = 0.0  # preprocessing + model + CAM per batch (on CUDA: between events on its stream)
+    queue_wait_seconds: float = 0.0  # per frame: decoded until its batch reached the device, summed
+    failures: Counter[str] = field(default_factory=Counter)  # instances not screened, by ``failure_category``
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def record(self, frames: int, reason: str) -> None:
-        if self.first_batch_at is None:
-            self.first_batch_at = time.monotonic()
-        self.batches += 1
-        self.frames += frames
-        self.why[reason] += 1
+    def record(self, frames: int, reason: str, queue_wait_s: float = 0.0) -> None:
+        with self.lock:
+            if self.first_batch_at is None:
+                self.first_batch_at = time.monotonic()
+            self.batches += 1
+            self.frames += frames
+            self.why[reason] += 1
+            self.queue_wait_seconds += queue_wait_s
+
+    def read(self, seconds: float, files: int = 1) -> None:
+        with self.lock:
+            self.files_read += files
+            self.read_seconds += seconds
+
+    def ran(self, seconds: float) -> None:
+        with self.lock:
+            self.device_batches += 1
+            self.device_seconds += seconds
+
+    def failed(self, category: str) -> None:
+        with self.lock:
+            self.failures[category] += 1
 
     @property
     def fill(self) -> float:

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from neuron.routes import Route
 from neuron_models.image import DecodedFrame, EncodedFrame
 from worker.batching import Batch, BatchPolicy
 from worker.decode import decode_instance
-from worker.engine import IDLE, Engine
+from worker.engine import IDLE, Engine, failure_category
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class _Instance:
     seen: int = 0
     writes: int = 0  # PNG writes not yet finished
     emitted: bool = False
+    ready_at: float = field(default_factory=time.monotonic)  # decoded: its frames start waiting for a batch
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _Launched:
     host: dict[str, torch.Tensor]
     event: object  # torch.cuda.Event, or None on the CPU
     last_chunk: int = 1  # 1 on the last chunk of a batch (a batch split after CUDA OOM comes in several)
+    started: object = None  # torch.cuda.Event recorded before the device job (device time), or None on the CPU
 
 
 def read_item(engine: Engine, item: WorkItem) -> list[DecodedFrame | EncodedFrame]:
@@ -189,16 +192,24 @@ class Pipeline:
                 engine.ensure(route)  # the route's first instance: load its model now (or stop the run)
             if route not in engine.routes:  # no model for it on this host
                 reason = engine.unavailable.get(route, f"no model for route '{item.route}'")
+                engine.stats.failed("no-model")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.SKIPPED, reason,
                                                  worker=engine.worker_id))
                 continue
             while not self.slots.acquire(timeout=_POLL):
                 if self.stop.is_set():
                     raise _Stopped
-            future = readers.submit(self.reader, engine, item)
+            future = readers.submit(self._read, item)
             future.add_done_callback(lambda f, item=item: self.decoded.put((item, f)))
             submitted += 1
         self.decoded.put((_EOF, submitted))
+
+    def _read(self, item: WorkItem) -> list:
+        started = time.perf_counter()
+        try:
+            return self.reader(self.engine, item)
+        finally:
+            self.engine.stats.read(time.perf_counter() - started)
 
     def _batch(self) -> None:
         """Decoded files -> batches, by size or by the wait cap, which holds while decodes are still in flight."""
@@ -220,10 +231,12 @@ class Pipeline:
             try:
                 frames = payload.result()
             except BaseException as exc:
+                engine.stats.failed(failure_category(exc))
                 self._put(self.outcomes, failure_outcome(item, exc, engine.worker_id))
                 self._put(self.outcomes, ("progress", 1))
                 continue
             if not frames:
+                engine.stats.failed("decode")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.FAILED,
                                                  "no frames could be read", worker=engine.worker_id))
                 continue
@@ -265,7 +278,9 @@ class Pipeline:
         self._put(self.to_device, _EOF)
 
     def _decode_on_device(self, batch: Batch) -> Batch:
+        started = time.perf_counter()
         decoded = self.engine.finish_decoding([fr for _, fr in batch.items])
+        self.engine.stats.read(time.perf_counter() - started, files=0)
         kept = []
         for (inst, _), fr in zip(batch.items, decoded, strict=True):
             if isinstance(fr, InputError):
@@ -279,9 +294,14 @@ class Pipeline:
         engine = self.engine
         while (got := self._get(self.to_device)) is not _EOF:
             batch, staged = got
-            engine.stats.record(len(batch.items), batch.reason)
+            now = time.monotonic()
+            engine.stats.record(len(batch.items), batch.reason, sum(now - inst.ready_at for inst, _ in batch.items))
             try:
-                for launched in self._launch(batch, staged):
+                started = time.perf_counter()
+                chunks = self._launch(batch, staged)
+                if self.compute_stream is None:  # the CPU ran the job synchronously; CUDA is timed with events
+                    engine.stats.ran(time.perf_counter() - started)
+                for launched in chunks:
                     self._put(self.to_results, launched)
             except RetryableError as exc:  # a single image that does not fit on the device
                 for inst, _ in batch.items:
@@ -296,12 +316,14 @@ class Pipeline:
             chunks = engine.device_job(route, frames, staged)
         else:
             pre = engine.preprocessors[route]
+            started = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
                 flat = pre.upload(staged)
                 uploaded = torch.cuda.Event()
                 uploaded.record(self.copy_stream)
             self.compute_stream.wait_event(uploaded)
             with torch.cuda.stream(self.compute_stream):
+                started.record(self.compute_stream)
                 flat.record_stream(self.compute_stream)
                 chunks = engine.device_job(route, frames, staged, flat)
         out, start = [], 0
@@ -319,9 +341,9 @@ class Pipeline:
                 for name, t in tensors.items():
                     host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                     host[name].copy_(t, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=True)
                 event.record(self.compute_stream)
-            out.append(_Launched(route, members, prepared, host, event, last))
+            out.append(_Launched(route, members, prepared, host, event, last, started))
         return out
 
     def _results(self, pngs: ThreadPoolExecutor) -> None:
@@ -329,6 +351,8 @@ class Pipeline:
         while (launched := self._get(self.to_results)) is not _EOF:
             if launched.event is not None:
                 launched.event.synchronize()
+                if launched.last_chunk:
+                    engine.stats.ran(launched.started.elapsed_time(launched.event) / 1000.0)
             with self.lock:
                 self.finished += launched.last_chunk
             if launched.prepared is None:  # the device refused the batch: every instance retries
@@ -383,6 +407,9 @@ class Pipeline:
 
     def _outcome(self, inst: _Instance) -> Outcome:
         uid, worker = inst.item.sop_instance_uid, self.engine.worker_id
+        if inst.error is not None or inst.write_error is not None:
+            self.engine.stats.failed("device" if isinstance(inst.error, _Transient) else
+                                     failure_category(inst.error or inst.write_error))
         if isinstance(inst.error, _Transient):
             return Outcome(uid, Status.PENDING, f"transient error, to be tried again: {inst.error}", worker=worker)
         if inst.error is not None:

@@ -45,6 +45,7 @@ from neuron.queue import (
 )
 from neuron.routes import Route
 from neuron.settings import Settings
+from worker import metrics
 from worker.engine import IDLE, Engine, EngineStats
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class ScreeningTask(Task):
     _db: Database | None = None
     _batcher: StudyBatcher | None = None
     _writer: ResultWriter | None = None
+    _dicom = None  # worker.dicom_out.DicomWriter when --dicom-out is set
 
     @property
     def db(self) -> Database:
@@ -201,6 +203,9 @@ def register_tasks(app: Celery) -> None:
                 self.writer.submit(again).result()
                 outcomes = [o for o in outcomes if o.sop_instance_uid not in set(moved)] + again
                 failed = [o.sop_instance_uid for o in again if o.status is Status.FAILED]
+            if ScreeningTask._dicom is not None:  # after the commit; never raises (reasons are logged)
+                ScreeningTask._dicom.write_for_instances(
+                    [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames])
             transient = [o for o in outcomes if o.status is Status.PENDING]
             if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
                 raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
@@ -227,6 +232,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     engine = Engine.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
     name = name or default_worker_name(str(engine.device))
     engine.worker_id = name
+    served = metrics.start(settings, engine)  # /metrics with --metrics-port; ConfigError when the port is taken
     db = Database(settings.resolved_database_url)
     db.create()
     for lr in engine.routes.values():
@@ -236,6 +242,10 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     ScreeningTask._db = db
     ScreeningTask._batcher = batcher = StudyBatcher(engine)
     ScreeningTask._writer = writer = ResultWriter(db)
+    if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
+        from worker.dicom_out import DicomWriter
+
+        ScreeningTask._dicom = DicomWriter(settings, db)
     app = make_app(settings)
     register_tasks(app)
     register_info_command()
@@ -255,6 +265,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
         log.info("worker %s: batch size %d, %d studies in flight, batches wait at most %d ms; database %s, "
                  "broker %s", name, engine.batch_size, concurrency, settings.max_wait_ms,
                  mask_url(settings.resolved_database_url), mask_url(settings.broker_url))
+        if served is not None:
+            log.info("Prometheus metrics at %s", served.url)
 
     signals.worker_ready.connect(_announce, weak=False)
     try:

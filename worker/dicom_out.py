@@ -1,0 +1,445 @@
+"""DICOM outputs for a PACS (``--dicom-out DIR``): per screened frame a Secondary Capture with the heatmap burned in,
+per study a TID 1500 measurement report (Comprehensive SR) with every finding.
+
+    committed results (the ``findings`` view) + each source file's header (no pixels)
+        ──► SC per (instance, frame, model): the rank-1 heatmap overlay, enlarged, under a band of burned-in text
+              ("NOT FOR DIAGNOSTIC USE", model, finding p +/- sd, UNTRAINED); SourceImageSequence -> the source
+        ──► SR per study: one measurement group per finding row (label, probability, its standard deviation,
+              the source image and frame, the algorithm: model, weights sha256 or "untrained", settings hash)
+        ──► DIR/<study hash>/sc-<hash>.dcm, DIR/<study hash>/sr.dcm, written atomically (temp file + rename)
+
+Only written for results already in the database, so what a PACS receives is what ``findings`` says. File names are
+hashes of UIDs and model identity, never anything from the header; patient and study attributes are copied from the
+source into the objects (a PACS files them by those) but never reach a file name or a log line. File names follow
+the natural key of the results (instance, frame, model, weights; study): a re-run overwrites the same files. UIDs
+follow the content identity (plus the settings hash; for the SR every finding it holds), so the same results give the
+same UIDs and changed ones new UIDs, as DICOM requires of changed content.
+
+When: ``neuron run`` writes them once every result of the run is committed, for the instances it screened;
+``neuron worker`` after each task's commit, for the task's instances, rewriting its study's SR with every finding
+the database holds by then (PARTIAL while instances of the study wait to be screened, COMPLETE after). Two tasks of a
+study in one worker take turns (a lock per study); across workers the last SR written wins, and the study's next
+task rewrites it.
+
+A failure for one image or study (source file gone, heatmap missing, an attribute highdicom refuses) is logged with
+the reason and the study's output folder, and never stops the run or touches the results in the database.
+
+Only imported when ``dicom_out`` is set: highdicom and OpenCV load here, not in the screening path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from sqlalchemy import bindparam, text
+
+import neuron
+from db.store import Database
+from neuron.errors import ConfigError
+from neuron.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "Neuron"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+SCHEME = "99NEURON"  # private coding scheme for the labels; declared in the SR's CodingSchemeIdentificationSequence
+SC_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9002
+SC_SIZE = 512  # the overlay (the model's input size, e.g. 224) is enlarged to this so the burned-in text is legible
+BAND_LINE = 26  # pixels per line of burned-in text
+LOCK_STRIPES = 64
+
+PROBABILITY = CodedConcept("PROB", SCHEME, "Probability of finding")
+SCREENING = CodedConcept("SCREEN", SCHEME, "Automated image screening, not for diagnostic use")
+SOURCE_IMAGE_FOR_PROCESSING = CodedConcept("121322", "DCM", "Source image for image processing operation")
+
+# Patient and study attributes copied from the source as they are: highdicom's constructors would check (and log!)
+# the patient's name, so the objects are built without them and these are set afterwards.
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "PatientComments",
+    "PatientSpeciesDescription", "PatientBreedDescription", "ResponsiblePerson", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "PatientAge", "PatientSize", "PatientWeight",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "ProcedureCodeSequence",
+)
+_HIGHDICOM_READS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime")
+_FINDINGS_SQL = text(
+    "SELECT study_instance_uid, series_instance_uid, sop_instance_uid, frame, file_path, model, weights, label, "
+    "probability, uncertainty, rank, heatmap_path, preprocessing, untrained, needs_review "
+    "FROM findings WHERE study_instance_uid IN :studies "
+    "ORDER BY study_instance_uid, sop_instance_uid, frame, model, rank").bindparams(bindparam("studies",
+                                                                                         expanding=True))
+_STUDIES_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid IN :sops").bindparams(
+    bindparam("sops", expanding=True))
+_OPEN_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE study_instance_uid IN :studies "
+                 "AND status IN ('pending', 'queued')").bindparams(bindparam("studies", expanding=True))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One row of the ``findings`` view."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    frame: int
+    file_path: str
+    model: str
+    weights: str
+    label: str
+    probability: float
+    uncertainty: float
+    rank: int
+    heatmap_path: str | None
+    config_hash: str
+    untrained: bool
+    needs_review: bool
+
+    @property
+    def image_key(self) -> tuple[str, int, str, str]:
+        return self.sop_uid, self.frame, self.model, self.weights
+
+
+@dataclass
+class DicomReport:
+    """What one ``write`` did: paths written and (study folder, reason) for what was not."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def _uid(*parts: object) -> str:
+    """A UID that is the same for the same parts (pydicom's prefix + a hash of them)."""
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def _reason(exc: BaseException) -> str:
+    """Why, without the path or values from the file: OSErrors give their strerror, others their message."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _copy_patient_and_study(dst: Dataset, src: Dataset) -> None:
+    if "SpecificCharacterSet" in src:
+        dst.SpecificCharacterSet = src.SpecificCharacterSet
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in src:
+            dst[keyword] = src[keyword]
+
+
+def _anonymous_stub(src: Dataset) -> Dataset:
+    """The header with its patient and study attributes (but the Study UID) emptied: what highdicom is given, so
+    that it neither checks nor logs them. The attributes it reads unconditionally are present, empty."""
+    stub = Dataset()
+    stub.update(src)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword != "StudyInstanceUID" and keyword in stub:
+            del stub[keyword]
+    for keyword in _HIGHDICOM_READS:
+        setattr(stub, keyword, None)
+    return stub
+
+
+def _finding_text(f: Finding) -> str:
+    return f"{f.label} p={f.probability:.2f} +/- {f.uncertainty:.2f}"
+
+
+def _put_lines(band: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
+    """Burn lines of text into the band, each shrunk to fit the width."""
+    width = band.shape[1]
+    for i, (line, colour) in enumerate(lines):
+        scale = 0.65
+        while scale > 0.3 and cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 12:
+            scale -= 0.05
+        cv2.putText(band, line, (6, BAND_LINE * (i + 1) - 7), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1,
+                    cv2.LINE_AA)
+
+
+def burn_in(overlay_rgb: np.ndarray, top: Finding) -> np.ndarray:
+    """The overlay enlarged to ``SC_SIZE`` under a black band of text: the policy line, the model, the finding and,
+    for untrained weights, UNTRAINED. The text sits in its own band so it hides none of the heatmap."""
+    h, w = overlay_rgb.shape[:2]
+    scale = SC_SIZE / max(h, w)
+    image = cv2.resize(overlay_rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
+    lines = [(NOT_FOR_DIAGNOSIS, (255, 64, 64)), (top.model, (255, 255, 255)), (_finding_text(top), (255, 255, 0))]
+    if top.untrained:
+        lines.append(("UNTRAINED weights: results are meaningless", (255, 64, 64)))
+    band = np.zeros((BAND_LINE * len(lines) + 6, image.shape[1], 3), np.uint8)
+    _put_lines(band, lines)
+    return np.ascontiguousarray(np.vstack([band, image]))
+
+
+def _algorithm_parameters(f: Finding) -> list[str]:
+    weights = "untrained (no trained weights; results are meaningless)" if f.untrained else f"sha256 {f.weights}"
+    return [f"weights {weights}", f"pipeline settings {f.config_hash}", f"neuron {neuron.__version__}"]
+
+
+def _atomic_save(ds: Dataset, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class DicomWriter:
+    """Writes the DICOM outputs of studies whose results are committed (module docstring). Thread-safe: one
+    study's outputs are written under that study's lock, so of two tasks finishing the same study the one that
+    writes last also read the database last."""
+
+    def __init__(self, settings: Settings, db: Database):
+        if settings.dicom_out is None:
+            raise ConfigError("DicomWriter needs --dicom-out DIR (NEURON_DICOM_OUT); it is unset")
+        self.settings, self.db = settings, db
+        self.root = Path(settings.dicom_out)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe.{os.getpid()}.{threading.get_ident()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"--dicom-out {self.root} is not a writable folder ({exc.strerror}); create it with "
+                              f"write permission for this user, or point --dicom-out / NEURON_DICOM_OUT at one "
+                              f"that is") from exc
+        if settings.heatmap_top_k == 0:
+            log.warning("--top-k 0 writes no heatmaps, so no secondary captures are written to %s; the structured "
+                        "reports are", self.root)
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+
+    def study_dir(self, study_uid: str) -> Path:
+        return self.root / _digest("study", study_uid)[:32]
+
+    def _lock(self, study_uid: str) -> threading.Lock:
+        """One of a fixed set of locks (striped by the study's hash): bounded memory in a long-lived worker."""
+        return self._locks[int(_digest("study", study_uid)[:8], 16) % LOCK_STRIPES]
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def _findings(self, study_uids: Sequence[str]) -> dict[str, list[Finding]]:
+        by_study: dict[str, list[Finding]] = {}
+        with self.db.engine.connect() as conn:
+            for start in range(0, len(study_uids), 500):
+                rows = conn.execute(_FINDINGS_SQL, {"studies": list(study_uids[start:start + 500])})
+                for r in rows:
+                    f = Finding(r[0], r[1], r[2], int(r[3]), r[4], r[5], r[6], r[7], float(r[8]), float(r[9]),
+                                int(r[10]), r[11], r[12], bool(r[13]), bool(r[14]))
+                    by_study.setdefault(f.study_uid, []).append(f)
+        return by_study
+
+    def _open_studies(self, study_uids: Sequence[str]) -> set[str]:
+        """Studies with instances still to screen: their SR is marked PARTIAL."""
+        with self.db.engine.connect() as conn:
+            return {r[0] for r in conn.execute(_OPEN_SQL, {"studies": list(study_uids)})}
+
+    def _header(self, f: Finding) -> Dataset:
+        return pydicom.dcmread(self.settings.to_local(f.file_path), stop_before_pixels=True)
+
+    def _studies_of(self, sop_uids: Sequence[str]) -> list[str]:
+        studies: set[str] = set()
+        with self.db.engine.connect() as conn:
+            for start in range(0, len(sop_uids), 500):
+                studies.update(r[0] for r in conn.execute(_STUDIES_SQL, {"sops": list(sop_uids[start:start + 500])}))
+        return sorted(studies)
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def write_for_instances(self, sop_uids: Iterable[str]) -> DicomReport:
+        """After a commit: SCs for these (just screened) instances, and the SR of each of their studies, which holds
+        every finding of the study in the database now. Never raises: the results are committed whatever happens
+        here, so a failure (even the database's) is logged with its reason and the run goes on."""
+        sops = sorted(set(sop_uids))
+        if not sops:
+            return DicomReport()
+        try:
+            return self.write(self._studies_of(sops), sops)
+        except Exception as exc:  # the results are safe in the database; only these files are missing
+            log.warning("DICOM outputs for %d instance(s) not written: %s; their results are committed, and "
+                        "rescreening them writes the outputs again", len(sops), _reason(exc))
+            return DicomReport(failed=[("", _reason(exc))])
+
+    def write(self, study_uids: Iterable[str], sop_uids: Iterable[str] | None = None) -> DicomReport:
+        """Write the SCs (of ``sop_uids`` only, when given) and the SR of each study. Never raises for one study's
+        problem: it is logged and listed in the report. Each study's findings are read under its lock, one study at
+        a time, so memory stays flat however many studies a run had."""
+        report = DicomReport()
+        only = set(sop_uids) if sop_uids is not None else None
+        for study in sorted(set(study_uids)):
+            with self._lock(study):
+                rows = self._findings([study]).get(study, [])
+                if rows:
+                    self._write_study(study, rows, only, bool(self._open_studies([study])), report)
+        if report.failed:
+            log.warning("DICOM outputs: %d written to %s, %d not written (reasons logged above)",
+                        len(report.written), self.root, len(report.failed))
+        elif report.written:
+            log.info("DICOM outputs: %d written to %s", len(report.written), self.root)
+        return report
+
+    def _write_study(self, study: str, rows: list[Finding], only: set[str] | None, partial: bool,
+                     report: DicomReport) -> None:
+        where = self.study_dir(study).name
+        headers: dict[str, Dataset] = {}
+        unreadable: dict[str, str] = {}
+        for f in rows:
+            if f.sop_uid in headers or f.sop_uid in unreadable:
+                continue
+            try:
+                headers[f.sop_uid] = self._header(f)
+            except Exception as exc:  # any unreadable source: logged, this image's outputs skipped
+                unreadable[f.sop_uid] = _reason(exc)
+        images: dict[tuple, list[Finding]] = {}
+        for f in rows:
+            images.setdefault(f.image_key, []).append(f)
+        for key, image_rows in images.items():
+            sop = key[0]
+            if (only is not None and sop not in only) or self.settings.heatmap_top_k == 0:
+                continue
+            if sop in unreadable:
+                self._failed(report, where, f"secondary capture not written: source unreadable ({unreadable[sop]})")
+                continue
+            try:
+                report.written.append(self._write_sc(headers[sop], image_rows))
+            except Exception as exc:  # one image's failure never stops the study's other outputs
+                self._failed(report, where, f"secondary capture not written: {_reason(exc)}")
+        if unreadable:
+            self._failed(report, where, f"structured report not written: {len(unreadable)} source instance(s) "
+                                        f"unreadable ({next(iter(unreadable.values()))})")
+            return
+        try:
+            report.written.append(self._write_sr(study, rows, headers, partial))
+        except Exception as exc:
+            self._failed(report, where, f"structured report not written: {_reason(exc)}")
+
+    @staticmethod
+    def _failed(report: DicomReport, where: str, why: str) -> None:
+        log.warning("DICOM output for study folder %s: %s", where, why)
+        report.failed.append((where, why))
+
+    # -- secondary capture ------------------------------------------------------------------------------------
+    def _write_sc(self, src: Dataset, rows: list[Finding]) -> Path:
+        top = min(rows, key=lambda f: f.rank)
+        if top.heatmap_path is None:
+            raise FileNotFoundError(2, f"no heatmap for the top finding (heatmaps are off: --top-k 0) of frame "
+                                       f"{top.frame}")
+        bgr = cv2.imread(self.settings.to_local(top.heatmap_path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FileNotFoundError(2, f"heatmap PNG of frame {top.frame} is missing or unreadable")
+        pixels = burn_in(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), top)
+        series_uid = _uid("neuron-sc-series", top.study_uid, top.model, top.weights, top.config_hash)
+        sop_uid = _uid("neuron-sc", top.sop_uid, top.frame, top.model, top.weights, top.config_hash)
+        multiframe = int(src.get("NumberOfFrames", 1) or 1) > 1
+        equipment = hd.ContributingEquipment(
+            MANUFACTURER, codes.DCM.ProcessingEquipment, manufacturer_model_name=top.model,
+            software_versions=[f"neuron {neuron.__version__}"],
+            contribution_description=f"class activation map of {top.label}; " + "; ".join(_algorithm_parameters(top)))
+        sc = hd.sc.SCImage(
+            pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+            study_instance_uid=src.StudyInstanceUID, series_instance_uid=series_uid,
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=top.frame + 1,
+            manufacturer=MANUFACTURER, patient_orientation=("A", "F"),  # replaced below by the source's
+            contributing_equipment=[equipment], manufacturer_model_name=top.model[:64],
+            software_versions=f"neuron {neuron.__version__}",
+            series_description=f"Neuron heatmaps {NOT_FOR_DIAGNOSIS}")
+        _copy_patient_and_study(sc, src)
+        # the overlay is a centre crop of the source, resized: rows and columns keep their orientation
+        sc.PatientOrientation = src.get("PatientOrientation", None)
+        if "BodyPartExamined" in src:
+            sc.BodyPartExamined = src.BodyPartExamined
+        if "Laterality" in src or "BodyPartExamined" not in src:  # type 2C: empty only when it cannot be known
+            sc.Laterality = src.get("Laterality", None)
+        sc.BurnedInAnnotation = "YES"
+        sc.RecognizableVisualFeatures = "NO"
+        sc.ImageComments = (f"{NOT_FOR_DIAGNOSIS}. {_finding_text(top)} by {top.model}"
+                            + (" (UNTRAINED weights)" if top.untrained else ""))
+        sc.DerivationDescription = (f"{NOT_FOR_DIAGNOSIS}. Class activation map of {top.label} (rank 1) of frame "
+                                    f"{top.frame + 1}, blended over the preprocessed image, by {top.model}; "
+                                    + "; ".join(_algorithm_parameters(top)))
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = src.SOPClassUID
+        reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        if multiframe:
+            reference.ReferencedFrameNumber = top.frame + 1
+        source = Dataset()
+        source.update(reference)
+        source.PurposeOfReferenceCodeSequence = [SOURCE_IMAGE_FOR_PROCESSING]
+        sc.SourceImageSequence = [source]
+        sc.ReferencedImageSequence = [reference]
+        path = self.study_dir(top.study_uid) / f"sc-{_digest('sc', *top.image_key)[:32]}.dcm"
+        _atomic_save(sc, path)
+        return path
+
+    # -- structured report ------------------------------------------------------------------------------------
+    def _write_sr(self, study: str, rows: list[Finding], headers: dict[str, Dataset], partial: bool) -> Path:
+        evidence = {sop: _anonymous_stub(ds) for sop, ds in headers.items()}
+        groups = [self._group(f, headers[f.sop_uid]) for f in rows]
+        models = sorted({(f.model, f.weights) for f in rows})
+        device = hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid("neuron-device", *models), name="Neuron", manufacturer_name=MANUFACTURER,
+            model_name=", ".join(m for m, _ in models)[:64])
+        context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+        content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=SCREENING,
+                                          imaging_measurements=groups)
+        identity = sorted((f.sop_uid, f.frame, f.model, f.weights, f.label, f.config_hash, f.probability,
+                           f.uncertainty) for f in rows)
+        scheme = CodingSchemeIdentificationItem(SCHEME, name="Neuron screening labels",
+                                                      responsible_organization="Neuron")
+        sr = hd.sr.ComprehensiveSR(
+            evidence=list(evidence.values()), content=content,
+            series_instance_uid=_uid("neuron-sr-series", study), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=_uid("neuron-sr", study, _digest(*identity)), instance_number=1,
+            manufacturer=MANUFACTURER, is_complete=not partial, coding_schemes=[scheme],
+            content_qualification=hd.ContentQualificationValues.RESEARCH,
+            series_description=f"Neuron findings {NOT_FOR_DIAGNOSIS}",
+            manufacturer_model_name=", ".join(m for m, _ in models)[:64],
+            software_versions=f"neuron {neuron.__version__}")
+        _copy_patient_and_study(sr, next(iter(headers.values())))
+        path = self.study_dir(study) / "sr.dcm"
+        _atomic_save(sr, path)
+        return path
+
+    def _group(self, f: Finding, src: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """One finding: its label, probability with standard deviation, the source image (and frame) and the
+        algorithm."""
+        multiframe = int(src.get("NumberOfFrames", 1) or 1) > 1
+        label = CodedConcept(_digest("label", f.label)[:12].upper(), SCHEME, f.label[:64])
+        spread = hd.sr.NumContentItem(name=codes.SCT.StandardDeviation, value=f.uncertainty, unit=codes.UCUM.NoUnits,
+                                      relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
+        statistics = hd.sr.MeasurementStatisticalProperties(
+            values=[spread], description="spread over test-time augmentation views and MC-dropout samples")
+        properties = hd.sr.MeasurementProperties(measurement_statistical_properties=statistics)
+        algorithm = hd.sr.AlgorithmIdentification(name=f.model, version=f.weights, parameters=_algorithm_parameters(f),
+                                                  manufacturer=MANUFACTURER)
+        measurement = hd.sr.Measurement(name=PROBABILITY, value=f.probability, unit=codes.UCUM.NoUnits,
+                                        properties=properties)  # the group's algorithm applies to it
+        source = hd.sr.SourceImageForMeasurementGroup.from_source_image(
+            src, referenced_frame_numbers=[f.frame + 1] if multiframe else None)
+        tracking = hd.sr.TrackingIdentifier(
+            uid=_uid("neuron-finding", f.sop_uid, f.frame, f.model, f.weights, f.label),
+            identifier=f"{f.label} frame {f.frame + 1} {f.model}"[:64])
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=label, algorithm_id=algorithm, measurements=[measurement],
+            source_images=[source])
+
