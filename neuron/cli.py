@@ -31,6 +31,11 @@ PATIENT_KEY_HELP = ("Keep each study's Patient ID as HMAC-SHA256 under the secre
                     "is stored]")
 
 
+# the database option of every command that reads or writes one (run and worker have their own defaults)
+DbOpt = Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")]
+
+
 def _patient_secret(enabled: bool) -> str | None:
     """The --patient-key secret, from the environment only (a command line is visible to every user of the host)."""
     if not enabled:
@@ -376,8 +381,7 @@ def worker(
 @app.command()
 def scan(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to index and enqueue.")],
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     watch: Annotated[bool, typer.Option("--watch", help="Keep watching for new files until stopped (SIGTERM or "
                                                         "Ctrl-C enqueues what was indexed, then exits).")] = False,
     poll: Annotated[bool, typer.Option("--poll", help="Polling observer (network shares).")] = False,
@@ -644,8 +648,7 @@ STATUS_ORDER = ("pending", "queued", "done", "failed", "skipped", "duplicate")
 
 @app.command()
 def status(
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db to read. [default: "
                                                           "./results; env NEURON_OUT]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
@@ -732,8 +735,7 @@ def rescreen(
     model: ModelOpt = None,
     weights_id: WeightsOpt = None,
     reason: Annotated[str, typer.Option("--reason", help="Failed instances whose reason contains this text.")] = None,
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (heatmaps/, .cache/). [default: ./results; "
                                                           "env NEURON_OUT]")] = None,
     enqueue: Annotated[bool, typer.Option("--enqueue", help="Distributed mode: send the instances to the workers "
@@ -788,8 +790,7 @@ def purge(
     folder: FolderOpt = None,
     model: ModelOpt = None,
     weights_id: WeightsOpt = None,
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder. [default: ./results; env NEURON_OUT]")
                    ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Delete without asking.")] = False,
@@ -820,8 +821,7 @@ def review(
     port: Annotated[int, typer.Option(help="TCP port to serve on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback lets other machines read the "
                                            "findings: put a TLS proxy with authentication in front.")] = "127.0.0.1",
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db and heatmaps/ to show. "
                                                           "[default: ./results; env NEURON_OUT]")] = None,
     heatmap_dir: Annotated[Path, typer.Option("--heatmap-dir", help="The heatmap folder; only files inside it are "
@@ -876,8 +876,7 @@ def export(
                                        show_default=False)] = None,
     view: Annotated[str, typer.Option("--view", help="findings, study_findings, ingest_status or reviews.")
                     ] = "findings",
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
-                                                 "sqlite:///OUT/neuron.db]")] = None,
+    db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder whose neuron.db to read. [default: ./results; "
                                                     "env NEURON_OUT]")] = None,
 ) -> None:
