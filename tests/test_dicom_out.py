@@ -223,3 +223,52 @@ def test_an_unwritable_dicom_folder_stops_before_screening_with_the_fix(tmp_path
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="--dicom-out .* NEURON_DICOM_OUT"):
         DicomWriter(untrained_settings.with_(dicom_out=blocker / "dicom"), None)
+
+
+def test_a_study_with_an_instance_of_a_route_without_a_model_still_gets_its_report(tmp_path, chest_small,
+                                                                                  test_files_dir, untrained_settings,
+                                                                                  engine):
+    """The outputs are written by background processes as results commit, and a study's report only once none of its
+    instances waits; an MR of the same study (its route has no model here) waits until the run skips it at the end,
+    and the run's last pass still writes the study's report, from the CR's findings."""
+    from worker.engine import Engine
+
+    study = generate_uid()
+    root = tmp_path / "archive"
+    small_chest(chest_small, root / "cr.dcm", step=1, StudyInstanceUID=study)
+    mr = pydicom.dcmread(test_files_dir / "MR_small.dcm")
+    mr.StudyInstanceUID, mr.SOPInstanceUID = study, generate_uid()
+    mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
+    mr.save_as(root / "mr.dcm", enforce_file_format=True)
+    settings = untrained_settings.with_(out_dir=tmp_path / "out", dicom_out=tmp_path / "out" / "dicom")
+    run_folder(root, settings, engine=Engine(settings, engine.routes, engine.device, engine.unavailable))
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        statuses = dict(conn.execute("select modality, status from instances"))
+    assert statuses == {"CR": "done", "MR": "skipped"}
+    reports = [pydicom.dcmread(p) for p in outputs(settings) if p.name == "sr.dcm"]
+    assert len(reports) == 1 and reports[0].StudyInstanceUID == study
+    assert reports[0].CompletionFlag == "COMPLETE" and len(sr_findings(reports[0])) == N_LABELS
+    assert sum(p.name.startswith("sc-") for p in outputs(settings)) == 1
+
+
+def test_the_last_pass_writes_a_partial_report_for_a_study_that_still_waits(tmp_path, dicom_run):
+    """A study whose instance is still pending when the run ends (a storage error, say) gets no report from the
+    commit-time tasks (they wait for the study to be complete); closing the background outputs writes it as it
+    stands, marked PARTIAL."""
+    from worker.dicom_out import BackgroundOutputs
+
+    settings, sources = dicom_run
+    db_file = tmp_path / "neuron.db"
+    shutil.copy(settings.out_dir / "neuron.db", db_file)
+    a1 = pydicom.dcmread(sources["a1"], stop_before_pixels=True)
+    a2 = pydicom.dcmread(sources["a2"], stop_before_pixels=True)
+    with sqlite3.connect(db_file) as conn:
+        conn.execute("update instances set status = 'pending' where sop_instance_uid = ?", (a2.SOPInstanceUID,))
+    moved = settings.with_(database_url=f"sqlite:///{db_file}", dicom_out=tmp_path / "dicom")
+    background = BackgroundOutputs(moved, processes=1)
+    background.add([a1.SOPInstanceUID])
+    report = background.close()
+    assert report.reports == [a1.StudyInstanceUID] and not report.failed
+    (sr,) = [pydicom.dcmread(p) for p in outputs(moved) if p.name == "sr.dcm"]
+    assert sr.CompletionFlag == "PARTIAL" and len(sr_findings(sr)) == 2 * N_LABELS
+    assert sum(p.name.startswith("sc-") for p in outputs(moved)) == 1  # the SC of the instance it was told of

@@ -15,11 +15,12 @@ the natural key of the results (instance, frame, model, weights; study): a re-ru
 follow the content identity (plus the settings hash; for the SR every finding it holds), so the same results give the
 same UIDs and changed ones new UIDs, as DICOM requires of changed content.
 
-When: ``neuron run`` writes them once every result of the run is committed, for the instances it screened;
-``neuron worker`` after each task's commit, for the task's instances, rewriting its study's SR with every finding
-the database holds by then (PARTIAL while instances of the study wait to be screened, COMPLETE after). Two tasks of a
-study in one worker take turns (a lock per study); across workers the last SR written wins, and the study's next
-task rewrites it.
+When: ``neuron run`` hands each committed result to ``BackgroundOutputs``, processes that write the SCs while the
+run screens and a study's SR once none of its instances waits (the run's last pass writes the rest, PARTIAL where
+an instance still waits); ``neuron worker`` after each task's commit, for the task's instances, rewriting its
+study's SR with every finding the database holds by then (PARTIAL while instances of the study wait to be screened,
+COMPLETE after). Two tasks of a study in one worker take turns (a lock per study); across workers the last SR
+written wins, and the study's next task rewrites it.
 
 A failure for one image or study (source file gone, heatmap missing, an attribute highdicom refuses) is logged with
 the reason and the study's output folder, and never stops the run or touches the results in the database.
@@ -88,6 +89,8 @@ _FINDINGS_SQL = text(
                                                                                          expanding=True))
 _STUDIES_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid IN :sops").bindparams(
     bindparam("sops", expanding=True))
+_STUDY_OF_SQL = text("SELECT sop_instance_uid, study_instance_uid FROM instances WHERE sop_instance_uid IN :sops"
+                     ).bindparams(bindparam("sops", expanding=True))
 _OPEN_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE study_instance_uid IN :studies "
                  "AND status IN ('pending', 'queued')").bindparams(bindparam("studies", expanding=True))
 
@@ -123,6 +126,7 @@ class DicomReport:
 
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)  # the studies whose SR was written
 
 
 def _digest(*parts: object) -> str:
@@ -265,21 +269,23 @@ class DicomWriter:
         return sorted(studies)
 
     # -- writing ----------------------------------------------------------------------------------------------
-    def write_for_instances(self, sop_uids: Iterable[str]) -> DicomReport:
+    def write_for_instances(self, sop_uids: Iterable[str], complete_only: bool = False) -> DicomReport:
         """After a commit: SCs for these (just screened) instances, and the SR of each of their studies, which holds
-        every finding of the study in the database now. Never raises: the results are committed whatever happens
-        here, so a failure (even the database's) is logged with its reason and the run goes on."""
+        every finding of the study in the database now (``complete_only``: only of studies with no instance left to
+        screen; the task that commits a study's last instance writes it). Never raises: the results are committed
+        whatever happens here, so a failure (even the database's) is logged with its reason and the run goes on."""
         sops = sorted(set(sop_uids))
         if not sops:
             return DicomReport()
         try:
-            return self.write(self._studies_of(sops), sops)
+            return self.write(self._studies_of(sops), sops, complete_only=complete_only)
         except Exception as exc:  # the results are safe in the database; only these files are missing
             log.warning("DICOM outputs for %d instance(s) not written: %s; their results are committed, and "
                         "rescreening them writes the outputs again", len(sops), _reason(exc))
             return DicomReport(failed=[("", _reason(exc))])
 
-    def write(self, study_uids: Iterable[str], sop_uids: Iterable[str] | None = None) -> DicomReport:
+    def write(self, study_uids: Iterable[str], sop_uids: Iterable[str] | None = None,
+              complete_only: bool = False) -> DicomReport:
         """Write the SCs (of ``sop_uids`` only, when given) and the SR of each study. Never raises for one study's
         problem: it is logged and listed in the report. Each study's findings are read under its lock, one study at
         a time, so memory stays flat however many studies a run had."""
@@ -289,7 +295,8 @@ class DicomWriter:
             with self._lock(study):
                 rows = self._findings([study]).get(study, [])
                 if rows:
-                    self._write_study(study, rows, only, bool(self._open_studies([study])), report)
+                    partial = bool(self._open_studies([study]))
+                    self._write_study(study, rows, only, partial, report, sr=not (partial and complete_only))
         if report.failed:
             log.warning("DICOM outputs: %d written to %s, %d not written (reasons logged above)",
                         len(report.written), self.root, len(report.failed))
@@ -298,7 +305,7 @@ class DicomWriter:
         return report
 
     def _write_study(self, study: str, rows: list[Finding], only: set[str] | None, partial: bool,
-                     report: DicomReport) -> None:
+                     report: DicomReport, sr: bool = True) -> None:
         where = self.study_dir(study).name
         headers: dict[str, Dataset] = {}
         unreadable: dict[str, str] = {}
@@ -323,12 +330,15 @@ class DicomWriter:
                 report.written.append(self._write_sc(headers[sop], image_rows))
             except Exception as exc:  # one image's failure never stops the study's other outputs
                 self._failed(report, where, f"secondary capture not written: {_reason(exc)}")
+        if not sr:
+            return
         if unreadable:
             self._failed(report, where, f"structured report not written: {len(unreadable)} source instance(s) "
                                         f"unreadable ({next(iter(unreadable.values()))})")
             return
         try:
             report.written.append(self._write_sr(study, rows, headers, partial))
+            report.reports.append(study)
         except Exception as exc:
             self._failed(report, where, f"structured report not written: {_reason(exc)}")
 
@@ -443,3 +453,108 @@ class DicomWriter:
             tracking_identifier=tracking, finding_type=label, algorithm_id=algorithm, measurements=[measurement],
             source_images=[source])
 
+
+
+# -- the embedded run: outputs written by other processes while the run screens -----------------------------------
+_WRITER: DicomWriter | None = None  # one per pool process
+
+
+def _start_process(settings: Settings) -> None:
+    global _WRITER
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _WRITER = DicomWriter(settings, Database(settings.resolved_database_url))
+
+
+def _write_in_process(sop_uids: list[str], studies: list[str] | None = None) -> DicomReport:
+    """SCs of these instances, and the SRs of their complete studies; with ``studies``, the SRs of those studies
+    whatever their state (the run's last word on them)."""
+    if studies is not None:
+        return _WRITER.write(studies, sop_uids=[])
+    return _WRITER.write_for_instances(sop_uids, complete_only=True)
+
+
+class BackgroundOutputs:
+    """DICOM outputs of committed results, written by a pool of processes while the run goes on (building an SR is
+    pure Python, ~0.3 s a study: in the run's own threads it would take the GIL from the pipeline, and after the
+    run it would add hours to a large archive). Each study goes to one process (by its hash), so its tasks run in
+    commit order; an SR is written once the study has no instance left to screen, by whichever task sees that.
+    ``add`` is called from the result writer's thread after a commit; ``close`` waits for every task."""
+
+    BATCH = 16
+
+    def __init__(self, settings: Settings, processes: int | None = None):
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        probe = Database(settings.resolved_database_url)
+        try:
+            DicomWriter(settings, probe)  # fail fast, before screening: an unwritable folder
+        finally:
+            probe.dispose()
+        self.settings = settings
+        self.processes = processes or max(1, min(4, (os.cpu_count() or 2) // 4))
+        context = get_context("spawn")  # never fork a process that holds CUDA or threads
+        self.pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_start_process, initargs=(settings,))
+                      for _ in range(self.processes)]
+        self.db = Database(settings.resolved_database_url)
+        self.lock = threading.Lock()
+        self.waiting: list[str] = []
+        self.futures: list = []
+        self.studies: set[str] = set()  # every study with an instance sent
+
+    def add(self, sop_uids: Sequence[str]) -> None:
+        with self.lock:
+            self.waiting.extend(sop_uids)
+            if len(self.waiting) >= self.BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        sops, self.waiting = self.waiting, []
+        if not sops:
+            return
+        by_pool: dict[int, list[str]] = {}
+        with self.db.engine.connect() as conn:
+            for start in range(0, len(sops), 500):
+                for sop, study in conn.execute(_STUDY_OF_SQL, {"sops": sops[start:start + 500]}):
+                    self.studies.add(study)
+                    by_pool.setdefault(self._pool_of(study), []).append(sop)
+        for index, uids in by_pool.items():
+            self.futures.append(self.pools[index].submit(_write_in_process, uids))
+
+    def _pool_of(self, study: str) -> int:
+        return int(_digest("study", study)[:8], 16) % self.processes
+
+    def _collect(self, report: DicomReport) -> None:
+        futures, self.futures = self.futures, []
+        for future in futures:
+            try:
+                done = future.result()
+            except Exception as exc:  # a process died: its studies' outputs are missing, the results are not
+                log.warning("a DICOM output process failed (%s); rescreening those studies writes them again",
+                            _reason(exc))
+                report.failed.append(("", _reason(exc)))
+                continue
+            report.written += done.written
+            report.failed += done.failed
+            report.reports += done.reports
+
+    def close(self) -> DicomReport:
+        """Send what waits and wait for every task. Then the SR of each study that has none yet (an instance of it
+        is still pending: a storage error, a route without a model) is written as it stands, marked PARTIAL. Stops
+        the processes; returns what was written and what failed (the processes logged the reasons)."""
+        report = DicomReport()
+        try:
+            with self.lock:
+                self._flush()
+            self._collect(report)
+            missing: dict[int, list[str]] = {}
+            for study in sorted(self.studies - set(report.reports)):
+                missing.setdefault(self._pool_of(study), []).append(study)
+            for index, studies in missing.items():
+                self.futures.append(self.pools[index].submit(_write_in_process, [], studies))
+            self._collect(report)
+        finally:
+            for pool in self.pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self.db.dispose()
+        return report

@@ -107,15 +107,17 @@ class _Sink:
     """Hands each outcome to the writer and surfaces a failed commit (a full or read-only database) as an error
     that stops the run: what was committed stays, and a re-run screens the rest."""
 
-    def __init__(self, writer: ResultWriter):
+    def __init__(self, writer: ResultWriter, dicom=None):
         self.writer, self.count, self._futures = writer, 0, []
-        self.screened: list[str] = []  # instances with results this run: their DICOM outputs are written at the end
+        self.dicom = dicom  # worker.dicom_out.BackgroundOutputs: told of each committed result (--dicom-out)
 
     def __call__(self, outcome: Outcome) -> None:
         self.count += 1
-        if outcome.status is Status.DONE and outcome.frames:
-            self.screened.append(outcome.sop_instance_uid)
-        self._futures.append(self.writer.submit([outcome]))
+        future = self.writer.submit([outcome])
+        if self.dicom is not None and outcome.status is Status.DONE and outcome.frames:
+            uid = outcome.sop_instance_uid
+            future.add_done_callback(lambda f: f.exception() is None and self.dicom.add([uid]))
+        self._futures.append(future)
         if len(self._futures) >= 256:
             self.check(wait=False)
 
@@ -157,13 +159,13 @@ def _unwritable(url: str, exc: DBAPIError) -> OutputUnwritable:
                             f"committed so far are kept: {fix}, then run the same command again to screen the rest")
 
 
-def _dicom_writer(settings: Settings, db: Database):
-    """The DICOM output writer when --dicom-out is set (highdicom is only imported then), else None."""
+def _dicom_outputs(settings: Settings):
+    """The DICOM output processes when --dicom-out is set (highdicom is only imported then), else None."""
     if settings.dicom_out is None:
         return None
-    from worker.dicom_out import DicomWriter
+    from worker.dicom_out import BackgroundOutputs
 
-    return DicomWriter(settings, db)
+    return BackgroundOutputs(settings)
 
 
 def run_folder(folder: Path, settings: Settings, engine: Engine | None = None,
@@ -188,7 +190,7 @@ def _run_folder(folder: Path, settings: Settings, engine: Engine | None, hooks: 
     db = Database(settings.resolved_database_url)
     try:
         db.create()
-        dicom = _dicom_writer(settings, db)  # before screening: an unwritable --dicom-out stops the run early
+        dicom = _dicom_outputs(settings)  # before screening: an unwritable --dicom-out stops the run early
         engine = engine or Engine.from_settings(settings, lazy=True)
         for lr in engine.routes.values():
             db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
@@ -200,17 +202,19 @@ def _run_folder(folder: Path, settings: Settings, engine: Engine | None, hooks: 
         backlog = db.pending(routes=routes)
         indexer = _Indexer(Path(folder), db, settings, routes, hooks)
         indexer.start()
-        with ResultWriter(db) as writer:
-            sink = _Sink(writer)
-            engine.run(indexer.items(backlog), sink, progress=hooks.on_images)
-            sink.check()
-            # A corrupt first copy must not hide a good duplicate: those get one more pass, from the other file.
-            while db.retry_failed_from_duplicates():
-                engine.run(db.pending(routes=routes), sink, progress=hooks.on_images)
+        try:
+            with ResultWriter(db) as writer:
+                sink = _Sink(writer, dicom)
+                engine.run(indexer.items(backlog), sink, progress=hooks.on_images)
                 sink.check()
-        db.skip_routes_without_model(routes, unavailable)  # instances of routes with no model, found by this walk
-        if dicom is not None:  # every result is committed: the outputs say what the database says
-            dicom.write_for_instances(sink.screened)
+                # A corrupt first copy must not hide a good duplicate: those get one more pass, from the other file.
+                while db.retry_failed_from_duplicates():
+                    engine.run(db.pending(routes=routes), sink, progress=hooks.on_images)
+                    sink.check()
+            db.skip_routes_without_model(routes, unavailable)  # instances of routes with no model, found by this walk
+        finally:
+            if dicom is not None:  # the outputs of what was committed, also when the run stopped early
+                dicom.close()
         return RunReport(indexer.result or ScanResult(), sink.count, started, db.summary(since=started))
     finally:
         db.dispose()
