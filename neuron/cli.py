@@ -183,6 +183,10 @@ def _print_summary(report, settings: Settings) -> None:
         console.print(f"[red]failed[/] {path}: {reason}")
     console.print(f"results: {settings.resolved_database_url}  heatmaps: {settings.heatmap_dir}")
     console.print("query: sqlite3 <db> \"select label, probability, file_path from findings where rank = 1\"")
+    from neuron.queue import mask_url
+
+    review = f"--db {mask_url(settings.database_url)}" if settings.database_url else f"--out {settings.out_dir}"
+    console.print(f"review in a browser: neuron review {review}   (then open http://127.0.0.1:8080/)")
 
 
 def _load_for_training(path: Path):
@@ -769,6 +773,15 @@ def rescreen(
     _warn_untrained(settings)
     _use_cache_dir(settings.resolved_cache_dir)
     engine = _load_engine(settings)
+    _start_metrics(settings, engine)
+    dicom = None
+    if settings.dicom_out is not None:  # checked before screening: an unwritable folder stops here
+        from worker.dicom_out import DicomWriter
+
+        try:
+            dicom = DicomWriter(settings, database)
+        except NeuronError as exc:
+            raise _fail(str(exc), EXIT_SETUP) from None
     for lr in engine.routes.values():
         database.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
     items = work_items(database, uids)
@@ -780,6 +793,10 @@ def rescreen(
     console.print(f"rescreened {len(final)} of {len(uids)} selected instances "
                   f"({len(uids) - len(items)} without a route, {len(outcomes) - len(final)} unreadable for now and "
                   f"left as they were); {removed} old heatmaps removed")
+    if dicom is not None:  # the new results' DICOM outputs replace the old ones (same files, new UIDs)
+        written = dicom.write_for_instances([o.sop_instance_uid for o in final if o.status.value == "done"])
+        console.print(f"DICOM outputs: {len(written.written)} written to {settings.dicom_out}, "
+                      f"{len(written.failed)} not written (reasons logged)")
     failed = sum(1 for o in final if o.status.value == "failed")
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 

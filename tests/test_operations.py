@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 import redis
 import typer.main
@@ -204,8 +205,13 @@ def test_rescreen_replaces_a_studys_results_and_removes_old_heatmaps_then_purge_
                "NEURON_CACHE_DIR": str(untrained_settings.out_dir / ".cache")}
     runner = CliRunner()
     res = runner.invoke(app, ["rescreen", "--study", study, "--weights", "untrained", "--device", "cpu",
-                              "--no-tta", "--batch-size", "8"], env=cli_env)
+                              "--no-tta", "--batch-size", "8", "--dicom-out", str(tmp_path / "dicom")], env=cli_env)
     assert res.exit_code == 0, res.output
+    # --dicom-out, a shared screening option, is honoured by rescreen too: the study's new SCs and its SR
+    written = sorted((tmp_path / "dicom").rglob("*.dcm"))
+    instances = sql(env, "select count(*) from instances where study_instance_uid = :s", s=study)[0][0]
+    assert [p.name for p in written].count("sr.dcm") == 1 and len(written) == instances + 1, written
+    assert {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in written} == {study}
     after = dict(sql(env, "select sop_instance_uid || label, preprocessing from findings where study_instance_uid "
                           "= :s", s=study))
     assert after.keys() == before.keys() and set(after.values()).isdisjoint(before.values())
