@@ -17,10 +17,10 @@ same UIDs and changed ones new UIDs, as DICOM requires of changed content.
 
 When: ``neuron run`` hands each committed result to ``BackgroundOutputs``, processes that write the SCs while the
 run screens and a study's SR once none of its instances waits (the run's last pass writes the rest, PARTIAL where
-an instance still waits); ``neuron worker`` after each task's commit, for the task's instances, rewriting its
-study's SR with every finding the database holds by then (PARTIAL while instances of the study wait to be screened,
-COMPLETE after). Two tasks of a study in one worker take turns (a lock per study); across workers the last SR
-written wins, and the study's next task rewrites it.
+an instance still waits); ``neuron worker`` hands each task's committed instances to the same kind of processes,
+which write their SCs and rewrite the study's SR with every finding the database holds by then (PARTIAL while
+instances of the study wait to be screened, COMPLETE after). A study's writes stay in one process, in commit order;
+across workers the last SR written wins, and the study's next task rewrites it.
 
 A failure for one image or study (source file gone, heatmap missing, an attribute highdicom refuses) is logged with
 the reason and the study's output folder, and never stops the run or touches the results in the database.
@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -455,34 +456,53 @@ class DicomWriter:
 
 
 
-# -- the embedded run: outputs written by other processes while the run screens -----------------------------------
+# -- outputs written by other processes while screening goes on --------------------------------------------------
 _WRITER: DicomWriter | None = None  # one per pool process
 
 
+_PARENT_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _start_process(settings: Settings) -> None:
+    """A pool process: only its parent stops it. Ctrl-C and a SIGTERM to the process group (a terminal, a service
+    manager) would kill it in the middle of the outputs of committed results; the parent finishes those, then shuts
+    the pool down. The process starts with both signals blocked (``BackgroundOutputs``), so none is lost in between:
+    a signal pending now is dropped by SIG_IGN."""
     global _WRITER
+    for sig in _PARENT_STOPS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_STOPS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _WRITER = DicomWriter(settings, Database(settings.resolved_database_url))
 
 
-def _write_in_process(sop_uids: list[str], studies: list[str] | None = None) -> DicomReport:
-    """SCs of these instances, and the SRs of their complete studies; with ``studies``, the SRs of those studies
-    whatever their state (the run's last word on them)."""
+def _started() -> DicomReport:
+    return DicomReport()
+
+
+def _write_in_process(sop_uids: list[str], complete_only: bool, studies: list[str] | None = None) -> DicomReport:
+    """SCs of these instances and the SRs of their studies (``complete_only``: of those with nothing left to screen);
+    with ``studies``, the SRs of those studies whatever their state (the run's last word on them)."""
     if studies is not None:
         return _WRITER.write(studies, sop_uids=[])
-    return _WRITER.write_for_instances(sop_uids, complete_only=True)
+    return _WRITER.write_for_instances(sop_uids, complete_only=complete_only)
 
 
 class BackgroundOutputs:
-    """DICOM outputs of committed results, written by a pool of processes while the run goes on (building an SR is
-    pure Python, ~0.3 s a study: in the run's own threads it would take the GIL from the pipeline, and after the
-    run it would add hours to a large archive). Each study goes to one process (by its hash), so its tasks run in
-    commit order; an SR is written once the study has no instance left to screen, by whichever task sees that.
-    ``add`` is called from the result writer's thread after a commit; ``close`` waits for every task."""
+    """DICOM outputs of committed results, written by a pool of processes while screening goes on (building an SR
+    is pure Python, ~0.3 s a study: in the screening threads it would take the GIL from the pipeline and hold up a
+    worker's acknowledgements, and after a run it would add hours to a large archive). Each study goes to one
+    process (by its hash), so its writes keep commit order. ``add`` is called after a commit and never blocks on
+    the writing.
+
+    ``neuron run`` (``complete_only``): a study's SR is written once none of its instances waits, and ``close``
+    writes the SRs still missing (PARTIAL where something still waits). ``neuron worker``: each task's SCs and its
+    study's SR as it stands (PARTIAL until the study's last task), sent within ``flush_after_s``."""
 
     BATCH = 16
 
-    def __init__(self, settings: Settings, processes: int | None = None):
+    def __init__(self, settings: Settings, processes: int | None = None, complete_only: bool = True,
+                 flush_after_s: float | None = None):
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
@@ -491,7 +511,7 @@ class BackgroundOutputs:
             DicomWriter(settings, probe)  # fail fast, before screening: an unwritable folder
         finally:
             probe.dispose()
-        self.settings = settings
+        self.settings, self.complete_only = settings, complete_only
         self.processes = processes or max(1, min(4, (os.cpu_count() or 2) // 4))
         context = get_context("spawn")  # never fork a process that holds CUDA or threads
         self.pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_start_process, initargs=(settings,))
@@ -500,7 +520,19 @@ class BackgroundOutputs:
         self.lock = threading.Lock()
         self.waiting: list[str] = []
         self.futures: list = []
-        self.studies: set[str] = set()  # every study with an instance sent
+        # start the processes now, with SIGINT/SIGTERM blocked (a child inherits the mask; _start_process ignores
+        # them, then unblocks): a stop signal during their start-up must not kill them
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_STOPS)
+        try:
+            self.futures += [pool.submit(_started) for pool in self.pools]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.report = DicomReport()  # of the tasks collected so far (paths and reports only with complete_only)
+        self.studies: set[str] = set()  # with complete_only: every study with an instance sent
+        self.stopped = threading.Event()
+        if flush_after_s is not None:
+            threading.Thread(target=self._flush_every, args=(flush_after_s,), name="dicom-outputs",
+                             daemon=True).start()
 
     def add(self, sop_uids: Sequence[str]) -> None:
         with self.lock:
@@ -508,25 +540,39 @@ class BackgroundOutputs:
             if len(self.waiting) >= self.BATCH:
                 self._flush()
 
+    def _flush_every(self, seconds: float) -> None:
+        while not self.stopped.wait(seconds):
+            try:
+                with self.lock:
+                    self._flush()
+            except Exception as exc:  # the database is away for a moment: the instances wait for the next try
+                log.warning("DICOM outputs: could not send %d instance(s) yet: %s", len(self.waiting), _reason(exc))
+
     def _flush(self) -> None:
-        sops, self.waiting = self.waiting, []
-        if not sops:
+        self._collect(self.report, wait=False)
+        if not self.waiting:
             return
         by_pool: dict[int, list[str]] = {}
         with self.db.engine.connect() as conn:
-            for start in range(0, len(sops), 500):
-                for sop, study in conn.execute(_STUDY_OF_SQL, {"sops": sops[start:start + 500]}):
-                    self.studies.add(study)
+            for start in range(0, len(self.waiting), 500):
+                for sop, study in conn.execute(_STUDY_OF_SQL, {"sops": self.waiting[start:start + 500]}):
+                    if self.complete_only:
+                        self.studies.add(study)
                     by_pool.setdefault(self._pool_of(study), []).append(sop)
+        self.waiting = []
         for index, uids in by_pool.items():
-            self.futures.append(self.pools[index].submit(_write_in_process, uids))
+            self.futures.append(self.pools[index].submit(_write_in_process, uids, self.complete_only))
 
     def _pool_of(self, study: str) -> int:
         return int(_digest("study", study)[:8], 16) % self.processes
 
-    def _collect(self, report: DicomReport) -> None:
-        futures, self.futures = self.futures, []
-        for future in futures:
+    def _collect(self, report: DicomReport, wait: bool = True) -> None:
+        """Take in the finished tasks (all of them, waiting, with ``wait``); a long-lived worker keeps only counts."""
+        keep = []
+        for future in self.futures:
+            if not wait and not future.done():
+                keep.append(future)
+                continue
             try:
                 done = future.result()
             except Exception as exc:  # a process died: its studies' outputs are missing, the results are not
@@ -534,25 +580,33 @@ class BackgroundOutputs:
                             _reason(exc))
                 report.failed.append(("", _reason(exc)))
                 continue
-            report.written += done.written
             report.failed += done.failed
-            report.reports += done.reports
+            if self.complete_only:
+                report.written += done.written
+                report.reports += done.reports
+            else:
+                report.written += [Path()] * len(done.written)
+        self.futures = keep
+        if not self.complete_only:  # bounded in a worker that runs for weeks
+            del report.written[:-1000], report.failed[:-1000]
 
     def close(self) -> DicomReport:
-        """Send what waits and wait for every task. Then the SR of each study that has none yet (an instance of it
-        is still pending: a storage error, a route without a model) is written as it stands, marked PARTIAL. Stops
-        the processes; returns what was written and what failed (the processes logged the reasons)."""
-        report = DicomReport()
+        """Send what waits and wait for every task; with ``complete_only``, then write the SR of each study that has
+        none yet (an instance of it is still pending: a storage error, a route without a model) as it stands, marked
+        PARTIAL. Stops the processes; returns what was written and what failed (the processes logged the reasons)."""
+        self.stopped.set()
+        report = self.report
         try:
             with self.lock:
                 self._flush()
             self._collect(report)
-            missing: dict[int, list[str]] = {}
-            for study in sorted(self.studies - set(report.reports)):
-                missing.setdefault(self._pool_of(study), []).append(study)
-            for index, studies in missing.items():
-                self.futures.append(self.pools[index].submit(_write_in_process, [], studies))
-            self._collect(report)
+            if self.complete_only:
+                missing: dict[int, list[str]] = {}
+                for study in sorted(self.studies - set(report.reports)):
+                    missing.setdefault(self._pool_of(study), []).append(study)
+                for index, studies in missing.items():
+                    self.futures.append(self.pools[index].submit(_write_in_process, [], True, studies))
+                self._collect(report)
         finally:
             for pool in self.pools:
                 pool.shutdown(wait=True, cancel_futures=True)

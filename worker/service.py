@@ -166,7 +166,7 @@ class ScreeningTask(Task):
     _db: Database | None = None
     _batcher: StudyBatcher | None = None
     _writer: ResultWriter | None = None
-    _dicom = None  # worker.dicom_out.DicomWriter when --dicom-out is set
+    _dicom = None  # worker.dicom_out.BackgroundOutputs when --dicom-out is set
 
     @property
     def db(self) -> Database:
@@ -203,9 +203,9 @@ def register_tasks(app: Celery) -> None:
                 self.writer.submit(again).result()
                 outcomes = [o for o in outcomes if o.sop_instance_uid not in set(moved)] + again
                 failed = [o.sop_instance_uid for o in again if o.status is Status.FAILED]
-            if ScreeningTask._dicom is not None:  # after the commit; never raises (reasons are logged)
-                ScreeningTask._dicom.write_for_instances(
-                    [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames])
+            if ScreeningTask._dicom is not None:  # after the commit, written by other processes (never blocks)
+                ScreeningTask._dicom.add([o.sop_instance_uid for o in outcomes
+                                          if o.status is Status.DONE and o.frames])
             transient = [o for o in outcomes if o.status is Status.PENDING]
             if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
                 raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
@@ -243,9 +243,9 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     ScreeningTask._batcher = batcher = StudyBatcher(engine)
     ScreeningTask._writer = writer = ResultWriter(db)
     if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
-        from worker.dicom_out import DicomWriter
+        from worker.dicom_out import BackgroundOutputs
 
-        ScreeningTask._dicom = DicomWriter(settings, db)
+        ScreeningTask._dicom = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
     app = make_app(settings)
     register_tasks(app)
     register_info_command()
@@ -276,3 +276,5 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     finally:  # the pool has stopped: every task has returned, so nothing waits on these any more
         writer.close()
         batcher.close()
+        if ScreeningTask._dicom is not None:  # the outputs of every committed result, then the processes stop
+            ScreeningTask._dicom.close()
