@@ -836,8 +836,9 @@ def purge(
 @app.command()
 def review(
     port: Annotated[int, typer.Option(help="TCP port to serve on.")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback lets other machines read the "
-                                           "findings: put a TLS proxy with authentication in front.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback lets other machines reach the "
+                                           "page: reading then needs the token too, and a TLS proxy belongs in "
+                                           "front.")] = "127.0.0.1",
     db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db and heatmaps/ to show. "
                                                           "[default: ./results; env NEURON_OUT]")] = None,
@@ -846,8 +847,9 @@ def review(
                                                                     "NEURON_HEATMAP_DIR]")] = None,
 ) -> None:
     """Serve the morning review in a browser: a worklist of screened studies (highest finding first, filters, paging),
-    a study page with heatmaps, provenance and a verdict per finding, and a summary page. Reading needs no login;
-    recording verdicts needs the token in NEURON_REVIEW_TOKEN (unset: read-only)."""
+    a study page with heatmaps, provenance and a verdict per finding, and a summary page. Reading needs no login on
+    loopback; recording verdicts needs the token in NEURON_REVIEW_TOKEN (unset: read-only), and so does reading on
+    any other address."""
     import uvicorn
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
@@ -858,6 +860,12 @@ def review(
         settings = Settings.from_env(database_url=db, out_dir=out, heatmap_root=heatmap_dir)
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
+    token = os.environ.get("NEURON_REVIEW_TOKEN", "").strip() or None
+    private = not is_loopback(host)
+    if private and token is None:
+        raise _fail(f"--host {host} lets other machines reach the findings, so reading needs a token too and "
+                    "NEURON_REVIEW_TOKEN is unset: set it to a long random value (python3 -c 'import secrets; "
+                    "print(secrets.token_urlsafe(24))') and give it to the reviewers, or bind 127.0.0.1", EXIT_SETUP)
     database = _open_database(settings)
     try:
         with database.engine.connect() as conn:
@@ -866,11 +874,10 @@ def review(
         database.dispose()
         raise _fail("this database has no studies table yet (an older schema): run `neuron db upgrade` with the same "
                     "--db/--out once, then start the review again", EXIT_SETUP) from None
-    token = os.environ.get("NEURON_REVIEW_TOKEN", "").strip() or None
-    if not is_loopback(host):
-        console.print(Panel(f"binding {host}: every machine that reaches this address can read the findings. Put a "
-                            "reverse proxy with TLS and authentication in front, or bind 127.0.0.1.",
-                            title="WARNING", style="bold yellow"))
+    if private:
+        console.print(Panel(f"binding {host}: other machines reach this page; every page needs the review token "
+                            "(sign-in), and the token crosses the network in clear text without TLS: put a reverse "
+                            "proxy with TLS in front, or bind 127.0.0.1.", title="WARNING", style="bold yellow"))
     if token is None:
         console.print("read-only: set NEURON_REVIEW_TOKEN to record verdicts")
     elif len(token) < 16:
@@ -880,7 +887,7 @@ def review(
                       f"--heatmap-dir or NEURON_HEATMAP_DIR at it")
     console.print(f"Neuron review of {database.engine.url.render_as_string(hide_password=True)} at "
                   f"http://{host}:{port}/  (Ctrl+C stops it)")
-    uvicorn.run(create_app(database, settings, token), host=host, port=port, log_level="warning",
+    uvicorn.run(create_app(database, settings, token, private=private), host=host, port=port, log_level="warning",
                 server_header=False)
 
 

@@ -1,6 +1,7 @@
 """The review web app: routes, the token check for writing verdicts, the confined heatmap files, the summary charts.
 
-Reading needs no login. Writing a verdict needs the token of NEURON_REVIEW_TOKEN, sent as ``Authorization: Bearer``,
+Reading needs no login on loopback; a server that listens beyond it is ``private``: every page and heatmap needs the
+token too. Writing a verdict needs the token of NEURON_REVIEW_TOKEN, sent as ``Authorization: Bearer``,
 as a ``token`` form field, or as the cookie the sign-in form sets (HttpOnly, SameSite=Strict, holding a keyed hash of
 the token, not the token). Without a configured token the app is read-only. Heatmaps are addressed by prediction id;
 the stored path is looked up, mapped to this host and served only when it resolves inside the heatmap folder.
@@ -63,6 +64,7 @@ class ReviewConfig:
     database: Database
     settings: Settings
     token: str | None  # None: read-only
+    private: bool = False  # reading needs the token too (a server that listens beyond loopback)
 
     @property
     def writable(self) -> bool:
@@ -92,8 +94,16 @@ def _safe_next(value: str | None) -> str:
     return value if not parts.scheme and not parts.netloc else "/"
 
 
-def create_app(database: Database, settings: Settings, token: str | None) -> Starlette:
-    config = ReviewConfig(database, settings, token or None)
+PRIVATE = ("this review server listens beyond loopback, so reading needs the review token too: sign in at the top "
+           "of the page with your name and the value of NEURON_REVIEW_TOKEN")
+
+
+def create_app(database: Database, settings: Settings, token: str | None, private: bool = False) -> Starlette:
+    """``private``: every page and heatmap needs the token (sign-in cookie or Bearer), not only verdicts; for a server
+    that other machines reach (``neuron review --host`` other than loopback)."""
+    if private and not token:
+        raise ValueError("a private review server needs a token to sign in with")
+    config = ReviewConfig(database, settings, token or None, private)
     templates = _templates()
     heatmap_root = settings.heatmap_dir.resolve()
 
@@ -129,6 +139,21 @@ def create_app(database: Database, settings: Settings, token: str | None) -> Sta
             return None
         return ("writing a verdict needs the review token: sign in at the top of the page with the value of "
                 "NEURON_REVIEW_TOKEN")
+
+    def _may_read(request: Request) -> bool:
+        if not config.private or _signed_in(request):
+            return True
+        header = request.headers.get("authorization", "")
+        supplied = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        return bool(supplied) and hmac.compare_digest(supplied.encode(), config.token.encode())
+
+    def guarded(handler):
+        """Pages and heatmaps of a private server answer 401 (with the sign-in form) until the reader signs in."""
+        def guard(request: Request) -> Response:
+            if not _may_read(request):
+                return error(request, 401, PRIVATE)
+            return handler(request)
+        return guard
 
     def worklist(request: Request) -> Response:
         try:
@@ -231,11 +256,11 @@ def create_app(database: Database, settings: Settings, token: str | None) -> Sta
         return error(request, exc.status_code, exc.detail)
 
     routes = [
-        Route("/", worklist),
-        Route("/study/{study_uid}", study),
-        Route("/summary", summary),
-        Route("/heatmap/{prediction_id:int}", heatmap),
-        Route("/heatmap/{prediction_id:int}/gray", heatmap_gray),
+        Route("/", guarded(worklist)),
+        Route("/study/{study_uid}", guarded(study)),
+        Route("/summary", guarded(summary)),
+        Route("/heatmap/{prediction_id:int}", guarded(heatmap)),
+        Route("/heatmap/{prediction_id:int}/gray", guarded(heatmap_gray)),
         Route("/signin", sign_in, methods=["POST"]),
         Route("/signout", sign_out, methods=["POST"]),
         Route("/finding/{prediction_id:int}/verdict", verdict, methods=["POST"]),

@@ -266,6 +266,36 @@ def test_the_worklist_plan_walks_the_indexes(tmp_path):
     db.dispose()
 
 
+def test_a_server_beyond_loopback_needs_the_token_to_read_too(archive, tmp_path):
+    """Off loopback (``private``) every page and heatmap is a 401 with the sign-in form until the reader signs in
+    or sends the token; the stylesheet still loads. Without a token ``neuron review --host`` refuses to start."""
+    import subprocess
+    import sys
+
+    db, settings = archive
+    reader = TestClient(create_app(db, settings, TOKEN, private=True))
+    pid = _rows(db, "SELECT id FROM predictions WHERE heatmap_path IS NOT NULL LIMIT 1")[0][0]
+    study = _rows(db, "SELECT study_instance_uid FROM studies LIMIT 1")[0][0]
+    pages = ("/", f"/study/{study}", "/summary", f"/heatmap/{pid}", f"/heatmap/{pid}/gray")
+    for url in pages:
+        r = reader.get(url)
+        assert r.status_code == 401 and 'action="/signin"' in r.text and "A0000" not in r.text, url
+    assert reader.get("/static/review.css").status_code == 200
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert reader.get("/", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+    assert all(reader.get(url, headers=bearer).status_code == 200 for url in pages)
+    r = reader.post("/signin", data={"token": TOKEN, "reviewer": "Dr D", "next": "/summary"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert all(reader.get(url).status_code == 200 for url in pages)  # the sign-in cookie
+    with pytest.raises(ValueError):
+        create_app(db, settings, None, private=True)
+    env = {k: v for k, v in os.environ.items() if k != "NEURON_REVIEW_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "neuron", "review", "--host", "0.0.0.0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=60)
+    assert proc.returncode == 4 and "NEURON_REVIEW_TOKEN is unset" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before opening (or creating) a database
+
+
 def test_only_loopback_addresses_count_as_local():
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.5", "::", "example.org"))
