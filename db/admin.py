@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select, update
 
 from db.schema import FileRecord, Instance, Prediction, Status, utcnow
 from db.store import Database, Outcome, WorkItem, prediction_rows
-from db.studies import refresh_studies
+from db.studies import refresh_studies, study_of
 
 STATUSES = tuple(s.value for s in Status)
 
@@ -186,16 +186,9 @@ def replace_results(db: Database, outcomes: Sequence[Outcome]) -> set[str]:
             params = {"b_uids": [o.sop_instance_uid], "b_status": o.status.value, "b_reason": o.reason, "b_now": now}
             conn.execute(instance_status, params)
             conn.execute(file_status, params)
-        refresh_studies(conn, _studies_of(conn, uids), now)
+        refresh_studies(conn, set(study_of(conn, uids).values()), now)
     return old_maps - new_maps
 
-
-def _studies_of(conn, uids: Sequence[str]) -> set[str]:
-    studies: set[str] = set()
-    for start in range(0, len(uids), 500):
-        studies.update(conn.execute(select(Instance.study_instance_uid).distinct().where(
-            Instance.sop_instance_uid.in_(list(uids[start:start + 500])))).scalars())
-    return studies
 
 
 def queue_again(db: Database, uids: Sequence[str]) -> int:
@@ -229,5 +222,5 @@ def purge_results(db: Database, selection: Selection, uids: Iterable[str]) -> tu
             still = set(conn.execute(select(Prediction.heatmap_path).where(
                 Prediction.heatmap_path.in_(list(maps)))).scalars())
             maps -= still
-        refresh_studies(conn, _studies_of(conn, uids))
+        refresh_studies(conn, set(study_of(conn, uids).values()))
     return deleted, maps

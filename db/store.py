@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
 from db.schema import FileRecord, Instance, PipelineConfig, Prediction, Status, Study, utcnow
-from db.studies import StudyHeader, refresh_studies
+from db.studies import StudyHeader, refresh_studies, study_of
 from neuron.errors import RetryableError
 
 
@@ -449,11 +449,7 @@ class Database:
                     conn.execute(instance_status, params)
                     conn.execute(file_status, params)
             if rows:  # the worklist's summary of every study these results belong to, in the same transaction
-                sops = list({o.sop_instance_uid for o in outcomes if o.frames})
-                studies = set()
-                for start in range(0, len(sops), 500):
-                    studies.update(conn.execute(select(Instance.study_instance_uid).distinct().where(
-                        Instance.sop_instance_uid.in_(sops[start:start + 500]))).scalars())
+                studies = set(study_of(conn, (o.sop_instance_uid for o in outcomes if o.frames)).values())
                 refresh_studies(conn, studies, now, create=False)
 
     def _outcome_statements(self):

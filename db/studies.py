@@ -54,6 +54,16 @@ def parse_da(value: object) -> date | None:
         return None
 
 
+def study_of(conn: Connection, sop_uids: Iterable[str]) -> dict[str, str]:
+    """The Study Instance UID of each of these SOP Instance UIDs that is indexed, asked in chunks (a bounded IN)."""
+    sops = list(dict.fromkeys(sop_uids))
+    found: dict[str, str] = {}
+    for start in range(0, len(sops), CHUNK):
+        found.update(conn.execute(select(Instance.sop_instance_uid, Instance.study_instance_uid)
+                                  .where(Instance.sop_instance_uid.in_(sops[start:start + CHUNK]))).all())
+    return found
+
+
 def refresh_studies(conn: Connection, study_uids: Iterable[str], now: datetime | None = None,
                     create: bool = True) -> None:
     """Recompute the summary columns (and, with ``create``, the modalities) of these studies from their instances

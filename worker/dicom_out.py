@@ -52,6 +52,7 @@ from sqlalchemy import bindparam, text
 
 import neuron
 from db.store import Database
+from db.studies import study_of
 from neuron.errors import ConfigError
 from neuron.settings import Settings
 
@@ -88,10 +89,6 @@ _FINDINGS_SQL = text(
     "FROM findings WHERE study_instance_uid IN :studies "
     "ORDER BY study_instance_uid, sop_instance_uid, frame, model, rank").bindparams(bindparam("studies",
                                                                                          expanding=True))
-_STUDIES_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid IN :sops").bindparams(
-    bindparam("sops", expanding=True))
-_STUDY_OF_SQL = text("SELECT sop_instance_uid, study_instance_uid FROM instances WHERE sop_instance_uid IN :sops"
-                     ).bindparams(bindparam("sops", expanding=True))
 _OPEN_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE study_instance_uid IN :studies "
                  "AND status IN ('pending', 'queued')").bindparams(bindparam("studies", expanding=True))
 
@@ -262,24 +259,22 @@ class DicomWriter:
     def _header(self, f: Finding) -> Dataset:
         return pydicom.dcmread(self.settings.to_local(f.file_path), stop_before_pixels=True)
 
-    def _studies_of(self, sop_uids: Sequence[str]) -> list[str]:
-        studies: set[str] = set()
-        with self.db.engine.connect() as conn:
-            for start in range(0, len(sop_uids), 500):
-                studies.update(r[0] for r in conn.execute(_STUDIES_SQL, {"sops": list(sop_uids[start:start + 500])}))
-        return sorted(studies)
-
     # -- writing ----------------------------------------------------------------------------------------------
-    def write_for_instances(self, sop_uids: Iterable[str], complete_only: bool = False) -> DicomReport:
-        """After a commit: SCs for these (just screened) instances, and the SR of each of their studies, which holds
-        every finding of the study in the database now (``complete_only``: only of studies with no instance left to
-        screen; the task that commits a study's last instance writes it). Never raises: the results are committed
-        whatever happens here, so a failure (even the database's) is logged with its reason and the run goes on."""
+    def write_for_instances(self, sop_uids: Iterable[str], complete_only: bool = False,
+                            studies: Iterable[str] | None = None) -> DicomReport:
+        """After a commit: SCs for these (just screened) instances, and the SR of each of their studies (looked up
+        unless the caller knows them), which holds every finding of the study in the database now
+        (``complete_only``: only of studies with no instance left to screen; the task that commits a study's last
+        instance writes it). Never raises: the results are committed whatever happens here, so a failure (even the
+        database's) is logged with its reason and the run goes on."""
         sops = sorted(set(sop_uids))
         if not sops:
             return DicomReport()
         try:
-            return self.write(self._studies_of(sops), sops, complete_only=complete_only)
+            if studies is None:
+                with self.db.engine.connect() as conn:
+                    studies = study_of(conn, sops).values()
+            return self.write(studies, sops, complete_only=complete_only)
         except Exception as exc:  # the results are safe in the database; only these files are missing
             log.warning("DICOM outputs for %d instance(s) not written: %s; their results are committed, and "
                         "rescreening them writes the outputs again", len(sops), _reason(exc))
@@ -480,12 +475,12 @@ def _started() -> DicomReport:
     return DicomReport()
 
 
-def _write_in_process(sop_uids: list[str], complete_only: bool, studies: list[str] | None = None) -> DicomReport:
+def _write_in_process(sop_uids: list[str], studies: list[str], complete_only: bool) -> DicomReport:
     """SCs of these instances and the SRs of their studies (``complete_only``: of those with nothing left to screen);
-    with ``studies``, the SRs of those studies whatever their state (the run's last word on them)."""
-    if studies is not None:
+    with no instances, the SRs of the studies whatever their state (the run's last word on them)."""
+    if not sop_uids:
         return _WRITER.write(studies, sop_uids=[])
-    return _WRITER.write_for_instances(sop_uids, complete_only=complete_only)
+    return _WRITER.write_for_instances(sop_uids, complete_only=complete_only, studies=studies)
 
 
 class BackgroundOutputs:
@@ -552,16 +547,18 @@ class BackgroundOutputs:
         self._collect(self.report, wait=False)
         if not self.waiting:
             return
-        by_pool: dict[int, list[str]] = {}
         with self.db.engine.connect() as conn:
-            for start in range(0, len(self.waiting), 500):
-                for sop, study in conn.execute(_STUDY_OF_SQL, {"sops": self.waiting[start:start + 500]}):
-                    if self.complete_only:
-                        self.studies.add(study)
-                    by_pool.setdefault(self._pool_of(study), []).append(sop)
+            studies = study_of(conn, self.waiting)
         self.waiting = []
-        for index, uids in by_pool.items():
-            self.futures.append(self.pools[index].submit(_write_in_process, uids, self.complete_only))
+        by_pool: dict[int, tuple[list[str], set[str]]] = {}
+        for sop, study in studies.items():
+            sops, of = by_pool.setdefault(self._pool_of(study), ([], set()))
+            sops.append(sop)
+            of.add(study)
+        if self.complete_only:
+            self.studies.update(studies.values())
+        for index, (sops, of) in by_pool.items():  # the studies go along: the process need not look them up again
+            self.futures.append(self.pools[index].submit(_write_in_process, sops, sorted(of), self.complete_only))
 
     def _pool_of(self, study: str) -> int:
         return int(_digest("study", study)[:8], 16) % self.processes
@@ -605,7 +602,7 @@ class BackgroundOutputs:
                 for study in sorted(self.studies - set(report.reports)):
                     missing.setdefault(self._pool_of(study), []).append(study)
                 for index, studies in missing.items():
-                    self.futures.append(self.pools[index].submit(_write_in_process, [], True, studies))
+                    self.futures.append(self.pools[index].submit(_write_in_process, [], studies, True))
                 self._collect(report)
         finally:
             for pool in self.pools:
