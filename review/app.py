@@ -122,6 +122,14 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         cookie = request.cookies.get(TOKEN_COOKIE)
         return bool(config.writable and cookie and hmac.compare_digest(cookie.encode(), config.cookie_value().encode()))
 
+    def _bearer(request: Request) -> str:
+        """The token of an ``Authorization: Bearer`` header, or ''."""
+        header = request.headers.get("authorization", "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+    def _is_token(supplied: str) -> bool:
+        return bool(supplied) and hmac.compare_digest(supplied.encode(), config.token.encode())
+
     def _authorized(request: Request, form: FormData) -> str | None:
         """None when the request may write; else why not (the 403 page's message)."""
         if not config.writable:
@@ -129,10 +137,9 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         origin = request.headers.get("origin")
         if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
             return f"a verdict from another site ({origin}) is refused"
-        header = request.headers.get("authorization", "")
-        supplied = header[7:].strip() if header.lower().startswith("bearer ") else str(form.get("token") or "")
+        supplied = _bearer(request) or str(form.get("token") or "")
         if supplied:
-            if hmac.compare_digest(supplied.encode(), config.token.encode()):
+            if _is_token(supplied):
                 return None
             return "the token is wrong; type the value of NEURON_REVIEW_TOKEN into the sign-in form"
         if _signed_in(request):
@@ -141,11 +148,7 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
                 "NEURON_REVIEW_TOKEN")
 
     def _may_read(request: Request) -> bool:
-        if not config.private or _signed_in(request):
-            return True
-        header = request.headers.get("authorization", "")
-        supplied = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        return bool(supplied) and hmac.compare_digest(supplied.encode(), config.token.encode())
+        return not config.private or _signed_in(request) or _is_token(_bearer(request))
 
     def guarded(handler):
         """Pages and heatmaps of a private server answer 401 (with the sign-in form) until the reader signs in."""
@@ -216,8 +219,7 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         form = await request.form()
         if not config.writable:
             return error(request, 403, READ_ONLY)
-        supplied = str(form.get("token") or "")
-        if not hmac.compare_digest(supplied.encode(), config.token.encode()):
+        if not _is_token(str(form.get("token") or "")):
             return error(request, 403, "the token is wrong; type the value of NEURON_REVIEW_TOKEN")
         response = RedirectResponse(_safe_next(str(form.get("next") or "/")), status_code=303)
         response.set_cookie(TOKEN_COOKIE, config.cookie_value(), httponly=True, samesite="strict", path="/")
