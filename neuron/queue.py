@@ -119,3 +119,66 @@ def broker_status(settings: Settings, queues: list[str], timeout: float = 1.5) -
     except Exception as exc:  # noqa: BLE001 - status reports what it could not learn, it never stops on it
         out.error = f"could not ask the workers for their numbers: {type(exc).__name__}: {exc}"
     return out
+
+
+def unacknowledged_tasks(settings: Settings) -> dict[str, tuple[int, float]] | None:
+    """Every message Redis delivered and has not seen acknowledged, read from kombu's Redis transport (the
+    ``unacked`` hash and its ``unacked_index`` delivery times): task id -> (instances it carries, delivered at).
+    None when the broker cannot be read (``broker_status`` says why)."""
+    import base64
+    import json
+
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+        raw = client.hgetall("unacked")
+        delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+    except redis.RedisError:
+        return None
+    out: dict[str, tuple[int, float]] = {}
+    for tag, value in raw.items():
+        try:
+            message = json.loads(value)[0]
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            out[message["headers"]["id"]] = (len(args[1]), delivered.get(tag, 0.0))
+        except (ValueError, KeyError, IndexError, TypeError):  # not a Neuron task: count it, it holds no instances
+            out[tag.decode(errors="replace")] = (0, delivered.get(tag, 0.0))
+    return out
+
+
+def tasks_held_by_live_workers(settings: Settings, timeout: float) -> set[str] | None:
+    """The ids of the tasks the live workers hold (running, received, or waiting out a retry countdown), asked in
+    parallel so ``neuron status`` waits one inspect timeout. None when the workers could not be asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(method: str) -> dict:
+        return make_app(settings).control.inspect(timeout=timeout)._request(method) or {}
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(ask, ("active", "reserved", "scheduled")))
+    except Exception:  # noqa: BLE001 - status reports what it could not learn, it never stops on it
+        return None
+    held: set[str] = set()
+    for per_node in replies:
+        for tasks in per_node.values():
+            for t in tasks if isinstance(tasks, list) else ():
+                held.add((t.get("request") or t).get("id"))  # scheduled entries wrap the task in "request"
+    return held
+
+
+def held_by_no_live_worker(before, after, held, visibility_timeout: int) -> dict | None:
+    """Messages unacknowledged throughout the workers' answers and held by none of them: a dead worker's studies,
+    which Redis redelivers only once they are ``visibility_timeout`` seconds old. Reading the unacknowledged
+    messages before and after the answers leaves out a message delivered or acknowledged meanwhile."""
+    if before is None or after is None or held is None:
+        return None
+    orphans = [after[t] for t in before.keys() & after.keys() if t not in held]
+    oldest = max((time.time() - at for _, at in orphans), default=None)
+    return {"studies": len(orphans), "instances": sum(n for n, _ in orphans),
+            "oldest_s": None if oldest is None else round(oldest, 1),
+            "redelivered_in_s": None if oldest is None else round(max(0.0, visibility_timeout - oldest), 1)}
