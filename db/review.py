@@ -19,9 +19,9 @@ from sqlalchemy.sql import Select
 
 from db.schema import Instance, PipelineConfig, Prediction, Study, Verdict, utcnow
 from db.store import Database
+from db.studies import POSITIVE  # one operating point for the summaries and the pages
 
 PAGE_SIZE = 50
-POSITIVE = 0.5
 REVIEWED_CHOICES = ("any", "yes", "no")
 MAX_NOTE = 2000
 MAX_REVIEWER = 128
