@@ -20,8 +20,11 @@ demo: setup
 	$(BIN)/neuron samples samples
 	$(BIN)/neuron run samples --out results --weights untrained
 
+# ruff, then the layer contracts of pyproject.toml's [tool.importlinter] (which package may import which; no import
+# circles inside a package)
 check: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: check
 	$(BIN)/pytest -q

@@ -23,15 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from db.schema import Status  # noqa: E402
-from db.store import (  # noqa: E402
-    Database,
+from db.store import Database  # noqa: E402
+from neuron.work import (  # noqa: E402
     FileEntry,
     FrameResult,
     InstanceEntry,
     InstanceHeader,
     LabelScore,
     Outcome,
+    Status,
 )
 
 LABELS = [f"label{i:02d}" for i in range(18)]

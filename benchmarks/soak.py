@@ -4,7 +4,7 @@
 
 Generates (or reuses) the deterministic synthetic archive of ``neuron bench``, screens it with ``run_folder`` and
 samples this process's resident memory (VmRSS) every ``--every`` images. Prints JSON: the samples and the growth of
-the RSS after the first 1,000 images (issue 7's target: under 10%). Small images and ``--no-tta`` keep a long run
+the RSS after the first 1,000 images (the target: under 10%). Small images and ``--no-tta`` keep a long run
 within minutes on a CPU; the queues, buffers and writers under test are the same as at full size.
 """
 

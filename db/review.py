@@ -19,7 +19,7 @@ from sqlalchemy.sql import Select
 
 from db.schema import Instance, PipelineConfig, Prediction, Study, Verdict, utcnow
 from db.store import Database
-from db.studies import POSITIVE  # one operating point for the summaries and the pages
+from neuron.work import POSITIVE  # one operating point for the views, the summaries and the pages
 
 PAGE_SIZE = 50
 REVIEWED_CHOICES = ("any", "yes", "no")
@@ -48,7 +48,8 @@ def _parse_date(key: str, value: str | None) -> date | None:
 
 @dataclass(frozen=True)
 class WorklistFilter:
-    """The worklist's filters, as the GET form sends them. An object that exists is valid (STYLE 4)."""
+    """The worklist's filters, as the GET form sends them. An object that exists is valid: its constructor checks
+    every value."""
 
     label: str | None = None
     min_probability: float | None = None

@@ -1,13 +1,15 @@
 """Tables and the public views (``findings``, ``ingest_status``, ``study_findings``, ``reviews``).
 
 Tables are ours to change; the views are the documented interface that users and tools query, so their columns only
-ever grow. Status and route columns hold the string values of the enums in ``neuron``.
+ever grow. Status and route columns hold the string values of ``neuron.work.Status`` and ``neuron.routes.Route``; the
+views' ``positive`` is rendered from ``neuron.work.POSITIVE``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
-from enum import Enum
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -27,18 +29,26 @@ from sqlalchemy import false as sa_false
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from neuron.work import POSITIVE
 
-class Status(str, Enum):
-    PENDING = "pending"
-    QUEUED = "queued"  # sent to the broker, not finished
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    DUPLICATE = "duplicate"
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Values per bounded ``IN (...)``: SQLite before 3.32 allowed at most 999 bound parameters per statement
+# (SQLITE_MAX_VARIABLE_NUMBER, https://www.sqlite.org/limits.html), and long IN lists plan badly on both databases.
+IN_CHUNK = 500
+
+
+def chunks(values: Iterable[T], size: int = IN_CHUNK) -> Iterator[list[T]]:
+    """``values`` (duplicates dropped, order kept) in lists of at most ``size``: the one way a query over many keys
+    is split into bounded ``IN`` lists."""
+    unique = list(dict.fromkeys(values))
+    for start in range(0, len(unique), size):
+        yield unique[start:start + size]
 
 
 class Base(DeclarativeBase):
@@ -139,6 +149,16 @@ class Verdict(Base):
     reviewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class HeatmapFolder(Base):
+    """A folder a screening run or worker wrote heatmaps into (its shared name): the review page serves a finding's
+    heatmap only from inside one of these, wherever the review server was started."""
+
+    __tablename__ = "heatmap_folders"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    first_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class PipelineConfig(Base):
     """The exact preprocessing and TTA settings behind a set of predictions, keyed by their hash."""
 
@@ -182,7 +202,7 @@ CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
        f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
        p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
-       CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder,
+       CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder,
        s.study_date, s.accession_number, s.study_description
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
@@ -220,7 +240,7 @@ SELECT study_instance_uid, MAX(processed_at) AS screened_at, COUNT(DISTINCT sop_
        MAX(CASE WHEN position = 1 THEN label END) AS top_finding,
        MAX(CASE WHEN position = 1 THEN model END) AS top_model,
        MAX(probability) AS max_probability,
-       SUM(CASE WHEN probability >= 0.5 THEN 1 ELSE 0 END) AS positive_findings,
+       SUM(CASE WHEN probability >= {positive} THEN 1 ELSE 0 END) AS positive_findings,
        SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS needs_review,
        (SELECT s.study_date FROM studies s WHERE s.study_instance_uid = scored.study_instance_uid) AS study_date,
        (SELECT s.accession_number FROM studies s
@@ -237,8 +257,8 @@ GROUP BY study_instance_uid
 REVIEWS_VIEW = """
 CREATE VIEW reviews AS
 SELECT v.study_instance_uid, v.sop_instance_uid, v.frame, v.model, v.weights, v.label,
-       p.probability, p.uncertainty, CASE WHEN p.probability >= 0.5 THEN 1 ELSE 0 END AS positive, p.needs_review,
-       v.verdict, v.note, v.reviewer, v.reviewed_at,
+       p.probability, p.uncertainty, CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive,
+       p.needs_review, v.verdict, v.note, v.reviewer, v.reviewed_at,
        CASE WHEN ROW_NUMBER() OVER (PARTITION BY v.sop_instance_uid, v.frame, v.model, v.weights, v.label, v.reviewer
                                     ORDER BY v.reviewed_at DESC, v.id DESC) = 1 THEN 1 ELSE 0 END AS latest
 FROM verdicts v
@@ -246,8 +266,10 @@ LEFT JOIN predictions p ON p.sop_instance_uid = v.sop_instance_uid AND p.frame =
                        AND p.weights = v.weights AND p.label = v.label
 """
 
-VIEWS = {"findings": FINDINGS_VIEW, "ingest_status": INGEST_STATUS_VIEW, "study_findings": STUDY_FINDINGS_VIEW,
-         "reviews": REVIEWS_VIEW}
+# The views' DDL with the positive threshold filled in: one number for the views, the studies summary and the pages.
+VIEWS = {name: ddl.format(positive=repr(float(POSITIVE))) for name, ddl in (
+    ("findings", FINDINGS_VIEW), ("ingest_status", INGEST_STATUS_VIEW), ("study_findings", STUDY_FINDINGS_VIEW),
+    ("reviews", REVIEWS_VIEW))}
 
 
 def drop_views(conn: Connection) -> None:

@@ -6,104 +6,39 @@ instance/frame/model/weights/label), so running the same work twice never adds o
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import ParamSpec, TypeVar
 
-from sqlalchemy import bindparam, case, create_engine, event, func, or_, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
-from db.schema import FileRecord, Instance, PipelineConfig, Prediction, Status, Study, utcnow
-from db.studies import StudyHeader, refresh_studies, study_of
+from db.schema import FileRecord, HeatmapFolder, Instance, PipelineConfig, Prediction, Study, chunks, utcnow
+from db.studies import refresh_studies, study_of
 from neuron.errors import RetryableError
+from neuron.work import (
+    HEADER_COLUMNS,
+    POSITIVE,
+    FileEntry,
+    Outcome,
+    Requeue,
+    Route,
+    Status,
+    WorkItem,
+    sources_of,
+    study_status,
+)
 
-
-@dataclass(frozen=True)
-class FileEntry:
-    """What the producer learned about one file (header only)."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    status: Status
-    reason: str | None = None
-    sop_instance_uid: str | None = None
-    instance: InstanceEntry | None = None
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The header facts of one DICOM instance that indexing and routing use (built by producer.scan)."""
-
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str | None
-    modality: str | None
-    body_part: str | None
-    photometric: str | None
-    transfer_syntax: str | None
-    rows: int | None
-    columns: int | None
-    frames: int
-
-
-@dataclass(frozen=True)
-class InstanceEntry:
-    header: InstanceHeader
-    route: str | None
-    status: Status
-    reason: str | None = None
-    study: StudyHeader | None = None  # the study's header facts for the worklist (db.studies)
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One instance to screen: IDs and a path, never pixels."""
-
-    sop_instance_uid: str
-    file_path: str
-    route: str
-    frames: int
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    label: str
-    probability: float
-    uncertainty: float
-    rank: int
-    heatmap_path: str | None
-    needs_review: bool = False
-
-
-@dataclass(frozen=True)
-class FrameResult:
-    frame: int
-    model: str
-    weights: str
-    config_hash: str
-    untrained: bool
-    scores: tuple[LabelScore, ...]
-    decoder: str | None = None  # which decoder produced the pixels (provenance)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The end of one instance's processing: done with results, or failed/skipped with a reason."""
-
-    sop_instance_uid: str
-    status: Status
-    reason: str | None = None
-    frames: tuple[FrameResult, ...] = ()
-    worker: str | None = None
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -111,6 +46,48 @@ class Summary:
     files: Counter[str] = field(default_factory=Counter)
     top_findings: list[tuple[str, int]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one results commit did besides writing the rows: instances put back in line from a duplicate copy
+    (a failure recorded for an instance another file also holds), and heatmap files that no row references any more
+    (the old results of replaced instances), for the caller to delete after the commit."""
+
+    written: int = 0
+    rescued: tuple[str, ...] = ()
+    stale_heatmaps: frozenset[str] = frozenset()
+
+
+def retryable(exc: BaseException, what: str = "the database operation failed") -> BaseException:
+    """A connection-level database error as the project's ``RetryableError`` (the cause kept: the embedded run tells a
+    full or read-only SQLite file from an outage by it); any other error unchanged."""
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        error = RetryableError(f"{what}, the database is not reachable: {getattr(exc, 'orig', exc)}; it is tried "
+                               "again")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _mapped(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Database errors leave ``db`` as the project's exceptions: callers (the Celery task, the producer) handle
+    ``RetryableError`` and never see SQLAlchemy's types. ``what`` says what failed, for the message."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as exc:
+                mapped = retryable(exc, what)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+
+        return wrapper
+
+    return decorate
 
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -126,16 +103,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(text: str | None) -> str | None:
-    """Control characters escaped as \\xNN, for text that may quote a file's content (header values, a decoder's
-    error). A NUL above all: PostgreSQL refuses it in text while SQLite stores it, so unescaped, one hostile file
-    fails a whole group commit of other studies' results in the distributed mode and not in the embedded one."""
-    return None if text is None else _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _owner_files(sop_uids: Sequence[str]):
@@ -193,39 +160,44 @@ class Database:
             return {p: (size, mt) for p, size, mt in s.execute(select(FileRecord.path, FileRecord.size,
                                                                       FileRecord.mtime_ns))}
 
-    def add_files(self, entries: Sequence[FileEntry]) -> None:
+    @_mapped("the files could not be indexed")
+    def add_files(self, entries: Sequence[FileEntry]) -> list[str]:
         """Record a batch of scanned files and their instances. A SOP Instance UID already known at another path
-        makes the file a ``duplicate``; a changed file is re-indexed and its instance screened again.
+        makes the file a ``duplicate``; a changed file is re-indexed and its instance screened again
+        (``Requeue.CHANGED_FILE``). Returns the SOP Instance UIDs put back in line from a duplicate copy found by this
+        batch (``_rescue_from_copies``).
 
         Statuses are decided here in order, as sequential upserts would (the first path of a SOP Instance UID owns
         it), then the batch is written as two multi-row upserts built once per Database: one round trip per page
         instead of two per file (a 50,000-file first scan went from ~800 to several thousand files/s)."""
         if not entries:
-            return
+            return []
         now = utcnow()
         file_upsert, instance_upsert = self._index_statements()
         with self.engine.begin() as conn:
-            uids = list({e.sop_instance_uid for e in entries if e.sop_instance_uid})
             owners: dict[str, str] = {}
-            for start in range(0, len(uids), 500):
+            for chunk in chunks(e.sop_instance_uid for e in entries if e.sop_instance_uid):
                 owners.update(conn.execute(
                     select(Instance.sop_instance_uid, FileRecord.path)
                     .join(FileRecord, FileRecord.id == Instance.file_id)
-                    .where(Instance.sop_instance_uid.in_(uids[start:start + 500]))).all())
+                    .where(Instance.sop_instance_uid.in_(chunk))).all())
             files: dict[str, dict] = {}
             instances: dict[str, tuple[str, dict]] = {}
+            copies: list[str] = []
             for e in entries:
                 status, reason, inst = e.status, e.reason, e.instance
                 owner = owners.get(e.sop_instance_uid) if e.sop_instance_uid else None
                 if inst is not None and owner is not None and owner != e.path:
                     status, reason, inst = Status.DUPLICATE, f"same SOP Instance UID as {owner}; processed once", None
+                    copies.append(e.sop_instance_uid)
                 files[e.path] = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns,
                                  "sop_instance_uid": e.sop_instance_uid, "status": status.value, "reason": reason,
                                  "seen_at": now}
                 if inst is None:
                     continue
-                irow = asdict(inst.header)
-                irow.update(route=inst.route, reason=inst.reason, status=inst.status.value, updated_at=now)
+                irow = inst.header.row()
+                irow.update(route=inst.route.value if inst.route else None, reason=inst.reason,
+                            status=inst.status.value, updated_at=now)
                 instances[inst.header.sop_instance_uid] = (e.path, irow)
                 owners[inst.header.sop_instance_uid] = e.path
             file_ids = {path: file_id for file_id, path in conn.execute(file_upsert, list(files.values()))}
@@ -236,8 +208,10 @@ class Database:
                            if e.instance is not None and e.instance.study is not None
                            and e.instance.header.sop_instance_uid in instances}
                 if studies:
-                    conn.execute(self._study_upsert(), [{**asdict(h), "updated_at": now} for h in studies.values()])
+                    conn.execute(self._study_upsert(), [{**h.row(), "updated_at": now} for h in studies.values()])
                 refresh_studies(conn, {irow["study_instance_uid"] for _, irow in instances.values()}, now)
+            # a copy of an instance that already failed (a truncated copy indexed first): screened from this copy
+            return _rescue_from_copies(conn, copies) if copies else []
 
     def _study_upsert(self):
         """A study's header facts: a value an instance of it has wins over one it lacks (instances of one study
@@ -250,8 +224,9 @@ class Database:
                 "study_date", "accession_number", "study_description", "patient_key")},
                 "updated_at": upsert.excluded.updated_at})
 
+    @_mapped("the studies' summaries could not be updated")
     def refresh_studies(self, study_uids: Iterable[str]) -> None:
-        """Recompute the results summary of these studies (after a rescreen or purge changed their predictions)."""
+        """Recompute the results summary of these studies (after a purge changed their predictions)."""
         with self.engine.begin() as conn:
             refresh_studies(conn, study_uids)
 
@@ -266,191 +241,210 @@ class Database:
                 set_={c: file_upsert.excluded[c] for c in ("size", "mtime_ns", "sop_instance_uid", "status", "reason",
                                                            "seen_at")}
             ).returning(files.c.id, files.c.path)
-            columns = [f.name for f in fields(InstanceHeader) if f.name != "sop_instance_uid"]
             instance_upsert = self._insert(instances)
             instance_upsert = instance_upsert.on_conflict_do_update(
                 index_elements=["sop_instance_uid"],
-                set_={c: instance_upsert.excluded[c] for c in (*columns, "route", "reason", "status", "file_id",
+                set_={c: instance_upsert.excluded[c] for c in (*HEADER_COLUMNS, "route", "reason", "status", "file_id",
                                                                "updated_at")}
             ).returning(instances.c.sop_instance_uid)
             self._index_stmts = (file_upsert, instance_upsert)
         return self._index_stmts
 
-    # -- worker side -----------------------------------------------------------------------------------------------
-    def pending(self, routes: Iterable[str] | None = None, sop_uids: Iterable[str] | None = None,
-                paths: Iterable[str] | None = None) -> list[WorkItem]:
-        """Instances waiting to be screened (of these routes, UIDs or file paths), study by study."""
-        q = (select(Instance.sop_instance_uid, FileRecord.path, Instance.route, Instance.frames)
+    # -- work ------------------------------------------------------------------------------------------------------
+    @_mapped("the work to screen could not be read")
+    def work_items(self, *, statuses: Iterable[Status] | None = (Status.PENDING,),
+                   routes: Iterable[Route] | None = None, sop_uids: Iterable[str] | None = None,
+                   paths: Iterable[str] | None = None) -> list[WorkItem]:
+        """The one query for instances to screen, study by study: those in ``statuses`` (None: any status; only
+        instances with a route can be screened), of these routes, UIDs or file paths (each a bounded IN list)."""
+        q = (select(Instance.study_instance_uid, Instance.sop_instance_uid, FileRecord.path, Instance.route,
+                    Instance.frames)
              .join(FileRecord, FileRecord.id == Instance.file_id)
-             .where(Instance.status == Status.PENDING.value)
+             .where(Instance.route.is_not(None))
              .order_by(Instance.study_instance_uid, Instance.sop_instance_uid))
+        if statuses is not None:
+            q = q.where(Instance.status.in_([Status(s).value for s in statuses]))
         if routes is not None:
-            q = q.where(Instance.route.in_(list(routes)))
-        if sop_uids is not None:
-            q = q.where(Instance.sop_instance_uid.in_(list(sop_uids)))
-        if paths is not None:
-            q = q.where(FileRecord.path.in_(list(paths)))
+            q = q.where(Instance.route.in_([Route(r).value for r in routes]))
         with self.session() as s:
-            return [WorkItem(uid, path, route, frames or 1) for uid, path, route, frames in s.execute(q)]
+            if sop_uids is None and paths is None:
+                rows = s.execute(q).all()
+            else:
+                if sop_uids is not None and paths is not None:
+                    raise ValueError("select work by SOP Instance UIDs or by file paths, not both")
+                column, keys = (Instance.sop_instance_uid, sop_uids) if sop_uids is not None else \
+                    (FileRecord.path, paths)
+                rows = sorted(r for chunk in chunks(keys) for r in s.execute(q.where(column.in_(chunk))).all())
+        return [WorkItem(uid, path, route, frames) for _, uid, path, route, frames in rows]
 
-    def pending_by_study(self, routes: list[str], study_uids: set[str] | None = None) -> list[tuple[str, str, str]]:
+    def pending(self, routes: Iterable[Route] | None = None, paths: Iterable[str] | None = None) -> list[WorkItem]:
+        """Instances waiting to be screened (of these routes, or files), study by study."""
+        return self.work_items(routes=routes, paths=paths)
+
+    @_mapped("the pending instances could not be read")
+    def pending_by_study(self, routes: Iterable[Route], study_uids: set[str] | None = None
+                         ) -> list[tuple[str, Route, str]]:
+        """(study, route, SOP Instance UID) of every pending instance of these routes (and studies)."""
         q = (select(Instance.study_instance_uid, Instance.route, Instance.sop_instance_uid)
-             .where(Instance.status == Status.PENDING.value, Instance.route.in_(routes))
+             .where(Instance.status == Status.PENDING.value, Instance.route.in_([Route(r).value for r in routes]))
              .order_by(Instance.study_instance_uid, Instance.sop_instance_uid))
-        if study_uids is not None:
-            q = q.where(Instance.study_instance_uid.in_(list(study_uids)))
         with self.session() as s:
-            return [tuple(r) for r in s.execute(q)]
+            if study_uids is None:
+                rows = s.execute(q).all()
+            else:
+                rows = [r for chunk in chunks(sorted(study_uids))
+                        for r in s.execute(q.where(Instance.study_instance_uid.in_(chunk))).all()]
+        return [(study, Route(route), uid) for study, route, uid in rows]
 
-    def _set_status(self, uids: list[str], status: Status, only_from: Status | None = None) -> None:
-        with self.session() as s, s.begin():
-            q = update(Instance).where(Instance.sop_instance_uid.in_(uids))
-            if only_from is not None:
-                q = q.where(Instance.status == only_from.value)
-            s.execute(q.values(status=status.value, updated_at=utcnow()))
+    @_mapped("the instances could not be marked queued")
+    def mark_queued(self, uids: Sequence[str]) -> None:
+        """Sent to the broker (committed before the message goes out: a crash between leaves them queued, and
+        ``neuron scan --requeue`` sends them again)."""
+        with self.engine.begin() as conn:
+            for chunk in chunks(uids):
+                conn.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk),
+                                                    Instance.status == Status.PENDING.value)
+                             .values(status=Status.QUEUED.value, updated_at=utcnow()))
 
-    def mark_queued(self, uids: list[str]) -> None:
-        self._set_status(uids, Status.QUEUED, only_from=Status.PENDING)
-
-    def mark_pending(self, uids: list[str]) -> None:
-        self._set_status(uids, Status.PENDING, only_from=Status.QUEUED)
-
-    def claim(self, uids: list[str], max_attempts: int) -> list[WorkItem]:
+    @_mapped("the study's instances could not be claimed")
+    def claim(self, uids: Sequence[str], max_attempts: int) -> list[WorkItem]:
         """Take queued instances for screening: count the attempt, and fail those that already took the worker
         down ``max_attempts`` times (a poison message must not block a queue). Finished instances are skipped, so
         a redelivered message does no work twice."""
         items = []
-        with self.session() as s, s.begin():
-            rows = s.execute(
+        with self.engine.begin() as conn:
+            rows = [r for chunk in chunks(uids) for r in conn.execute(
                 select(Instance.sop_instance_uid, FileRecord.path, Instance.route, Instance.frames, Instance.attempts)
                 .join(FileRecord, FileRecord.id == Instance.file_id)
-                .where(Instance.sop_instance_uid.in_(uids),
-                       Instance.status.in_([Status.QUEUED.value, Status.PENDING.value]))).all()
+                .where(Instance.sop_instance_uid.in_(chunk),
+                       Instance.status.in_([Status.QUEUED.value, Status.PENDING.value]))).all()]
+            poisoned = []
             for uid, path, route, frames, attempts in rows:
                 if attempts >= max_attempts:
                     reason = (f"screening was interrupted {attempts} times (worker crash or lost connection) and "
                               f"the limit is {max_attempts}; check the file and the worker logs, then run `neuron "
                               f"scan FOLDER --retry-failed` to try again")
-                    s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
-                              .values(status=Status.FAILED.value, reason=reason, updated_at=utcnow()))
-                    s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files([uid])))
-                              .values(status=Status.FAILED.value, reason=reason))
+                    _set_status(conn, [uid], Status.FAILED, reason)
+                    poisoned.append(uid)
                     continue
-                s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
-                          .values(attempts=Instance.attempts + 1, updated_at=utcnow()))
-                items.append(WorkItem(uid, path, route, frames or 1))
+                conn.execute(update(Instance).where(Instance.sop_instance_uid == uid)
+                             .values(attempts=Instance.attempts + 1, updated_at=utcnow()))
+                items.append(WorkItem(uid, path, route, frames))
+            if poisoned:
+                _rescue_from_copies(conn, poisoned)  # another copy of the file gets its own attempts
         return items
 
-    def status_counts(self) -> dict[str, dict[str, int]]:
-        """Instances and studies by status; a study is done when none of its instances is pending or queued."""
-        with self.session() as s:
-            instances = dict(s.execute(select(Instance.status, func.count()).group_by(Instance.status)).all())
-            per_study = s.execute(select(Instance.study_instance_uid, Instance.status).distinct()).all()
-            processed = s.execute(select(func.count(func.distinct(Prediction.sop_instance_uid)))).scalar_one()
-        studies: dict[str, set[str]] = {}
-        for study, status in per_study:
-            studies.setdefault(study, set()).add(status)
-        study_counts: Counter[str] = Counter()
-        for statuses in studies.values():
-            if statuses & {Status.PENDING.value, Status.QUEUED.value}:
-                study_counts["pending"] += 1
-            elif Status.FAILED.value in statuses:
-                study_counts["failed"] += 1
-            else:
-                study_counts["done"] += 1
-        return {"instances": instances, "studies": dict(study_counts), "screened_instances": {"total": processed}}
-
-    def recent_rate(self, seconds: int = 300) -> float:
-        """Frames screened per second over the last ``seconds``."""
-        since = utcnow() - timedelta(seconds=seconds)
-        with self.session() as s:
-            n = s.execute(select(func.count()).select_from(
-                select(Prediction.sop_instance_uid, Prediction.frame).where(Prediction.processed_at >= since)
-                .distinct().subquery())).scalar_one()
-        return n / seconds
-
-    def skip_routes_without_model(self, available: Iterable[str], reason_for: dict[str, str]) -> int:
+    @_mapped("the instances without a model could not be marked skipped")
+    def skip_routes_without_model(self, available: Iterable[Route], reason_for: dict[Route, str]) -> int:
         """Pending instances whose route has no model are skipped, with a reason, never dropped."""
-        available = list(available)
+        available = [Route(r).value for r in available]
         n = 0
-        with self.session() as s, s.begin():
-            routes = s.execute(select(Instance.route).where(Instance.status == Status.PENDING.value,
-                                                            Instance.route.not_in(available)).distinct()).scalars()
-            for route in list(routes):
-                reason = reason_for.get(route, f"no model is available for route '{route}'")
-                uids = select(Instance.sop_instance_uid).where(Instance.status == Status.PENDING.value,
-                                                               Instance.route == route)
-                uid_list = list(s.execute(uids).scalars())
-                n += len(uid_list)
-                s.execute(update(Instance).where(Instance.sop_instance_uid.in_(uid_list))
-                          .values(status=Status.SKIPPED.value, reason=reason, updated_at=utcnow()))
-                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files(uid_list)))
-                          .values(status=Status.SKIPPED.value, reason=reason))
+        with self.engine.begin() as conn:
+            routes = conn.execute(select(Instance.route).where(Instance.status == Status.PENDING.value,
+                                                               Instance.route.not_in(available)).distinct()).scalars()
+            for route in [Route(r) for r in routes]:
+                reason = reason_for.get(route, f"no model is available for route '{route.value}'")
+                uids = list(conn.execute(select(Instance.sop_instance_uid).where(
+                    Instance.status == Status.PENDING.value, Instance.route == route.value)).scalars())
+                n += len(uids)
+                _set_status(conn, uids, Status.SKIPPED, reason)
         return n
 
-    def reset_to_pending(self, *, awaiting_model: Iterable[str] = (), queued: bool = False,
-                         failed: bool = False) -> int:
-        """Put instances back in line; returns how many. ``awaiting_model``: instances skipped because their route had
-        no model, for routes that now have one (a model trained after the archive was scanned). ``queued``: sent to
-        a broker that may have lost the message (a broker restarted without its append-only file); a message that
-        still exists is harmless, the claim skips finished work. ``failed``: failed instances get a fresh attempt
-        count, after the cause (a file, a worker) has been fixed. Scan-time skips (modality, body part) stay."""
-        conditions = []
-        if awaiting_model:
-            conditions.append((Instance.status == Status.SKIPPED.value) & Instance.route.in_(list(awaiting_model)))
-        if queued:
-            conditions.append(Instance.status == Status.QUEUED.value)
-        if failed:
-            conditions.append((Instance.status == Status.FAILED.value) & Instance.route.is_not(None))
-        if not conditions:
-            return 0
-        with self.session() as s, s.begin():
-            uids = list(s.execute(select(Instance.sop_instance_uid).where(or_(*conditions))).scalars())
-            for start in range(0, len(uids), 500):
-                chunk = uids[start:start + 500]
-                s.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk))
-                          .values(status=Status.PENDING.value, reason=None, updated_at=utcnow(),
-                                  # only a failed instance starts its attempt count again: a requeue must not
-                                  # wipe the count that stops a poison message
-                                  attempts=case((Instance.status == Status.FAILED.value, 0),
-                                                else_=Instance.attempts)))
-                s.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files(chunk)))
-                          .values(status=Status.PENDING.value, reason=None))
-        return len(uids)
+    @_mapped("the instances could not be put back in line")
+    def requeue(self, operation: Requeue, *, sop_uids: Iterable[str] | None = None,
+                routes: Iterable[Route] | None = None) -> list[str]:
+        """Put instances back to ``pending`` by one of the named operations (``neuron.work.Requeue``): those in the
+        operation's from-statuses (of these UIDs and routes; at least one of the two for a rescreen). Only the
+        operator's requests (retry-failed, rescreen) restart the attempt count; a requeue must not wipe the count
+        that stops a poison message. Returns the SOP Instance UIDs put back in line."""
+        if operation is Requeue.DUPLICATE_COPY:
+            with self.engine.begin() as conn:
+                return _rescue_from_copies(conn, sop_uids)
+        q = (select(Instance.sop_instance_uid)
+             .where(Instance.status.in_([s.value for s in operation.from_statuses]), Instance.route.is_not(None)))
+        if routes is not None:
+            q = q.where(Instance.route.in_([Route(r).value for r in routes]))
+        with self.engine.begin() as conn:
+            if sop_uids is None:
+                if operation is Requeue.RESCREEN and routes is None:
+                    raise ValueError("a rescreen names its instances or routes")
+                uids = list(conn.execute(q).scalars())
+            else:
+                uids = [u for chunk in chunks(sop_uids) for u in conn.execute(
+                    q.where(Instance.sop_instance_uid.in_(chunk))).scalars()]
+            values = {"status": Status.PENDING.value, "reason": None, "updated_at": utcnow()}
+            if operation.resets_attempts:
+                values["attempts"] = 0
+            for chunk in chunks(uids):
+                conn.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk)).values(**values))
+                conn.execute(update(FileRecord).where(FileRecord.id.in_(_owner_files(chunk)))
+                             .values(status=Status.PENDING.value, reason=None))
+        return uids
 
+    @_mapped("the pipeline settings could not be recorded")
     def ensure_config(self, config_hash: str, model: str, settings: dict) -> None:
         row = {"config_hash": config_hash, "model": model,
                "settings_json": json.dumps(settings, sort_keys=True), "created_at": utcnow()}
-        with self.session() as s, s.begin():
-            s.execute(self._insert(PipelineConfig).values(**row).on_conflict_do_nothing(
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(PipelineConfig).values(**row).on_conflict_do_nothing(
                 index_elements=["config_hash"]))
 
-    def record_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        """Write results and statuses of finished instances in one transaction (upserts: redelivery is harmless).
+    @_mapped("the heatmap folder could not be recorded")
+    def record_heatmap_folder(self, path: str) -> None:
+        """The folder (its shared name) this process writes heatmaps into, for the review page to serve them from."""
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(HeatmapFolder).values(path=path, first_used_at=utcnow())
+                         .on_conflict_do_nothing(index_elements=["path"]))
+
+    @_mapped("the heatmap folders could not be read")
+    def heatmap_folders(self) -> list[str]:
+        with self.session() as s:
+            return list(s.execute(select(HeatmapFolder.path).order_by(HeatmapFolder.path)).scalars())
+
+    # -- results ---------------------------------------------------------------------------------------------------
+    @_mapped("the results could not be committed")
+    def record_outcomes(self, outcomes: Sequence[Outcome], replace: Iterable[str] = ()) -> Committed:
+        """The one write path of results, for ``neuron run``, the workers and ``neuron rescreen`` (through
+        ``db.writer.ResultWriter``): results and statuses of finished instances in one transaction (upserts:
+        redelivery is harmless). ``replace``: instances whose previous results are deleted first, in the same
+        transaction (a reader sees the old results or the new ones, never a mix or none).
+
+        A failure recorded for an instance that another file also holds moves the instance to that copy, pending,
+        in the same transaction (``Committed.rescued``): a corrupt first copy must not hide a good second one.
 
         Three statement constructs built once per Database, so SQLAlchemy compiles each once and then hits its cache:
         the findings upsert executed with all rows as parameter sets (PostgreSQL: multi-VALUES pages), and the
         instance and file status updates once per distinct (status, reason)."""
         if not outcomes:
-            return
+            return Committed()
         now = utcnow()
         rows = prediction_rows(outcomes, now)
+        replace = list(dict.fromkeys(replace))
         # statuses grouped by (status, reason): one statement per group, usually one (all done) per call
         groups: dict[tuple[str, str | None], list[str]] = {}
         for o in outcomes:
-            groups.setdefault((o.status.value, printable(o.reason)), []).append(o.sop_instance_uid)
+            groups.setdefault((o.status.value, o.reason), []).append(o.sop_instance_uid)
         upsert, instance_status, file_status = self._outcome_statements()
+        stale: set[str] = set()
         with self.engine.begin() as conn:
+            for chunk in chunks(replace):
+                stale |= heatmaps_of(conn, chunk)
+                conn.execute(delete(Prediction).where(Prediction.sop_instance_uid.in_(chunk)))
             if rows:
                 conn.execute(upsert, list(rows.values()))
             for (status, reason), uids in groups.items():
-                for start in range(0, len(uids), 500):
-                    params = {"b_uids": uids[start:start + 500], "b_status": status, "b_reason": reason, "b_now": now}
+                allowed = [s.value for s in sources_of(Status(status))]  # the edges of neuron.work.TRANSITIONS
+                for chunk in chunks(uids):
+                    params = {"b_uids": chunk, "b_status": status, "b_reason": reason, "b_now": now, "b_from": allowed}
+                    conn.execute(file_status, params)  # first: it finds the files by their instances' old status
                     conn.execute(instance_status, params)
-                    conn.execute(file_status, params)
-            if rows:  # the worklist's summary of every study these results belong to, in the same transaction
-                studies = set(study_of(conn, (o.sop_instance_uid for o in outcomes if o.frames)).values())
-                refresh_studies(conn, studies, now, create=False)
+            failed = [u for (status, _), uids in groups.items() if status == Status.FAILED.value for u in uids]
+            rescued = _rescue_from_copies(conn, failed) if failed else []
+            if rows or replace:  # the worklist's summary of every study these results belong to, same transaction
+                changed = [o.sop_instance_uid for o in outcomes if o.frames] + replace
+                refresh_studies(conn, set(study_of(conn, changed).values()), now, create=False)
+        stale -= {r["heatmap_path"] for r in rows.values() if r["heatmap_path"]}
+        return Committed(len(outcomes), tuple(rescued), frozenset(stale))
 
     def _outcome_statements(self):
         """The three statement constructs of ``record_outcomes``, built once per Database so SQLAlchemy's compiled
@@ -467,57 +461,41 @@ class Database:
             # upsert's executemany is one round trip per row on psycopg2 (sqlalchemy#13130)
             upsert = upsert.returning(predictions.c.id)
             uids = bindparam("b_uids", expanding=True)  # compiled once, the list is rendered per execution
-            instance_status = (update(instances).where(instances.c.sop_instance_uid.in_(uids))
+            allowed = bindparam("b_from", expanding=True)  # the statuses an instance may move to b_status from
+            instance_status = (update(instances).where(instances.c.sop_instance_uid.in_(uids),
+                                                       instances.c.status.in_(allowed))
                                .values(status=bindparam("b_status"), reason=bindparam("b_reason"),
                                        updated_at=bindparam("b_now")))
             # the instances' own files (_owner_files), never their duplicate copies
-            owners = select(instances.c.file_id).where(instances.c.sop_instance_uid.in_(uids))
+            owners = select(instances.c.file_id).where(instances.c.sop_instance_uid.in_(uids),
+                                                       instances.c.status.in_(allowed))
             file_status = (update(files).where(files.c.id.in_(owners))
                            .values(status=bindparam("b_status"), reason=bindparam("b_reason")))
             self._outcome_stmts = (upsert, instance_status, file_status)
         return self._outcome_stmts
 
-    def retry_failed_from_duplicates(self, sop_uids: Iterable[str] | None = None) -> list[str]:
-        """A failed instance (of ``sop_uids``, or any) whose SOP Instance UID is also held by a ``duplicate`` file gets
-        another try from that file: a corrupt first copy must not hide a good second one. The instance moves to the
-        copy and is ``pending`` again; the failed file keeps its reason and says which copy was screened instead.
-        Returns the SOP Instance UIDs put back in line, for the caller to screen or enqueue. Each call uses up one
-        copy per instance, so calling it until it returns nothing ends."""
-        q = (select(Instance.sop_instance_uid, Instance.file_id, FileRecord.id, FileRecord.path)
-             .join(FileRecord, (FileRecord.sop_instance_uid == Instance.sop_instance_uid)
-                   & (FileRecord.id != Instance.file_id))
-             .where(Instance.status == Status.FAILED.value, FileRecord.status == Status.DUPLICATE.value)
-             .order_by(Instance.sop_instance_uid, FileRecord.path))
-        wanted = None if sop_uids is None else list(dict.fromkeys(sop_uids))
-        if wanted == []:
-            return []
-        moved: list[str] = []
-        with self.session() as s, s.begin():
-            rows = []
-            if wanted is None:
-                rows = s.execute(q).all()
-            else:
-                for start in range(0, len(wanted), 500):
-                    rows += s.execute(q.where(Instance.sop_instance_uid.in_(wanted[start:start + 500]))).all()
-            for uid, failed_file, dup_id, dup_path in rows:
-                if moved and moved[-1] == uid:
-                    continue  # one copy per call: the first by path
-                instead = f"; the copy at {dup_path} was screened instead"
-                s.execute(update(FileRecord).where(FileRecord.id == failed_file).values(
-                    status=Status.FAILED.value, reason=func.coalesce(FileRecord.reason, "failed") + instead))
-                s.execute(update(FileRecord).where(FileRecord.id == dup_id)
-                          .values(status=Status.PENDING.value, reason=None))
-                s.execute(update(Instance).where(Instance.sop_instance_uid == uid)
-                          .values(file_id=dup_id, status=Status.PENDING.value, reason=None, updated_at=utcnow()))
-                moved.append(uid)
-        return moved
-
     # -- reporting -------------------------------------------------------------------------------------------------
+    @_mapped("the studies' statuses could not be read")
+    def study_statuses(self) -> dict[str, int]:
+        """Studies by status, by the one rule (``neuron.work.study_status``)."""
+        with self.session() as s:
+            per_study = s.execute(select(Instance.study_instance_uid, Instance.status).distinct()).all()
+        by_study: dict[str, set[str]] = {}
+        for study, st in per_study:
+            by_study.setdefault(study, set()).add(st)
+        return dict(Counter(study_status(statuses) for statuses in by_study.values()))
+
+    @_mapped("the instances' statuses could not be read")
+    def instance_statuses(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Instance.status, func.count()).group_by(Instance.status)).all())
+
+    @_mapped("the run's summary could not be read")
     def summary(self, since: datetime | None = None, limit: int = 5) -> Summary:
         out = Summary()
         with self.session() as s:
             out.files.update(dict(s.execute(select(FileRecord.status, func.count()).group_by(FileRecord.status)).all()))
-            q = (select(Prediction.label, func.count()).where(Prediction.rank == 1, Prediction.probability >= 0.5)
+            q = (select(Prediction.label, func.count()).where(Prediction.rank == 1, Prediction.probability >= POSITIVE)
                  .group_by(Prediction.label).order_by(func.count().desc()).limit(limit))
             if since is not None:
                 q = q.where(Prediction.processed_at >= since)
@@ -526,3 +504,57 @@ class Database:
                 select(FileRecord.path, FileRecord.reason).where(FileRecord.status == Status.FAILED.value)
                 .order_by(FileRecord.path).limit(limit))]
         return out
+
+
+def _set_status(conn: Connection, uids: Sequence[str], status: Status, reason: str | None) -> None:
+    """An instance's status and reason, and its own file's (never its duplicate copies'), along the edges of
+    ``neuron.work.TRANSITIONS`` only."""
+    allowed = [s.value for s in sources_of(status)]
+    for chunk in chunks(uids):
+        conn.execute(update(FileRecord).where(FileRecord.id.in_(
+            select(Instance.file_id).where(Instance.sop_instance_uid.in_(chunk), Instance.status.in_(allowed))))
+            .values(status=status.value, reason=reason))
+        conn.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk), Instance.status.in_(allowed))
+                     .values(status=status.value, reason=reason, updated_at=utcnow()))
+
+
+def heatmaps_of(conn: Connection, uids: Sequence[str], prediction_filter=None) -> set[str]:
+    """The heatmap files the predictions of these instances reference (those a filter selects)."""
+    q = select(Prediction.heatmap_path).where(Prediction.sop_instance_uid.in_(uids),
+                                              Prediction.heatmap_path.is_not(None))
+    if prediction_filter is not None:
+        q = prediction_filter(q)
+    return set(conn.execute(q).scalars())
+
+
+def _rescue_from_copies(conn: Connection, sop_uids: Iterable[str] | None) -> list[str]:
+    """A failed instance (of ``sop_uids``, or any) whose SOP Instance UID is also held by a ``duplicate`` file gets
+    another try from that file: a corrupt first copy must not hide a good second one. The instance moves to the copy
+    and is ``pending`` again; the failed file keeps its reason and says which copy was screened instead. Returns the
+    SOP Instance UIDs put back in line. Each call uses up one copy per instance, so it ends.
+
+    Called where a failure is recorded (``record_outcomes``, a poisoned ``claim``) and where a copy is indexed
+    (``add_files``): the one place that decides, whichever mode and whichever came first."""
+    q = (select(Instance.sop_instance_uid, Instance.file_id, FileRecord.id, FileRecord.path)
+         .join(FileRecord, (FileRecord.sop_instance_uid == Instance.sop_instance_uid)
+               & (FileRecord.id != Instance.file_id))
+         .where(Instance.status == Status.FAILED.value, FileRecord.status == Status.DUPLICATE.value)
+         .order_by(Instance.sop_instance_uid, FileRecord.path))
+    if sop_uids is None:
+        rows = conn.execute(q).all()
+    else:
+        rows = [r for chunk in chunks(sop_uids)
+                for r in conn.execute(q.where(Instance.sop_instance_uid.in_(chunk))).all()]
+    moved: list[str] = []
+    for uid, failed_file, dup_id, dup_path in rows:
+        if moved and moved[-1] == uid:
+            continue  # one copy per call: the first by path
+        instead = f"; the copy at {dup_path} was screened instead"
+        conn.execute(update(FileRecord).where(FileRecord.id == failed_file).values(
+            status=Status.FAILED.value, reason=func.coalesce(FileRecord.reason, "failed") + instead))
+        conn.execute(update(FileRecord).where(FileRecord.id == dup_id)
+                     .values(status=Status.PENDING.value, reason=None))
+        conn.execute(update(Instance).where(Instance.sop_instance_uid == uid)
+                     .values(file_id=dup_id, status=Status.PENDING.value, reason=None, updated_at=utcnow()))
+        moved.append(uid)
+    return moved

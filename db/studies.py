@@ -8,59 +8,23 @@ aggregating millions of predictions rows per request.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 from functools import lru_cache
 
 from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
-from db.schema import Instance, Prediction, Study, utcnow
-
-POSITIVE = 0.5
-CHUNK = 500
-
-
-@dataclass(frozen=True)
-class StudyHeader:
-    """What the worklist needs from one instance's header about its study (built by producer.scan)."""
-
-    study_instance_uid: str
-    study_date: date | None
-    accession_number: str | None
-    study_description: str | None
-    patient_key: str | None  # HMAC of the Patient ID, never the ID itself
-
-
-def patient_key(secret: str, patient_id: str | None) -> str | None:
-    """HMAC-SHA256(secret, Patient ID) as hex: the same patient gives the same key under the same secret, and the key
-    reveals nothing about the ID without the secret (a plain hash of an ID would: IDs are short and guessable)."""
-    if not patient_id:
-        return None
-    return hmac.new(secret.encode(), patient_id.strip().encode(), hashlib.sha256).hexdigest()
-
-
-def parse_da(value: object) -> date | None:
-    """A DICOM DA value (YYYYMMDD; the old YYYY.MM.DD form too) as a date, None when absent or not a real date."""
-    text = str(value or "").strip().replace(".", "")
-    if len(text) != 8 or not text.isdigit():
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
+from db.schema import Instance, Prediction, Study, chunks, utcnow
+from neuron.work import POSITIVE
 
 
 def study_of(conn: Connection, sop_uids: Iterable[str]) -> dict[str, str]:
     """The Study Instance UID of each of these SOP Instance UIDs that is indexed, asked in chunks (a bounded IN)."""
-    sops = list(dict.fromkeys(sop_uids))
     found: dict[str, str] = {}
-    for start in range(0, len(sops), CHUNK):
+    for chunk in chunks(sop_uids):
         found.update(conn.execute(select(Instance.sop_instance_uid, Instance.study_instance_uid)
-                                  .where(Instance.sop_instance_uid.in_(sops[start:start + CHUNK]))).all())
+                                  .where(Instance.sop_instance_uid.in_(chunk))).all())
     return found
 
 
@@ -72,8 +36,7 @@ def refresh_studies(conn: Connection, study_uids: Iterable[str], now: datetime |
     passes False (its studies were indexed first)."""
     uids = sorted({u for u in study_uids if u is not None})
     now = now or utcnow()
-    for start in range(0, len(uids), CHUNK):
-        chunk = uids[start:start + CHUNK]
+    for chunk in chunks(uids):
         values = {u: {"b_uid": u, "top_probability": None, "top_label": None, "top_model": None,
                       "positive_findings": 0, "needs_review": 0, "screened_instances": 0, "screened_at": None,
                       "updated_at": now} for u in chunk}

@@ -6,9 +6,10 @@
 
 A distributed task waits on its future and only then returns, so its message is acknowledged after its rows are
 committed (``acks_late``); a crash before the commit leaves the message unacknowledged and it is redelivered. A
-failed commit fails the futures of every outcome in it, never silently: database connection errors become
-``RetryableError`` (the tasks retry); any other error is retried per submission so one bad study does not fail its
-neighbours. Whether to commit now is a small pure object (``CommitPolicy``) tested on a fake clock.
+failed commit fails the futures of every outcome in it, never silently: database connection errors arrive as
+``RetryableError`` (``db.store`` maps them; the tasks retry); any other error is retried per submission so one bad
+study does not fail its neighbours. Whether to commit now is a small pure object (``CommitPolicy``) tested on a fake
+clock.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from sqlalchemy.exc import DBAPIError, OperationalError
-
-from db.store import Database, Outcome
+from db.store import Committed, Database
 from neuron.errors import RetryableError
+from neuron.work import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class CommitPolicy:
 class _Submission:
     outcomes: Sequence[Outcome]
     future: Future
+    replace: bool = False
 
 
 class _Flush:
@@ -79,16 +80,6 @@ class _Flush:
 
 
 _CLOSE = object()
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """Connection-level database errors are transient; the rest keep their type."""
-    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        error = RetryableError(f"the results could not be committed, the database is not reachable: "
-                               f"{getattr(exc, 'orig', exc)}; the study is retried")
-        error.__cause__ = exc  # the embedded run tells a full or read-only SQLite file from an outage by it
-        return error
-    return exc
 
 
 class ResultWriter:
@@ -111,14 +102,16 @@ class ResultWriter:
         self._thread.start()
 
     # -- the callers' side ------------------------------------------------------------------------------------------
-    def submit(self, outcomes: Sequence[Outcome]) -> Future:
-        """Queue outcomes for the next commit; the future's result is how many were written, set after the commit
-        that contains them, or the commit's exception."""
+    def submit(self, outcomes: Sequence[Outcome], replace: bool = False) -> Future:
+        """Queue outcomes for the next commit; the future's result is a ``db.store.Committed`` for them (how many
+        were written, which of them went back in line from a duplicate copy), set after the commit that contains
+        them, or the commit's exception. ``replace``: their instances' previous results are deleted in the same
+        commit (``neuron rescreen``), and ``Committed.stale_heatmaps`` names the files nothing references any more."""
         fut: Future = Future()
         if not outcomes:
-            fut.set_result(0)
+            fut.set_result(Committed())
             return fut
-        self._put(_Submission(list(outcomes), fut))
+        self._put(_Submission(list(outcomes), fut, replace))
         return fut
 
     def flush(self, timeout: float | None = None) -> None:
@@ -174,8 +167,7 @@ class ResultWriter:
             return
         try:
             self._write(batch)
-        except Exception as exc:  # every failure goes to the futures that wait on this commit
-            error = _translate(exc)
+        except Exception as error:  # every failure goes to the futures that wait on this commit
             if isinstance(error, RetryableError) or len(batch) == 1:
                 log.warning("a commit of %d outcomes failed: %s", sum(len(s.outcomes) for s in batch), error)
                 for sub in batch:
@@ -187,8 +179,12 @@ class ResultWriter:
 
     def _write(self, batch: list[_Submission]) -> None:
         outcomes = [o for sub in batch for o in sub.outcomes]
-        self.db.record_outcomes(outcomes)
+        committed = self.db.record_outcomes(
+            outcomes, replace=[o.sop_instance_uid for sub in batch if sub.replace for o in sub.outcomes])
         self.commits += 1
         self.outcomes_written += len(outcomes)
+        rescued = set(committed.rescued)
         for sub in batch:
-            sub.future.set_result(len(sub.outcomes))
+            mine = tuple(o.sop_instance_uid for o in sub.outcomes if o.sop_instance_uid in rescued)
+            sub.future.set_result(Committed(len(sub.outcomes), mine,
+                                            committed.stale_heatmaps if sub.replace else frozenset()))

@@ -25,6 +25,8 @@ Every message names the bad value, the rule and the fix. Third-party exceptions 
 
 from __future__ import annotations
 
+from neuron.work import Status
+
 
 class NeuronError(Exception):
     """Base of every error Neuron raises on purpose."""
@@ -66,7 +68,7 @@ class OutputUnwritable(NeuronError):
 class InputError(NeuronError):
     """A permanent, per-instance problem with the input; recorded with ``status`` and never retried."""
 
-    status = "failed"
+    status: Status = Status.FAILED
 
     @property
     def reason(self) -> str:
@@ -74,11 +76,11 @@ class InputError(NeuronError):
 
 
 class SkippedInput(InputError):
-    status = "skipped"
+    status = Status.SKIPPED
 
 
 class FailedInput(InputError):
-    status = "failed"
+    status = Status.FAILED
 
 
 class DecodeError(FailedInput):

@@ -1,7 +1,8 @@
 """The message contract between producer and workers, and the Celery app both build (torch-free).
 
-One task, ``neuron.screen_study``, carries IDs only: a study UID and the SOP Instance UIDs to screen. It goes to the
-queue named after the instances' route, so a host consumes only the routes whose models it holds.
+One task, ``neuron.screen_study``, carries IDs only: a ``ScreenStudy`` payload (named and versioned: the SOP Instance
+UIDs of one study and route to screen), sent as the task's keyword arguments. It goes to the queue named after the
+instances' route, so a host consumes only the routes whose models it holds.
 """
 
 from __future__ import annotations
@@ -14,11 +15,52 @@ from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 
-from neuron.routes import Route
 from neuron.settings import Settings
+from neuron.work import Route
 
 SCREEN_STUDY = "neuron.screen_study"
 MAX_INSTANCES_PER_TASK = 64
+
+
+@dataclass(frozen=True)
+class ScreenStudy:
+    """The payload of ``neuron.screen_study``: which instances to screen (a study's, of one route; the worker reads
+    everything else from the database). ``version`` says how to read it; a worker refuses a version it does not know
+    rather than guess."""
+
+    sop_instance_uids: tuple[str, ...]
+    version: int = 1
+
+    VERSIONS = (1,)
+
+    def __post_init__(self) -> None:
+        if self.version not in self.VERSIONS:
+            raise ValueError(f"{SCREEN_STUDY} payload version {self.version!r} is not one this worker reads "
+                             f"({', '.join(map(str, self.VERSIONS))}); upgrade the worker to the producer's release")
+        if not self.sop_instance_uids or not all(isinstance(u, str) and u for u in self.sop_instance_uids):
+            raise ValueError(f"{SCREEN_STUDY} payload needs a non-empty list of SOP Instance UIDs")
+        if len(self.sop_instance_uids) > MAX_INSTANCES_PER_TASK:
+            raise ValueError(f"{SCREEN_STUDY} payload holds {len(self.sop_instance_uids)} instances, over the "
+                             f"{MAX_INSTANCES_PER_TASK} a task carries")
+
+    def kwargs(self) -> dict:
+        """The task's keyword arguments: JSON-serialisable, named."""
+        return {"version": self.version, "sop_instance_uids": list(self.sop_instance_uids)}
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> ScreenStudy:
+        unknown = set(kwargs) - {"version", "sop_instance_uids"}
+        if unknown:
+            raise ValueError(f"{SCREEN_STUDY} payload has unknown fields {sorted(unknown)}")
+        return cls(tuple(kwargs.get("sop_instance_uids") or ()), kwargs.get("version", 1))
+
+    @classmethod
+    def from_body(cls, body: object) -> ScreenStudy:
+        """The payload inside a message body as Celery's protocol 2 sends it: ``[args, kwargs, embed]``."""
+        args, kwargs = body[0], body[1]  # type: ignore[index]
+        if args:
+            raise ValueError(f"{SCREEN_STUDY} takes keyword arguments only, got {len(args)} positional")
+        return cls.from_kwargs(kwargs)
 
 
 def queue_for(route: Route | str) -> str:
@@ -143,8 +185,8 @@ def unacknowledged_tasks(settings: Settings) -> dict[str, tuple[int, float]] | N
             body = message["body"]
             if message.get("properties", {}).get("body_encoding") == "base64":
                 body = base64.b64decode(body)
-            args = json.loads(body)[0]
-            out[message["headers"]["id"]] = (len(args[1]), delivered.get(tag, 0.0))
+            payload = ScreenStudy.from_body(json.loads(body))
+            out[message["headers"]["id"]] = (len(payload.sop_instance_uids), delivered.get(tag, 0.0))
         except (ValueError, KeyError, IndexError, TypeError):  # not a Neuron task: count it, it holds no instances
             out[tag.decode(errors="replace")] = (0, delivered.get(tag, 0.0))
     return out

@@ -1,24 +1,16 @@
 """Which model route an instance goes to, decided from DICOM attributes alone (torch-free).
 
-Routing never looks at pixels: Modality and BodyPartExamined decide, as NOTES 13 asks. The pixel check that an image
+Routing never looks at pixels: Modality and BodyPartExamined decide (a colour-saturation test cannot: real echo
+ultrasound is colourful, a grayscale photograph is not). The pixel check that an image
 sent to a grayscale model really is grayscale happens later, on the device (``neuron_models.preprocess``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from neuron.errors import SkippedInput
-
-
-class Route(str, Enum):
-    """Model routes; the values are the strings stored in the database."""
-
-    CHEST_XRAY = "chest-xray"
-    MRI_US = "mri-us"
-    SKIN = "skin"
-
+from neuron.work import Route
 
 CHEST_MODALITIES = frozenset({"CR", "DX"})
 MRI_US_MODALITIES = frozenset({"MR", "US"})
@@ -60,5 +52,5 @@ def route_for(facts: RoutingFacts) -> Route:
 
 
 # Routes that have a model in the registry (whether or not a checkpoint is trained for it). The producer never imports
-# torch, so it reads this instead of the registry; a test checks it against neuron_models.registry.
+# torch, so it reads this instead of the registry; a test checks it against neuron_models.factory.list_models.
 MODEL_ROUTES = frozenset(Route)

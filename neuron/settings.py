@@ -1,7 +1,9 @@
-"""One frozen settings object, read from the environment once at process start and passed down (STYLE 10).
+"""One frozen settings object, read from the environment once at process start and passed down.
 
 Precedence: explicit keyword arguments (the CLI's flags) > environment variables > defaults. Every environment
-variable Neuron reads is listed in ``ENVIRONMENT`` and documented in the README.
+variable Neuron reads is listed in ``ENVIRONMENT`` and documented in the README. This is the only module that reads
+the process environment (a test checks it), and the only one that sets variables other libraries read
+(``apply_cache_environment``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron.errors import ConfigError
+from neuron.work import Route
 
 
 class WeightsMode(str, Enum):
@@ -56,6 +59,14 @@ ENVIRONMENT = {
     "NEURON_PATIENT_KEY": "secret for --patient-key: the Patient ID is stored only as HMAC-SHA256(secret, ID), so "
                           "one patient's studies can be grouped without storing who it is",
     "NEURON_REVIEW_TOKEN": "token that `neuron review` requires for writing verdicts (unset: read-only)",
+}
+
+# Variables of other programs that Neuron honours, read here with its own.
+FOREIGN_ENVIRONMENT = {
+    "XDG_CACHE_HOME": "the user's cache folder (XDG Base Directory Specification); a worker without an output folder "
+                      "keeps its caches in $XDG_CACHE_HOME/neuron (default ~/.cache/neuron)",
+    "HF_HUB_OFFLINE": "set to 0/false/no/off to let `neuron train` download ImageNet weights through huggingface_hub; "
+                      "otherwise only its local cache is used",
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -143,14 +154,20 @@ class Settings:
     model_dir: Path | None = None
     mc_dropout: int = 0
     review_threshold: float = 0.1
-    route_override: str | None = None
+    route_override: Route | None = None
     follow_links: bool = False  # symbolic links in a scanned folder (producer.scan.iter_files)
     precision: str = "fp32"
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
     metrics_port: int | None = None  # Prometheus /metrics; None: off
-    # the secret of --patient-key (NEURON_PATIENT_KEY); never printed (repr=False), never stored
+    # the secret of --patient-key when the flag is given (``with_patient_key``); never printed, never stored
     patient_key: str | None = field(default=None, repr=False)
+    patient_secret: str | None = field(default=None, repr=False)  # NEURON_PATIENT_KEY, whether or not it is used
+    review_token: str | None = field(default=None, repr=False)  # NEURON_REVIEW_TOKEN
+    metrics_host: str = "127.0.0.1"  # NEURON_METRICS_HOST
+    out_from_env: bool = False  # NEURON_OUT was set: a worker has an output folder
+    user_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "neuron")  # XDG_CACHE_HOME
+    hub_downloads: bool = False  # HF_HUB_OFFLINE set to a false value: training may download ImageNet weights
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
@@ -164,6 +181,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.route_override is not None:
+            object.__setattr__(self, "route_override", Route(self.route_override))
         if self.heatmap_root is not None:
             object.__setattr__(self, "heatmap_root", Path(self.heatmap_root))
         if self.model_dir is not None:
@@ -249,6 +268,17 @@ class Settings:
             values["follow_links"] = _parse_bool("NEURON_FOLLOW_LINKS", env["NEURON_FOLLOW_LINKS"])
         if "NEURON_VISIBILITY_TIMEOUT" in env:
             values["visibility_timeout"] = _parse_int("NEURON_VISIBILITY_TIMEOUT", env["NEURON_VISIBILITY_TIMEOUT"])
+        if env.get("NEURON_PATIENT_KEY"):
+            values["patient_secret"] = env["NEURON_PATIENT_KEY"]
+        if env.get("NEURON_REVIEW_TOKEN", "").strip():
+            values["review_token"] = env["NEURON_REVIEW_TOKEN"].strip()
+        if env.get("NEURON_METRICS_HOST", "").strip():
+            values["metrics_host"] = env["NEURON_METRICS_HOST"].strip()
+        values["out_from_env"] = "NEURON_OUT" in env
+        xdg = env.get("XDG_CACHE_HOME", "")
+        if os.path.isabs(xdg):
+            values["user_cache_dir"] = Path(xdg) / "neuron"
+        values["hub_downloads"] = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
         known = {f.name for f in fields(cls)}
         for key, value in overrides.items():
             if key not in known:
@@ -262,3 +292,31 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    def with_patient_key(self) -> Settings:
+        """--patient-key: keep each study's Patient ID as HMAC-SHA256 under the secret in NEURON_PATIENT_KEY, taken
+        from the environment only (a command line is visible to every user of the host)."""
+        secret = self.patient_secret or ""
+        if len(secret) < 16:
+            raise ConfigError(
+                "--patient-key needs a secret of at least 16 characters in NEURON_PATIENT_KEY (it is "
+                f"{'unset' if not secret else f'{len(secret)} characters'}); generate one with `python3 -c "
+                "'import secrets; print(secrets.token_hex(32))'`, keep it with the database's credentials and use "
+                "the same one for every scan, or the keys of one patient will not match")
+        return replace(self, patient_key=secret)
+
+
+def foreign_environment() -> dict[str, str]:
+    """This process's environment without Neuron's own variables: for a child process that must get its Neuron
+    settings only from its caller (a benchmark's worker), never from a stray NEURON_HEATMAP_DIR or path map."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+
+
+def apply_cache_environment(cache: Path) -> None:
+    """Nothing is written outside the output folder: importing timm makes torch create its compiler cache folder in
+    the system temp folder (TORCHINDUCTOR_CACHE_DIR), and matplotlib (training curves) keeps a font cache in the home
+    folder (MPLCONFIGDIR). Both go under CACHE unless the user has placed them. Call before the first torch-heavy
+    import."""
+    cache = Path(cache).resolve()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torch"))
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))

@@ -2,9 +2,12 @@
 
 For a global-average-pool + linear head, Grad-CAM on the rectified final feature map A equals CAM from the classifier
 weights: the gradient of logit k with respect to A_c is W[k, c] / (h*w) everywhere, so the Grad-CAM weights are the
-classifier weights up to one positive scale, which the min-max normalisation removes (NOTES 8). Every label's map
+classifier weights up to one positive scale, which the min-max normalisation removes (Zhou et al. 2016, "Learning
+Deep Features for Discriminative Localization"; Selvaraju et al. 2017, Grad-CAM, section 3.1). Every label's map
 therefore comes out of the forward pass, with no backward pass and no hooks, and the same tensors on CPU and GPU.
-The tests check this against the ``grad-cam`` package on a layer where both are well defined (NOTES 7).
+The tests check this against the ``grad-cam`` package on a layer whose output nothing modifies in place: that package
+keeps activations with ``.cpu()``, which aliases an in-place ReLU's tensor on the CPU and copies it on CUDA, so at
+torchxrayvision's ``features[-1]`` (followed by ``relu(inplace=True)``) its maps depend on the device.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 There are no public medical weights for these heads, so a route is only as good as the checkpoint its user trained:
 without one, its instances are skipped with a reason saying how to train it. 3 channels, ImageNet normalisation,
-softmax over classes (single-label), CAM on the final activation (after ``bn2``, NOTES 12). Several checkpoints for one
-route make an ensemble: probabilities are averaged, the heatmap is the average of the members' maps, and every member
-is recorded.
+softmax over classes (single-label), CAM on the final activation (after ``bn2``: timm's
+``EfficientNet.forward_features`` ends ``conv_head -> bn2``, and ``blocks[-1]`` comes before that last 1x1 conv).
+Several checkpoints for one route make an ensemble: probabilities are averaged, the heatmap is the average of the
+members' maps, and every member is recorded.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from neuron.errors import ModelUnavailable
-from neuron.routes import Route
 from neuron.settings import Settings
+from neuron.work import Route
 from neuron_models.checkpoint import Checkpoint, require_checkpoints
 from neuron_models.registry import UNTRAINED, ModelConfig, ScreeningModel, register_model
 from neuron_models.tta import CHEST_XRAY_VIEWS, SKIN_VIEWS

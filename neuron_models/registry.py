@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neuron.routes import Route
 from neuron.settings import Settings, WeightsMode
+from neuron.work import Route
 from neuron_models import dropout
 from neuron_models.preprocess import PreprocessConfig
 from neuron_models.tta import TTAPolicy, View
@@ -147,41 +147,17 @@ def register_model(config: ModelConfig, probe: Probe | None = None) -> Callable[
     return decorator
 
 
-def unavailable_reason(name: str, settings: Settings) -> str | None:
-    """Why a registered model cannot be built with these settings, found without loading it; None if it may be
-    (weights that turn out missing or corrupt still fail when it is built)."""
-    _load_builtin_models()
-    probe = _probes.get(name)
-    return probe(settings) if probe is not None else None
-
-
-def _load_builtin_models() -> None:
-    from neuron_models import effnet, xray  # noqa: F401  (register on import)
-
-
-def list_models() -> list[ModelConfig]:
-    _load_builtin_models()
+def registered_configs() -> list[ModelConfig]:
+    """Every registered model's config, in registration order."""
     return [cfg for cfg, _ in _builders.values()]
 
 
-def model_config(name: str) -> ModelConfig:
-    _load_builtin_models()
+def registered(name: str) -> tuple[ModelConfig, Builder, Probe | None]:
+    """A registered model's config, builder and probe; KeyError naming the registered ones."""
     if name not in _builders:
         raise KeyError(f"unknown model {name!r}; registered: {sorted(_builders)}")
-    return _builders[name][0]
-
-
-def models_for_route(route: Route) -> list[ModelConfig]:
-    return [cfg for cfg in list_models() if cfg.route is route]
-
-
-def create_model(name: str, settings: Settings) -> ScreeningModel:
-    """Build a registered model with the weights ``settings`` ask for; the only constructor."""
-    _load_builtin_models()
-    if name not in _builders:
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(_builders)}")
-    model = _builders[name][1](settings)
-    return model.eval()
+    config, builder = _builders[name]
+    return config, builder, _probes.get(name)
 
 
 def preprocess_config(cfg: ModelConfig, settings: Settings) -> PreprocessConfig:
@@ -203,6 +179,5 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ModelConfig", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "create_model",
-           "list_models", "model_config", "models_for_route", "preprocess_config", "register_model", "sha256_file",
-           "tta_policy", "unavailable_reason"]
+__all__ = ["ModelConfig", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "preprocess_config",
+           "register_model", "registered", "registered_configs", "sha256_file", "tta_policy"]

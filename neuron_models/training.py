@@ -1,6 +1,6 @@
-"""``neuron train``: fine-tune an EfficientNet-B4 route with the seed's methodology, every choice a flag.
+"""``neuron train``: fine-tune an EfficientNet-B4 route, every choice a flag.
 
-Defaults are the seed's: cross-entropy with label smoothing 0.1, AdamW (lr 1e-4, weight decay 1e-5),
+Defaults: cross-entropy with label smoothing 0.1, AdamW (lr 1e-4, weight decay 1e-5),
 CosineAnnealingWarmRestarts (T_0=5, T_mult=2), mixed precision on CUDA, optional class weights, gradient
 accumulation, frozen early stages and a lower backbone learning rate. Images go through the same preprocessing as
 inference (``prepare_batch``), then augmentation (affine, perspective, flips where the route allows).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,12 +49,13 @@ class TrainConfig:
     t_mult: int = 2
     accumulate: int = 1
     freeze: int = 0  # freeze the stem and the first N of the 7 block stages
-    drop_rate: float = 0.3  # the seed's advice against overfitting; also what makes MC dropout possible
+    drop_rate: float = 0.3  # against overfitting small medical sets; also what makes MC dropout possible
     input_size: int = 224
     val_fraction: float = 0.2
     augment: bool = True
     amp: bool = True  # used on CUDA only
     from_scratch: bool = False
+    hub_downloads: bool = False  # let huggingface_hub download ImageNet weights (Settings.hub_downloads)
     seed: int = 0
     clahe: bool = True
 
@@ -125,13 +125,14 @@ def make_loss(cfg: TrainConfig, train_labels: Sequence[int], n_classes: int) -> 
 
 
 @contextmanager
-def _hub_offline():
+def _hub_offline(allow_downloads: bool):
     """The local Hugging Face cache only, never a download at run time, unless HF_HUB_OFFLINE is set to a false value
-    (0, false, no, off) by someone whose machine may download. huggingface_hub reads the variable once, at import
-    (timm imports it), so setting it later does nothing: its module constant is set for the duration instead."""
+    (0, false, no, off: ``Settings.hub_downloads``) by someone whose machine may download. huggingface_hub reads the
+    variable once, at import (timm imports it), so setting it later does nothing: its module constant is set for the
+    duration instead."""
     from huggingface_hub import constants
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off"):
+    if allow_downloads:
         yield
         return
     saved = constants.HF_HUB_OFFLINE
@@ -149,7 +150,7 @@ def starting_net(n_classes: int, cfg: TrainConfig) -> nn.Module:
             torch.manual_seed(cfg.seed)
             return create_net(n_classes, cfg.drop_rate)
     try:
-        with _hub_offline():
+        with _hub_offline(cfg.hub_downloads):
             return create_net(n_classes, cfg.drop_rate, pretrained=True)
     except Exception as exc:
         raise WeightsError(

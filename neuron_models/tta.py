@@ -1,8 +1,10 @@
 """Deterministic test-time augmentation: fixed views, averaged; their spread is the uncertainty.
 
-The seed drew random flips, rotations and jitter, so every run gave another answer (NOTES 6). These views are fixed.
-Chest X-rays get no horizontal flip: anatomy is not mirror-symmetric and the torchxrayvision weights never saw flips
-(NOTES 5); a second brightness factor takes its place. Skin photographs keep the flip.
+Random flips, rotations and jitter (torchvision's RandomRotation, ColorJitter) give another answer on every run, so
+these views are fixed, and the policy is stored with each result. Chest X-rays get no horizontal flip: anatomy is not
+mirror-symmetric and the torchxrayvision weights were trained with rotation, translation and scale but no flips
+(torchxrayvision ``scripts/train_model.py``); a second brightness factor takes its place. Skin photographs keep the
+flip.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class View:
 
 
 IDENTITY = View(ViewKind.IDENTITY)
-# The seed's five views (original, flip, rotate +5, rotate -5, brightness jitter 0.1), made fixed.
+# Five views (original, flip, rotate +5, rotate -5, brightness 0.1), each a fixed transform.
 CHEST_XRAY_VIEWS = (IDENTITY, View(ViewKind.ROTATE, 5.0), View(ViewKind.ROTATE, -5.0),
                     View(ViewKind.BRIGHTNESS, 1.1), View(ViewKind.BRIGHTNESS, 0.9))
 SKIN_VIEWS = (IDENTITY, View(ViewKind.HFLIP), View(ViewKind.ROTATE, 5.0), View(ViewKind.ROTATE, -5.0),

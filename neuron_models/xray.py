@@ -1,7 +1,8 @@
 """Chest X-ray route: torchxrayvision DenseNet121 ``densenet121-res224-all``.
 
-Input contract (NOTES 1-4): one channel, 224x224, values in [-1024, 1024]; outputs are sigmoid probabilities rescaled
-by ``op_norm`` so that 0.5 is each label's calibrated operating point. Never a softmax across labels.
+Input contract (torchxrayvision README "Getting started", ``datasets.normalize``, ``models.py``): one channel, 224x224,
+values in [-1024, 1024]; outputs are sigmoid probabilities rescaled by ``op_norm`` so that 0.5 is each label's
+calibrated operating point (torchxrayvision issues #8, #96, #151). Never a softmax across labels.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 import torchxrayvision as xrv
 
 from neuron.errors import WeightsError
-from neuron.routes import Route
 from neuron.settings import Settings, WeightsMode
+from neuron.work import Route
 from neuron_models.registry import UNTRAINED, ModelConfig, ScreeningModel, register_model, sha256_file
 from neuron_models.tta import CHEST_XRAY_VIEWS
 
@@ -57,7 +58,7 @@ class XRVDenseNet(ScreeningModel):
         self.config = CONFIG
         self.weights_id = weights_id
         labels = [str(x) for x in getattr(net, "pathologies", CONFIG.class_names)]
-        # Some weights mark untrained outputs with '' (NOTES 2): keep only the named ones.
+        # Some weights mark untrained outputs with '' in ``model.pathologies``: keep only the named ones.
         keep = [i for i, name in enumerate(labels) if name]
         self.class_names = tuple(labels[i] for i in keep)
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long), persistent=False)
@@ -65,7 +66,7 @@ class XRVDenseNet(ScreeningModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # xrv applies relu(inplace=True) to features.norm5's output; doing it out of place here keeps the tensor
-        # every consumer sees the same on CPU and GPU (NOTES 7).
+        # every consumer sees the same on CPU and GPU (an in-place op aliases the stored activation on the CPU only).
         return F.relu(self.net.features(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ from celery import Celery
 
 from db.store import Database
 from neuron.errors import BrokerUnavailable
-from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, queue_for
+from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, ScreenStudy, queue_for
 from neuron.routes import MODEL_ROUTES
+from neuron.work import Requeue, Route
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +58,14 @@ def wait_for_broker(app: Celery, wait_s: float = BROKER_WAIT_SECONDS, clock: Cal
 def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = None,
                     broker_wait_s: float = BROKER_WAIT_SECONDS) -> int:
     """Queue every pending instance (of the given studies, or all). Returns the number of tasks sent.
-    Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``.
-
-    First, a failed instance whose SOP Instance UID a ``duplicate`` file also holds is put back in line from that
-    file, whatever its study: a corrupt copy indexed first (or a good copy that arrived after the corrupt one failed)
-    must not leave the instance without findings.
+    Instances are marked ``queued`` and committed first; a send that fails puts them back to ``pending``
+    (``Requeue.SEND_FAILED``). An instance rescued from a duplicate copy is pending like any other (``db.store``
+    decides that when the failure or the copy is recorded).
 
     An unreachable broker is waited for (``wait_for_broker``) before anything is marked queued."""
-    routes = [r.value for r in MODEL_ROUTES]
-    rescued = set(db.retry_failed_from_duplicates())
-    if rescued:
-        log.info("%d failed instances have another copy: screening them from it", len(rescued))
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for study, route, uid in db.pending_by_study(routes, study_uids):
+    groups: dict[tuple[Route, str], list[str]] = defaultdict(list)
+    for study, route, uid in db.pending_by_study(MODEL_ROUTES, study_uids):
         groups[(route, study)].append(uid)
-    if rescued and study_uids is not None:
-        for study, route, uid in db.pending_by_study(routes):
-            if uid in rescued and uid not in groups[(route, study)]:
-                groups[(route, study)].append(uid)
     sent = 0
     tasks = [(route, study, uids[start:start + MAX_INSTANCES_PER_TASK])
              for (route, study), uids in sorted(groups.items())
@@ -86,11 +77,12 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
     with app.producer_or_acquire() as producer:
         for block in _blocks(tasks):
             db.mark_queued([uid for _, _, chunk in block for uid in chunk])
-            for i, (route, study, chunk) in enumerate(block):
+            for i, (route, _study, chunk) in enumerate(block):
                 try:
-                    app.send_task(SCREEN_STUDY, args=[study, chunk], queue=queue_for(route), producer=producer)
+                    app.send_task(SCREEN_STUDY, kwargs=ScreenStudy(tuple(chunk)).kwargs(), queue=queue_for(route),
+                                  producer=producer)
                 except Exception:
-                    db.mark_pending([uid for _, _, unsent in block[i:] for uid in unsent])
+                    db.requeue(Requeue.SEND_FAILED, sop_uids=[uid for _, _, unsent in block[i:] for uid in unsent])
                     raise
                 sent += 1
     if sent:
@@ -101,9 +93,9 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
 SEND_BLOCK_INSTANCES = 2_000
 
 
-def _blocks(tasks: list[tuple[str, str, list[str]]]) -> list[list[tuple[str, str, list[str]]]]:
+def _blocks(tasks: list[tuple[Route, str, list[str]]]) -> list[list[tuple[Route, str, list[str]]]]:
     """Consecutive tasks holding about SEND_BLOCK_INSTANCES instances together (one commit each)."""
-    blocks: list[list[tuple[str, str, list[str]]]] = [[]]
+    blocks: list[list[tuple[Route, str, list[str]]]] = [[]]
     size = 0
     for task in tasks:
         if size >= SEND_BLOCK_INSTANCES:

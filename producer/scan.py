@@ -6,6 +6,8 @@ files), when pydicom can parse it and it carries a SOP Instance UID. Extensions 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -14,18 +16,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from datetime import date
 from multiprocessing import get_context
 from pathlib import Path
 
 import pydicom
 from pydicom.multival import MultiValue
 
-from db.schema import Status
-from db.store import Database, FileEntry, InstanceEntry, InstanceHeader, printable
-from db.studies import StudyHeader, parse_da, patient_key
+from db.store import Database
 from neuron.errors import FailedInput, InputError, SkippedInput
 from neuron.photos import photo_kind, photo_uids
-from neuron.routes import Route, RoutingFacts, route_for
+from neuron.routes import RoutingFacts, route_for
+from neuron.work import FileEntry, InstanceEntry, InstanceHeader, Route, Status, StudyHeader, printable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,25 @@ def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
         columns=_int_or_none(ds.get("Columns")),
         frames=max(1, frames),
     )
+
+
+def patient_key(secret: str, patient_id: str | None) -> str | None:
+    """HMAC-SHA256(secret, Patient ID) as hex: the same patient gives the same key under the same secret, and the key
+    reveals nothing about the ID without the secret (a plain hash of an ID would: IDs are short and guessable)."""
+    if not patient_id:
+        return None
+    return hmac.new(secret.encode(), patient_id.strip().encode(), hashlib.sha256).hexdigest()
+
+
+def parse_da(value: object) -> date | None:
+    """A DICOM DA value (YYYYMMDD; the old YYYY.MM.DD form too) as a date, None when absent or not a real date."""
+    text = str(value or "").strip().replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
 
 
 def study_from_dataset(ds: pydicom.Dataset, study_uid: str, patient_secret: str | None = None) -> StudyHeader:
@@ -288,7 +309,7 @@ def index_entry(path: Path, route_override: Route | None = None, patient_secret:
         reason = exc.reason
         if isinstance(exc, SkippedInput) and photo_kind(path) is not None:
             reason += "; a folder of JPEG/PNG photographs is screened with --route skin"
-        return FileEntry(**base, status=Status(exc.status), reason=reason)
+        return FileEntry(**base, status=exc.status, reason=reason)
     except OSError as exc:
         return _unreadable(path, st, exc)
     except Exception as exc:  # one file must never stop the walk; recorded, with the traceback logged
@@ -301,7 +322,7 @@ def index_entry(path: Path, route_override: Route | None = None, patient_secret:
         status, reason = Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
-    inst = InstanceEntry(h, route=route.value if route else None, status=status, reason=reason, study=study)
+    inst = InstanceEntry(h, route=route, status=status, reason=reason, study=study)
     return FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
 
 

@@ -20,8 +20,8 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from db.store import Database
-from neuron.routes import Route
 from neuron.settings import Settings
+from neuron.work import Route
 from producer.enqueue import enqueue_pending
 from producer.scan import index_entry, iter_files
 
@@ -71,7 +71,6 @@ class FolderWatcher:
         self.observer = PollingObserver(timeout=0.5) if poll else Observer()
         self.candidates: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
         self.studies: dict[str, float] = {}  # study UID -> time its last file was indexed
-        self.last_rescue = float("-inf")
 
     def start(self) -> None:
         """Watch, then take what was already there: new or changed files go through the same stability rule as
@@ -118,18 +117,10 @@ class FolderWatcher:
                     self.studies[entry.instance.header.study_instance_uid] = now
         quiet = {s for s, t in self.studies.items() if now - t >= self.settings.watch_quiet_seconds}
         if not quiet:
-            return self._rescue(now)
+            return 0
         for s in quiet:
             del self.studies[s]
         return enqueue_pending(self.db, self.app, study_uids=quiet)
-
-    def _rescue(self, now: float) -> int:
-        """Every ``watch_quiet_seconds``: an instance a worker failed since, whose good copy is already indexed as a
-        duplicate (a truncated copy arrived first), is sent again from that copy. enqueue_pending does the rescue."""
-        if now - self.last_rescue < self.settings.watch_quiet_seconds:
-            return 0
-        self.last_rescue = now
-        return enqueue_pending(self.db, self.app, study_uids=set())
 
     def run(self, should_stop: Callable[[], bool] = lambda: False, interval: float = 0.25,
             on_ready: Callable[[], None] | None = None) -> None:

@@ -4,7 +4,8 @@ Reading needs no login on loopback; a server that listens beyond it is ``private
 token too. Writing a verdict needs the token of NEURON_REVIEW_TOKEN, sent as ``Authorization: Bearer``,
 as a ``token`` form field, or as the cookie the sign-in form sets (HttpOnly, SameSite=Strict, holding a keyed hash of
 the token, not the token). Without a configured token the app is read-only. Heatmaps are addressed by prediction id;
-the stored path is looked up, mapped to this host and served only when it resolves inside the heatmap folder.
+the stored path is looked up, mapped to this host and served only when it resolves inside one of the heatmap folders
+the runs recorded (``HeatmapFolders``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.templating import Jinja2Templates
 from db import review as queries
 from db.store import Database
 from neuron.settings import Settings
+from neuron.work import POSITIVE
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -83,6 +85,7 @@ def _templates() -> Jinja2Templates:
     env.filters["num"] = lambda v, d=3: "" if v is None else f"{v:.{d}f}"
     env.filters["when"] = lambda v: "" if v is None else v.strftime("%Y-%m-%d %H:%M")
     env.filters["short"] = lambda v, n=12: "" if v is None else (v if len(v) <= n else v[:n] + "\u2026")
+    env.globals["positive"] = POSITIVE  # the one operating point, as in the views
     return Jinja2Templates(env=env)
 
 
@@ -98,6 +101,32 @@ PRIVATE = ("this review server listens beyond loopback, so reading needs the rev
            "of the page with your name and the value of NEURON_REVIEW_TOKEN")
 
 
+class HeatmapFolders:
+    """Where heatmaps may be served from: the folders the screening runs and workers wrote into, as they recorded
+    them in the database (mapped to this host), and the review's own --heatmap-dir. The file a finding records is
+    served only when it resolves inside one of them; a request never names a path. Read again when a file is not
+    inside the folders known so far (a run started after the review may have added one), at most once a second."""
+
+    def __init__(self, database: Database, settings: Settings, clock=time.monotonic):
+        self.database, self.settings, self.clock = database, settings, clock
+        self.roots: tuple[Path, ...] = ()
+        self._read_at = float("-inf")
+        self._read()
+
+    def _read(self) -> None:
+        recorded = [Path(self.settings.to_local(p)).resolve() for p in self.database.heatmap_folders()]
+        self.roots = tuple(dict.fromkeys([self.settings.heatmap_dir.resolve(), *recorded]))
+        self._read_at = self.clock()
+
+    def holds(self, path: Path) -> bool:
+        if any(path.is_relative_to(root) for root in self.roots):
+            return True
+        if self.clock() - self._read_at >= 1.0:
+            self._read()
+            return any(path.is_relative_to(root) for root in self.roots)
+        return False
+
+
 def create_app(database: Database, settings: Settings, token: str | None, private: bool = False) -> Starlette:
     """``private``: every page and heatmap needs the token (sign-in cookie or Bearer), not only verdicts; for a server
     that other machines reach (``neuron review --host`` other than loopback)."""
@@ -105,7 +134,7 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         raise ValueError("a private review server needs a token to sign in with")
     config = ReviewConfig(database, settings, token or None, private)
     templates = _templates()
-    heatmap_root = settings.heatmap_dir.resolve()
+    folders = HeatmapFolders(database, settings)
 
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         context.update(writable=config.writable, signed_in=_signed_in(request),
@@ -192,11 +221,11 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         if stored is None:
             raise HTTPException(404, "this finding has no heatmap")
         path = Path(config.settings.to_local(stored)).resolve()
-        if not path.is_relative_to(heatmap_root) or not path.is_file():
-            # a path outside the folder (a tampered row, a symbolic link out) is answered like a missing one
-            log.warning("heatmap of finding %s is not a file inside %s; not served",
-                        request.path_params["prediction_id"], heatmap_root)
-            raise HTTPException(404, "heatmap not found in the heatmap folder")
+        if not folders.holds(path) or not path.is_file():
+            # a path outside the folders (a tampered row, a symbolic link out) is answered like a missing one
+            log.warning("heatmap of finding %s is not a file inside the heatmap folders (%s); not served",
+                        request.path_params["prediction_id"], ", ".join(map(str, folders.roots)))
+            raise HTTPException(404, "heatmap not found in the heatmap folders")
         return path
 
     def heatmap(request: Request) -> Response:

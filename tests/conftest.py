@@ -1,4 +1,4 @@
-"""Shared fixtures: real DICOMs from pydicom and pydicom-data, copies derived from them, one untrained engine.
+"""Shared fixtures: real DICOMs from pydicom and pydicom-data, copies derived from them, the untrained models.
 
 Derived files keep the real pixels of the source (RG1, a CR chest radiograph) and change only what a test needs:
 size, photometric interpretation, transfer syntax, UIDs. See tests/data/README.md for provenance.
@@ -116,18 +116,29 @@ def untrained_settings(tmp_path_factory) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def engine(untrained_settings):
-    from worker.engine import Engine
+def models(untrained_settings):
+    """Every route's untrained model on the CPU, loaded once for the session; pipelines with other run settings are
+    built over them (``Pipeline(models, settings)``)."""
+    from worker.models import Models
 
-    return Engine.from_settings(untrained_settings)
+    return Models.from_settings(untrained_settings)
 
 
 @pytest.fixture(scope="session")
-def engine_plain(untrained_settings):
-    """CLAHE and TTA off: the path torchxrayvision's reference code takes."""
-    from worker.engine import Engine
+def job(models):
+    """The device job over the session's models: ``job.infer(route, frames)`` runs one batch synchronously."""
+    from worker.device import DeviceJob
 
-    return Engine.from_settings(untrained_settings.with_(clahe=False, tta=False))
+    return DeviceJob(models)
+
+
+@pytest.fixture(scope="session")
+def job_plain(untrained_settings):
+    """CLAHE and TTA off: the path torchxrayvision's reference code takes."""
+    from worker.device import DeviceJob
+    from worker.models import Models
+
+    return DeviceJob(Models.from_settings(untrained_settings.with_(clahe=False, tta=False)))
 
 
 @pytest.fixture(scope="session")

@@ -398,8 +398,8 @@ class Result:
 
 def read_case(path: Path, index: int, case: str) -> Result:
     """The header pass, then (for a file it keeps) the decode the readers do, on one file; never raises."""
-    from db.schema import Status
     from neuron.errors import InputError, NeuronError, RetryableError
+    from neuron.work import Status
     from neuron_models.image import DecodedFrame
     from producer.scan import index_entry
     from worker.decode import decode_instance

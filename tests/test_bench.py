@@ -18,7 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from typer.testing import CliRunner
 
 from neuron import synthetic
-from neuron.routes import Route, RoutingFacts, route_for
+from neuron.routes import RoutingFacts, route_for
+from neuron.work import Route
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +131,13 @@ def test_batch_fill_and_first_batch_are_read_from_the_worker_log():
 
 
 @pytest.mark.timeout(300)  # the session engine may be loaded here first
-def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(engine, tmp_path):
+def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(models, tmp_path):
     from worker.bench import REQUIRED_KEYS, BenchConfig, run_bench
 
     md = tmp_path / "BENCHMARKS.md"
     cfg = BenchConfig(n=4, size=256, batch_size=4, modes=("embedded",), out=tmp_path / "results",
                       workdir=tmp_path / "work", append=False, benchmarks_md=md)
-    results = run_bench(cfg, engine=engine, say=lambda _: None)
+    results = run_bench(cfg, models=models, say=lambda _: None)
     files = list((tmp_path / "results").glob("*-cpu.json"))
     assert len(files) == 1 and json.loads(files[0].read_text()) == results
     assert {(r["mode"], r["archive"]) for r in results} == {("embedded", "uncompressed"), ("embedded", "jpeg2000")}
@@ -156,7 +157,8 @@ def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(engine, tmp
 
 
 def test_bench_refuses_an_unknown_archive_flavour(tmp_path, monkeypatch):
-    from neuron.cli import EXIT_USAGE, app
+    from neuron_cli import app
+    from neuron_cli.common import EXIT_USAGE
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch"))
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))

@@ -27,10 +27,10 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 @pytest.fixture(scope="module")
-def dicom_run(tmp_path_factory, chest_small, untrained_settings, engine):
+def dicom_run(tmp_path_factory, chest_small, untrained_settings, models):
     """One embedded run over two studies: A holds a MONOCHROME1 CR and its MONOCHROME2 twin, B one CR of a named
     patient. Returns (settings, {name: source path})."""
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
     root = tmp_path_factory.mktemp("dicom_archive")
     study_a = generate_uid()
@@ -40,7 +40,7 @@ def dicom_run(tmp_path_factory, chest_small, untrained_settings, engine):
                                PatientID=PATIENT_ID)
     out = tmp_path_factory.mktemp("dicom_results")
     settings = untrained_settings.with_(out_dir=out, dicom_out=out / "dicom")
-    run_folder(root, settings, engine=Engine(settings, engine.routes, engine.device, engine.unavailable))
+    run_folder(root, settings, pipeline=Pipeline(models, settings))
     return settings, sources
 
 
@@ -165,9 +165,9 @@ def test_each_study_report_holds_every_finding_with_its_probability_and_uncertai
     assert PATIENT_ID in patients
 
 
-def test_file_names_hold_no_patient_data_and_writing_again_overwrites_the_same_files(dicom_run, engine):
+def test_file_names_hold_no_patient_data_and_writing_again_overwrites_the_same_files(dicom_run, models):
     from worker.dicom_out import DicomWriter
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
     settings, sources = dicom_run
     before = {p: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in outputs(settings)}
@@ -186,7 +186,7 @@ def test_file_names_hold_no_patient_data_and_writing_again_overwrites_the_same_f
     assert not [p for p in Path(settings.dicom_out).rglob("*") if p.name.endswith(".tmp")]
     # a re-run of the folder screens nothing again and adds no outputs
     run_folder(sources["a1"].parent.parent, settings,
-               engine=Engine(settings, engine.routes, engine.device, engine.unavailable))
+               pipeline=Pipeline(models, settings))
     assert outputs(settings) == sorted(before)
 
 
@@ -227,11 +227,11 @@ def test_an_unwritable_dicom_folder_stops_before_screening_with_the_fix(tmp_path
 
 def test_a_study_with_an_instance_of_a_route_without_a_model_still_gets_its_report(tmp_path, chest_small,
                                                                                   test_files_dir, untrained_settings,
-                                                                                  engine):
+                                                                                  models):
     """The outputs are written by background processes as results commit, and a study's report only once none of its
     instances waits; an MR of the same study (its route has no model here) waits until the run skips it at the end,
     and the run's last pass still writes the study's report, from the CR's findings."""
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
     study = generate_uid()
     root = tmp_path / "archive"
@@ -241,7 +241,7 @@ def test_a_study_with_an_instance_of_a_route_without_a_model_still_gets_its_repo
     mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
     mr.save_as(root / "mr.dcm", enforce_file_format=True)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", dicom_out=tmp_path / "out" / "dicom")
-    run_folder(root, settings, engine=Engine(settings, engine.routes, engine.device, engine.unavailable))
+    run_folder(root, settings, pipeline=Pipeline(models, settings))
     with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
         statuses = dict(conn.execute("select modality, status from instances"))
     assert statuses == {"CR": "done", "MR": "skipped"}

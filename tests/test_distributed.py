@@ -93,13 +93,13 @@ def make_archive(root: Path, chest: Path, studies: int, per_study: int = 1) -> i
 
 
 def test_model_routes_match_the_registry():
-    from neuron_models.registry import list_models
+    from neuron_models.factory import list_models
 
     assert {cfg.route for cfg in list_models()} == set(MODEL_ROUTES)
 
 
 def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_small, data_dir, untrained_settings,
-                                                           engine):
+                                                          models):
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=3, per_study=2)
     shutil.copy(data_dir / "693_J2KR.dcm", folder / "ct.dcm")
@@ -130,9 +130,9 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     assert len(list((tmp_path / "dicom").rglob("sc-*.dcm"))) == n
 
     local = untrained_settings.with_(out_dir=tmp_path / "embedded")
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
-    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device, engine.unavailable))
+    run_folder(folder, local, pipeline=Pipeline(models, local))
     import sqlite3
 
     with sqlite3.connect(local.out_dir / "neuron.db") as conn:
@@ -466,7 +466,7 @@ def corrupt_first_copy(folder: Path, chest: Path) -> tuple[Path, Path]:
 
 
 def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate_in_the_distributed_mode(
-        env, tmp_path, chest_small, untrained_settings, engine):
+        env, tmp_path, chest_small, untrained_settings, models):
     """`neuron scan` + `neuron worker` end as `neuron run` does: findings for the radiograph from the good copy, the
     truncated file failed with the reason and the copy that was screened instead; ingest_status row for row."""
     import sqlite3
@@ -489,9 +489,9 @@ def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate_in_the_distributed_
     assert no_duplicate_rows(env)
 
     local = untrained_settings.with_(out_dir=tmp_path / "embedded")
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
-    run_folder(folder, local, engine=Engine(local, engine.routes, engine.device, engine.unavailable))
+    run_folder(folder, local, pipeline=Pipeline(models, local))
     with sqlite3.connect(local.out_dir / "neuron.db") as conn:
         embedded = {Path(p).name: (s, r) for p, s, r in conn.execute(
             "select file_path, status, reason from ingest_status")}

@@ -1,4 +1,4 @@
-"""`neuron export` (issue 9): CSV and Parquet exports equal the view for the same filter, on SQLite and on a real
+"""`neuron export`: CSV and Parquet exports equal the view for the same filter, on SQLite and on a real
 PostgreSQL (tests/services.py), from the results of a real pipeline run; the filter only reads."""
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ BOOLEANS, TIMESTAMPS, FLOATS = {"untrained", "needs_review"}, {"processed_at"}, 
 
 
 @pytest.fixture(scope="module")
-def databases(tmp_path_factory, servers, chest_small, engine, untrained_settings) -> dict[str, str]:
+def databases(tmp_path_factory, servers, chest_small, models, untrained_settings) -> dict[str, str]:
     """One real run of two studies into SQLite and into PostgreSQL: {dialect: URL}."""
     from worker.embedded import run_folder
+    from worker.pipeline import Pipeline
 
     from .services import reset_postgres
 
@@ -34,13 +35,14 @@ def databases(tmp_path_factory, servers, chest_small, engine, untrained_settings
     reset_postgres(pg)
     urls = {"sqlite": f"sqlite:///{tmp / 'neuron.db'}", "postgresql": pg}
     for url in urls.values():
-        run_folder(tmp / "archive", untrained_settings.with_(database_url=url, out_dir=tmp / "out"), engine=engine)
+        settings = untrained_settings.with_(database_url=url, out_dir=tmp / "out")
+        run_folder(tmp / "archive", settings, pipeline=Pipeline(models, settings))
     return urls
 
 
 def export(*args: str):
     """``neuron export ARGS`` in this process; ``said`` is its output with the console's line wrapping undone."""
-    from neuron.cli import app
+    from neuron_cli import app
 
     result = CliRunner().invoke(typer.main.get_command(app), ["export", *args])
     result.said = " ".join(result.output.split())

@@ -1,4 +1,4 @@
-"""Faults a hospital deployment meets (issue 8), each against the real thing: redis-server, PostgreSQL, `neuron worker`
+"""Faults a hospital deployment meets each against the real thing: redis-server, PostgreSQL, `neuron worker`
 and `neuron scan` processes, real forward passes (untrained weights), real file systems.
 
 Each test ends with every instance accounted for (``done`` exactly once, or ``pending`` with a reason where the fault
@@ -199,16 +199,11 @@ def embedded_rows(db_path: Path) -> tuple[dict[str, int], int, int]:
     return counts, rows, dupes
 
 
-def _engine_for(settings, engine, png_writer=None):
-    from worker.engine import Engine
+def _pipeline(settings, models, png_writer=None):
     from worker.pipeline import Pipeline
+    from worker.results import write_png
 
-    class _Seamed(Engine):
-        def run(self, items, sink, progress=None):
-            Pipeline(self, png_writer=png_writer).run(items, sink, progress)
-
-    cls = Engine if png_writer is None else _Seamed
-    return cls(settings, engine.routes, engine.device, engine.unavailable)
+    return Pipeline(models, settings, png_writer=png_writer or write_png)
 
 
 def _full_disk_writer(budget: int):
@@ -233,7 +228,7 @@ def _full_disk_writer(budget: int):
 # -- 4. heatmap folder unwritable, then full -----------------------------------------------------------------------
 
 def test_an_unwritable_then_full_heatmap_folder_leaves_instances_pending_and_a_rerun_screens_them(
-        tmp_path, chest_small, untrained_settings, engine):
+        tmp_path, chest_small, untrained_settings, models):
     """The output's fault, not the file's: affected instances stay `pending` with the reason (no findings rows, no
     temporary PNG left), the run goes on; the next run after the folder is fixed screens them."""
     folder = tmp_path / "archive"
@@ -247,7 +242,7 @@ def test_an_unwritable_then_full_heatmap_folder_leaves_instances_pending_and_a_r
         if not mounted:
             heat.rmdir()
             heat.write_text("not a folder")
-        run_folder(folder, settings, engine=_engine_for(settings, engine))
+        run_folder(folder, settings, pipeline=_pipeline(settings, models))
         first, rows, _ = embedded_rows(db_path)
         with closing(sqlite3.connect(db_path)) as conn:
             reasons = {r for (r,) in conn.execute("select reason from instances")}
@@ -265,7 +260,7 @@ def test_an_unwritable_then_full_heatmap_folder_leaves_instances_pending_and_a_r
         seam = None if mounted else _full_disk_writer(2 * png_size)
         if not mounted:
             heat.mkdir(exist_ok=True)
-        run_folder(folder, settings, engine=_engine_for(settings, engine, seam))
+        run_folder(folder, settings, pipeline=_pipeline(settings, models, seam))
         second, rows, dupes = embedded_rows(db_path)
         assert leftovers(heat) == [], leftovers(heat)
         with closing(sqlite3.connect(db_path)) as conn:
@@ -289,7 +284,7 @@ def test_an_unwritable_then_full_heatmap_folder_leaves_instances_pending_and_a_r
     if mounted:
         shutil.copytree(saved, heat, dirs_exist_ok=True)
         assert {p.name for p in heat.rglob("*.png")} == kept
-    run_folder(folder, settings, engine=_engine_for(settings, engine))
+    run_folder(folder, settings, pipeline=_pipeline(settings, models))
     third, rows, dupes = embedded_rows(db_path)
     report("heatmap folder fixed, re-run", second, third)
     assert third == {"done": n + more} and rows == (n + more) * N_LABELS and dupes == 0
@@ -354,27 +349,27 @@ def sqlite_page_limit(pages: int) -> Iterator[None]:
 
 
 def test_a_full_database_stops_the_run_with_the_fix_keeps_what_was_committed_and_a_rerun_finishes(
-        tmp_path, chest_small, untrained_settings, engine):
+        tmp_path, chest_small, untrained_settings, models):
     """The file fills up part way through: the run stops with OutputUnwritable naming the file and the fix; results
     committed before stay; the same run, with room, screens the rest once."""
     folder = tmp_path / "archive"
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=2)
     db_path = settings.out_dir / "neuron.db"
     n = make_archive(folder, chest_small, studies=3)
-    run_folder(folder, settings, engine=_engine_for(settings, engine))
+    run_folder(folder, settings, pipeline=_pipeline(settings, models))
     before, _, _ = embedded_rows(db_path)
     with closing(sqlite3.connect(db_path)) as conn:
         pages = conn.execute("pragma page_count").fetchone()[0]
     more = make_archive(folder / "more", chest_small, studies=12)
     with sqlite_page_limit(pages + 8), pytest.raises(OutputUnwritable) as err:
-        run_folder(folder, settings, engine=_engine_for(settings, engine))
+        run_folder(folder, settings, pipeline=_pipeline(settings, models))
     message = str(err.value)
     assert f"the results database {db_path}" in message and "full" in message, message
     assert "free space" in message and "run the same command again" in message, message
     full, rows_full, dupes = embedded_rows(db_path)
     assert full.get("done", 0) >= n and dupes == 0 and rows_full == full["done"] * N_LABELS, full
     assert full.get("done", 0) < n + more, "the limit must stop the run part way"
-    run_folder(folder, settings, engine=_engine_for(settings, engine))
+    run_folder(folder, settings, pipeline=_pipeline(settings, models))
     after, rows, dupes = embedded_rows(db_path)
     report("SQLite full (max_page_count)", {"first run": before, "when full": full}, after)
     assert after == {"done": n + more} and rows == (n + more) * N_LABELS and dupes == 0

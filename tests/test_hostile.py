@@ -1,4 +1,4 @@
-"""Hostile and broken input (issue 8): fuzzed DICOMs, symbolic links, hostile names and UIDs, patient data.
+"""Hostile and broken input : fuzzed DICOMs, symbolic links, hostile names and UIDs, patient data.
 
 The fuzz test reads thousands of seeded mutations of real files (tests/fuzz.py) through the header pass and the
 decoders in child processes (a hang is cut at a per-file timeout, a crash is caught, peak RSS is measured), then sends
@@ -34,7 +34,7 @@ from worker.decode import decode_instance
 from . import fuzz
 
 pytestmark = pytest.mark.timeout(600)
-EXIT_SOME_FAILED = 3  # neuron run's exit status when some instances failed (neuron/cli.py)
+EXIT_SOME_FAILED = 3  # neuron run's exit status when some instances failed (neuron_cli/common.py)
 
 # Decoders the fuzzed files must have gone through (a prefix of DecodedFrame.decoder), so a seed that silently stops
 # decoding is noticed: the native reader, imagecodecs per syntax, pydicom's plugins and pydicom itself.
@@ -70,7 +70,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def out_dir(tmp_path, engine, untrained_settings) -> Path:
+def out_dir(tmp_path, models, untrained_settings) -> Path:
     """An output folder holding the calibrated untrained chest model the session's engine already built, so a
     `neuron run` starts in seconds."""
     out = tmp_path / "out"
@@ -327,7 +327,7 @@ def test_no_patient_data_reaches_logs_file_names_or_the_database(tmp_path, out_d
         texts["database values"] = "\n".join(str(v) for t in tables for row in conn.execute(f'select * from "{t}"')
                                              for v in row if isinstance(v, str))
     texts["database bytes"] = b"".join(p.read_bytes() for p in out_dir.glob("neuron.db*")).decode("latin-1")
-    # The worklist keeps the accession number and study description (issue 9), in the database only: they are taken
+    # The worklist keeps the accession number and study description, in the database only: they are taken
     # out of the database texts before the search, and must still appear nowhere else.
     kept = sorted((f"{MARKERS[k]}{i}" for k in ("AccessionNumber", "StudyDescription") for i in range(8)),
                   key=len, reverse=True)

@@ -130,7 +130,7 @@ def test_a_large_archive_is_indexed_fast_queued_in_bounded_messages_and_every_fi
     assert m["first"] == files and m["unchanged"] == files
 
     # `neuron scan` as an operator runs it: re-scan (nothing changed) and enqueue
-    out, scan_s, scan_rss = _run_measured("from neuron.cli import app; app()", ["scan", str(root)], env)
+    out, scan_s, scan_rss = _run_measured("from neuron_cli import app; app()", ["scan", str(root)], env)
     assert f"enqueued {studies} study tasks" in out, out
     r = redis.Redis.from_url(env["NEURON_BROKER_URL"])
     queued = r.llen("chest-xray")

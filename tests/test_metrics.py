@@ -1,4 +1,4 @@
-"""Prometheus metrics (issue 9): a real engine screens real files while the metrics server runs in-process; the
+"""Prometheus metrics: a real pipeline screens real files while the metrics server runs in-process; the
 numbers come back over HTTP from /metrics and are parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
@@ -8,10 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from db.schema import Status
-from db.store import WorkItem
 from neuron.errors import ConfigError
-from neuron.routes import Route
+from neuron.work import Route, Status, WorkItem
 
 from .conftest import small_chest
 
@@ -28,21 +26,21 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory, chest_small, untrained_settings, engine):
-    """A fresh engine (the session's models, its own counters) with a metrics server on a free port, after screening
+def screened(tmp_path_factory, chest_small, untrained_settings, models):
+    """A fresh pipeline (the session's models, its own counters) with a metrics server on a free port, after screening
     two real radiographs and one truncated copy of one."""
     from worker import metrics
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp("metrics")
     settings = untrained_settings.with_(out_dir=tmp / "out", batch_size=4, metrics_port=0)
-    eng = Engine(settings, engine.routes, engine.device, engine.unavailable)
+    eng = Pipeline(models, settings)
     server = metrics.start(settings, eng)
     good = [chest_small, small_chest(chest_small, tmp / "b.dcm", step=2)]
     raw = chest_small.read_bytes()
     cut = tmp / "cut.dcm"
     cut.write_bytes(raw[: len(raw) // 2])
-    items = [WorkItem(f"1.2.826.0.1.3680043.98.{i}", str(p), Route.CHEST_XRAY.value, 1)
+    items = [WorkItem(f"1.2.826.0.1.3680043.98.{i}", str(p), Route.CHEST_XRAY, 1)
              for i, p in enumerate([*good, cut])]
     outcomes = []
     eng.run(items, outcomes.append)

@@ -15,11 +15,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from neuron.errors import WeightsError
-from neuron.routes import Route
 from neuron.settings import Settings
+from neuron.work import Route
 from neuron_models import cam, xray
+from neuron_models.factory import create_model, list_models
 from neuron_models.preprocess import normalize, prepare_batch
-from neuron_models.registry import create_model, list_models, sha256_file
+from neuron_models.registry import sha256_file
 from neuron_models.tta import ViewKind
 from worker.decode import decode_instance
 
@@ -39,29 +40,29 @@ def test_registry_lists_the_chest_model_with_its_contract():
     (cfg,) = [c for c in list_models() if c.route is Route.CHEST_XRAY]
     assert cfg.name == MODEL and cfg.channels == 1 and cfg.input_size == 224 and cfg.normalization == "xrv"
     assert cfg.multilabel and len(cfg.class_names) == 18 and "Normal" not in cfg.class_names
-    assert all(v.kind is not ViewKind.HFLIP for v in cfg.tta_views)  # no flips for chest X-rays (NOTES 5)
+    assert all(v.kind is not ViewKind.HFLIP for v in cfg.tta_views)  # chest X-rays: torchxrayvision trained no flips
 
 
-def test_untrained_model_is_deterministic_and_not_degenerate(engine, rg1):
+def test_untrained_model_is_deterministic_and_not_degenerate(job, rg1):
     """Same seed, same weights; on a real radiograph the probabilities spread inside (0, 1)."""
     a = create_model(MODEL, Settings(weights="untrained"))
     b = create_model(MODEL, Settings(weights="untrained"))
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-    (res,) = engine.infer(Route.CHEST_XRAY, frames_of(rg1))
+    (res,) = job.infer(Route.CHEST_XRAY, frames_of(rg1))
     p = res.probabilities
     assert 1e-3 < p.min() and p.max() < 1 - 1e-3, p
     assert p.std() > 0.05
-    assert engine.routes[Route.CHEST_XRAY].model.weights_id == "untrained"
+    assert job.models.routes[Route.CHEST_XRAY].model.weights_id == "untrained"
 
 
-def test_probabilities_are_independent_sigmoids_not_a_softmax(engine, rg1):
-    (res,) = engine.infer(Route.CHEST_XRAY, frames_of(rg1))
+def test_probabilities_are_independent_sigmoids_not_a_softmax(job, rg1):
+    (res,) = job.infer(Route.CHEST_XRAY, frames_of(rg1))
     assert abs(res.probabilities.sum() - 1.0) > 0.5  # 18 independent labels
     assert np.all(res.uncertainty >= 0)
 
 
-def test_parity_with_torchxrayvision_reference_path(engine_plain, rg1):
+def test_parity_with_torchxrayvision_reference_path(job_plain, rg1):
     """With CLAHE and TTA off our path equals torchxrayvision's documented one on the same array:
     pydicom VOI + MONOCHROME1 inversion -> xrv.datasets.normalize -> XRayCenterCrop -> XRayResizer(cv2) -> model."""
     ds = pydicom.dcmread(rg1)
@@ -70,10 +71,10 @@ def test_parity_with_torchxrayvision_reference_path(engine_plain, rg1):
     img = xrv.datasets.normalize(display, maxval)[None, ...]
     img = xrv.datasets.XRayCenterCrop()(img)
     img = xrv.datasets.XRayResizer(224, engine="cv2")(img)
-    model = engine_plain.routes[Route.CHEST_XRAY].model
+    model = job_plain.models.routes[Route.CHEST_XRAY].model
     with torch.no_grad():
         ref = torch.sigmoid(model.net(torch.from_numpy(img)[None].float()))[0].numpy()
-    (ours,) = engine_plain.infer(Route.CHEST_XRAY, frames_of(rg1))
+    (ours,) = job_plain.infer(Route.CHEST_XRAY, frames_of(rg1))
     np.testing.assert_allclose(ours.probabilities, ref, atol=2e-4)
     assert np.all(ours.uncertainty == 0)  # one view: no spread
 
@@ -100,7 +101,8 @@ def test_pretrained_path_verifies_sha256_then_loads_through_torchxrayvision(tmp_
 
 
 def model_preprocess():
-    from neuron_models.registry import model_config, preprocess_config
+    from neuron_models.factory import model_config
+    from neuron_models.registry import preprocess_config
 
     return preprocess_config(model_config(MODEL), Settings(clahe=False))
 
@@ -116,27 +118,27 @@ def test_missing_weights_fail_fast_with_the_file_folder_and_setting(tmp_path):
     assert "NEURON_XRV_CACHE_DIR" in message and "--weights untrained" in message
 
 
-def test_tta_is_deterministic(engine, chest_small):
-    a = engine.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
-    b = engine.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
+def test_tta_is_deterministic(job, chest_small):
+    a = job.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
+    b = job.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
     np.testing.assert_array_equal(a.uncertainty, b.uncertainty)
     assert a.uncertainty.max() > 0  # five different views do disagree a little
 
 
-def test_an_image_gives_the_same_result_alone_or_in_a_mixed_batch(tmp_path, engine, chest_small, rg1, data_dir):
+def test_an_image_gives_the_same_result_alone_or_in_a_mixed_batch(tmp_path, job, chest_small, rg1, data_dir):
     other = small_chest(rg1, tmp_path / "other.dcm", step=3)
-    alone = engine.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
-    batch = engine.infer(Route.CHEST_XRAY, frames_of(other, data_dir / "RG1_J2KI.dcm", chest_small, rg1))
+    alone = job.infer(Route.CHEST_XRAY, frames_of(chest_small))[0]
+    batch = job.infer(Route.CHEST_XRAY, frames_of(other, data_dir / "RG1_J2KI.dcm", chest_small, rg1))
     mixed = batch[2]
     np.testing.assert_allclose(mixed.probabilities, alone.probabilities, atol=1e-5, rtol=0)
     np.testing.assert_allclose(mixed.uncertainty, alone.uncertainty, atol=1e-5, rtol=0)
     np.testing.assert_allclose(mixed.cams, alone.cams, atol=1e-4, rtol=0)
 
 
-def test_monochrome1_and_its_monochrome2_twin_give_the_same_probabilities(tmp_path, engine, chest_small):
+def test_monochrome1_and_its_monochrome2_twin_give_the_same_probabilities(tmp_path, job, chest_small):
     twin = monochrome2_twin(chest_small, tmp_path / "twin.dcm")
-    a, b = engine.infer(Route.CHEST_XRAY, frames_of(chest_small, twin))
+    a, b = job.infer(Route.CHEST_XRAY, frames_of(chest_small, twin))
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5, rtol=0)
 
 
@@ -152,10 +154,11 @@ class _LogitsWithRectifiedTarget(nn.Module):
         return self.model.forward_head(self.target(self.model.forward_features(x)))
 
 
-def test_cam_maps_equal_the_grad_cam_package(engine, chest_small, rg1, tmp_path):
+def test_cam_maps_equal_the_grad_cam_package(job, chest_small, rg1, tmp_path):
     """Our forward-pass CAM for each image's top label equals pytorch-grad-cam's GradCAM of that label's logit,
-    at a layer whose output nothing modifies in place (NOTES 7-9), with one target per image."""
-    lr = engine.routes[Route.CHEST_XRAY]
+    at a layer whose output nothing modifies in place, with one target per image (grad-cam issues #264, #328:
+    one target for a batch explains image 0 only)."""
+    lr = job.models.routes[Route.CHEST_XRAY]
     other = small_chest(rg1, tmp_path / "o.dcm", step=5)
     frames = frames_of(chest_small, other)
     x, _, _ = prepare_batch(frames, lr.preprocess, CPU)
@@ -177,8 +180,8 @@ def test_cam_maps_equal_the_grad_cam_package(engine, chest_small, rg1, tmp_path)
     assert ours.max() > 0.9  # maps are not empty
 
 
-def test_engine_cams_are_the_top_labels_maps(engine, chest_small):
-    (res,) = engine.infer(Route.CHEST_XRAY, frames_of(chest_small))
+def test_the_device_jobs_cams_are_the_top_labels_maps(job, chest_small):
+    (res,) = job.infer(Route.CHEST_XRAY, frames_of(chest_small))
     assert res.cams.shape == (1, 224, 224) and res.image.shape == (1, 224, 224)
     assert 0.0 <= res.cams.min() and res.cams.max() <= 1.0
 
@@ -193,10 +196,11 @@ def _corpus(data_dir, chest_small, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_results_and_heatmaps_are_the_same_on_cpu_and_gpu(untrained_settings, chest_small, data_dir, tmp_path):
     """--precision fp32 is exact: TF32 off, so a GPU gives the CPU's probabilities (1e-4), ranks and maps (1e-3)."""
-    from worker.engine import Engine
+    from worker.device import DeviceJob
+    from worker.models import Models
 
-    cpu = Engine.from_settings(untrained_settings.with_(device="cpu", precision="fp32"))
-    gpu = Engine.from_settings(untrained_settings.with_(device="cuda", precision="fp32"))
+    cpu = DeviceJob(Models.from_settings(untrained_settings.with_(device="cpu", precision="fp32")))
+    gpu = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", precision="fp32")))
     frames = _corpus(data_dir, chest_small, tmp_path)
     for a, b in zip(cpu.infer(Route.CHEST_XRAY, frames), gpu.infer(Route.CHEST_XRAY, frames), strict=True):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4, rtol=0)
@@ -210,12 +214,13 @@ def test_results_and_heatmaps_are_the_same_on_cpu_and_gpu(untrained_settings, ch
 def test_fast_precision_stays_within_its_documented_tolerance(untrained_settings, chest_small, data_dir, tmp_path,
                                                               precision):
     """The fast modes' contract (README): every probability within 0.01 of fp32 and the same top finding."""
-    from worker.engine import Engine
+    from worker.device import DeviceJob
+    from worker.models import Models
 
-    exact = Engine.from_settings(untrained_settings.with_(device="cuda", precision="fp32"))
+    exact = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", precision="fp32")))
     frames = _corpus(data_dir, chest_small, tmp_path)
     ref = exact.infer(Route.CHEST_XRAY, frames)
-    fast = Engine.from_settings(untrained_settings.with_(device="cuda", precision=precision))
+    fast = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", precision=precision)))
     for a, b in zip(ref, fast.infer(Route.CHEST_XRAY, frames), strict=True):
         np.testing.assert_allclose(b.probabilities, a.probabilities, atol=0.01, rtol=0)
         assert a.order[0] == b.order[0]
@@ -239,21 +244,22 @@ class _OutOfMemoryAbove:
         return getattr(self.model, name)
 
 
-def test_cuda_out_of_memory_splits_the_batch_and_gives_the_same_results(engine, chest_small, rg1, tmp_path):
+def test_cuda_out_of_memory_splits_the_batch_and_gives_the_same_results(job, chest_small, rg1, tmp_path):
     from neuron.errors import RetryableError
-    from worker.engine import Engine, LoadedRoute
+    from worker.device import DeviceJob
+    from worker.models import LoadedRoute, Models
 
     files = [chest_small] + [small_chest(rg1, tmp_path / f"c{i}.dcm", step=3 + i) for i in range(4)]
-    whole = engine.infer(Route.CHEST_XRAY, frames_of(*files))
-    lr = engine.routes[Route.CHEST_XRAY]
+    whole = job.infer(Route.CHEST_XRAY, frames_of(*files))
+    lr = job.models.routes[Route.CHEST_XRAY]
     faulty = _OutOfMemoryAbove(lr.model, limit=2)
-    small_gpu = Engine(engine.settings, {Route.CHEST_XRAY: LoadedRoute(faulty, lr.spec)}, engine.device)
+    small_gpu = DeviceJob(Models(job.settings, job.device, {Route.CHEST_XRAY: LoadedRoute(faulty, lr.spec)}))
     split = small_gpu.infer(Route.CHEST_XRAY, frames_of(*files))
     assert faulty.batches == [5, 2, 3, 1, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-5, rtol=0)
         np.testing.assert_allclose(b.cams, a.cams, atol=1e-4, rtol=0)
-    no_gpu_at_all = Engine(engine.settings, {Route.CHEST_XRAY: LoadedRoute(_OutOfMemoryAbove(lr.model, 0), lr.spec)},
-                           engine.device)
+    no_gpu_at_all = DeviceJob(Models(job.settings, job.device,
+                                     {Route.CHEST_XRAY: LoadedRoute(_OutOfMemoryAbove(lr.model, 0), lr.spec)}))
     with pytest.raises(RetryableError, match="single image"):
         no_gpu_at_all.infer(Route.CHEST_XRAY, frames_of(chest_small))

@@ -1,4 +1,4 @@
-"""Operating Neuron day to day (issue 10): status, one option set, distinct workers, views, rescreen and purge, the
+"""Operating Neuron day to day: status, one option set, distinct workers, views, rescreen and purge, the
 compose stack. Real SQLite, PostgreSQL and Redis (tests/services.py), real `neuron` processes; nothing mocked."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import typer.main
 from sqlalchemy import create_engine, text
 
 from neuron.settings import Settings
+from worker.pipeline import Pipeline
 
 from .conftest import small_chest
 from .services import free_port, wait_for_port
@@ -30,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli():
-    from neuron.cli import app
+    from neuron_cli import app
 
     return typer.main.get_command(app)
 
 
-# -- snag 3 and 4: status without a database, --db, --json ----------------------------------------------------------
+# -- status without a database, --db, --json ----------------------------------------------------------
 def test_status_without_a_database_says_what_it_could_not_open_and_exits_4(tmp_path):
     import os
 
@@ -64,7 +65,7 @@ def test_status_and_scan_take_db_and_status_speaks_one_vocabulary_in_json(env, t
     assert {r[0] for r in sql(env, "select attempts from ingest_status")} == {0}
 
 
-# -- snag 5: images/s ---------------------------------------------------------------------------------------------
+# -- images/s ---------------------------------------------------------------------------------------------
 def test_images_per_second_divide_by_the_time_the_results_cover(tmp_path):
     from db.admin import throughput
     from db.schema import FileRecord, Instance, PipelineConfig, Prediction, utcnow
@@ -87,14 +88,14 @@ def test_images_per_second_divide_by_the_time_the_results_cover(tmp_path):
     assert rate == pytest.approx(9 / 11, rel=0.01)  # not 10 / 300 = 0.03
 
 
-# -- snag 8 and 11: one option set, help texts ------------------------------------------------------------------
+# -- one option set, help texts ------------------------------------------------------------------
 def _options(command) -> dict[str, object]:
     return {p.name: p for p in command.params}
 
 
 def test_run_and_worker_share_every_screening_option_and_its_environment_variable():
-    from neuron.options import SCREENING_OPTIONS
     from neuron.settings import ENVIRONMENT
+    from neuron_cli.options import SCREENING_OPTIONS
 
     cli = _cli()
     run, worker = _options(cli.commands["run"]), _options(cli.commands["worker"])
@@ -125,7 +126,7 @@ def test_help_texts_describe_every_option_with_its_default_uncut_at_80_columns()
     assert "[default: on; env NEURON_TTA]" in tta
 
 
-# -- snag 1: the README's SQL runs on both databases ------------------------------------------------------------
+# -- the README's SQL runs on both databases ------------------------------------------------------------
 def readme_queries() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     queries = re.findall(r'sqlite3 \S+ "([^"]+)"', readme)
@@ -134,7 +135,7 @@ def readme_queries() -> list[str]:
     return queries
 
 
-def test_every_sql_example_in_the_readme_runs_on_sqlite_and_postgres(env, tmp_path, chest_small, engine,
+def test_every_sql_example_in_the_readme_runs_on_sqlite_and_postgres(env, tmp_path, chest_small, models,
                                                                      untrained_settings):
     from worker.embedded import run_folder
 
@@ -143,7 +144,8 @@ def test_every_sql_example_in_the_readme_runs_on_sqlite_and_postgres(env, tmp_pa
     folder = tmp_path / "a"
     make_archive(folder, chest_small, studies=1)
     for url in (f"sqlite:///{tmp_path / 'n.db'}", env["NEURON_DATABASE_URL"]):
-        run_folder(folder, untrained_settings.with_(database_url=url), engine=engine)
+        settings = untrained_settings.with_(database_url=url)
+        run_folder(folder, settings, pipeline=Pipeline(models, settings))
         eng = create_engine(url)
         with eng.connect() as conn:
             for q in queries:
@@ -151,7 +153,7 @@ def test_every_sql_example_in_the_readme_runs_on_sqlite_and_postgres(env, tmp_pa
         eng.dispose()
 
 
-# -- snag 7 and 6, ingest_status columns, study_findings: two workers on one host -------------------------------
+# -- ingest_status columns, study_findings: two workers on one host -------------------------------
 def test_two_workers_on_one_host_have_distinct_names_and_status_shows_them(env, tmp_path, chest_small):
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=4)
@@ -185,16 +187,16 @@ def test_two_workers_on_one_host_have_distinct_names_and_status_shows_them(env, 
 
 # -- rescreen and purge on PostgreSQL ---------------------------------------------------------------------------
 def test_rescreen_replaces_a_studys_results_and_removes_old_heatmaps_then_purge_deletes_them(
-        env, tmp_path, chest_small, engine, untrained_settings):
+        env, tmp_path, chest_small, models, untrained_settings):
     from typer.testing import CliRunner
 
-    from neuron.cli import app
+    from neuron_cli import app
     from worker.embedded import run_folder
 
     folder = tmp_path / "archive"
     make_archive(folder, chest_small, studies=2)
     settings = untrained_settings.with_(database_url=env["NEURON_DATABASE_URL"], out_dir=tmp_path / "out")
-    run_folder(folder, settings, engine=engine)
+    run_folder(folder, settings, pipeline=Pipeline(models, settings))
     study = sql(env, "select min(study_instance_uid) from instances")[0][0]
     before = dict(sql(env, "select sop_instance_uid || label, preprocessing from findings where study_instance_uid "
                            "= :s", s=study))
@@ -229,7 +231,7 @@ def test_rescreen_replaces_a_studys_results_and_removes_old_heatmaps_then_purge_
     assert res.exit_code == 2 and "--model" in res.output
 
 
-# -- snag 12: the README's setup names every variable the compose file reads, and the role and database ----------
+# -- the README's setup names every variable the compose file reads, and the role and database ----------
 def test_the_readme_lists_every_variable_the_compose_file_reads_and_how_to_create_the_role_and_database():
     readme = (ROOT / "README.md").read_text()
     variables = set(re.findall(r"\$\{([A-Z0-9_]+)", (ROOT / "docker-compose.yml").read_text()))
@@ -240,7 +242,7 @@ def test_the_readme_lists_every_variable_the_compose_file_reads_and_how_to_creat
     assert "Flower" in readme and "5555" in readme
 
 
-# -- snag 13: the compose stack ---------------------------------------------------------------------------------
+# -- the compose stack ---------------------------------------------------------------------------------
 def compose_config() -> dict:
     import yaml
 
@@ -297,7 +299,7 @@ def test_a_redis_with_a_password_works_and_status_masks_it(env, tmp_path, chest_
         proc.wait(timeout=10)
 
 
-# -- snag 10: SIGTERM to the watcher enqueues what it indexed -----------------------------------------------------
+# -- SIGTERM to the watcher enqueues what it indexed -----------------------------------------------------
 def test_sigterm_to_the_watcher_enqueues_what_it_indexed_then_exits(env, tmp_path, chest_small):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
@@ -319,3 +321,72 @@ def test_sigterm_to_the_watcher_enqueues_what_it_indexed_then_exits(env, tmp_pat
     assert redis.Redis.from_url(env["NEURON_BROKER_URL"]).llen("chest-xray") == 1
     assert "enqueued study 1 of 1" in log.read_text()
 
+
+
+# -- one rule for a study's status ---------------------------------------------------------------------------------
+def test_neuron_status_and_every_other_caller_give_one_answer_for_a_studys_status(tmp_path):
+    """The study-status rule was written twice and drifted: a study with one instance queued and one pending was
+    'queued' in `neuron status` and 'pending' in the database's own summary. One rule (neuron.work.study_status)
+    now answers for the database, `neuron status --json` and anything else that asks."""
+    from db.admin import db_status
+    from db.store import Database
+    from neuron.work import FileEntry, InstanceEntry, InstanceHeader, Outcome, Status, study_status
+
+    db = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    db.create()
+    plan = {"1.2.3.1": ("pending", "queued"), "1.2.3.2": ("pending", "failed"), "1.2.3.3": ("done", "failed"),
+            "1.2.3.4": ("done", "skipped")}
+    entries, finish = [], []
+    for study, statuses in plan.items():
+        for n, status in enumerate(statuses):
+            uid = f"{study}.{n}"
+            header = InstanceHeader(uid, study, f"{study}.9", None, "CR", "CHEST", "MONOCHROME2", None, 8, 8, 1)
+            entries.append(FileEntry(f"/a/{uid}.dcm", 1, 1, Status.PENDING, None, uid,
+                                     InstanceEntry(header, "chest-xray", Status.PENDING)))
+            if status == "queued":
+                finish.append(("queue", uid))
+            elif status != "pending":
+                finish.append((status, uid))
+    db.add_files(entries)
+    db.mark_queued([uid for what, uid in finish if what == "queue"])
+    db.record_outcomes([Outcome(uid, Status(what), "why") for what, uid in finish if what != "queue"])
+    expected = {"queued": 1, "pending": 1, "failed": 1, "done": 1}
+    assert {study: study_status(set(s)) for study, s in plan.items()} == dict(zip(plan, expected, strict=True))
+    assert db.study_statuses() == expected
+    assert db_status(db).studies == expected
+    res = subprocess.run([sys.executable, "-m", "neuron", "status", "--json", "--db", str(db.url)],
+                         capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "NEURON_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+                              "HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["studies"] == expected
+    db.dispose()
+
+
+# -- a failure reason that quotes a NUL survives a rescreen on PostgreSQL ------------------------------------------
+def test_a_nul_in_a_failure_reason_survives_a_rescreen_on_postgres(env, tmp_path, chest_small, models,
+                                                                   untrained_settings):
+    """PostgreSQL refuses a NUL in text. The first write path escaped control characters in reasons, the rescreen's
+    second copy of it did not, so rescreening a file whose decode error quotes a NUL (a transfer syntax UID holding
+    one) failed on PostgreSQL only. One write path now serves both, and a reason never holds a control character."""
+    from typer.testing import CliRunner
+
+    from neuron_cli import app
+    from worker.embedded import run_folder
+
+    from .test_scenarios import with_transfer_syntax
+
+    folder = tmp_path / "archive"
+    bad = small_chest(chest_small, folder / "nul_ts.dcm", step=8)
+    with_transfer_syntax(bad, "1.2.840.10008.1.2.1.9\x009")
+    settings = untrained_settings.with_(database_url=env["NEURON_DATABASE_URL"], out_dir=tmp_path / "out")
+    run_folder(folder, settings, pipeline=Pipeline(models, settings))
+    (reason,) = [r[0] for r in sql(env, "select reason from ingest_status where status = 'failed'")]
+    assert "\\x00" in reason and "\x00" not in reason
+    cli_env = {"NEURON_DATABASE_URL": env["NEURON_DATABASE_URL"], "NEURON_OUT": str(tmp_path / "out"),
+               "NEURON_CACHE_DIR": str(untrained_settings.out_dir / ".cache")}
+    res = CliRunner().invoke(app, ["rescreen", "--reason", "transfer syntax", "--weights", "untrained", "--device",
+                                   "cpu", "--no-tta", "--batch-size", "8"], env=cli_env)
+    assert res.exit_code == 3, res.output  # screened again, failed again: no database error
+    assert "rescreened 1 of 1" in " ".join(res.output.split())
+    assert [r[0] for r in sql(env, "select reason from ingest_status where status = 'failed'")] == [reason]

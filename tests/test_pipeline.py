@@ -80,18 +80,18 @@ def archive(tmp_path_factory, chest_small, data_dir, test_files_dir):
 
 
 @pytest.fixture(scope="module")
-def first_run(archive, untrained_settings, engine, tmp_path_factory):
+def first_run(archive, untrained_settings, models, tmp_path_factory):
     root, files = archive
     settings = untrained_settings.with_(out_dir=tmp_path_factory.mktemp("results"))
-    report = run_folder(root, settings, engine=_engine_for(engine, settings))
+    report = run_folder(root, settings, pipeline=_pipeline(models, settings))
     return settings, report
 
 
-def _engine_for(engine, settings):
+def _pipeline(models, settings):
     """The session's loaded models, writing heatmaps into this run's output folder."""
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
-    return Engine(settings, engine.routes, engine.device, engine.unavailable)
+    return Pipeline(models, settings)
 
 
 def query(settings: Settings, sql: str, *args):
@@ -185,12 +185,12 @@ def test_bad_input_gets_a_reason_and_does_not_stop_the_run(first_run, archive, k
     assert reason in got_reason
 
 
-def test_rerun_adds_no_rows_and_changes_no_results(first_run, archive, engine):
+def test_rerun_adds_no_rows_and_changes_no_results(first_run, archive, models):
     settings, _ = first_run
     root, _ = archive
     before = query(settings, "select * from findings order by sop_instance_uid, label")
     status_before = query(settings, "select * from ingest_status order by file_path")
-    report = run_folder(root, settings, engine=_engine_for(engine, settings))
+    report = run_folder(root, settings, pipeline=_pipeline(models, settings))
     assert report.screened == 0 and report.scan.unchanged == report.scan.seen
     assert query(settings, "select * from findings order by sop_instance_uid, label") == before
     assert query(settings, "select * from ingest_status order by file_path") == status_before
@@ -243,14 +243,14 @@ def test_cli_run_exit_codes_and_summary(tmp_path, chest_small):
     assert sorted(p.name for p in folder.iterdir()) == ["a.dcm", "broken.dcm", "zero.dcm"]
 
 
-def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_small, untrained_settings, engine):
+def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_small, untrained_settings, models):
     folder = tmp_path / "in"
     folder.mkdir()
     raw = chest_small.read_bytes()
     (folder / "a_corrupt.dcm").write_bytes(raw[: len(raw) - 5000])  # same SOP Instance UID, found first
     shutil.copy(chest_small, folder / "b_good.dcm")
     settings = untrained_settings.with_(out_dir=tmp_path / "out")
-    run_folder(folder, settings, engine=_engine_for(engine, settings))
+    run_folder(folder, settings, pipeline=_pipeline(models, settings))
     status, reason = status_of(settings, folder / "a_corrupt.dcm")
     assert status == "failed" and "could not be decoded" in reason and "b_good.dcm was screened instead" in reason
     assert status_of(settings, folder / "b_good.dcm") == ("done", None)
@@ -258,7 +258,7 @@ def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate(tmp_path, chest_sma
 
 
 def test_hostile_uids_are_failed_with_the_reason_and_nothing_is_written_outside(tmp_path, chest_small,
-                                                                                untrained_settings, engine):
+                                                                                untrained_settings, models):
     """Path-like UIDs are not valid DICOM UIDs: each file is failed with the value's problem (never altered into a
     different UID, never screened), and nothing lands outside the output folder."""
     folder, out = tmp_path / "in", tmp_path / "out"
@@ -268,7 +268,7 @@ def test_hostile_uids_are_failed_with_the_reason_and_nothing_is_written_outside(
                     SeriesInstanceUID=uid)
     before = {p for p in tmp_path.parent.rglob("*")}
     settings = untrained_settings.with_(out_dir=out)
-    run_folder(folder, settings, engine=_engine_for(engine, settings))
+    run_folder(folder, settings, pipeline=_pipeline(models, settings))
     new = {p for p in tmp_path.parent.rglob("*")} - before
     assert new and all(out in p.parents or p == out for p in new), sorted(map(str, new - {out}))
     assert not Path("/etc/neuron_evil").exists() and not Path("/tmp/neuron_evil").exists()

@@ -6,23 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from neuron.routes import Route
+from neuron.work import Route
 from neuron_models.effnet import DEFAULT_CLASSES, build_untrained
-from neuron_models.registry import PipelineSpec, list_models, preprocess_config, tta_policy
+from neuron_models.factory import list_models
+from neuron_models.registry import PipelineSpec, preprocess_config, tta_policy
 from neuron_models.tta import ViewKind
 from worker.decode import decode_instance
-from worker.engine import Engine, LoadedRoute
+from worker.device import DeviceJob
+from worker.models import LoadedRoute, Models
 
 SMALL = 96  # EfficientNet input for these shape tests, to keep them quick on two cores
 
 
-def engine_for(cfg, settings, chest_engine) -> Engine:
+def job_for(cfg, settings, chest_job) -> DeviceJob:
     if cfg.route is Route.CHEST_XRAY:
-        return chest_engine
+        return chest_job
     model = build_untrained(cfg, DEFAULT_CLASSES, SMALL, drop_rate=0.3)
     spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(model.config, settings),
                         tta_policy(model.config, settings))
-    return Engine(settings, {cfg.route: LoadedRoute(model, spec)}, torch.device("cpu"))
+    return DeviceJob(Models(settings, torch.device("cpu"), {cfg.route: LoadedRoute(model, spec)}))
 
 
 def frames_for(route: Route, chest_small, data_dir, test_files_dir):
@@ -37,11 +39,11 @@ def frames_for(route: Route, chest_small, data_dir, test_files_dir):
 
 @pytest.mark.parametrize("cfg", list_models(), ids=lambda c: c.name)
 def test_every_registered_model_gives_probabilities_tta_and_maps_of_the_right_shape(
-        cfg, untrained_settings, engine, chest_small, data_dir, test_files_dir):
-    eng = engine_for(cfg, untrained_settings, engine)
+        cfg, untrained_settings, job, chest_small, data_dir, test_files_dir):
+    eng = job_for(cfg, untrained_settings, job)
     frames = frames_for(cfg.route, chest_small, data_dir, test_files_dir)
     results = eng.infer(cfg.route, frames)
-    lr = eng.routes[cfg.route]
+    lr = eng.models.routes[cfg.route]
     size, k = lr.preprocess.input_size, len(lr.model.class_names)
     for res in results:
         assert res.probabilities.shape == (k,) and res.uncertainty.shape == (k,)
@@ -55,9 +57,9 @@ def test_every_registered_model_gives_probabilities_tta_and_maps_of_the_right_sh
 
 
 @pytest.mark.parametrize("cfg", list_models(), ids=lambda c: c.name)
-def test_every_registered_model_is_batch_invariant(cfg, untrained_settings, engine, chest_small, data_dir,
+def test_every_registered_model_is_batch_invariant(cfg, untrained_settings, job, chest_small, data_dir,
                                                     test_files_dir):
-    eng = engine_for(cfg, untrained_settings, engine)
+    eng = job_for(cfg, untrained_settings, job)
     frames = frames_for(cfg.route, chest_small, data_dir, test_files_dir)
     alone = eng.infer(cfg.route, frames[1:2])[0]
     mixed = eng.infer(cfg.route, frames)[1]

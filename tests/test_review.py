@@ -335,3 +335,51 @@ def test_the_review_works_on_postgresql(servers, tmp_path):
     assert client.get("/summary").status_code == 200
     assert queries.labels(db) == sorted(queries.labels(db)) and len(queries.labels(db)) == 18
     db.dispose()
+
+
+def test_the_review_hint_of_a_run_followed_from_another_folder_shows_the_heatmaps(tmp_path, monkeypatch, chest_small,
+                                                                                   models, untrained_settings):
+    """With NEURON_DATABASE_URL set, `neuron run` ends by printing `neuron review --db URL`. Started exactly so from
+    another folder, the server looked for heatmaps under that folder's ./results/heatmaps and every study page showed
+    broken images. It now serves the file each finding records, confined to the folders the runs recorded."""
+    import shlex
+    import subprocess
+    import sys
+    import urllib.request
+
+    from neuron_cli.screening import review_hint
+    from worker.embedded import run_folder
+    from worker.pipeline import Pipeline
+
+    from .conftest import small_chest
+    from .services import free_port, wait_for_port
+
+    archive, here, elsewhere = tmp_path / "archive", tmp_path / "here", tmp_path / "elsewhere"
+    small_chest(chest_small, archive / "a.dcm", step=4)
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)  # `neuron run ARCHIVE` from here, results in the default ./results
+    settings = untrained_settings.with_(out_dir=Path("results"), database_url=f"sqlite:///{tmp_path / 'n.db'}")
+    run_folder(archive, settings, pipeline=Pipeline(models, settings))
+    hint = review_hint(settings)
+    assert hint.startswith("neuron review --db sqlite:///")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    proc = subprocess.Popen([sys.executable, "-m", "neuron", *shlex.split(hint)[1:], "--port", str(port)],
+                            cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, timeout=60)
+        base = f"http://127.0.0.1:{port}"
+        worklist = urllib.request.urlopen(base + "/").read().decode()
+        (study,) = set(re.findall(r'href="(/study/[^"]+)"', worklist))
+        page = urllib.request.urlopen(base + study).read().decode()
+        maps = set(re.findall(r'src="(/heatmap/\d+)"', page))
+        assert maps, page
+        for url in maps:
+            with urllib.request.urlopen(base + url) as r:
+                assert r.status == 200 and r.headers["content-type"] == "image/png"
+                assert cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR).shape == (224, 224, 3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not (elsewhere / "results").exists()  # nothing written where the review was started

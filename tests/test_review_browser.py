@@ -50,9 +50,9 @@ def _variant(path: Path, kind: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory, rg1, untrained_settings, engine) -> Path:
+def screened(tmp_path_factory, rg1, untrained_settings, models) -> Path:
     """An output folder with three screened studies (one image each, heatmaps of the top finding)."""
-    from worker.engine import Engine
+    from worker.pipeline import Pipeline
 
     root = tmp_path_factory.mktemp("review")
     for (date, accession, description), kind in zip(STUDIES, ("plain", "mirrored", "upper"), strict=True):
@@ -60,8 +60,7 @@ def screened(tmp_path_factory, rg1, untrained_settings, engine) -> Path:
                            StudyDescription=description)
         _variant(path, kind)
     settings = untrained_settings.with_(out_dir=root / "out")
-    report = run_folder(root / "in", settings, engine=Engine(settings, engine.routes, engine.device,
-                                                             engine.unavailable))
+    report = run_folder(root / "in", settings, pipeline=Pipeline(models, settings))
     assert report.screened == 3
     return root / "out"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from db.schema import Status
 from db.store import Database
 from neuron.errors import SkippedInput
-from neuron.routes import Route, RoutingFacts, route_for
+from neuron.routes import RoutingFacts, route_for
+from neuron.work import Requeue, Route, Status
 from producer.scan import index_entry, index_folder, read_header
 
 from .conftest import clone_with, small_chest
@@ -46,7 +46,7 @@ def test_header_pass_records_identity(chest_small):
 def test_producer_never_imports_torch():
     import subprocess
 
-    code = ("import producer.scan, producer.enqueue, producer.watch, neuron.queue, neuron.cli, db.store, sys; "
+    code = ("import producer.scan, producer.enqueue, producer.watch, neuron.queue, neuron_cli, db.store, sys; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -111,8 +111,8 @@ def test_an_instance_that_keeps_crashing_workers_is_failed_not_retried_forever(t
     with db.engine.connect() as conn:
         status, reason = conn.exec_driver_sql("select status, reason from ingest_status").one()
     assert status == "failed" and "interrupted 3 times" in reason and "--retry-failed" in reason
-    assert db.reset_to_pending(queued=True) == 0  # a requeue alone does not revive it, nor reset its count
-    assert db.reset_to_pending(failed=True) == 1  # --retry-failed, once the cause is fixed
+    assert db.requeue(Requeue.LOST_MESSAGE) == []  # a requeue alone does not revive it, nor reset its count
+    assert len(db.requeue(Requeue.RETRY_FAILED)) == 1  # --retry-failed, once the cause is fixed
     (again,) = db.pending()
     assert again.sop_instance_uid == item.sop_instance_uid
     assert len(db.claim([item.sop_instance_uid], max_attempts=3)) == 1  # a fresh attempt count

@@ -351,7 +351,7 @@ def archive(tmp_path, chest_small, data_dir, test_files_dir) -> Path:
 
 
 def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
-    """The untrained model's calibration, computed once per test session (the ``engine`` fixture), is copied into
+    """The untrained model's calibration, computed once per test session (the ``models`` fixture), is copied into
     each output folder so neither process spends ~30 s recomputing it; the cache is checked by its sha256."""
     cache = untrained_settings.out_dir / ".cache" / "untrained"
     for out in outs:
@@ -359,7 +359,7 @@ def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
 
 
 def test_every_scenario_ends_the_same_in_the_embedded_and_the_distributed_mode(
-        env, tmp_path, archive, untrained_settings, engine):
+        env, tmp_path, archive, untrained_settings, models):
     root = archive
     emb_out, dist_out = tmp_path / "embedded", Path(env["NEURON_OUT"])
     seed_untrained_cache(untrained_settings, emb_out, dist_out)

@@ -1,4 +1,4 @@
-"""What `neuron status` shows while the work is live (issue 10, snags 6 and 9, and `--watch`): a killed worker's study
+"""What `neuron status` shows while the work is live (and `--watch`): a killed worker's study
 with real Redis, PostgreSQL and `neuron worker` processes; the refreshing view over a real database; a worker that
 writes nothing into the folder it was started from. Nothing mocked."""
 
@@ -25,7 +25,7 @@ def _status(env) -> dict:
     return json.loads(res.stdout)
 
 
-# -- snag 6: a dead worker's study ----------------------------------------------------------------------------------
+# -- a dead worker's study ----------------------------------------------------------------------------------
 def test_status_shows_a_killed_workers_study_as_held_by_no_live_worker(env, tmp_path, chest_small):
     """The worker claims the study, then holds it waiting for a batch of 64 that never fills (--max-wait-ms 10 min):
     caught mid-study without a slow file. After SIGKILL the message stays unacknowledged until the visibility timeout
@@ -84,7 +84,7 @@ def test_status_watch_refreshes_the_numbers_of_a_database(tmp_path):
     assert "unreadable pixel data" in out and "is not reachable" in out
 
 
-# -- snag 9: nothing in the working directory ---------------------------------------------------------------------
+# -- nothing in the working directory ---------------------------------------------------------------------
 def _bare_worker(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """A worker that stops at its database (a closed port): far enough to have built its engine and caches."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}

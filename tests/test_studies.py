@@ -15,8 +15,8 @@ from sqlalchemy import text
 
 from db.admin import Selection, purge_results
 from db.migrate import upgrade
-from db.schema import Status
-from db.store import Database, FrameResult, LabelScore, Outcome
+from db.store import Database
+from neuron.work import FrameResult, LabelScore, Outcome, Status
 from producer.scan import index_folder
 
 from .conftest import small_chest
@@ -113,9 +113,7 @@ def test_the_summary_follows_commits_rescreens_and_purges_and_matches_the_views(
     assert str(view[0][6]).startswith("2026-03-01")
     assert rows(db, "SELECT DISTINCT accession_number FROM findings") == [("ACC001",)]
     # a rescreen replaces a2's results: the summary follows
-    from db.admin import replace_results
-
-    replace_results(db, [outcome(a2, {"Effusion": 0.1, "Nodule": 0.3})])
+    db.record_outcomes([outcome(a2, {"Effusion": 0.1, "Nodule": 0.3})], replace=[a2])
     assert rows(db, "SELECT top_probability, top_label, positive_findings, needs_review FROM studies "
                     "WHERE study_instance_uid = '1.2.826.0.1.1'") == [(pytest.approx(0.7), "Effusion", 1, 0)]
     # a purge of every result empties it again

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from neuron.errors import WeightsError
-from neuron.routes import Route
+from neuron.work import Route
 from neuron_models.checkpoint import read_checkpoint, save_checkpoint
 from neuron_models.effnet import (
     DEFAULT_CLASSES,
@@ -43,9 +43,10 @@ from neuron_models.training import (
     stratified_split,
 )
 from worker.decode import decode_instance
+from worker.device import DeviceJob
 from worker.embedded import run_folder
-from worker.engine import Engine
 from worker.evaluation import evaluate_model
+from worker.models import Models
 
 FAST = dict(epochs=6, batch_size=16, lr=1e-3, input_size=64, from_scratch=True, augment=False, clahe=False)
 
@@ -255,8 +256,8 @@ def test_several_checkpoints_for_a_route_make_an_ensemble(trained, tmp_path, unt
     meta = read_checkpoint(out).meta
     save_checkpoint(model_dir / "b", other.state_dict(), {k: meta[k] for k in
                                                           ("model", "class_names", "preprocessing", "training")})
-    engine = Engine.from_settings(untrained_settings.with_(model_dir=model_dir))
-    lr = engine.routes[Route.SKIN]
+    models = Models.from_settings(untrained_settings.with_(model_dir=model_dir))
+    lr = models.routes[Route.SKIN]
     assert isinstance(lr.model, EnsembleModel) and len(lr.spec.members) == 2
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -279,8 +280,8 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members_maps(tmp_path, untraine
         save_checkpoint(model_dir / name, net.state_dict(), {
             "model": SKIN_CONFIG.name, "class_names": ["disk", "ring", "stripes"],
             "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.0}})
-    engine = Engine.from_settings(untrained_settings.with_(model_dir=model_dir, tta=False, heatmap_top_k=3))
-    ensemble = engine.routes[Route.SKIN].model
+    job = DeviceJob(Models.from_settings(untrained_settings.with_(model_dir=model_dir, tta=False, heatmap_top_k=3)))
+    ensemble = job.models.routes[Route.SKIN].model
     assert isinstance(ensemble, EnsembleModel)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -300,10 +301,10 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members_maps(tmp_path, untraine
 
     # through the engine: each top-k slot holds the normalised mean map of the label ranked there
     frame = load(synthetic / "ring" / "4.png")
-    (inf,) = engine.infer(Route.SKIN, [frame])
+    (inf,) = job.infer(Route.SKIN, [frame])
     from neuron_models.preprocess import normalize
 
-    lr = engine.routes[Route.SKIN]
+    lr = job.models.routes[Route.SKIN]
     with torch.no_grad():
         image = normalize(torch.from_numpy(inf.image)[None], lr.preprocess)
         per_member = [torch.einsum("kc,bchw->bkhw", m.cam_weight(), m.forward_features(image)) for m in
@@ -317,10 +318,10 @@ def test_an_ensembles_heatmap_is_the_mean_of_its_members_maps(tmp_path, untraine
 def test_mc_dropout_samples_the_head_repeatably_and_is_refused_for_the_xrv_densenet(
         trained, untrained_settings, synthetic):
     _, _, out = trained
-    plain = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False))
-    mc = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False, mc_dropout=8))
-    assert mc.routes[Route.SKIN].spec.mc_dropout == 8 and mc.routes[Route.CHEST_XRAY].spec.mc_dropout == 0
-    assert not mc.routes[Route.CHEST_XRAY].model.has_dropout()
+    plain = DeviceJob(Models.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False)))
+    mc = DeviceJob(Models.from_settings(untrained_settings.with_(model_dir=out.parent, tta=False, mc_dropout=8)))
+    assert mc.models.routes[Route.SKIN].spec.mc_dropout == 8 and mc.models.routes[Route.CHEST_XRAY].spec.mc_dropout == 0
+    assert not mc.models.routes[Route.CHEST_XRAY].model.has_dropout()
     frames = [load(synthetic / "disk" / "3.png")]
     a = plain.infer(Route.SKIN, frames)[0]
     b, c = mc.infer(Route.SKIN, frames)[0], mc.infer(Route.SKIN, frames)[0]
@@ -331,13 +332,13 @@ def test_mc_dropout_samples_the_head_repeatably_and_is_refused_for_the_xrv_dense
 def test_mc_dropout_gives_an_image_the_same_result_alone_or_in_a_mixed_batch(trained, untrained_settings, synthetic):
     """Dropout masks are keyed by the image (neuron_models.dropout), not drawn in batch order."""
     _, _, out = trained
-    mc = Engine.from_settings(untrained_settings.with_(model_dir=out.parent, mc_dropout=8))  # with TTA: 5 views
+    mc = DeviceJob(Models.from_settings(untrained_settings.with_(model_dir=out.parent, mc_dropout=8)))  # TTA: 5 views
     disk = load(synthetic / "disk" / "3.png")
     alone = mc.infer(Route.SKIN, [disk])[0]
     mixed = mc.infer(Route.SKIN, [load(synthetic / "ring" / "2.png"), disk, load(synthetic / "stripes" / "5.png")])
     np.testing.assert_allclose(mixed[1].probabilities, alone.probabilities, atol=1e-5, rtol=0)
     np.testing.assert_allclose(mixed[1].uncertainty, alone.uncertainty, atol=1e-5, rtol=0)
-    plain = Engine.from_settings(untrained_settings.with_(model_dir=out.parent)).infer(Route.SKIN, [disk])[0]
+    plain = DeviceJob(Models.from_settings(untrained_settings.with_(model_dir=out.parent))).infer(Route.SKIN, [disk])[0]
     assert not np.array_equal(alone.uncertainty, plain.uncertainty)  # dropout was applied (a confident model: the
     # change can be small; the one-view test above shows the spread itself)
 

@@ -5,7 +5,7 @@ or once its oldest frame has waited ``max_wait_s`` and the device has room for i
 study back; a busy device gains nothing from a queue of small batches, so while it is busy a batch keeps filling),
 or when the input ends. The engine asks ``timeout()`` how long it may block waiting for more decoded frames, so the
 wait cap holds even while decodes are still in flight (celery-batches' flush-by-size-or-interval buffer and the
-dynamic batching of inference servers, STYLE 15).
+dynamic batching of inference servers such as NVIDIA Triton's).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``neuron bench``: how close the whole pipeline comes to its bounds, measured in one run on one machine.
 
-    synthetic archive (neuron.synthetic, cached) ─► model-only bound: the engine's model job on device tensors
-                                                 ─► decode-only bound: files to device tensors, the engine's decoders
+    synthetic archive (neuron.synthetic, cached) ─► model-only bound: the device job's model on device tensors
+                                                 ─► decode-only bound: files to device tensors, the pipeline's readers
                                                  ─► end to end: files to committed rows and PNGs
                                                       embedded: worker.embedded.run_folder, fresh SQLite
                                                       celery:   neuron scan + one neuron worker, throwaway Redis and
@@ -11,14 +11,15 @@ One JSON object per (mode, archive) goes to ``<out>/<date>-<device>.json`` (a li
 device are appended to it) and, unless told not to, one row each to the ``neuron bench`` table in BENCHMARKS.md.
 
 What each number is:
-- ``model_only_images_per_s``: ``Engine.model_job(route, x)`` on a prepared (N, C, S, S) batch already on the device,
-  at the engine's batch size and precision; warmed up, CUDA synchronised around each call, the fastest call counted,
-  measured before and again after the end-to-end runs (a bound: a busy shared CPU only ever makes a call slower).
-- ``decode_images_per_s``: ``Engine.decode_only(items)`` over the whole archive, files in the page cache.
+- ``model_only_images_per_s``: ``DeviceJob.model_job(route, x)`` on a prepared (N, C, S, S) batch already on the
+  device, at the pipeline's batch size and precision; warmed up, CUDA synchronised around each call, the fastest call
+  counted, measured before and again after the end-to-end runs (a bound: a busy shared CPU only ever makes a call
+  slower).
+- ``decode_images_per_s``: ``Pipeline.decode_only(items)`` over the whole archive, files in the page cache.
 - ``end_to_end_images_per_s``: instances done / wall time. Embedded: the ``run_folder`` call (index, decode, infer,
   PNGs, commits); the models are loaded before the clock starts. Celery: from the start of ``neuron scan`` until the
   database says every instance is finished; the worker is started and ready (models loaded) before that.
-- ``batch_fill``, ``time_to_first_batch_s``: embedded, from ``Engine.stats`` of an engine created just before the
+- ``batch_fill``, ``time_to_first_batch_s``: embedded, from ``Pipeline.stats`` of a pipeline created just before the
   run (so the first batch is timed from the run's start, models already loaded). Celery, from the worker's log: the
   fill is the frames over (batches x batch size) summed over its "batch fill ..." lines (the last one is written when
   it stops); the time to first batch is the timestamp of its "first batch ran" line minus the scan's start, so it
@@ -31,7 +32,6 @@ What each number is:
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -45,7 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -53,17 +53,18 @@ from typing import Any
 
 import torch
 
-from db.store import Database, WorkItem
+from db.store import Database
 from neuron import servers, synthetic
 from neuron.errors import ConfigError, SetupError
-from neuron.routes import Route
-from neuron.settings import Settings
+from neuron.settings import Settings, foreign_environment
 from neuron.synthetic import default_workdir
+from neuron.work import Route, WorkItem
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import prepare_batch
 from worker.decode import decode_instance
 from worker.embedded import run_folder
-from worker.engine import Engine
+from worker.models import Models
+from worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,6 @@ class BenchConfig:
             raise ConfigError(f"--archives {','.join(self.archives)!r}: choose from {','.join(synthetic.FLAVOURS)}")
         if not self.modes:
             raise ConfigError("--modes is empty: choose embedded, celery or both")
-
-
-def settings_have_precision() -> bool:
-    return "precision" in {f.name for f in fields(Settings)}
 
 
 # -- timing helpers ---------------------------------------------------------------------------------------------------
@@ -188,28 +185,28 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 # -- the bounds -------------------------------------------------------------------------------------------------------
 def _items(archive: synthetic.Archive) -> list[WorkItem]:
-    return [WorkItem(f"bench-{archive.flavour}-{i}", str(p), ROUTE.value, 1) for i, p in enumerate(archive.files)]
+    return [WorkItem(f"bench-{archive.flavour}-{i}", str(p), ROUTE, 1) for i, p in enumerate(archive.files)]
 
 
-def _sample_frames(engine: Engine, archive: synthetic.Archive) -> list[DecodedFrame]:
+def _sample_frames(pipeline: Pipeline, archive: synthetic.Archive) -> list[DecodedFrame]:
     """One full batch of the archive's frames (cycled when the archive is smaller than a batch)."""
-    files = archive.files[: engine.batch_size]
-    decoded = [decode_instance(p, f"bench-{i}", 1, engine.settings.max_pixels)[0] for i, p in enumerate(files)]
-    return [decoded[i % len(decoded)] for i in range(engine.batch_size)]
+    files = archive.files[: pipeline.batch_size]
+    decoded = [decode_instance(p, f"bench-{i}", 1, pipeline.settings.max_pixels)[0] for i, p in enumerate(files)]
+    return [decoded[i % len(decoded)] for i in range(pipeline.batch_size)]
 
 
-def model_only_bound(engine: Engine, frames: Sequence[DecodedFrame]) -> float:
+def model_only_bound(pipeline: Pipeline, frames: Sequence[DecodedFrame]) -> float:
     """The model job alone, on a batch prepared and left on the device beforehand."""
-    x = prepare_batch(frames, engine.routes[ROUTE].preprocess, engine.device)[0]
-    return _best_rate(lambda: engine.model_job(ROUTE, x), x.shape[0], engine.device)
+    x = prepare_batch(frames, pipeline.models.routes[ROUTE].preprocess, pipeline.device)[0]
+    return _best_rate(lambda: pipeline.job.model_job(ROUTE, x), x.shape[0], pipeline.device)
 
 
-def decode_bound(engine: Engine, archive: synthetic.Archive) -> tuple[float, int]:
+def decode_bound(pipeline: Pipeline, archive: synthetic.Archive) -> tuple[float, int]:
     """Images per second from files (in the page cache) to frames on the device, and the frames decoded."""
     _warm_page_cache(archive.files)
     start = time.perf_counter()
-    frames = engine.decode_only(_items(archive))
-    _sync(engine.device)
+    frames = pipeline.decode_only(_items(archive))
+    _sync(pipeline.device)
     return frames / (time.perf_counter() - start), frames
 
 
@@ -241,18 +238,18 @@ def _gpu_peak_mb(device: torch.device) -> float:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else 0.0
 
 
-def run_embedded(engine: Engine, settings: Settings, archive: synthetic.Archive) -> EndToEnd:
-    """``run_folder`` on a fresh SQLite database and output folder, with a new engine over the loaded models, so its
-    stats (batch fill, time to first batch) count this run alone, from its start."""
-    eng = Engine(settings, engine.routes, engine.device, engine.unavailable)
-    _gpu_peak_reset(eng.device)
+def run_embedded(models: Models, settings: Settings, archive: synthetic.Archive) -> EndToEnd:
+    """``run_folder`` on a fresh SQLite database and output folder, with a new pipeline over the loaded models, so
+    its stats (batch fill, time to first batch) count this run alone, from its start."""
+    pipe = Pipeline(models, settings, clock_from=time.monotonic())
+    _gpu_peak_reset(pipe.device)
     start = time.perf_counter()
-    report = run_folder(archive.root, settings, engine=eng)
-    _sync(eng.device)
+    report = run_folder(archive.root, settings, pipeline=pipe)
+    _sync(pipe.device)
     elapsed = time.perf_counter() - start
     done = report.summary.files.get("done", 0)
-    return EndToEnd(done / elapsed, elapsed, done, _count_pngs(settings.heatmap_dir), eng.stats.fill,
-                    eng.stats.time_to_first_batch_s, "engine.stats", _peak_rss_mb(), _gpu_peak_mb(eng.device))
+    return EndToEnd(done / elapsed, elapsed, done, _count_pngs(settings.heatmap_dir), pipe.stats.fill,
+                    pipe.stats.time_to_first_batch_s, "pipeline.stats", _peak_rss_mb(), _gpu_peak_mb(pipe.device))
 
 
 FILL_LINE = re.compile(r"batch fill [^:]*: (\d+) batches, (\d+) frames, mean fill [\d.]+% of (\d+)")
@@ -313,7 +310,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: su
     raise SetupError(f"timed out after {timeout:.0f} s waiting for {what}; see {log_path}")
 
 
-def run_celery(cfg: BenchConfig, engine: Engine, archive: synthetic.Archive, run_dir: Path, broker_url: str,
+def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive, run_dir: Path, broker_url: str,
                pg_url: str) -> EndToEnd:
     import redis
     from sqlalchemy import create_engine, text
@@ -321,22 +318,15 @@ def run_celery(cfg: BenchConfig, engine: Engine, archive: synthetic.Archive, run
     servers.reset_postgres(pg_url)
     redis.Redis.from_url(broker_url).flushall()
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}  # no stray heatmap dir, path map
-    env = {**inherited, "NEURON_BROKER_URL": broker_url, "NEURON_DATABASE_URL": pg_url,
+    env = {**foreign_environment(), "NEURON_BROKER_URL": broker_url, "NEURON_DATABASE_URL": pg_url,
            "NEURON_OUT": str(run_dir / "out"), "TMPDIR": str(run_dir / "tmp"), "PYTHONUNBUFFERED": "1",
            "COLUMNS": "200"}
     neuron = [sys.executable, "-m", "neuron"]
-    worker_cmd = [*neuron, "worker", "--device", str(engine.device), "--weights", "untrained", "--batch-size",
-                  str(engine.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO"]
+    worker_cmd = [*neuron, "worker", "--device", str(pipeline.device), "--weights", "untrained", "--batch-size",
+                  str(pipeline.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO", "--precision",
+                  cfg.precision]
     if cfg.concurrency is not None:
         worker_cmd += ["--concurrency", str(cfg.concurrency)]
-    if cfg.precision != "fp32":
-        from neuron.cli import worker as worker_command
-
-        if "precision" not in inspect.signature(worker_command).parameters:
-            raise ConfigError(f"--precision {cfg.precision}: `neuron worker` has no --precision option yet; "
-                              f"measure the Celery mode with fp32 or leave it out (--modes embedded)")
-        worker_cmd += ["--precision", cfg.precision]
     log_path = run_dir / "worker.log"
     db = Database(pg_url)
     with open(log_path, "w") as log_file:
@@ -356,7 +346,7 @@ def run_celery(cfg: BenchConfig, engine: Engine, archive: synthetic.Archive, run
         scan_s = time.perf_counter() - start
 
         def finished() -> bool:
-            counts = db.status_counts()["instances"]
+            counts = db.instance_statuses()
             return sum(counts.get(s, 0) for s in ("done", "failed", "skipped")) >= archive.n_images
 
         _wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
@@ -364,7 +354,7 @@ def run_celery(cfg: BenchConfig, engine: Engine, archive: synthetic.Archive, run
         rss = _proc_peak_rss_mb(proc.pid)
     finally:
         _stop(proc)
-    done = db.status_counts()["instances"].get("done", 0)
+    done = db.instance_statuses().get("done", 0)
     db.dispose()
     sa = create_engine(pg_url)
     try:
@@ -381,7 +371,7 @@ def run_celery(cfg: BenchConfig, engine: Engine, archive: synthetic.Archive, run
         ttfb, source = (first_done - scan_started).total_seconds(), "database (first committed result)"
     if fill is None:
         source += "; no batch fill lines in the worker log"
-    gpu = 0.0 if engine.device.type == "cpu" else None  # the worker's CUDA peak is not visible from here
+    gpu = 0.0 if pipeline.device.type == "cpu" else None  # the worker's CUDA peak is not visible from here
     return EndToEnd(done / elapsed, elapsed, done, _count_pngs(run_dir / "out" / "heatmaps"), fill, ttfb, source,
                     rss, gpu, {"worker_ready_s": round(ready_s, 2), "scan_s": round(scan_s, 2),
                                "concurrency": wlog.concurrency or cfg.concurrency, "worker_batches": wlog.batches})
@@ -392,15 +382,10 @@ def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
-def run_bench(cfg: BenchConfig, engine: Engine | None = None, say: Callable[[str], None] = print) -> list[dict]:
+def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str], None] = print) -> list[dict]:
     """Generate (or reuse) the archives, measure every requested (mode, archive), write the JSON and, if asked, the
-    BENCHMARKS.md rows. ``engine`` may be an already loaded untrained engine (tests); its models are reused."""
-    base = Settings(weights="untrained", device=cfg.device, batch_size=cfg.batch_size)
-    if cfg.precision != "fp32" and not settings_have_precision():
-        raise ConfigError(f"--precision {cfg.precision}: this build has no precision setting yet (Settings has no "
-                          f"'precision' field); only fp32 can be measured")
-    if settings_have_precision():
-        base = base.with_(precision=cfg.precision)
+    BENCHMARKS.md rows. ``models`` may be already loaded untrained models (tests); they are reused."""
+    base = Settings(weights="untrained", device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     run_root = cfg.workdir / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     run_root.mkdir(parents=True)
@@ -411,31 +396,29 @@ def run_bench(cfg: BenchConfig, engine: Engine | None = None, say: Callable[[str
         say(f"archives ready in {time.perf_counter() - t:.1f} s: " +
             ", ".join(f"{a.flavour} {a.n_images} images in {a.studies} studies ({a.root})" for a in archives.values()))
         load_s = None
-        if engine is None:
+        if models is None:
             t = time.perf_counter()
-            engine = Engine.from_settings(base.with_(out_dir=run_root / "engine"), only=[ROUTE])
+            models = Models.from_settings(base.with_(out_dir=run_root / "engine"), only=[ROUTE])
             load_s = time.perf_counter() - t
-            say(f"models loaded on {engine.device} in {load_s:.1f} s")
-        elif cfg.batch_size and cfg.batch_size != engine.batch_size:
-            engine = Engine(engine.settings.with_(batch_size=cfg.batch_size), engine.routes, engine.device,
-                            engine.unavailable)
-        name = device_name(engine.device)
+            say(f"models loaded on {models.device} in {load_s:.1f} s")
+        pipeline = Pipeline(models, models.settings.with_(batch_size=cfg.batch_size))
+        name = device_name(pipeline.device)
         first = archives[cfg.archives[0]]
-        model = model_only_bound(engine, _sample_frames(engine, first))
+        model = model_only_bound(pipeline, _sample_frames(pipeline, first))
         say(f"model-only bound: {model:.1f} img/s")
         celery_ok = Mode.CELERY in cfg.modes and servers.redis_available() and servers.postgres_available()
         if Mode.CELERY in cfg.modes and not celery_ok:
             say("celery mode skipped: redis-server and PostgreSQL (initdb, pg_ctl) must both be installed")
         runs: list[tuple[Mode, str, EndToEnd, datetime]] = []
-        common: dict[str, Any] = {"device": name, "device_type": engine.device.type, "batch_size": engine.batch_size,
-                  "precision": cfg.precision, "precision_applied": settings_have_precision(),
+        common: dict[str, Any] = {"device": name, "device_type": pipeline.device.type,
+                  "batch_size": pipeline.batch_size, "precision": cfg.precision, "precision_applied": True,
                   "model_only_images_per_s": _round(model, 2),
-                  "image_size": cfg.size, "seed": cfg.seed, "weights": "untrained", "tta": engine.settings.tta,
-                  "heatmap_top_k": engine.settings.heatmap_top_k,
-                  "model_load_s": _round(load_s, 2), "machine": machine_info(engine.device)}
+                  "image_size": cfg.size, "seed": cfg.seed, "weights": "untrained", "tta": pipeline.settings.tta,
+                  "heatmap_top_k": pipeline.settings.heatmap_top_k,
+                  "model_load_s": _round(load_s, 2), "machine": machine_info(pipeline.device)}
         decode: dict[str, tuple[float, int]] = {}
         for flavour, archive in archives.items():
-            decode[flavour] = decode_bound(engine, archive)
+            decode[flavour] = decode_bound(pipeline, archive)
             say(f"decode-only bound, {flavour}: {decode[flavour][0]:.1f} img/s ({decode[flavour][1]} frames)")
         todo = [(m, f) for m in cfg.modes for f in cfg.archives if m is Mode.EMBEDDED or celery_ok]
         with ExitStack() as stack:
@@ -445,16 +428,16 @@ def run_bench(cfg: BenchConfig, engine: Engine | None = None, say: Callable[[str
                 archive, run_dir = archives[flavour], run_root / f"{mode.value}-{flavour}"
                 run_dir.mkdir()
                 if mode is Mode.EMBEDDED:
-                    settings = engine.settings.with_(out_dir=run_dir / "out", database_url=None,
-                                                     batch_size=engine.batch_size)
-                    e2e = run_embedded(engine, settings, archive)
+                    settings = pipeline.settings.with_(out_dir=run_dir / "out", database_url=None,
+                                                       batch_size=pipeline.batch_size)
+                    e2e = run_embedded(models, settings, archive)
                 else:
                     assert broker is not None and pg is not None
-                    e2e = run_celery(cfg, engine, archive, run_dir, broker.url, pg.url)
+                    e2e = run_celery(cfg, pipeline, archive, run_dir, broker.url, pg.url)
                 say(f"{mode.value}, {flavour}: {e2e.images_per_s:.2f} img/s end to end ({e2e.done}/"
                     f"{archive.n_images} done in {e2e.elapsed_s:.1f} s)")
                 runs.append((mode, flavour, e2e, datetime.now().astimezone()))
-        model = max(model, model_only_bound(engine, _sample_frames(engine, first)))
+        model = max(model, model_only_bound(pipeline, _sample_frames(pipeline, first)))
         say(f"model-only bound, best of before and after: {model:.1f} img/s")
         common["model_only_images_per_s"] = _round(model, 2)
         results = []

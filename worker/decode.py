@@ -14,7 +14,7 @@ Three ways to the same values, chosen per file, each proven bit for bit against 
   the GIL: one JPEG 2000 at a time however many threads);
 - everything else (big endian, deflate, 1-bit, float, lossy JPEG colour, YBR in native data): pydicom with the
   pinned plugins, as before. Plugins are pinned (``DECODER_PLUGIN``): pydicom tries plugins in an order that changes
-  between releases and different plugins give pixels 1-3 grey levels apart (NOTES 15).
+  between releases (pydicom's ``pixels`` decoder plugins) and different plugins give pixels 1-3 grey levels apart.
 
 Syntaxes named in ``defer_syntaxes`` are not decoded here: their frames come back as ``EncodedFrame``s for a device
 decoder (``worker.gpu_decode``); ``decode_encoded`` is the CPU decode of one such frame (its fallback).
@@ -562,7 +562,7 @@ def _finish(ds: pydicom.Dataset, h: _Header, sop_instance_uid: str, indices: Seq
             raise DecodeError(f"palette colour lookup failed: {exc}; the palette tables are missing or broken") from exc
         photometric = "RGB"
     elif photometric.startswith("YBR"):
-        photometric = "RGB"  # the decoders converted the pixels already (as pydicom's as_rgb); not twice (NOTES 14)
+        photometric = "RGB"  # the decoders converted the pixels already (as pydicom's as_rgb); not twice
     params = _colour_depth(pixel_params(ds, photometric), arrays[0], palette)
     frames: list[DecodedFrame | EncodedFrame] = []
     for idx, arr, decoder in zip(indices, arrays, decoders, strict=True):

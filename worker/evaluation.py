@@ -12,18 +12,20 @@ import numpy as np
 
 from neuron.errors import ConfigError, ModelUnavailable
 from neuron.settings import Settings
+from neuron_models.factory import model_config
 from neuron_models.image import DecodedFrame
 from neuron_models.metrics import accuracy, expected_calibration_error, mean_defined, multilabel_auc, per_class_auc
-from neuron_models.registry import model_config
 from neuron_models.training import LabelledSet
-from worker.engine import Engine
+from worker.device import DeviceJob
+from worker.models import Models, default_batch_size
 
 
-def _infer_all(engine: Engine, route, paths: list[Path], load: Callable[[Path], DecodedFrame]) -> np.ndarray:
+def _infer_all(job: DeviceJob, route, paths: list[Path], load: Callable[[Path], DecodedFrame]) -> np.ndarray:
     probs = []
-    for start in range(0, len(paths), engine.batch_size):
-        frames = [load(p) for p in paths[start:start + engine.batch_size]]
-        for res in engine.infer(route, frames):
+    batch = job.settings.batch_size or default_batch_size(job.device)
+    for start in range(0, len(paths), batch):
+        frames = [load(p) for p in paths[start:start + batch]]
+        for res in job.infer(route, frames):
             if isinstance(res, Exception):
                 raise ConfigError(f"an evaluation image was rejected: {res}")
             probs.append(res.probabilities)
@@ -54,14 +56,15 @@ def read_multilabel_csv(data: Path, labels: tuple[str, ...]) -> tuple[list[Path]
 
 def evaluate_model(name: str, data: Path, settings: Settings, load: Callable[[Path], DecodedFrame]) -> dict:
     cfg = model_config(name)
-    engine = Engine.from_settings(settings, only=[cfg.route])  # not the other routes' weights
-    if cfg.route not in engine.routes:
-        raise ModelUnavailable(engine.unavailable.get(cfg.route, f"{name} could not be loaded"))
-    model = engine.routes[cfg.route].model
+    models = Models.from_settings(settings, only=[cfg.route])  # not the other routes' weights
+    if cfg.route not in models.routes:
+        raise ModelUnavailable(models.unavailable.get(cfg.route, f"{name} could not be loaded"))
+    model = models.routes[cfg.route].model
+    job = DeviceJob(models)
     labels = model.class_names
     if cfg.multilabel:
         paths, targets = read_multilabel_csv(Path(data), labels)
-        probs = _infer_all(engine, cfg.route, paths, load)
+        probs = _infer_all(job, cfg.route, paths, load)
         aucs = multilabel_auc(probs, targets, labels)
         return {"model": name, "weights": model.weights_id, "n": len(paths), "auc": aucs,
                 "summary": {"mean AUC": mean_defined(aucs)}}
@@ -70,7 +73,7 @@ def evaluate_model(name: str, data: Path, settings: Settings, load: Callable[[Pa
     if unknown:
         raise ConfigError(f"classes {sorted(unknown)} in {data} are not classes of {name} ({list(labels)})")
     y = np.array([labels.index(dataset.class_names[i]) for i in dataset.labels])
-    probs = _infer_all(engine, cfg.route, dataset.paths, load)
+    probs = _infer_all(job, cfg.route, dataset.paths, load)
     nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
     aucs = per_class_auc(probs, y, labels)
     return {"model": name, "weights": model.weights_id, "n": len(y), "auc": aucs,

@@ -1,19 +1,18 @@
 """Prometheus metrics of `neuron run` and `neuron worker` (``--metrics-port`` / NEURON_METRICS_PORT).
 
-Nothing is counted on the hot path for Prometheus: a custom collector reads the engine's own counters
-(``worker.engine.EngineStats``, which the pipeline stages already keep) when Prometheus scrapes, and the numbers are
-served from a registry of our own, never the process-global one (two engines in one process, as in the tests, do not
+Nothing is counted on the hot path for Prometheus: a custom collector reads the pipeline's own counters
+(``worker.stats.PipelineStats``, which the stages already keep) when Prometheus scrapes, and the numbers are served
+from a registry of our own, never the process-global one (two pipelines in one process, as in the tests, do not
 collide). Labels are bounded sets (batch reasons, failure categories, the device): no UID, path or reason text.
 
 The endpoint listens on 127.0.0.1 unless NEURON_METRICS_HOST names another address (``0.0.0.0`` inside a container
-that Prometheus scrapes from outside). That one variable is read here, at start, because only the metrics server
-uses it; port 0 picks a free port, which is logged and returned.
+that Prometheus scrapes from outside; ``Settings.metrics_host``); port 0 picks a free port, which is logged and
+returned.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,21 +33,19 @@ from neuron.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-HOST_ENV = "NEURON_METRICS_HOST"
 BATCH_REASONS = ("full", "waited", "drained")
 FAILURE_CATEGORIES = ("decode", "too-large", "rejected", "unsupported", "no-model", "storage", "device", "other")
 
 
-class EngineCollector(Collector):
-    """The engine's counters as Prometheus metrics, read at scrape time."""
+class PipelineCollector(Collector):
+    """A pipeline's counters as Prometheus metrics, read at scrape time."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine
-        st = engine.stats
+        pipeline = self.pipeline
+        st = pipeline.stats
         with st.lock:  # one consistent reading; the stages wait microseconds at most
             frames, batches, why = st.frames, st.batches, dict(st.why)
             files, read_s = st.files_read, st.read_seconds
@@ -56,8 +53,8 @@ class EngineCollector(Collector):
             queue_wait_s, failures = st.queue_wait_seconds, dict(st.failures)
             first, created = st.first_batch_at, st.created_at
         info = InfoMetricFamily("neuron_engine", "The engine behind these numbers.")
-        info.add_metric([], {"device": str(engine.device), "precision": engine.precision,
-                             "routes": ",".join(sorted(r.value for r in engine.routes))})
+        info.add_metric([], {"device": str(pipeline.device), "precision": pipeline.job.precision,
+                             "routes": ",".join(sorted(r.value for r in pipeline.models.routes))})
         yield info
         yield CounterMetricFamily("neuron_images", "Frames sent to the device (screened or rejected there).",
                                   value=frames)
@@ -89,7 +86,7 @@ class EngineCollector(Collector):
         for category in sorted(set(FAILURE_CATEGORIES) | set(failures)):
             failed.add_metric([category], failures.get(category, 0))
         yield failed
-        yield from _gpu_memory(engine.device)
+        yield from _gpu_memory(pipeline.device)
 
 
 def _gpu_memory(device) -> Iterator[Metric]:
@@ -120,14 +117,14 @@ class MetricsServer:
         self.server.server_close()
 
 
-def start(settings: Settings, engine, host: str | None = None) -> MetricsServer | None:
-    """Serve the engine's metrics at http://HOST:PORT/metrics on a daemon thread, or nothing when no metrics port is
+def start(settings: Settings, pipeline, host: str | None = None) -> MetricsServer | None:
+    """Serve the pipeline's metrics at http://HOST:PORT/metrics on a daemon thread, or nothing when no metrics port is
     set. ``host``: default NEURON_METRICS_HOST, else 127.0.0.1. Raises ConfigError when the port cannot be bound."""
     if settings.metrics_port is None:
         return None
-    host = host or os.environ.get(HOST_ENV, "").strip() or DEFAULT_HOST
+    host = host or settings.metrics_host
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine))
+    registry.register(PipelineCollector(pipeline))
     ProcessCollector(registry=registry)  # CPU seconds, resident memory, open files of this process
     try:
         server, _thread = start_http_server(settings.metrics_port, addr=host, registry=registry)

@@ -1,4 +1,5 @@
-"""The staged engine: stages joined by bounded queues, each one job on its own thread (STYLE 15).
+"""The staged engine: stages joined by bounded queues, each one job on its own thread (the shape of PyTorch's
+DataLoader prefetching and NVIDIA DALI's pipelines: stages overlap, queues bound the memory).
 
     feeder ─► readers (thread pool: read + parse; GIL-free decoders) ─► decoded queue, in completion order
         ─► batcher (BatchPolicy: by route, by size, by max_wait_ms) ─► stager (packs a batch into a pinned buffer)
@@ -16,30 +17,32 @@ the run. Transient read errors (a network share timing out) leave the instance `
 from __future__ import annotations
 
 import logging
-import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from db.schema import Status
-from db.store import FrameResult, Outcome, WorkItem
 from neuron.errors import InputError, RetryableError, SetupError
-from neuron.routes import Route
+from neuron.settings import Settings
+from neuron.work import FrameResult, Outcome, Route, Status, WorkItem
 from neuron_models.image import DecodedFrame, EncodedFrame
 from worker.batching import Batch, BatchPolicy
 from worker.decode import decode_instance
-from worker.engine import IDLE, Engine, failure_category
+from worker.device import DeviceJob
+from worker.models import Models, default_batch_size
+from worker.results import ResultShaper, Transient, failure_category, failure_outcome, write_png
+from worker.stager import Stager
+from worker.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 
+IDLE = object()  # yielded by an endless feed when nothing new has arrived
 _EOF = object()
 _POLL = 0.1  # seconds between checks of the stop flag while a stage blocks
 
@@ -74,70 +77,108 @@ class _Launched:
     started: object = None  # torch.cuda.Event recorded before the device job (device time), or None on the CPU
 
 
-def read_item(engine: Engine, item: WorkItem) -> list[DecodedFrame | EncodedFrame]:
-    s = engine.settings
+def read_item(pipeline: Pipeline, item: WorkItem) -> list[DecodedFrame | EncodedFrame]:
+    """The readers' job: one file's frames, decoded, or left encoded for the device decoder."""
+    s = pipeline.settings
     return decode_instance(s.to_local(item.file_path), item.sop_instance_uid, s.max_frames, s.max_pixels,
-                           defer_syntaxes=engine.defer_syntaxes)
+                           defer_syntaxes=pipeline.stager.defer_syntaxes)
 
 
-def failure_outcome(item: WorkItem, exc: BaseException, worker: str) -> Outcome:
-    """Whatever reading one file raised, that instance gets an Outcome with a reason; the run goes on."""
-    if isinstance(exc, InputError):
-        return Outcome(item.sop_instance_uid, Status(exc.status), exc.reason, worker=worker)
-    if isinstance(exc, RetryableError | MemoryError):
-        return Outcome(item.sop_instance_uid, Status.PENDING,
-                       f"transient error, to be tried again: {type(exc).__name__}: {exc}", worker=worker)
-    return Outcome(item.sop_instance_uid, Status.FAILED,
-                   f"unexpected error while reading the file ({type(exc).__name__}: {exc}); the file is probably "
-                   f"corrupt: re-export it from the source, and report the error if the file is valid", worker=worker)
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    """Write atomically: encoded in memory, written under a temporary name, renamed. A crash, a full disk or a
-    read-only folder never leaves half a PNG, under the final name or the temporary one; the OSError (with its errno:
-    ENOSPC, EROFS, EACCES, ...) reaches the caller."""
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError(f"cv2 could not encode a {image.shape} {image.dtype} heatmap as PNG for {path}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(encoded.tobytes())
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+def worker_identity(device: torch.device) -> str:
+    """host/device (and the GPU's name): the ``worker`` column of results produced here."""
+    gpu = f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{socket.gethostname()}/{device}{gpu}"
 
 
 class Pipeline:
-    """One run of the staged engine over a feed of WorkItems."""
+    """The staged engine, built from its parts: the models (``worker.models``), the device job (``worker.device``),
+    the stager (``worker.stager``) and the result shaper (``worker.results``), for one run's settings (batch size,
+    heatmap folder, review threshold). ``run`` streams a feed through it; it may be called again (a second pass, a
+    worker's engine restarted after a device error), and the counters in ``stats`` add up over the runs."""
 
-    def __init__(self, engine: Engine, reader: Callable[[Engine, WorkItem], list] = read_item,
-                 png_writer: Callable[[str, np.ndarray], None] = write_png):
-        self.engine = engine
+    def __init__(self, models: Models, settings: Settings | None = None, *, worker_id: str | None = None,
+                 reader: Callable[[Pipeline, WorkItem], list] = read_item,
+                 png_writer: Callable[[str, np.ndarray], None] = write_png, clock_from: float | None = None):
+        self.models = models
+        self.settings = settings if settings is not None else models.settings
+        self.device = models.device
+        self.batch_size = self.settings.batch_size or default_batch_size(self.device)
+        self.worker_id = worker_id or worker_identity(self.device)
+        self.job = DeviceJob(models, top_k=self.settings.heatmap_top_k)
+        self.stager = Stager(self.device)
+        self.shaper = ResultShaper(models, self.settings, self.worker_id)
         self.reader = reader  # the readers' job; tests put a gate or a fault in front of the real one
         self.png_writer = png_writer  # likewise for the heatmap writes (a full disk where no tmpfs can be mounted)
-        s = engine.settings
+        # the time to the first batch counts from ``clock_from`` (default: the models' creation, loading included)
+        self.stats = PipelineStats(self.batch_size, created_at=models.created_at if clock_from is None else clock_from)
+
+    @property
+    def heatmap_dir(self):
+        return self.shaper.heatmap_dir
+
+    def run(self, items: Iterable[WorkItem | object], sink: Callable[[Outcome], None],
+            progress: Callable[[int], None] | None = None) -> None:
+        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order, on this thread.
+
+        ``items`` may be endless (the distributed worker's feed) and may yield ``IDLE`` when nothing new has arrived;
+        partial batches whose first frame has waited ``max_wait_ms`` are run rather than held back."""
+        _Run(self).run(items, sink, progress)
+
+    def decode_only(self, items: Iterable[WorkItem]) -> int:
+        """The decode bound: files to raw frames on the device through the same readers, stager and upload as a
+        run, no model. Returns the number of frames."""
+        frames_total = 0
+        items = [i for i in items if i.route in self.models.routes]
+        with ThreadPoolExecutor(max(1, self.settings.decode_workers), thread_name_prefix="read") as readers:
+            batch: dict[Route, list[DecodedFrame]] = {}
+            for item, future in zip(items, [readers.submit(read_item, self, i) for i in items], strict=True):
+                try:
+                    frames = future.result()
+                except Exception:  # counted as not decoded; a run records the reason
+                    continue
+                group = batch.setdefault(item.route, [])
+                group.extend(frames)
+                if len(group) >= self.batch_size:
+                    frames_total += self._upload(item.route, group)
+                    batch[item.route] = []
+            for route, group in batch.items():
+                if group:
+                    frames_total += self._upload(route, group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return frames_total
+
+    def _upload(self, route: Route, frames: list[DecodedFrame]) -> int:
+        frames = [f for f in self.stager.finish_decoding(frames) if not isinstance(f, InputError)]
+        staged = self.stager.stage(frames)
+        self.job.preprocessor(route).unit_groups(staged, self.stager.upload(staged))
+        return len(frames)
+
+
+class _Run:
+    """One run of the pipeline over a feed: its queues, stage threads and the instances in flight."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.p = pipeline
+        s, batch_size = pipeline.settings, pipeline.batch_size
         self.readers_n = max(1, s.decode_workers)
-        self.ahead = max(2 * engine.batch_size, 4 * self.readers_n)
-        self.policy: BatchPolicy[tuple[_Instance, DecodedFrame]] = BatchPolicy(engine.batch_size,
-                                                                               s.max_wait_ms / 1000.0)
+        self.ahead = max(2 * batch_size, 4 * self.readers_n)
+        self.policy: BatchPolicy[tuple[_Instance, DecodedFrame]] = BatchPolicy(batch_size, s.max_wait_ms / 1000.0)
         self.stop = threading.Event()
         self.sent = self.finished = 0  # batches handed on by the batcher / whose results are back
-        self.depth = 2 if engine.device.type == "cuda" else 1
+        self.depth = 2 if pipeline.device.type == "cuda" else 1
         self.failure: BaseException | None = None
         self.decoded: queue.Queue = queue.Queue()  # bounded by ``slots``: at most ``ahead`` files read ahead
         self.slots = threading.Semaphore(self.ahead)
         self.to_stage: queue.Queue = queue.Queue(maxsize=2)
         self.to_device: queue.Queue = queue.Queue(maxsize=1)
         self.to_results: queue.Queue = queue.Queue(maxsize=2)
-        self.outcomes: queue.Queue = queue.Queue(maxsize=4 * engine.batch_size)
-        self.png_slots = threading.Semaphore(4 * engine.batch_size)
+        self.outcomes: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+        self.png_slots = threading.Semaphore(4 * batch_size)
         self.lock = threading.Lock()
-        cuda = engine.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(engine.device) if cuda else None
-        self.compute_stream = torch.cuda.Stream(engine.device) if cuda else None
+        cuda = pipeline.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(pipeline.device) if cuda else None
+        self.compute_stream = torch.cuda.Stream(pipeline.device) if cuda else None
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _put(self, q: queue.Queue, item) -> None:
@@ -181,20 +222,20 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def _feed(self, items: Iterable, readers: ThreadPoolExecutor) -> None:
-        engine, submitted = self.engine, 0
+        models, submitted = self.p.models, 0
         for item in items:
             if self.stop.is_set():
                 raise _Stopped
             if item is IDLE:
                 continue
-            route = Route(item.route)
-            if route not in engine.routes and route in engine.loadable:
-                engine.ensure(route)  # the route's first instance: load its model now (or stop the run)
-            if route not in engine.routes:  # no model for it on this host
-                reason = engine.unavailable.get(route, f"no model for route '{item.route}'")
-                engine.stats.failed("no-model")
+            route = item.route
+            if route not in models.routes and route in models.loadable:
+                models.ensure(route)  # the route's first instance: load its model now (or stop the run)
+            if route not in models.routes:  # no model for it on this host
+                reason = models.unavailable.get(route, f"no model for route '{route.value}'")
+                self.p.stats.failed("no-model")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.SKIPPED, reason,
-                                                 worker=engine.worker_id))
+                                                 worker=self.p.worker_id))
                 continue
             while not self.slots.acquire(timeout=_POLL):
                 if self.stop.is_set():
@@ -207,13 +248,13 @@ class Pipeline:
     def _read(self, item: WorkItem) -> list:
         started = time.perf_counter()
         try:
-            return self.reader(self.engine, item)
+            return self.p.reader(self.p, item)
         finally:
-            self.engine.stats.read(time.perf_counter() - started)
+            self.p.stats.read(time.perf_counter() - started)
 
     def _batch(self) -> None:
         """Decoded files -> batches, by size or by the wait cap, which holds while decodes are still in flight."""
-        engine, received, total = self.engine, 0, None
+        stats, received, total = self.p.stats, 0, None
         while total is None or received < total:
             timeout = self.policy.timeout()
             if timeout is not None and not self._room():
@@ -231,18 +272,18 @@ class Pipeline:
             try:
                 frames = payload.result()
             except BaseException as exc:
-                engine.stats.failed(failure_category(exc))
-                self._put(self.outcomes, failure_outcome(item, exc, engine.worker_id))
+                stats.failed(failure_category(exc))
+                self._put(self.outcomes, failure_outcome(item, exc, self.p.worker_id))
                 self._put(self.outcomes, ("progress", 1))
                 continue
             if not frames:
-                engine.stats.failed("decode")
+                stats.failed("decode")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.FAILED,
-                                                 "no frames could be read", worker=engine.worker_id))
+                                                 "no frames could be read", worker=self.p.worker_id))
                 continue
             inst = _Instance(item, expected=len(frames))
             for fr in frames:
-                for batch in self.policy.add(Route(item.route), (inst, fr)):
+                for batch in self.policy.add(item.route, (inst, fr)):
                     self._send(batch)
             self._flush_due()
         for batch in self.policy.drain():
@@ -272,15 +313,14 @@ class Pipeline:
                     with self.lock:
                         self.finished += 1
                     continue
-            pre = self.engine.preprocessors[batch.key]
-            staged = pre.stage([fr for _, fr in batch.items])
+            staged = self.p.stager.stage([fr for _, fr in batch.items])
             self._put(self.to_device, (batch, staged))
         self._put(self.to_device, _EOF)
 
     def _decode_on_device(self, batch: Batch) -> Batch:
         started = time.perf_counter()
-        decoded = self.engine.finish_decoding([fr for _, fr in batch.items])
-        self.engine.stats.read(time.perf_counter() - started, files=0)
+        decoded = self.p.stager.finish_decoding([fr for _, fr in batch.items])
+        self.p.stats.read(time.perf_counter() - started, files=0)
         kept = []
         for (inst, _), fr in zip(batch.items, decoded, strict=True):
             if isinstance(fr, InputError):
@@ -291,48 +331,46 @@ class Pipeline:
         return Batch(batch.key, tuple(kept), batch.reason)
 
     def _device(self) -> None:
-        engine = self.engine
+        stats = self.p.stats
         while (got := self._get(self.to_device)) is not _EOF:
             batch, staged = got
             now = time.monotonic()
-            engine.stats.record(len(batch.items), batch.reason, sum(now - inst.ready_at for inst, _ in batch.items))
+            stats.record(len(batch.items), batch.reason, sum(now - inst.ready_at for inst, _ in batch.items))
             try:
                 started = time.perf_counter()
                 chunks = self._launch(batch, staged)
                 if self.compute_stream is None:  # the CPU ran the job synchronously; CUDA is timed with events
-                    engine.stats.ran(time.perf_counter() - started)
+                    stats.ran(time.perf_counter() - started)
                 for launched in chunks:
                     self._put(self.to_results, launched)
             except RetryableError as exc:  # a single image that does not fit on the device
                 for inst, _ in batch.items:
-                    inst.error = inst.error or _Transient(str(exc))
+                    inst.error = inst.error or Transient(str(exc))
                 self._put(self.to_results, _Launched(batch.key, list(batch.items), None, {}, None))
         self._put(self.to_results, _EOF)
 
     def _launch(self, batch: Batch, staged) -> list[_Launched]:
-        engine, route = self.engine, batch.key
+        job, route = self.p.job, batch.key
         frames = [fr for _, fr in batch.items]
         if self.copy_stream is None:
-            chunks = engine.device_job(route, frames, staged)
+            chunks = job.run(route, frames, staged)
         else:
-            pre = engine.preprocessors[route]
             started = torch.cuda.Event(enable_timing=True)
             with torch.cuda.stream(self.copy_stream):
-                flat = pre.upload(staged)
+                flat = self.p.stager.upload(staged)
                 uploaded = torch.cuda.Event()
                 uploaded.record(self.copy_stream)
             self.compute_stream.wait_event(uploaded)
             with torch.cuda.stream(self.compute_stream):
                 started.record(self.compute_stream)
                 flat.record_stream(self.compute_stream)
-                chunks = engine.device_job(route, frames, staged, flat)
+                chunks = job.run(route, frames, staged, flat)
         out, start = [], 0
         for n, (chunk_frames, prepared, result) in enumerate(chunks):
             last = int(n == len(chunks) - 1)
             members = list(batch.items[start:start + len(chunk_frames)])
             start += len(chunk_frames)
-            tensors = {"mean": result.mean, "std": result.std, "order": result.order, "overlays": result.overlays,
-                       "rejected": prepared.rejected, "saturation": prepared.saturation}
+            tensors = result.host_tensors(prepared)
             if self.compute_stream is None:
                 out.append(_Launched(route, members, prepared, tensors, None, last))
                 continue
@@ -347,12 +385,12 @@ class Pipeline:
         return out
 
     def _results(self, pngs: ThreadPoolExecutor) -> None:
-        engine = self.engine
+        job, shaper = self.p.job, self.p.shaper
         while (launched := self._get(self.to_results)) is not _EOF:
             if launched.event is not None:
                 launched.event.synchronize()
                 if launched.last_chunk:
-                    engine.stats.ran(launched.started.elapsed_time(launched.event) / 1000.0)
+                    self.p.stats.ran(launched.started.elapsed_time(launched.event) / 1000.0)
             with self.lock:
                 self.finished += launched.last_chunk
             if launched.prepared is None:  # the device refused the batch: every instance retries
@@ -362,13 +400,13 @@ class Pipeline:
                 continue
             host = {name: t.numpy() for name, t in launched.host.items()}
             frames = [fr for _, fr in launched.frames]
-            results = engine.split_results(launched.route, frames, launched.prepared, host)
+            results = job.split_results(launched.route, frames, launched.prepared, host)
             for (inst, _), res in zip(launched.frames, results, strict=True):
                 if isinstance(res, InputError):
                     inst.error = inst.error or res
                     self._frame_done(inst, None, [])
                     continue
-                row, writes = engine.frame_result(launched.route, res)
+                row, writes = shaper.frame_result(launched.route, res)
                 self._frame_done(inst, row, writes, pngs)
             self._put(self.outcomes, ("progress", len(launched.frames)))
         pngs.shutdown(wait=True)
@@ -387,7 +425,7 @@ class Pipeline:
             while not self.png_slots.acquire(timeout=_POLL):
                 if self.stop.is_set():
                     raise _Stopped
-            pngs.submit(self.png_writer, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
+            pngs.submit(self.p.png_writer, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
         self._maybe_emit(inst)
 
     def _written(self, inst: _Instance, future: Future) -> None:
@@ -406,21 +444,10 @@ class Pipeline:
         self._put(self.outcomes, self._outcome(inst))
 
     def _outcome(self, inst: _Instance) -> Outcome:
-        uid, worker = inst.item.sop_instance_uid, self.engine.worker_id
         if inst.error is not None or inst.write_error is not None:
-            self.engine.stats.failed("device" if isinstance(inst.error, _Transient) else
-                                     failure_category(inst.error or inst.write_error))
-        if isinstance(inst.error, _Transient):
-            return Outcome(uid, Status.PENDING, f"transient error, to be tried again: {inst.error}", worker=worker)
-        if inst.error is not None:
-            return Outcome(uid, Status(inst.error.status), inst.error.reason, worker=worker)
-        if inst.write_error is not None:  # the output folder's fault, not the file's: pending, tried again
-            return Outcome(uid, Status.PENDING, f"heatmap could not be written ({type(inst.write_error).__name__}: "
-                                                f"{inst.write_error}); free space on or make writable "
-                                                f"{self.engine.heatmap_dir}, then run again: the instance is "
-                                                f"screened then", worker=worker)
-        frames = tuple(sorted(inst.results, key=lambda r: r.frame))
-        return Outcome(uid, Status.DONE, None, frames, worker=worker)
+            self.p.stats.failed("device" if isinstance(inst.error, Transient) else
+                                failure_category(inst.error or inst.write_error))
+        return self.p.shaper.outcome(inst.item, inst.results, inst.error, inst.write_error)
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run(self, items: Iterable, sink: Callable[[Outcome], None], progress: Callable[[int], None] | None) -> None:
@@ -451,39 +478,3 @@ class Pipeline:
             for t in threads:
                 t.join(timeout=30)
             pngs.shutdown(wait=True)
-
-
-class _Transient(InputError):
-    """Marks frames the device could not take (a single image out of memory): their instance is tried again."""
-
-
-def decode_to_device(engine: Engine, items: Iterable[WorkItem]) -> int:
-    """Files -> raw frames on the device through the same readers, stager and upload as a run, no model."""
-    frames_total = 0
-    items = [i for i in items if Route(i.route) in engine.routes]
-    with ThreadPoolExecutor(max(1, engine.settings.decode_workers), thread_name_prefix="read") as readers:
-        batch: dict[Route, list[DecodedFrame]] = {}
-        for item, future in zip(items, [readers.submit(read_item, engine, i) for i in items], strict=True):
-            try:
-                frames = future.result()
-            except Exception:  # counted as not decoded; a run records the reason
-                continue
-            group = batch.setdefault(Route(item.route), [])
-            group.extend(frames)
-            if len(group) >= engine.batch_size:
-                frames_total += _upload(engine, Route(item.route), group)
-                batch[Route(item.route)] = []
-        for route, group in batch.items():
-            if group:
-                frames_total += _upload(engine, route, group)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-    return frames_total
-
-
-def _upload(engine: Engine, route: Route, frames: list[DecodedFrame]) -> int:
-    frames = [f for f in engine.finish_decoding(frames) if not isinstance(f, InputError)]
-    pre = engine.preprocessors[route]
-    staged = pre.stage(frames)
-    pre.unit_groups(staged, pre.upload(staged))
-    return len(frames)

@@ -1,6 +1,6 @@
-"""The distributed worker: a Celery worker whose thin tasks hand studies to one shared batch engine.
+"""The distributed worker: a Celery worker whose thin tasks hand studies to one shared pipeline.
 
-    Celery thread pool (N studies in flight) ──submit(items)──► StudyBatcher queue ──► Engine.run (one thread)
+    Celery thread pool (N studies in flight) ──submit(items)──► StudyBatcher queue ──► Pipeline.run (one thread)
            ▲                                                                           │ frames of all studies
            │                                      Future[list[Outcome]] per study ◄────┘ batched together
            └── return, then ack ◄── Future (after the commit) ◄── ResultWriter: one thread, group commits
@@ -12,8 +12,9 @@ its rows are in the database; a killed worker's messages are redelivered.
 
 A task's thread only waits on futures, so threads are cheap and the pool is sized to fill batches: a batch of 128
 from 1-image studies needs 128 studies in flight, and twice that keeps the next batch filling while one runs
-(``default_concurrency``). The thread pool never forks, so CUDA is safe; the engine is built once per process, before
-the worker consumes.
+(``default_concurrency``). The thread pool never forks, so CUDA is safe; the models are loaded once per process,
+before the worker consumes. The task is module-level (``screen_study``) and thin; its payload is named and versioned
+(``neuron.queue.ScreenStudy``); the process's caches live on the task instance (``ScreeningTask``).
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from celery import Celery, Task, signals
-from sqlalchemy.exc import OperationalError
+from celery import Task, shared_task, signals
 
-from db.schema import Status
-from db.store import Database, Outcome, WorkItem
+from db.store import Database
 from db.writer import ResultWriter
 from neuron.errors import RetryableError
 from neuron.queue import (
     SCREEN_STUDY,
+    ScreenStudy,
     default_worker_name,
     make_app,
     mask_url,
@@ -43,10 +43,13 @@ from neuron.queue import (
     queue_for,
     register_info_command,
 )
-from neuron.routes import Route
 from neuron.settings import Settings
+from neuron.work import Outcome, Route, Status, WorkItem
 from worker import metrics
-from worker.engine import IDLE, Engine, EngineStats
+from worker.models import Models
+from worker.pipeline import IDLE, Pipeline
+from worker.results import prepare_database
+from worker.stats import PipelineStats
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class FillReport:
     """Logs how full the engine's batches were, once per ``every`` seconds of work (never per batch), from the
     engine's counters. Counts only: nothing about the studies or patients."""
 
-    def __init__(self, stats: EngineStats, every: float = FILL_REPORT_SECONDS, clock=time.monotonic):
+    def __init__(self, stats: PipelineStats, every: float = FILL_REPORT_SECONDS, clock=time.monotonic):
         self.stats, self.every, self.clock = stats, every, clock
         self._since = clock()
         self._batches = self._frames = 0
@@ -96,12 +99,12 @@ class _Submission:
 
 
 class StudyBatcher:
-    """Feeds work from many concurrent studies into one engine, so their images share device batches."""
+    """Feeds work from many concurrent studies into one pipeline, so their images share device batches."""
 
-    def __init__(self, engine: Engine, poll_seconds: float = 0.02, report_seconds: float = FILL_REPORT_SECONDS):
-        self.engine = engine
+    def __init__(self, pipeline: Pipeline, poll_seconds: float = 0.02, report_seconds: float = FILL_REPORT_SECONDS):
+        self.pipeline = pipeline
         self.poll = poll_seconds
-        self.report = FillReport(engine.stats, report_seconds)
+        self.report = FillReport(pipeline.stats, report_seconds)
         self._queue: queue.Queue[WorkItem] = queue.Queue()
         self._waiting: dict[str, list[_Submission]] = {}
         self._lock = threading.Lock()
@@ -147,7 +150,7 @@ class StudyBatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.engine.run(self._feed(), self._sink)
+                self.pipeline.run(self._feed(), self._sink)
             except Exception as exc:  # a device error: fail what is waiting; their tasks retry
                 log.exception("engine failed; failing the studies in flight so they are retried")
                 with self._lock:
@@ -159,62 +162,87 @@ class StudyBatcher:
                             sub.future.set_exception(error)
 
 
+@dataclass
+class WorkerRuntime:
+    """What one worker process holds while it consumes: its settings, database, the shared pipeline behind the
+    StudyBatcher, the result writer and (with --dicom-out) the output processes."""
+
+    settings: Settings
+    name: str
+    db: Database
+    batcher: StudyBatcher
+    writer: ResultWriter
+    outputs: object | None = None  # worker.dicom_out.BackgroundOutputs
+
+    def close(self) -> None:
+        """The pool has stopped: every task has returned, so nothing waits on these any more."""
+        self.writer.close()
+        self.batcher.close()
+        if self.outputs is not None:  # the outputs of every committed result, then the processes stop
+            self.outputs.close()
+
+
 class ScreeningTask(Task):
-    """Custom base holding the per-process caches: settings, database and the batcher (STYLE 9)."""
+    """The task's base: Celery instantiates a task class once per worker process ("Tasks" > "Instantiation" in the
+    Celery user guide), so the instance holds that process's caches. ``start`` builds them (the models are loaded
+    before the worker consumes); ``close`` commits and releases them."""
 
-    settings: Settings | None = None
-    _db: Database | None = None
-    _batcher: StudyBatcher | None = None
-    _writer: ResultWriter | None = None
-    _dicom = None  # worker.dicom_out.BackgroundOutputs when --dicom-out is set
+    runtime: WorkerRuntime | None = None
 
-    @property
-    def db(self) -> Database:
-        if ScreeningTask._db is None:
-            ScreeningTask._db = Database(self.settings.resolved_database_url)
-        return ScreeningTask._db
+    def start(self, settings: Settings, pipeline: Pipeline, name: str) -> WorkerRuntime:
+        db = Database(settings.resolved_database_url)
+        db.create()
+        prepare_database(db, pipeline.models, settings, pipeline.heatmap_dir)
+        outputs = None
+        if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
+            from worker.dicom_out import BackgroundOutputs
 
-    @property
-    def batcher(self) -> StudyBatcher:
-        if ScreeningTask._batcher is None:
-            ScreeningTask._batcher = StudyBatcher(Engine.from_settings(self.settings))
-        return ScreeningTask._batcher
+            outputs = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
+        self.runtime = WorkerRuntime(settings, name, db, StudyBatcher(pipeline), ResultWriter(db), outputs)
+        return self.runtime
 
-    @property
-    def writer(self) -> ResultWriter:
-        if ScreeningTask._writer is None:
-            ScreeningTask._writer = ResultWriter(self.db)
-        return ScreeningTask._writer
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+
+    def screen(self, payload: ScreenStudy) -> list[Outcome]:
+        """Claim the instances, screen them with the other studies in flight, commit, and screen again from a
+        duplicate copy what the commit rescued; returns the final outcomes. Raises RetryableError for what may work
+        later (a database outage, an instance unreadable for now: the rest is committed)."""
+        rt = self.runtime
+        if rt is None:
+            raise RetryableError("this worker process has not started its engine yet")
+        limit = rt.settings.max_attempts
+        outcomes: list[Outcome] = rt.batcher.submit(rt.db.claim(payload.sop_instance_uids, limit)).result()
+        committed = rt.writer.submit(outcomes).result()  # group commit; returning acknowledges the message
+        while committed.rescued:  # a corrupt first copy must not hide a good duplicate: screened from that copy
+            again = rt.batcher.submit(rt.db.claim(committed.rescued, limit)).result()
+            committed_again = rt.writer.submit(again).result()
+            redone = {o.sop_instance_uid for o in again}
+            outcomes = [o for o in outcomes if o.sop_instance_uid not in redone] + again
+            committed = committed_again
+        if rt.outputs is not None:  # after the commit, written by other processes (never blocks)
+            rt.outputs.add([o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames])
+        transient = [o for o in outcomes if o.status is Status.PENDING]
+        if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
+            raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
+                                 f"{transient[0].reason}")
+        return outcomes
 
 
-def register_tasks(app: Celery) -> None:
-    @app.task(bind=True, base=ScreeningTask, name=SCREEN_STUDY, acks_late=True, reject_on_worker_lost=True,
-              max_retries=8)
-    def screen_study(self: ScreeningTask, study_uid: str, sop_uids: list[str]) -> int:
-        """Screen one study's instances and commit the results; returns how many instances finished."""
-        try:
-            items = self.db.claim(sop_uids, self.settings.max_attempts)
-            outcomes = self.batcher.submit(items).result()
-            self.writer.submit(outcomes).result()  # group commit; returning acknowledges the message
-            # a corrupt first copy must not hide a good duplicate: screen the instance again from that copy
-            failed = [o.sop_instance_uid for o in outcomes if o.status is Status.FAILED]
-            while moved := self.db.retry_failed_from_duplicates(failed):
-                again = self.batcher.submit(self.db.claim(moved, self.settings.max_attempts)).result()
-                self.writer.submit(again).result()
-                outcomes = [o for o in outcomes if o.sop_instance_uid not in set(moved)] + again
-                failed = [o.sop_instance_uid for o in again if o.status is Status.FAILED]
-            if ScreeningTask._dicom is not None:  # after the commit, written by other processes (never blocks)
-                ScreeningTask._dicom.add([o.sop_instance_uid for o in outcomes
-                                          if o.status is Status.DONE and o.frames])
-            transient = [o for o in outcomes if o.status is Status.PENDING]
-            if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
-                raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
-                                     f"{transient[0].reason}")
-        except (RetryableError, OperationalError) as exc:
-            countdown = min(300, 2 ** self.request.retries)
-            log.warning("study task retrying in %d s: %s", countdown, exc)
-            raise self.retry(exc=RetryableError(str(exc)), countdown=countdown) from None
-        return len(outcomes)
+@shared_task(bind=True, base=ScreeningTask, name=SCREEN_STUDY, acks_late=True, reject_on_worker_lost=True,
+             max_retries=8)
+def screen_study(self: ScreeningTask, **payload) -> int:
+    """Screen one study's instances and commit the results; returns how many instances finished. Keyword arguments
+    only: the named, versioned ``neuron.queue.ScreenStudy`` payload."""
+    try:
+        outcomes = self.screen(ScreenStudy.from_kwargs(payload))
+    except RetryableError as exc:
+        countdown = min(300, 2 ** self.request.retries)
+        log.warning("study task retrying in %d s: %s", countdown, exc)
+        raise self.retry(exc=RetryableError(str(exc)), countdown=countdown) from None
+    return len(outcomes)
 
 
 def _quiet_reconnect_warning(**_) -> None:
@@ -226,36 +254,26 @@ def _quiet_reconnect_warning(**_) -> None:
 
 def run_worker(settings: Settings, queues: list[str], concurrency: int | None = None, loglevel: str = "INFO",
                name: str | None = None) -> None:
-    """Build the engine (models on the device) first, then consume. Blocks until the worker stops, then commits
-    what is left. ``concurrency`` None: ``default_concurrency`` of the engine's batch size. ``name`` is this worker's
-    identity, in its Celery node name and its results' ``worker`` column (default: host + device + pid)."""
-    engine = Engine.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
-    name = name or default_worker_name(str(engine.device))
-    engine.worker_id = name
-    served = metrics.start(settings, engine)  # /metrics with --metrics-port; ConfigError when the port is taken
-    db = Database(settings.resolved_database_url)
-    db.create()
-    for lr in engine.routes.values():
-        db.ensure_config(lr.spec.config_hash, lr.spec.model, lr.spec.as_dict())
-    concurrency = concurrency or default_concurrency(engine.batch_size)
-    ScreeningTask.settings = settings
-    ScreeningTask._db = db
-    ScreeningTask._batcher = batcher = StudyBatcher(engine)
-    ScreeningTask._writer = writer = ResultWriter(db)
-    if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
-        from worker.dicom_out import BackgroundOutputs
-
-        ScreeningTask._dicom = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
+    """Build the models on the device first, then consume. Blocks until the worker stops, then commits what is
+    left. ``concurrency`` None: ``default_concurrency`` of the batch size. ``name`` is this worker's identity, in its
+    Celery node name and its results' ``worker`` column (default: host + device + pid)."""
+    models = Models.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
+    name = name or default_worker_name(str(models.device))
+    pipeline = Pipeline(models, settings, worker_id=name)
+    served = metrics.start(settings, pipeline)  # /metrics with --metrics-port; ConfigError when the port is taken
+    concurrency = concurrency or default_concurrency(pipeline.batch_size)
     app = make_app(settings)
-    register_tasks(app)
+    task: ScreeningTask = app.tasks[SCREEN_STUDY]
+    task.start(settings, pipeline, name)
     register_info_command()
     started = time.monotonic()
 
     def _info() -> dict:  # answered to `neuron status` (inspect neuron_info): counts only, nothing about patients
-        busy = time.monotonic() - (engine.stats.first_batch_at or time.monotonic())
-        return {"name": name, "device": str(engine.device), "batch_size": engine.batch_size,
-                "concurrency": concurrency, "queues": queues, "images": engine.stats.frames,
-                "images_per_s": round(engine.stats.frames / busy, 2) if busy > 0 else None,
+        stats = pipeline.stats
+        busy = time.monotonic() - (stats.first_batch_at or time.monotonic())
+        return {"name": name, "device": str(pipeline.device), "batch_size": pipeline.batch_size,
+                "concurrency": concurrency, "queues": queues, "images": stats.frames,
+                "images_per_s": round(stats.frames / busy, 2) if busy > 0 else None,
                 "up_s": round(time.monotonic() - started, 1)}
 
     app.neuron_info = _info
@@ -263,7 +281,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
 
     def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
         log.info("worker %s: batch size %d, %d studies in flight, batches wait at most %d ms; database %s, "
-                 "broker %s", name, engine.batch_size, concurrency, settings.max_wait_ms,
+                 "broker %s", name, pipeline.batch_size, concurrency, settings.max_wait_ms,
                  mask_url(settings.resolved_database_url), mask_url(settings.broker_url))
         if served is not None:
             log.info("Prometheus metrics at %s", served.url)
@@ -273,8 +291,5 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
         app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "-Q", ",".join(queues),
                          "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", node_name(name),
                          "--without-gossip", "--without-mingle"])
-    finally:  # the pool has stopped: every task has returned, so nothing waits on these any more
-        writer.close()
-        batcher.close()
-        if ScreeningTask._dicom is not None:  # the outputs of every committed result, then the processes stop
-            ScreeningTask._dicom.close()
+    finally:
+        task.close()

@@ -1,4 +1,4 @@
-"""The staged engine: the batching policy on a fake clock, and the defects of the old one-thread loop, each with the
+"""The staged pipeline: the batching policy on a fake clock, and the defects of the old one-thread loop, each with the
 real readers, model and PNG writer behind a gate or a fault put in front of the real reader (no mocks)."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from db.schema import Status
-from db.store import WorkItem
 from neuron.errors import TransientReadError
-from neuron.routes import Route
+from neuron.work import Route, Status, WorkItem
 from worker.batching import BatchPolicy
 from worker.embedded import ProgressHooks, run_folder
 from worker.pipeline import Pipeline, read_item
@@ -91,14 +89,13 @@ def test_the_policy_refuses_nonsense():
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
-def _engine(engine, settings):
-    from worker.engine import Engine
-
-    return Engine(settings, engine.routes, engine.device, engine.unavailable)
+def _pipeline(models, settings, **parts) -> Pipeline:
+    """A pipeline with this test's run settings over the session's loaded models."""
+    return Pipeline(models, settings, **parts)
 
 
 def _items(paths) -> list[WorkItem]:
-    return [WorkItem(f"1.2.826.0.1.3680043.99.{i}", str(p), Route.CHEST_XRAY.value, 1) for i, p in enumerate(paths)]
+    return [WorkItem(f"1.2.826.0.1.3680043.99.{i}", str(p), Route.CHEST_XRAY, 1) for i, p in enumerate(paths)]
 
 
 class Gate:
@@ -107,10 +104,10 @@ class Gate:
     def __init__(self, slow_uid: str):
         self.slow_uid, self.opened = slow_uid, threading.Event()
 
-    def __call__(self, engine, item):
+    def __call__(self, pipeline, item):
         if item.sop_instance_uid == self.slow_uid:
             assert self.opened.wait(120), "the gate was never opened"
-        return read_item(engine, item)
+        return read_item(pipeline, item)
 
 
 def _run_in_thread(pipeline: Pipeline, items):
@@ -139,14 +136,14 @@ def _wait_for(condition, seconds: float = 120.0) -> bool:
     return False
 
 
-def test_the_wait_cap_holds_while_a_decode_is_still_in_flight(tmp_path, chest_small, untrained_settings, engine):
+def test_the_wait_cap_holds_while_a_decode_is_still_in_flight(tmp_path, chest_small, untrained_settings, models):
     """The old loop waited on the first decode in flight and ignored --max-wait-ms meanwhile: a partial batch of
     decoded files sat behind one stalled read."""
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(2)]
     items = _items(files)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=16, max_wait_ms=100)
     gate = Gate(items[0].sop_instance_uid)
-    arrived, done = _run_in_thread(Pipeline(_engine(engine, settings), reader=gate), items)
+    arrived, done = _run_in_thread(_pipeline(models, settings, reader=gate), items)
     assert _wait_for(lambda: items[1].sop_instance_uid in arrived), "the decoded file waited for the stalled one"
     assert items[0].sop_instance_uid not in arrived
     gate.opened.set()
@@ -154,14 +151,14 @@ def test_the_wait_cap_holds_while_a_decode_is_still_in_flight(tmp_path, chest_sm
     assert {o.status for _, o in arrived.values()} == {Status.DONE}
 
 
-def test_a_slow_file_does_not_hold_back_files_decoded_after_it(tmp_path, chest_small, untrained_settings, engine):
+def test_a_slow_file_does_not_hold_back_files_decoded_after_it(tmp_path, chest_small, untrained_settings, models):
     """Decodes are consumed in completion order: with no wait cap at all, the files behind a stalled one fill a batch
     and are screened and written while it stalls."""
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(4)]
     items = _items(files)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=3, max_wait_ms=600_000)
     gate = Gate(items[0].sop_instance_uid)
-    arrived, done = _run_in_thread(Pipeline(_engine(engine, settings), reader=gate), items)
+    arrived, done = _run_in_thread(_pipeline(models, settings, reader=gate), items)
     later = {i.sop_instance_uid for i in items[1:]}
     assert _wait_for(lambda: later <= set(arrived)), "files decoded after a stalled one were held back"
     assert items[0].sop_instance_uid not in arrived
@@ -170,21 +167,20 @@ def test_a_slow_file_does_not_hold_back_files_decoded_after_it(tmp_path, chest_s
 
 
 def test_an_unexpected_exception_reading_one_file_fails_that_file_only(tmp_path, chest_small, untrained_settings,
-                                                                       engine):
+                                                                       models):
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(3)]
     items = _items(files)
 
-    def faulty(engine, item):
+    def faulty(pipeline, item):
         if item is items[1]:
             raise KeyError("(0028,0010) lookup blew up inside a decoder")
         if item is items[2]:
             raise TransientReadError("reading the file timed out (errno ETIMEDOUT): the share may be offline")
-        return read_item(engine, item)
+        return read_item(pipeline, item)
 
     settings = untrained_settings.with_(out_dir=tmp_path / "out")
     outcomes = {}
-    Pipeline(_engine(engine, settings), reader=faulty).run(items, lambda o: outcomes.update({o.sop_instance_uid: o}),
-                                                           None)
+    _pipeline(models, settings, reader=faulty).run(items, lambda o: outcomes.update({o.sop_instance_uid: o}), None)
     assert outcomes[items[0].sop_instance_uid].status is Status.DONE
     broken = outcomes[items[1].sop_instance_uid]
     assert broken.status is Status.FAILED and "KeyError" in broken.reason and "re-export" in broken.reason
@@ -192,7 +188,7 @@ def test_an_unexpected_exception_reading_one_file_fails_that_file_only(tmp_path,
     assert transient.status is Status.PENDING and "tried again" in transient.reason
 
 
-def test_pipeline_results_equal_the_synchronous_path(tmp_path, chest_small, rg1, untrained_settings, engine):
+def test_pipeline_results_equal_the_synchronous_path(tmp_path, chest_small, rg1, untrained_settings, models):
     """The staged run and ``infer`` are one computation: same probabilities, same ranks, and the PNG written is the
     overlay of the stored label's map."""
     import cv2
@@ -202,33 +198,33 @@ def test_pipeline_results_equal_the_synchronous_path(tmp_path, chest_small, rg1,
     files = [chest_small, small_chest(rg1, tmp_path / "b.dcm", step=3)]
     items = _items(files)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=4)
-    eng = _engine(engine, settings)
+    pipe = _pipeline(models, settings)
     outcomes = {}
-    eng.run(items, lambda o: outcomes.update({o.sop_instance_uid: o}))
-    frames = [f for item in items for f in read_item(eng, item)]
-    for item, ref in zip(items, eng.infer(Route.CHEST_XRAY, frames), strict=True):  # the same batch as the run's
+    pipe.run(items, lambda o: outcomes.update({o.sop_instance_uid: o}))
+    frames = [f for item in items for f in read_item(pipe, item)]
+    for item, ref in zip(items, pipe.job.infer(Route.CHEST_XRAY, frames), strict=True):  # the same batch as the run's
         (row,) = outcomes[item.sop_instance_uid].frames
         probs = np.array([s.probability for s in row.scores])
         np.testing.assert_allclose(probs, ref.probabilities, atol=1e-6, rtol=0)
         top = next(s for s in row.scores if s.rank == 1)
-        names = eng.routes[Route.CHEST_XRAY].model.class_names
+        names = models.routes[Route.CHEST_XRAY].model.class_names
         assert top.label == names[ref.order[0]] and top.heatmap_path is not None
         png = cv2.imread(top.heatmap_path)
         np.testing.assert_array_equal(png, cam.overlay(ref.image, ref.cams[0]))
         assert row.decoder  # which decoder produced the pixels is recorded
 
 
-def test_stats_count_batches_and_their_fill(tmp_path, chest_small, untrained_settings, engine):
+def test_stats_count_batches_and_their_fill(tmp_path, chest_small, untrained_settings, models):
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(5)]
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=2)
-    eng = _engine(engine, settings)
-    eng.run(_items(files), lambda o: None)
-    assert eng.stats.batches == 3 and eng.stats.frames == 5 and eng.stats.fill == pytest.approx(5 / 6)
-    assert eng.stats.why["full"] == 2 and eng.stats.time_to_first_batch_s is not None
-    assert eng.decode_only(_items(files)) == 5
+    pipe = _pipeline(models, settings)
+    pipe.run(_items(files), lambda o: None)
+    assert pipe.stats.batches == 3 and pipe.stats.frames == 5 and pipe.stats.fill == pytest.approx(5 / 6)
+    assert pipe.stats.why["full"] == 2 and pipe.stats.time_to_first_batch_s is not None
+    assert pipe.decode_only(_items(files)) == 5
 
 
-def test_indexing_streams_into_screening(tmp_path, chest_small, untrained_settings, engine):
+def test_indexing_streams_into_screening(tmp_path, chest_small, untrained_settings, models):
     """The first batch reaches the model while the walk is still going: here the walk is held at its 66th file until
     an image has been screened (it would wait forever if screening began only after the walk)."""
     folder = tmp_path / "in"
@@ -244,12 +240,13 @@ def test_indexing_streams_into_screening(tmp_path, chest_small, untrained_settin
 
     settings = untrained_settings.with_(out_dir=tmp_path / "out")
     hooks = ProgressHooks(on_scan=on_scan, on_images=lambda n: screened.set())
-    report = run_folder(folder, settings, engine=_engine(engine, settings), hooks=hooks)
+    report = run_folder(folder, settings, pipeline=_pipeline(models, settings), hooks=hooks)
     assert held == [True] and report.screened == 1 and report.scan.seen == 70
 
 
 def test_precision_is_part_of_the_settings_hash(untrained_settings):
-    from neuron_models.registry import PipelineSpec, model_config, preprocess_config, tta_policy
+    from neuron_models.factory import model_config
+    from neuron_models.registry import PipelineSpec, preprocess_config, tta_policy
 
     cfg = model_config("xrv-densenet121-res224-all")
     specs = [PipelineSpec(cfg.name, "untrained", preprocess_config(cfg, untrained_settings),

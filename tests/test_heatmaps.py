@@ -1,5 +1,5 @@
-"""Claims from issue 8's defects that belong to no single module's tests: a stored heatmap explains the label it is
-stored for."""
+"""Heatmaps explain the label they are stored for: each top label's map is that label's CAM, and the PNG of each
+findings row is the overlay of its own label's map."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neuron.routes import Route
+from neuron.work import Route
 from neuron_models.preprocess import normalize
 from worker.decode import decode_instance
+from worker.device import DeviceJob
 from worker.embedded import run_folder
-from worker.engine import Engine
+from worker.pipeline import Pipeline
 
 from .conftest import small_chest
 
@@ -31,9 +32,9 @@ def independent_cam(model, preprocess, image: np.ndarray, label: int) -> np.ndar
     return F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def test_the_engines_map_for_each_top_label_is_that_labels_cam(engine, chest_small, untrained_settings):
-    top3 = Engine(untrained_settings.with_(heatmap_top_k=3), engine.routes, engine.device, engine.unavailable)
-    lr = top3.routes[Route.CHEST_XRAY]
+def test_the_map_for_each_top_label_is_that_labels_cam(models, chest_small):
+    top3 = DeviceJob(models, top_k=3)
+    lr = models.routes[Route.CHEST_XRAY]
     (inf,) = top3.infer(Route.CHEST_XRAY, decode_instance(chest_small, "uid", 1, 1 << 30))
     assert inf.cams.shape[0] == 3
     last = int(inf.order[-1])
@@ -45,7 +46,7 @@ def test_the_engines_map_for_each_top_label_is_that_labels_cam(engine, chest_sma
         assert np.abs(inf.cams[slot] - other).max() > 0.1, "maps of different labels must differ for this check"
 
 
-def test_a_stored_heatmap_belongs_to_the_label_of_its_row(tmp_path, chest_small, untrained_settings, engine):
+def test_a_stored_heatmap_belongs_to_the_label_of_its_row(tmp_path, chest_small, untrained_settings, models):
     """End to end: with two heatmaps per image, the PNG in each findings row is the overlay of that row's label's
     CAM, not the other one's."""
     from neuron_models import cam
@@ -53,13 +54,13 @@ def test_a_stored_heatmap_belongs_to_the_label_of_its_row(tmp_path, chest_small,
     folder = tmp_path / "in"
     small_chest(chest_small, folder / "a.dcm", step=1)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", heatmap_top_k=2)
-    run = Engine(settings, engine.routes, engine.device, engine.unavailable)
-    run_folder(folder, settings, engine=run)
+    run = Pipeline(models, settings)
+    run_folder(folder, settings, pipeline=run)
     with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
         rows = conn.execute("select label, heatmap_path from findings where heatmap_path is not null").fetchall()
     assert len(rows) == 2
-    lr = run.routes[Route.CHEST_XRAY]
-    (inf,) = run.infer(Route.CHEST_XRAY, decode_instance(folder / "a.dcm", "uid", 1, 1 << 30))
+    lr = models.routes[Route.CHEST_XRAY]
+    (inf,) = run.job.infer(Route.CHEST_XRAY, decode_instance(folder / "a.dcm", "uid", 1, 1 << 30))
     names = list(lr.model.class_names)
     overlays = {name: cam.overlay(inf.image, independent_cam(lr.model, lr.preprocess, inf.image, names.index(name)))
                 for name, _ in rows}

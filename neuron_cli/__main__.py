@@ -1,0 +1,3 @@
+from neuron_cli import app
+
+app()

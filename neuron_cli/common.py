@@ -1,0 +1,124 @@
+"""What every command shares: the console, exit codes, the failure message, the database options and opening a
+database for reading, loading models, the metrics endpoint.
+
+Exit codes: 0 every file was screened or deliberately skipped; 3 the run finished but some files failed (their
+reasons are in ``ingest_status``); 4 the run could not start (weights, settings, database); 2 usage errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import TextColumn
+
+from neuron.errors import NeuronError, SetupError
+from neuron.settings import Settings, WeightsMode
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
+
+console = Console(stderr=True)
+
+# the database option of every command that reads or writes one (run and worker have their own defaults)
+DbOpt = Annotated[str, typer.Option("--db", help="SQLAlchemy URL. [default: env NEURON_DATABASE_URL, else "
+                                                 "sqlite:///OUT/neuron.db]")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db to read. [default: "
+                                                          "./results; env NEURON_OUT]")]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def settings_from_env(code: int = EXIT_USAGE, **overrides) -> Settings:
+    """Settings from the flags and the environment, or the command's exit with the setting's message."""
+    try:
+        return Settings.from_env(**overrides)
+    except NeuronError as exc:
+        raise fail(str(exc), code) from None
+
+
+def warn_untrained(settings: Settings) -> None:
+    if settings.weights is WeightsMode.UNTRAINED:
+        console.print(Panel("[bold]--weights untrained[/]: the models have random (seeded) weights. Every result is "
+                            "marked [bold]untrained[/] and means NOTHING clinically. Use for tests and demos only.",
+                            title="WARNING", style="bold yellow"))
+
+
+def load_models(settings: Settings, only=None, lazy: bool = False):
+    """The models of ``only`` these routes; ``lazy``: each route's model loads when its first instance arrives, so
+    no route's weights are needed (or checked) unless the folder holds work for it."""
+    from worker.models import Models
+
+    try:
+        with console.status("loading models..."):
+            models = Models.from_settings(settings, only=only, lazy=lazy)
+    except SetupError as exc:
+        raise fail(str(exc), EXIT_SETUP) from None
+    loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in models.routes.items())
+    later = ", ".join(r.value for r in models.available_routes if r in models.loadable)
+    from worker.models import default_batch_size
+
+    batch = settings.batch_size or default_batch_size(models.device)
+    console.print(f"device [bold]{models.device}[/], batch size {batch}, models: {loaded or 'none yet'}"
+                  + (f"; loaded when their first instance arrives: {later}" if later else ""))
+    for r, why in models.unavailable.items():
+        console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
+    return models
+
+
+def start_metrics(settings: Settings, pipeline):
+    """Serve Prometheus /metrics for this run (--metrics-port), or exit 4 saying why the port cannot be opened."""
+    from worker.metrics import start
+
+    try:
+        server = start(settings, pipeline)
+    except SetupError as exc:
+        raise fail(str(exc), EXIT_SETUP) from None
+    if server is not None:
+        console.print(f"Prometheus metrics at {server.url}")
+    return server
+
+
+def open_database(settings: Settings):
+    """The results database for reading, or exit 4 saying what could not be opened and how to point at it."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.store import Database
+    from neuron.queue import mask_url
+
+    url = settings.resolved_database_url
+    shown = mask_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+        origin = "--db or NEURON_DATABASE_URL" if settings.database_url else "NEURON_OUT or the default ./results"
+        raise fail(f"no Neuron database at {parsed.database} (from {origin}): "
+                   f"screen a folder first (`neuron run FOLDER --out OUT`), or point --db or NEURON_DATABASE_URL at "
+                   f"your database", EXIT_SETUP)
+    database = Database(url)
+    try:
+        with database.engine.connect() as conn:
+            conn.execute(text("select count(*) from instances")).scalar_one()
+    except SQLAlchemyError as exc:
+        database.dispose()
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise fail(f"cannot read the Neuron tables in {shown}: {first}; check the URL (--db or NEURON_DATABASE_URL) "
+                   f"and that the server is up, then run `neuron db upgrade --db URL`", EXIT_SETUP) from None
+    return database
+
+
+class Rate(TextColumn):
+    """Images per second of a rich progress task."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):  # type: ignore[override]
+        speed = task.finished_speed or task.speed
+        return f"{speed:6.1f} img/s" if speed else "   ... img/s"

@@ -1,0 +1,162 @@
+"""``neuron status``: what the database, the broker and the live workers say, as tables, JSON or a live view.
+
+``gather`` collects the numbers (``db.admin`` for the database's counts in the one status vocabulary,
+``neuron.queue`` for the broker and the workers); ``render`` draws them; the command only chooses how often.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuron.routes import MODEL_ROUTES
+from neuron.settings import Settings
+from neuron.work import Status
+from neuron_cli.common import DbOpt, OutOpt, open_database, settings_from_env
+
+
+def gather(settings: Settings, database) -> dict:
+    """Everything `neuron status` shows, as one JSON-ready dict: the database's counts, the broker's queues and
+    unacknowledged messages, the live workers' numbers, and what is held by no live worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from db.admin import db_status, throughput
+    from neuron.queue import (
+        broker_status,
+        held_by_no_live_worker,
+        mask_url,
+        tasks_held_by_live_workers,
+        unacknowledged_tasks,
+    )
+
+    st = db_status(database)
+    rate = throughput(database)
+    before = unacknowledged_tasks(settings)
+    with ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(broker_status, settings, sorted(r.value for r in MODEL_ROUTES))
+        held = tasks_held_by_live_workers(settings, timeout=1.5) if before else set()
+        broker = asked.result()
+    orphans = held_by_no_live_worker(before, unacknowledged_tasks(settings), held, settings.visibility_timeout)
+    worker_rate = sum(w.get("images_per_s") or 0.0 for w in broker.workers.values())
+    per_s = worker_rate or rate.per_second
+    eta = st.remaining_instances / per_s if per_s and st.remaining_instances else None
+    return {
+        "database": mask_url(settings.resolved_database_url),
+        "broker": broker.url, "broker_error": broker.error,
+        "queues": broker.waiting, "unacknowledged": broker.unacknowledged,
+        "oldest_unacknowledged_s": broker.oldest_unacknowledged_s, "visibility_timeout_s": settings.visibility_timeout,
+        "workers": broker.workers, "held_by_no_live_worker": orphans,
+        "studies": st.studies, "instances": st.instances, "files": st.files,
+        "in_flight": {"studies": st.in_flight_studies, "instances": st.in_flight_instances},
+        "remaining_instances": st.remaining_instances,
+        "images_per_s": rate.per_second, "images_per_s_window": {"frames": rate.frames, "seconds": rate.seconds},
+        "eta_s": eta,
+        "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
+    }
+
+
+def render(data: dict):
+    """The status as rich tables."""
+    from rich.console import Group
+
+    table = Table(title="neuron status", show_header=True)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("database", data["database"])
+    table.add_row("broker", data["broker"])
+    if data["broker_error"]:
+        table.add_row("broker problem", data["broker_error"])
+    for q, n in data["queues"].items():
+        table.add_row(f"queue {q} (waiting messages)", str(n))
+    unacked = str(data["unacknowledged"])
+    if data["oldest_unacknowledged_s"] is not None:
+        unacked += (f" (oldest {data['oldest_unacknowledged_s']:.0f} s; a dead worker's are redelivered after "
+                    f"{data['visibility_timeout_s']} s)")
+    table.add_row("unacknowledged messages (held by workers)", unacked)
+    dead = data["held_by_no_live_worker"]
+    if dead is None:
+        table.add_row("held by no live worker", "unknown (broker or workers could not be asked)")
+    elif dead["studies"]:
+        table.add_row("held by no live worker (a dead worker's)",
+                      f"{dead['studies']} study tasks, {dead['instances']} instances; redelivered once "
+                      f"{data['visibility_timeout_s']} s old (NEURON_VISIBILITY_TIMEOUT), in "
+                      f"{dead['redelivered_in_s']:.0f} s")
+    else:
+        table.add_row("held by no live worker", "0")
+    table.add_row("in flight (claimed by a worker)",
+                  f"{data['in_flight']['studies']} studies, {data['in_flight']['instances']} instances")
+    for kind in ("studies", "instances"):
+        for st in STATUS_ORDER:
+            if st in data[kind]:
+                table.add_row(f"{kind} {st}", str(data[kind][st]))
+    rate = data["images_per_s"]
+    table.add_row("images/s (last 5 min)", "n/a (fewer than two commits)" if rate is None else f"{rate:.2f}")
+    eta = data["eta_s"]
+    table.add_row("ETA", "n/a" if eta is None else f"{eta / 60:.1f} min for {data['remaining_instances']} instances")
+    workers = Table(title=f"workers alive: {len(data['workers'])}", show_header=True)
+    for col in ("node", "device", "batch size", "images", "images/s", "up"):
+        workers.add_column(col)
+    for node, w in data["workers"].items():
+        workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
+                        str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
+    failures = Table(title="latest failures by reason", show_header=True)
+    failures.add_column("instances", justify="right")
+    failures.add_column("reason")
+    for f in data["failures_by_reason"]:
+        failures.add_row(str(f["instances"]), f["reason"])
+    return Group(table, workers, failures)
+
+
+STATUS_ORDER = tuple(s.value for s in Status)
+
+
+def status(
+    db: DbOpt = None,
+    out: OutOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="A live view, refreshed every --interval seconds.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes of --watch.")] = 2.0,
+    count: Annotated[int, typer.Option(help="With --watch: stop after this many refreshes (0: until Ctrl-C). "
+                                            "Without a terminal each refresh is printed in full, for a log.",
+                                       min=0)] = 0,
+) -> None:
+    """Queue depth, unacknowledged and in-flight studies, workers alive, studies and instances by status (pending,
+    queued, done, failed, skipped, duplicate), images/s, ETA and the latest failures by reason."""
+    import json
+    import time
+
+    settings = settings_from_env(database_url=db, out_dir=out)
+    database = open_database(settings)
+    if as_json:
+        print(json.dumps(gather(settings, database), indent=2, sort_keys=True))
+        return
+    if not watch:
+        Console(width=max(160, shutil.get_terminal_size().columns)).print(render(gather(settings,
+                                                                                                      database)))
+        return
+    from itertools import count as refreshes
+
+    from rich.live import Live
+
+    screen = Console(width=max(160, shutil.get_terminal_size().columns))
+    frames = refreshes(1) if count == 0 else range(1, count + 1)
+    try:
+        if not screen.is_terminal:  # a pipe or a log: every refresh in full, one after the other
+            for n in frames:
+                if n > 1:
+                    time.sleep(interval)
+                screen.print(render(gather(settings, database)))
+            return
+        with Live(render(gather(settings, database)), console=screen, refresh_per_second=1) as live:
+            for n in frames:
+                if n > 1:
+                    time.sleep(interval)
+                    live.update(render(gather(settings, database)))
+    except KeyboardInterrupt:
+        pass
+
+

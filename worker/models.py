@@ -1,0 +1,158 @@
+"""The model loader: which routes have a model on this device, loaded now or when their first instance arrives, and
+why the others have none.
+
+    Models.from_settings(settings, only=..., lazy=...) ─► routes: {Route: LoadedRoute(model, PipelineSpec)}
+                                                         loadable: routes loaded by ``ensure`` on first use
+                                                         unavailable: {Route: reason} (their instances are skipped)
+
+The loader owns the models and their settings hash (``PipelineSpec``); the device job (``worker.device``) runs them
+and the pipeline (``worker.pipeline``) streams work through both. One ``Models`` serves many pipelines (a benchmark,
+the tests), each with its own batch size and output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from neuron.errors import ConfigError, ModelUnavailable
+from neuron.settings import Settings
+from neuron.work import Route
+from neuron_models.effnet import members_of
+from neuron_models.factory import create_model, models_for_route, unavailable_reason
+from neuron_models.preprocess import PreprocessConfig
+from neuron_models.registry import PipelineSpec, ScreeningModel, preprocess_config, tta_policy
+from neuron_models.tta import TTAPolicy
+from worker.decode import decoder_versions
+from worker.gpu_decode import nvimgcodec_version
+
+log = logging.getLogger(__name__)
+
+# The fast precisions: the model runs under autocast in this dtype (``worker.device``); fp32 is exact.
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return dev
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 16
+
+
+@dataclass
+class LoadedRoute:
+    model: ScreeningModel
+    spec: PipelineSpec
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.spec.preprocess
+
+    @property
+    def tta(self) -> TTAPolicy:
+        return self.spec.tta
+
+
+def load_route(route: Route, settings: Settings, device: torch.device) -> LoadedRoute:
+    """Build a route's model on the device with the settings behind its results (raises ModelUnavailable). In a fast
+    precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA."""
+    model = create_model(models_for_route(route)[0].name, settings).to(device)
+    cfg = model.config
+    if settings.mc_dropout and not model.has_dropout():
+        log.warning("%s has no dropout: --mc-dropout does nothing for it; its uncertainty is the TTA spread", cfg.name)
+    if settings.precision in AUTOCAST:
+        model.to(memory_format=torch.channels_last)
+    gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
+    decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
+               "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
+    spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings), tta_policy(cfg, settings),
+                        decoder, mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
+                        members=members_of(model), precision=settings.precision)
+    return LoadedRoute(model, spec)
+
+
+class Models:
+    """The routes' models on one device. A route is loaded (``routes``), loadable when its first instance arrives
+    (``loadable``, after ``ensure``), or unavailable with the reason its instances are skipped with."""
+
+    def __init__(self, settings: Settings, device: torch.device, routes: dict[Route, LoadedRoute],
+                 unavailable: dict[Route, str] | None = None, loadable: Iterable[Route] = (),
+                 created_at: float | None = None):
+        self.settings = settings
+        self.device = device
+        self.routes = routes
+        self.unavailable = unavailable or {}
+        self.loadable = set(loadable) - set(routes)
+        self.created_at = created_at if created_at is not None else time.monotonic()  # time to first batch counts it
+        self._on_load: list[Callable[[LoadedRoute], None]] = []
+        self._loading = threading.Lock()
+        if settings.precision in AUTOCAST and device.type != "cuda":
+            log.warning("--precision %s on %s: autocast on the CPU is slow; fp32 is the CPU's exact mode",
+                        settings.precision, device)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False) -> Models:
+        """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
+        evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
+        instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded.
+        ``lazy``: a route's model is loaded when its first instance arrives (``ensure``), so a run loads only the
+        models it has work for, and still stops at once when a route with work has no weights."""
+        created = time.monotonic()
+        device = resolve_device(settings.device)
+        routes: dict[Route, LoadedRoute] = {}
+        unavailable: dict[Route, str] = {}
+        loadable: set[Route] = set()
+        for route in Route if only is None else only:
+            configs = models_for_route(route)
+            if not configs:
+                continue
+            if lazy:
+                reason = unavailable_reason(configs[0].name, settings)
+                if reason is None:
+                    loadable.add(route)
+                else:
+                    unavailable[route] = reason
+                continue
+            try:
+                routes[route] = load_route(route, settings, device)
+            except ModelUnavailable as exc:
+                unavailable[route] = str(exc)
+        return cls(settings, device, routes, unavailable, loadable, created)
+
+    def on_load(self, callback: Callable[[LoadedRoute], None]) -> None:
+        """Call ``callback`` with each route loaded from now on (e.g. record its settings in the database)."""
+        self._on_load.append(callback)
+
+    @property
+    def available_routes(self) -> list[Route]:
+        """Routes whose instances these models screen: loaded, or to be loaded when work arrives."""
+        return [r for r in Route if r in self.routes or r in self.loadable]
+
+    def ensure(self, route: Route) -> None:
+        """Load a lazily deferred route's model now (its first instance has arrived). A model that cannot be built
+        stops the run: WeightsError for missing or unverified weights; a vanished checkpoint makes it unavailable."""
+        with self._loading:
+            if route in self.routes or route not in self.loadable:
+                return
+            try:
+                lr = load_route(route, self.settings, self.device)
+            except ModelUnavailable as exc:
+                self.unavailable[route] = str(exc)
+                self.loadable.discard(route)
+                return
+            for callback in self._on_load:
+                callback(lr)
+            self.routes[route] = lr
+            self.loadable.discard(route)
+            log.info("loaded %s for route %s", lr.spec.model, route.value)
