@@ -891,21 +891,22 @@ class DicomWriter:
         return self._locks[int(_digest("study", study_uid)[:8], 16) % LOCK_STRIPES]
 
     def _template(self, key: tuple, make: Callable[[], ScTemplate | SrTemplate]) -> ScTemplate | SrTemplate:
-        """The template of ``key``, made (and checked) on first use. One that failed its check stays failed: each
-        study that needs it fails with the same reason, without building it again."""
+        """The template of ``key``, made (and checked) on first use. Making one depends on nothing but the key, so one
+        that could not be made (highdicom refused a model name, say, or the check failed) is not tried again: each
+        output that needs it fails with the same reason."""
         with self._templates_lock:
             template = self._templates.get(key)
         if template is None:
             try:
                 template = make()
-            except TemplateError as exc:
-                template = exc
+            except Exception as exc:  # logged with each output that needs it
+                template = TemplateError(f"no {key[0]} template: {_reason(exc)}")
             with self._templates_lock:
                 if len(self._templates) >= TEMPLATES:
                     del self._templates[next(iter(self._templates))]
                 self._templates[key] = template
         if isinstance(template, TemplateError):
-            raise template
+            raise TemplateError(*template.args)  # a new one each time: a raised exception keeps its traceback
         return template
 
     def sc_template(self, top: Finding, src: Dataset, overlay_shape: tuple[int, int]) -> ScTemplate:
@@ -1078,11 +1079,11 @@ def _write_in_process(sop_uids: list[str], studies: list[str], complete_only: bo
 
 
 class BackgroundOutputs:
-    """DICOM outputs of committed results, written by a pool of processes while screening goes on (building an SR
-    is pure Python, ~0.3 s a study: in the screening threads it would take the GIL from the pipeline and hold up a
-    worker's acknowledgements, and after a run it would add hours to a large archive). Each study goes to one
-    process (by its hash), so its writes keep commit order. ``add`` is called after a commit and never blocks on
-    the writing.
+    """DICOM outputs of committed results, written by a pool of processes while screening goes on (from templates a
+    study's outputs cost a few milliseconds of CPU, most of it PNG decoding, file writing and Python: in the
+    screening threads they would still take the GIL from the pipeline and hold up a worker's acknowledgements).
+    Each study goes to one process (by its hash), so its writes keep commit order. ``add`` is called after a
+    commit and never blocks on the writing.
 
     ``neuron run`` (``complete_only``): a study's SR is written once none of its instances waits, and ``close``
     writes the SRs still missing (PARTIAL where something still waits). ``neuron worker``: each task's SCs and its
