@@ -610,6 +610,14 @@ def _check(kind: str, key: object, built: Dataset, filled: Sequence[bytes]) -> N
                             f"not written until worker/dicom_out.py learns the change")
 
 
+# What highdicom's ContributingEquipment.for_image_acquisition reads of a source (highdicom/base_content.py). It
+# combines AcquisitionDate and AcquisitionTime only when pydicom gives them as date and time objects, which pydicom
+# does only with its datetime_conversion setting on.
+_EQUIPMENT = _tags("SOPClassUID", "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
+                   "InstitutionName", "InstitutionalDepartmentName", "InstitutionAddress", "StationName",
+                   "AcquisitionDateTime")
+_ACQUISITION_DATE_TIME = _tags("AcquisitionDate", "AcquisitionTime")
+
 # Placeholder values: each appears once in what highdicom builds from it, where the study's value goes. The
 # probabilities are exact in both FD and DS, so the DS read back still equals them.
 _P_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage: an image IOD that may be multi-frame
@@ -617,7 +625,8 @@ _P_FRAME = 7776
 
 
 def _prototype(variant: str, charset: tuple[str, ...], multiframe: bool) -> Dataset:
-    """A source header with placeholder UIDs and nothing of a patient or study but the Study UID."""
+    """A source header with placeholder UIDs and nothing of a patient or study but the Study UID; the second one
+    names its acquisition equipment too."""
     src = Dataset()
     if charset:
         src.SpecificCharacterSet = list(charset) if len(charset) > 1 else charset[0]
@@ -628,6 +637,9 @@ def _prototype(variant: str, charset: tuple[str, ...], multiframe: bool) -> Data
     src.Modality, src.Rows, src.Columns = "XA", 1, 1
     if multiframe:
         src.NumberOfFrames = _P_FRAME + 2
+    if variant != "placeholders":  # the acquisition equipment highdicom adds to a report: none in the template
+        src.Manufacturer, src.StationName, src.SoftwareVersions = "Template Maker", "", ["1.0", "2"]
+        src.AcquisitionDateTime = "20240102030405.123456"
     return src
 
 
@@ -713,6 +725,7 @@ class SrTemplate:
     def __init__(self, model_keys: tuple[tuple[str, str, str, bool], ...], charset: tuple[str, ...]):
         self.key = (model_keys, charset)
         self.labels: dict[str, tuple[str, str]] = {}
+        self.acquisitions: dict[tuple, bytes] = {}  # by the source's equipment attributes, encoded
         self.patient_study: dict[str, frozenset[int]] = {}  # by SOP class: what highdicom copies from a source
         study, rows, headers = self._prototype("placeholders")
         self.built = sr_with_highdicom(study, rows, headers, partial=True)
@@ -792,10 +805,7 @@ class SrTemplate:
                 "probability": f.probability, "uncertainty": f.uncertainty, "sop_class": sop_class,
                 "source_uid": sop_uid, "frame_number": f.frame + 1}))
         series_uid, sop_uid = _sr_uids(study, rows)
-        try:  # as highdicom's SOPClass does: the acquisition equipment of the first source, if it names one
-            acquisition = _encode_item(hd.ContributingEquipment.for_image_acquisition(first), self.object.encodings)
-        except Exception:
-            acquisition = b""
+        acquisition = self._acquisition(first)
         values = _stamps(now) | {
             "study_uid": first.StudyInstanceUID, "series_uid": series_uid, "sop_uid": sop_uid,
             "completion": "PARTIAL" if partial else "COMPLETE", "groups": b"".join(groups), "acquisition": acquisition}
@@ -803,6 +813,27 @@ class SrTemplate:
         extra = _copied(first, copied, self.object.encodings) | self._evidence(first.StudyInstanceUID,
                                                                                 headers.values())
         return [self.object.encode(values, extra)]
+
+    def _acquisition(self, src: Dataset) -> bytes:
+        """The acquisition equipment of the report's first source, as highdicom's SOPClass adds it (its
+        ``ContributingEquipment.for_image_acquisition``; no item where that raises). Made by highdicom once per
+        equipment (2 ms each time), from the attributes it reads."""
+        tags = _EQUIPMENT | _ACQUISITION_DATE_TIME if pydicom.config.datetime_conversion else _EQUIPMENT
+        copied = _copied(src, tags & src.keys(), self.object.encodings)
+        key = tuple(sorted(copied.items()))
+        item = self.acquisitions.get(key)
+        if item is None:
+            equipment = Dataset()
+            for tag in copied:
+                equipment[tag] = src[tag]
+            try:
+                item = _encode_item(hd.ContributingEquipment.for_image_acquisition(equipment), self.object.encodings)
+            except Exception:  # as highdicom's SOPClass: the source names no acquisition equipment
+                item = b""
+            if len(self.acquisitions) >= TEMPLATES * 4:
+                self.acquisitions.pop(next(iter(self.acquisitions)), None)
+            self.acquisitions[key] = item
+        return item
 
     def _evidence(self, study_uid: str, sources: Iterable[Dataset]) -> dict[int, bytes]:
         """The Current Requested Procedure Evidence (the report's study) and Pertinent Other Evidence (any other)
