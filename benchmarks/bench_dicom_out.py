@@ -64,7 +64,7 @@ def overlay_png(base: np.ndarray, rng: random.Random, path: Path) -> None:
 
 def make_studies(root: Path, n: int, labels: int, seed: int, untrained: bool):
     """[(study uid, [Finding], )] with the sources and heatmaps written under root."""
-    from worker.dicom_out import Finding
+    from worker.dicom_templates import Finding
 
     rng = random.Random(seed)
     header = pydicom.dcmread(pydicom_data_dir() / "RG1_UNCR.dcm", stop_before_pixels=True)

@@ -383,7 +383,7 @@ def saved_header(ds) -> bytes:
 
 def rows_for(sources, study, labels, model=("xrv-densenet121-res224-all", "untrained", "c" * 64, True),
              frames=(0,)) -> list:
-    from worker.dicom_out import Finding
+    from worker.dicom_templates import Finding
 
     name, weights, config, untrained = model
     rows = []
