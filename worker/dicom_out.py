@@ -15,6 +15,17 @@ the natural key of the results (instance, frame, model, weights; study): a re-ru
 follow the content identity (plus the settings hash; for the SR every finding it holds), so the same results give the
 same UIDs and changed ones new UIDs, as DICOM requires of changed content.
 
+How: highdicom builds each kind of object (``sc_with_highdicom``, ``sr_with_highdicom``, here), but only once per
+model, weights, settings and character set, from placeholder values: that object, encoded, is the template
+(``ScTemplate``, ``SrTemplate`` in ``worker.dicom_templates``, which also holds ``Finding``, the values both ways of
+building share and the byte-level encoding), and a study's objects are the template's bytes with the study's values
+encoded into the places the placeholders held. Building an SR with highdicom costs ~0.25 s of CPU per screened image
+(its content items check and copy themselves, and pydicom encodes each one); filling its template, tens of
+microseconds per finding. A template is checked when it is made: filled with a second set of values it must give
+what highdicom builds from those values, attribute for attribute, or no output of that kind is written (the reason is
+logged). highdicom still checks what comes from outside per study: each source reference, each new label. This
+module decides what is written, when and where; ``worker.dicom_templates`` makes the bytes and never imports it.
+
 When: ``neuron run`` hands each committed result to ``BackgroundOutputs``, processes that write the SCs while the
 run screens and a study's SR once none of its instances waits (the run's last pass writes the rest, PARTIAL where
 an instance still waits); ``neuron worker`` hands each task's committed instances to the same kind of processes,
@@ -25,17 +36,18 @@ across workers the last SR written wins, and the study's next task rewrites it.
 A failure for one image or study (source file gone, heatmap missing, an attribute highdicom refuses) is logged with
 the reason and the study's output folder, and never stops the run or touches the results in the database.
 
-Only imported when ``dicom_out`` is set: highdicom and OpenCV load here, not in the screening path.
+Only imported when ``dicom_out`` is set: highdicom and OpenCV load here (and in ``worker.dicom_templates``, which
+only this module imports), not in the screening path.
 """
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,42 +57,52 @@ import numpy as np
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 from sqlalchemy import bindparam, text
 
 import neuron
+from db.schema import chunks
 from db.store import Database
 from db.studies import study_of
 from neuron.errors import ConfigError
 from neuron.settings import Settings
+from worker.dicom_templates import (
+    BAND_LINE,
+    NOT_FOR_DIAGNOSIS,
+    PATIENT_STUDY_KEYWORDS,
+    SC_SIZE,
+    SCHEME,
+    TEMPLATES,
+    Finding,
+    ScTemplate,
+    SrTemplate,
+    TemplateError,
+    _algorithm_parameters,
+    _digest,
+    _label_code,
+    _multiframe,
+    _put_line,
+    _sc_source_tags,
+    _sc_values,
+    _source_image,
+    _sr_uids,
+    _tracking,
+    _uid,
+    band_lines,
+)
 
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "Neuron"
-NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
-SCHEME = "99NEURON"  # private coding scheme for the labels; declared in the SR's CodingSchemeIdentificationSequence
 SC_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9002
-SC_SIZE = 512  # the overlay (the model's input size, e.g. 224) is enlarged to this so the burned-in text is legible
-BAND_LINE = 26  # pixels per line of burned-in text
 LOCK_STRIPES = 64
 
 PROBABILITY = CodedConcept("PROB", SCHEME, "Probability of finding")
 SCREENING = CodedConcept("SCREEN", SCHEME, "Automated image screening, not for diagnostic use")
 SOURCE_IMAGE_FOR_PROCESSING = CodedConcept("121322", "DCM", "Source image for image processing operation")
 
-# Patient and study attributes copied from the source as they are: highdicom's constructors would check (and log!)
-# the patient's name, so the objects are built without them and these are set afterwards.
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
-    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence", "PatientComments",
-    "PatientSpeciesDescription", "PatientBreedDescription", "ResponsiblePerson", "ResponsibleOrganization",
-    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "PatientAge", "PatientSize", "PatientWeight",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription", "ProcedureCodeSequence",
-)
 _HIGHDICOM_READS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                     "StudyDate", "StudyTime")
 _FINDINGS_SQL = text(
@@ -93,31 +115,6 @@ _OPEN_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE study_
                  "AND status IN ('pending', 'queued')").bindparams(bindparam("studies", expanding=True))
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One row of the ``findings`` view."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    frame: int
-    file_path: str
-    model: str
-    weights: str
-    label: str
-    probability: float
-    uncertainty: float
-    rank: int
-    heatmap_path: str | None
-    config_hash: str
-    untrained: bool
-    needs_review: bool
-
-    @property
-    def image_key(self) -> tuple[str, int, str, str]:
-        return self.sop_uid, self.frame, self.model, self.weights
-
-
 @dataclass
 class DicomReport:
     """What one ``write`` did: paths written and (study folder, reason) for what was not."""
@@ -127,20 +124,17 @@ class DicomReport:
     reports: list[str] = field(default_factory=list)  # the studies whose SR was written
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
-
-
-def _uid(*parts: object) -> str:
-    """A UID that is the same for the same parts (pydicom's prefix + a hash of them)."""
-    return generate_uid(entropy_srcs=[str(p) for p in parts])
-
-
 def _reason(exc: BaseException) -> str:
     """Why, without the path or values from the file: OSErrors give their strerror, others their message."""
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _charset(src: Dataset) -> tuple[str, ...]:
+    """The source's Specific Character Set, which the outputs take over: every text is encoded in it."""
+    value = src.get("SpecificCharacterSet")
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
 def _copy_patient_and_study(dst: Dataset, src: Dataset) -> None:
@@ -164,45 +158,113 @@ def _anonymous_stub(src: Dataset) -> Dataset:
     return stub
 
 
-def _finding_text(f: Finding) -> str:
-    return f"{f.label} p={f.probability:.2f} +/- {f.uncertainty:.2f}"
+def _models(rows: Sequence[Finding]) -> list[tuple[str, str]]:
+    return sorted({(f.model, f.weights) for f in rows})
 
 
-def _put_lines(band: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-    """Burn lines of text into the band, each shrunk to fit the width."""
-    width = band.shape[1]
-    for i, (line, colour) in enumerate(lines):
-        scale = 0.65
-        while scale > 0.3 and cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 12:
-            scale -= 0.05
-        cv2.putText(band, line, (6, BAND_LINE * (i + 1) - 7), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1,
-                    cv2.LINE_AA)
-
-
+# -- the reference: the pixels and the objects as highdicom builds them, the source of every template (``build``) -
 def burn_in(overlay_rgb: np.ndarray, top: Finding) -> np.ndarray:
     """The overlay enlarged to ``SC_SIZE`` under a black band of text: the policy line, the model, the finding and,
-    for untrained weights, UNTRAINED. The text sits in its own band so it hides none of the heatmap."""
+    for untrained weights, UNTRAINED. The text sits in its own band so it hides none of the heatmap. (What
+    ``ScTemplate.burn_in`` draws faster, with the lines that never change drawn once.)"""
     h, w = overlay_rgb.shape[:2]
     scale = SC_SIZE / max(h, w)
     image = cv2.resize(overlay_rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
-    lines = [(NOT_FOR_DIAGNOSIS, (255, 64, 64)), (top.model, (255, 255, 255)), (_finding_text(top), (255, 255, 0))]
-    if top.untrained:
-        lines.append(("UNTRAINED weights: results are meaningless", (255, 64, 64)))
+    lines = band_lines(top)
     band = np.zeros((BAND_LINE * len(lines) + 6, image.shape[1], 3), np.uint8)
-    _put_lines(band, lines)
+    for i, (line, colour) in enumerate(lines):
+        _put_line(band, i, line, colour)
     return np.ascontiguousarray(np.vstack([band, image]))
 
 
-def _algorithm_parameters(f: Finding) -> list[str]:
-    weights = "untrained (no trained weights; results are meaningless)" if f.untrained else f"sha256 {f.weights}"
-    return [f"weights {weights}", f"pipeline settings {f.config_hash}", f"neuron {neuron.__version__}"]
+def sc_with_highdicom(src: Dataset, top: Finding, pixels: np.ndarray) -> hd.sc.SCImage:
+    """The secondary capture of one frame: ``pixels`` (``burn_in``) of its rank-1 finding ``top``."""
+    values = _sc_values(top)
+    equipment = hd.ContributingEquipment(
+        MANUFACTURER, codes.DCM.ProcessingEquipment, manufacturer_model_name=top.model,
+        software_versions=[f"neuron {neuron.__version__}"], contribution_description=values["contribution"])
+    sc = hd.sc.SCImage(
+        pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+        study_instance_uid=src.StudyInstanceUID, series_instance_uid=values["series_uid"],
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=values["sop_uid"], instance_number=top.frame + 1,
+        manufacturer=MANUFACTURER, patient_orientation=("A", "F"),  # replaced below by the source's
+        contributing_equipment=[equipment], manufacturer_model_name=top.model[:64],
+        software_versions=f"neuron {neuron.__version__}", series_description=f"Neuron heatmaps {NOT_FOR_DIAGNOSIS}")
+    copied, empty = _sc_source_tags(src)
+    for tag in copied:
+        sc[tag] = src[tag]
+    for tag in empty:
+        sc.add_new(tag, dictionary_VR(tag), None)
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.ImageComments = values["comments"]
+    sc.DerivationDescription = values["derivation"]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = src.SOPClassUID
+    reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if _multiframe(src):
+        reference.ReferencedFrameNumber = top.frame + 1
+    source = Dataset()
+    source.update(reference)
+    source.PurposeOfReferenceCodeSequence = [SOURCE_IMAGE_FOR_PROCESSING]
+    sc.SourceImageSequence = [source]
+    sc.ReferencedImageSequence = [reference]
+    return sc
 
 
-def _atomic_save(ds: Dataset, path: Path) -> None:
+def sr_with_highdicom(study: str, rows: Sequence[Finding], headers: Mapping[str, Dataset],
+                      partial: bool) -> hd.sr.ComprehensiveSR:
+    """The measurement report of a study: one measurement group per finding row, in the rows' order; ``headers``
+    holds the source header of each instance the rows name, the first one the report's patient and study."""
+    evidence = {sop: _anonymous_stub(ds) for sop, ds in headers.items()}
+    groups = [_group(f, headers[f.sop_uid]) for f in rows]
+    models = _models(rows)
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=_uid("neuron-device", *models), name="Neuron", manufacturer_name=MANUFACTURER,
+        model_name=", ".join(m for m, _ in models)[:64])
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=SCREENING,
+                                      imaging_measurements=groups)
+    scheme = CodingSchemeIdentificationItem(SCHEME, name="Neuron screening labels", responsible_organization="Neuron")
+    series_uid, sop_uid = _sr_uids(study, rows)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(evidence.values()), content=content, series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER,
+        is_complete=not partial, coding_schemes=[scheme],
+        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        series_description=f"Neuron findings {NOT_FOR_DIAGNOSIS}",
+        manufacturer_model_name=", ".join(m for m, _ in models)[:64],
+        software_versions=f"neuron {neuron.__version__}")
+    _copy_patient_and_study(sr, next(iter(headers.values())))
+    return sr
+
+
+def _group(f: Finding, src: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One finding: its label, probability with standard deviation, the source image (and frame) and the
+    algorithm."""
+    spread = hd.sr.NumContentItem(name=codes.SCT.StandardDeviation, value=f.uncertainty, unit=codes.UCUM.NoUnits,
+                                  relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
+    statistics = hd.sr.MeasurementStatisticalProperties(
+        values=[spread], description="spread over test-time augmentation views and MC-dropout samples")
+    properties = hd.sr.MeasurementProperties(measurement_statistical_properties=statistics)
+    algorithm = hd.sr.AlgorithmIdentification(name=f.model, version=f.weights, parameters=_algorithm_parameters(f),
+                                              manufacturer=MANUFACTURER)
+    measurement = hd.sr.Measurement(name=PROBABILITY, value=f.probability, unit=codes.UCUM.NoUnits,
+                                    properties=properties)  # the group's algorithm applies to it
+    uid, identifier = _tracking(f)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier), finding_type=_label_code(f.label),
+        algorithm_id=algorithm, measurements=[measurement], source_images=[_source_image(f, src)])
+
+
+def _atomic_write(chunks: Iterable[bytes], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -211,7 +273,7 @@ def _atomic_save(ds: Dataset, path: Path) -> None:
 class DicomWriter:
     """Writes the DICOM outputs of studies whose results are committed (module docstring). Thread-safe: one
     study's outputs are written under that study's lock, so of two tasks finishing the same study the one that
-    writes last also read the database last."""
+    writes last also read the database last; templates are shared."""
 
     def __init__(self, settings: Settings, db: Database):
         if settings.dicom_out is None:
@@ -231,6 +293,8 @@ class DicomWriter:
             log.warning("--top-k 0 writes no heatmaps, so no secondary captures are written to %s; the structured "
                         "reports are", self.root)
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._templates: dict[tuple, ScTemplate | SrTemplate | TemplateError] = {}
+        self._templates_lock = threading.Lock()
 
     def study_dir(self, study_uid: str) -> Path:
         return self.root / _digest("study", study_uid)[:32]
@@ -239,12 +303,39 @@ class DicomWriter:
         """One of a fixed set of locks (striped by the study's hash): bounded memory in a long-lived worker."""
         return self._locks[int(_digest("study", study_uid)[:8], 16) % LOCK_STRIPES]
 
+    def _template(self, key: tuple, make: Callable[[], ScTemplate | SrTemplate]) -> ScTemplate | SrTemplate:
+        """The template of ``key``, made (and checked) on first use. Making one depends on nothing but the key, so one
+        that could not be made (highdicom refused a model name, say, or the check failed) is not tried again: each
+        output that needs it fails with the same reason."""
+        with self._templates_lock:
+            template = self._templates.get(key)
+        if template is None:
+            try:
+                template = make()
+            except Exception as exc:  # logged with each output that needs it
+                template = TemplateError(f"no {key[0]} template: {_reason(exc)}")
+            with self._templates_lock:
+                if len(self._templates) >= TEMPLATES:
+                    del self._templates[next(iter(self._templates))]
+                self._templates[key] = template
+        if isinstance(template, TemplateError):
+            raise TemplateError(*template.args)  # a new one each time: a raised exception keeps its traceback
+        return template
+
+    def sc_template(self, top: Finding, src: Dataset, overlay_shape: tuple[int, int]) -> ScTemplate:
+        args = (top.model_key, tuple(overlay_shape[:2]), _charset(src), _multiframe(src))
+        return self._template(("sc", *args), lambda: ScTemplate(*args, build=sc_with_highdicom))
+
+    def sr_template(self, rows: Sequence[Finding], first: Dataset) -> SrTemplate:
+        args = (tuple(sorted({f.model_key for f in rows})), _charset(first))
+        return self._template(("sr", *args), lambda: SrTemplate(*args, build=sr_with_highdicom))
+
     # -- reading ----------------------------------------------------------------------------------------------
     def _findings(self, study_uids: Sequence[str]) -> dict[str, list[Finding]]:
         by_study: dict[str, list[Finding]] = {}
         with self.db.engine.connect() as conn:
-            for start in range(0, len(study_uids), 500):
-                rows = conn.execute(_FINDINGS_SQL, {"studies": list(study_uids[start:start + 500])})
+            for chunk in chunks(study_uids):
+                rows = conn.execute(_FINDINGS_SQL, {"studies": chunk})
                 for r in rows:
                     f = Finding(r[0], r[1], r[2], int(r[3]), r[4], r[5], r[6], r[7], float(r[8]), float(r[9]),
                                 int(r[10]), r[11], r[12], bool(r[13]), bool(r[14]))
@@ -352,103 +443,20 @@ class DicomWriter:
         bgr = cv2.imread(self.settings.to_local(top.heatmap_path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise FileNotFoundError(2, f"heatmap PNG of frame {top.frame} is missing or unreadable")
-        pixels = burn_in(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), top)
-        series_uid = _uid("neuron-sc-series", top.study_uid, top.model, top.weights, top.config_hash)
-        sop_uid = _uid("neuron-sc", top.sop_uid, top.frame, top.model, top.weights, top.config_hash)
-        multiframe = int(src.get("NumberOfFrames", 1) or 1) > 1
-        equipment = hd.ContributingEquipment(
-            MANUFACTURER, codes.DCM.ProcessingEquipment, manufacturer_model_name=top.model,
-            software_versions=[f"neuron {neuron.__version__}"],
-            contribution_description=f"class activation map of {top.label}; " + "; ".join(_algorithm_parameters(top)))
-        sc = hd.sc.SCImage(
-            pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-            study_instance_uid=src.StudyInstanceUID, series_instance_uid=series_uid,
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=top.frame + 1,
-            manufacturer=MANUFACTURER, patient_orientation=("A", "F"),  # replaced below by the source's
-            contributing_equipment=[equipment], manufacturer_model_name=top.model[:64],
-            software_versions=f"neuron {neuron.__version__}",
-            series_description=f"Neuron heatmaps {NOT_FOR_DIAGNOSIS}")
-        _copy_patient_and_study(sc, src)
-        # the overlay is a centre crop of the source, resized: rows and columns keep their orientation
-        sc.PatientOrientation = src.get("PatientOrientation", None)
-        if "BodyPartExamined" in src:
-            sc.BodyPartExamined = src.BodyPartExamined
-        if "Laterality" in src or "BodyPartExamined" not in src:  # type 2C: empty only when it cannot be known
-            sc.Laterality = src.get("Laterality", None)
-        sc.BurnedInAnnotation = "YES"
-        sc.RecognizableVisualFeatures = "NO"
-        sc.ImageComments = (f"{NOT_FOR_DIAGNOSIS}. {_finding_text(top)} by {top.model}"
-                            + (" (UNTRAINED weights)" if top.untrained else ""))
-        sc.DerivationDescription = (f"{NOT_FOR_DIAGNOSIS}. Class activation map of {top.label} (rank 1) of frame "
-                                    f"{top.frame + 1}, blended over the preprocessed image, by {top.model}; "
-                                    + "; ".join(_algorithm_parameters(top)))
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = src.SOPClassUID
-        reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        if multiframe:
-            reference.ReferencedFrameNumber = top.frame + 1
-        source = Dataset()
-        source.update(reference)
-        source.PurposeOfReferenceCodeSequence = [SOURCE_IMAGE_FOR_PROCESSING]
-        sc.SourceImageSequence = [source]
-        sc.ReferencedImageSequence = [reference]
+        overlay = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        template = self.sc_template(top, src, overlay.shape)
+        chunks = template.encode(src, top, template.burn_in(overlay, top), datetime.datetime.now())
         path = self.study_dir(top.study_uid) / f"sc-{_digest('sc', *top.image_key)[:32]}.dcm"
-        _atomic_save(sc, path)
+        _atomic_write(chunks, path)
         return path
 
     # -- structured report ------------------------------------------------------------------------------------
     def _write_sr(self, study: str, rows: list[Finding], headers: dict[str, Dataset], partial: bool) -> Path:
-        evidence = {sop: _anonymous_stub(ds) for sop, ds in headers.items()}
-        groups = [self._group(f, headers[f.sop_uid]) for f in rows]
-        models = sorted({(f.model, f.weights) for f in rows})
-        device = hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_uid("neuron-device", *models), name="Neuron", manufacturer_name=MANUFACTURER,
-            model_name=", ".join(m for m, _ in models)[:64])
-        context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-        content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=SCREENING,
-                                          imaging_measurements=groups)
-        identity = sorted((f.sop_uid, f.frame, f.model, f.weights, f.label, f.config_hash, f.probability,
-                           f.uncertainty) for f in rows)
-        scheme = CodingSchemeIdentificationItem(SCHEME, name="Neuron screening labels",
-                                                      responsible_organization="Neuron")
-        sr = hd.sr.ComprehensiveSR(
-            evidence=list(evidence.values()), content=content,
-            series_instance_uid=_uid("neuron-sr-series", study), series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=_uid("neuron-sr", study, _digest(*identity)), instance_number=1,
-            manufacturer=MANUFACTURER, is_complete=not partial, coding_schemes=[scheme],
-            content_qualification=hd.ContentQualificationValues.RESEARCH,
-            series_description=f"Neuron findings {NOT_FOR_DIAGNOSIS}",
-            manufacturer_model_name=", ".join(m for m, _ in models)[:64],
-            software_versions=f"neuron {neuron.__version__}")
-        _copy_patient_and_study(sr, next(iter(headers.values())))
+        template = self.sr_template(rows, next(iter(headers.values())))
+        chunks = template.encode(study, rows, headers, partial, datetime.datetime.now())
         path = self.study_dir(study) / "sr.dcm"
-        _atomic_save(sr, path)
+        _atomic_write(chunks, path)
         return path
-
-    def _group(self, f: Finding, src: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-        """One finding: its label, probability with standard deviation, the source image (and frame) and the
-        algorithm."""
-        multiframe = int(src.get("NumberOfFrames", 1) or 1) > 1
-        label = CodedConcept(_digest("label", f.label)[:12].upper(), SCHEME, f.label[:64])
-        spread = hd.sr.NumContentItem(name=codes.SCT.StandardDeviation, value=f.uncertainty, unit=codes.UCUM.NoUnits,
-                                      relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
-        statistics = hd.sr.MeasurementStatisticalProperties(
-            values=[spread], description="spread over test-time augmentation views and MC-dropout samples")
-        properties = hd.sr.MeasurementProperties(measurement_statistical_properties=statistics)
-        algorithm = hd.sr.AlgorithmIdentification(name=f.model, version=f.weights, parameters=_algorithm_parameters(f),
-                                                  manufacturer=MANUFACTURER)
-        measurement = hd.sr.Measurement(name=PROBABILITY, value=f.probability, unit=codes.UCUM.NoUnits,
-                                        properties=properties)  # the group's algorithm applies to it
-        source = hd.sr.SourceImageForMeasurementGroup.from_source_image(
-            src, referenced_frame_numbers=[f.frame + 1] if multiframe else None)
-        tracking = hd.sr.TrackingIdentifier(
-            uid=_uid("neuron-finding", f.sop_uid, f.frame, f.model, f.weights, f.label),
-            identifier=f"{f.label} frame {f.frame + 1} {f.model}"[:64])
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, finding_type=label, algorithm_id=algorithm, measurements=[measurement],
-            source_images=[source])
-
 
 
 # -- outputs written by other processes while screening goes on --------------------------------------------------
@@ -484,11 +492,11 @@ def _write_in_process(sop_uids: list[str], studies: list[str], complete_only: bo
 
 
 class BackgroundOutputs:
-    """DICOM outputs of committed results, written by a pool of processes while screening goes on (building an SR
-    is pure Python, ~0.3 s a study: in the screening threads it would take the GIL from the pipeline and hold up a
-    worker's acknowledgements, and after a run it would add hours to a large archive). Each study goes to one
-    process (by its hash), so its writes keep commit order. ``add`` is called after a commit and never blocks on
-    the writing.
+    """DICOM outputs of committed results, written by a pool of processes while screening goes on (from templates a
+    study's outputs cost a few milliseconds of CPU, most of it PNG decoding, file writing and Python: in the
+    screening threads they would still take the GIL from the pipeline and hold up a worker's acknowledgements).
+    Each study goes to one process (by its hash), so its writes keep commit order. ``add`` is called after a
+    commit and never blocks on the writing.
 
     ``neuron run`` (``complete_only``): a study's SR is written once none of its instances waits, and ``close``
     writes the SRs still missing (PARTIAL where something still waits). ``neuron worker``: each task's SCs and its
