@@ -123,7 +123,7 @@ def parse_path_map(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _swap_prefix(path: str, pairs) -> str:
+def swap_prefix(path: str, pairs) -> str:
     """Replace the first matching folder prefix; '/archive' matches '/archive' and '/archive/x', not '/archive2'."""
     for old, new in pairs:
         if path == old or path.startswith(old + "/"):
@@ -218,11 +218,11 @@ class Settings:
 
     def to_local(self, path: str) -> str:
         """A path as stored in the database (the shared name) -> where this host reads it."""
-        return _swap_prefix(path, self.path_map)
+        return swap_prefix(path, self.path_map)
 
     def to_shared(self, path: str) -> str:
         """A path on this host -> the shared name every host and reviewer uses."""
-        return _swap_prefix(path, ((local, shared) for shared, local in self.path_map))
+        return swap_prefix(path, ((local, shared) for shared, local in self.path_map))
 
     @property
     def resolved_database_url(self) -> str:

@@ -175,6 +175,12 @@ def bench(
                                                   "worker's own).")] = None,
     keep: Annotated[bool, typer.Option("--keep", help="Keep this run's scratch (databases, PNGs, worker log).")
                     ] = False,
+    host_only: Annotated[bool, typer.Option("--host-only", help="The host's side alone: the real pipeline with a "
+                                                                "device stage that answers at once; adds CPU and GIL "
+                                                                "milliseconds per image (py-spy).")] = False,
+    dicom_out: Annotated[bool, typer.Option("--dicom-out", help="Also write the DICOM outputs (structured report, "
+                                                                "secondary captures) in the end-to-end runs.")
+                         ] = False,
 ) -> None:
     """Measure throughput on a deterministic synthetic CR archive: model-only and decode-only bounds, and end to end
     (embedded; Celery with one worker), in one run. Writes JSON under OUT and a row per result to BENCHMARKS.md."""
@@ -193,7 +199,8 @@ def bench(
     try:
         cfg = BenchConfig(n=n, size=size, device=device, batch_size=batch_size, precision=precision,
                           archives=split(archives), modes=split(modes), out=out, workdir=workdir,
-                          append=not no_append, seed=seed, concurrency=concurrency, keep=keep)
+                          append=not no_append, seed=seed, concurrency=concurrency, keep=keep, host_only=host_only,
+                          dicom_out=dicom_out)
     except (ConfigError, ValueError) as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     try:
@@ -202,10 +209,10 @@ def bench(
         raise fail(str(exc), EXIT_SETUP) from None
     table = Table(title=f"neuron bench: {results[0]['device'] if results else cfg.device}")
     for col in ("mode", "archive", "images", "model-only img/s", "decode img/s", "end-to-end img/s", "ratio",
-                "batch fill"):
+                "batch fill", "CPU ms/img", "GIL ms/img"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r["mode"], r["archive"], str(r["n_images"]), str(r["model_only_images_per_s"]),
                       str(r["decode_images_per_s"]), str(r["end_to_end_images_per_s"]), str(r["ratio"]),
-                      str(r["batch_fill"]))
+                      str(r["batch_fill"]), str(r.get("cpu_ms_per_image")), str(r.get("gil_ms_per_image")))
     Console().print(table)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import date
 from multiprocessing import get_context
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.multival import MultiValue
@@ -242,14 +243,27 @@ def read_header(path: Path) -> InstanceHeader:
 
 def read_headers(path: Path, patient_secret: str | None = None) -> tuple[InstanceHeader, StudyHeader]:
     """``read_header`` and what the worklist needs about the instance's study (``study_from_dataset``)."""
-    size = path.stat().st_size
+    with path.open("rb") as fp:
+        header, study, _ = parse_headers(path, fp, patient_secret)
+    return header, study
+
+
+def parse_headers(path: Path, fp: BinaryIO, patient_secret: str | None = None, defer_size: int | None = None
+                  ) -> tuple[InstanceHeader, StudyHeader, pydicom.Dataset]:
+    """The headers of the file open as ``fp``, and its dataset. ``defer_size`` None stops before the pixels (the
+    producer needs no more); a size keeps every element but those larger than it unread (pydicom's deferred read),
+    so a reader that indexes and decodes the file parses it once (``worker.readers``)."""
+    size = os.fstat(fp.fileno()).st_size
     if size == 0:
         raise FailedInput("empty file (0 bytes): not DICOM; remove it or re-export it from the source")
-    with path.open("rb") as fh:
-        head = fh.read(PREAMBLE_MARKER_OFFSET + 4)
+    head = fp.read(PREAMBLE_MARKER_OFFSET + 4)
+    fp.seek(0)
     has_marker = head[PREAMBLE_MARKER_OFFSET:PREAMBLE_MARKER_OFFSET + 4] == b"DICM"
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=not has_marker)
+        if defer_size is None:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_marker)
+        else:
+            ds = pydicom.dcmread(fp, force=not has_marker, defer_size=defer_size)
     except OSError as exc:
         if exc.errno is not None:  # the storage failed (permissions, a share): the caller records and re-reads it
             raise
@@ -267,7 +281,7 @@ def read_headers(path: Path, patient_secret: str | None = None) -> tuple[Instanc
         if not has_marker and "SOPInstanceUID" not in ds:
             raise SkippedInput("not a DICOM file: no 'DICM' marker at byte 128 and no SOP Instance UID")
         header = header_from_dataset(ds)
-        return header, study_from_dataset(ds, header.study_instance_uid, patient_secret)
+        return header, study_from_dataset(ds, header.study_instance_uid, patient_secret), ds
     except InputError:
         raise
     except Exception as exc:  # pydicom raises lazily while converting malformed values
@@ -293,37 +307,68 @@ def index_entry(path: Path, route_override: Route | None = None, patient_secret:
     every instance goes to that route, and plain JPEG/PNG photographs are taken too (``neuron run --route skin``).
     ``patient_secret`` (--patient-key) keeps a keyed hash of the Patient ID with the study.
     Never raises for one file's sake: whatever reading it raises, the file is recorded with the reason."""
+    return index_and_open(path, route_override, patient_secret)[0]
+
+
+@dataclass
+class Opened:
+    """A pending instance's file left open after indexing, with its parsed dataset, for the caller to decode
+    (``worker.decode.decode_dataset``) and close; ``dataset`` is None for a photograph."""
+
+    fp: BinaryIO | None
+    dataset: pydicom.Dataset | None
+
+
+def index_and_open(path: Path, route_override: Route | None = None, patient_secret: str | None = None,
+                   defer_size: int | None = None) -> tuple[FileEntry, Opened | None]:
+    """``index_entry``; with ``defer_size`` the file of a pending instance is also kept open with its whole dataset
+    parsed (elements larger than ``defer_size`` deferred), so a reader decodes it without parsing it again."""
     try:
         st = path.stat()
     except OSError as exc:
-        return _unreadable(path, None, exc)
+        return _unreadable(path, None, exc), None
     base = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fp = ds = None
     try:
         kind = photo_kind(path) if route_override is not None else None
         if kind is not None:
             h = photo_header(path, kind)
             study = StudyHeader(h.study_instance_uid, None, None, None, None)
         else:
-            h, study = read_headers(path, patient_secret)
+            fp = path.open("rb")
+            h, study, ds = parse_headers(path, fp, patient_secret, defer_size)
     except InputError as exc:
+        _close(fp)
         reason = exc.reason
         if isinstance(exc, SkippedInput) and photo_kind(path) is not None:
             reason += "; a folder of JPEG/PNG photographs is screened with --route skin"
-        return FileEntry(**base, status=exc.status, reason=reason)
+        return FileEntry(**base, status=exc.status, reason=reason), None
     except OSError as exc:
-        return _unreadable(path, st, exc)
+        _close(fp)
+        return _unreadable(path, st, exc), None
     except Exception as exc:  # one file must never stop the walk; recorded, with the traceback logged
+        _close(fp)
         log.exception("unexpected error reading the header of %s", path)
         return FileEntry(**base, status=Status.FAILED,
                          reason=f"header could not be read ({type(exc).__name__}: {_short(exc)}); this is a fault "
-                                "in Neuron or one of its libraries: report it with the log; the file is left alone")
+                                "in Neuron or one of its libraries: report it with the log; the file is left alone"), \
+            None
     try:
         route = route_override or route_for(RoutingFacts.of(h.modality, h.body_part))
         status, reason = Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
     inst = InstanceEntry(h, route=route, status=status, reason=reason, study=study)
-    return FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
+    entry = FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
+    if defer_size is None or status is not Status.PENDING:
+        _close(fp)
+        return entry, None
+    return entry, Opened(fp, ds)
+
+
+def _close(fp: BinaryIO | None) -> None:
+    if fp is not None:
+        fp.close()
 
 
 UNREAD_MTIME = -1  # never equals a real mtime, so the next scan reads the file again
@@ -432,41 +477,50 @@ class ScanResult:
     unchanged: int = 0
 
 
+def changed_files(root: Path, known: dict[str, tuple[int, int]], exclude: Iterable[Path] = (),
+                  follow_links: bool = False, on_file: Callable[[int], None] | None = None,
+                  result: ScanResult | None = None) -> Iterator[Path]:
+    """The files below ``root`` that are new or changed since they were indexed (``known``: path -> size, mtime), in
+    walk order, counted in ``result``; ``on_file`` gets the number of files seen so far."""
+    result = result if result is not None else ScanResult()
+    for path in iter_files(root, exclude, follow_links=follow_links):
+        result.seen += 1
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue  # vanished between listing and stat
+        except OSError:
+            st = None  # index_entry records why it cannot be read
+        if st is not None and known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
+            result.unchanged += 1
+        else:
+            result.indexed += 1
+            yield path
+        if on_file is not None:
+            on_file(result.seen)
+
+
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
                  on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
                  follow_links: bool = False, patient_secret: str | None = None) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
-    committed batch (the embedded run screens them while the walk goes on). ``workers``: header-parsing processes
-    once the scan has read PARSE_POOL_AFTER files (default: one per CPU, at most 8; 0 or 1 reads every header in this
-    process). ``patient_secret``: keep a keyed hash of each study's Patient ID (--patient-key)."""
+    committed batch. ``workers``: header-parsing processes once the scan has read PARSE_POOL_AFTER files (default:
+    one per CPU, at most 8; 0 or 1 reads every header in this process). ``patient_secret``: keep a keyed hash of each
+    study's Patient ID (--patient-key)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
-    known = db.file_index()
     result = ScanResult()
     pending: list[FileEntry] = []
     reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers,
                            patient_secret=patient_secret)
     try:
-        for path in iter_files(root, exclude, follow_links=follow_links):
-            result.seen += 1
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue  # vanished between listing and stat
-            except OSError:
-                st = None  # index_entry records why it cannot be read
-            if st is not None and known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
-                result.unchanged += 1
-            else:
-                pending += reader.add(path)
-                result.indexed += 1
+        for path in changed_files(root, db.file_index(), exclude, follow_links, on_file, result):
+            pending += reader.add(path)
             if len(pending) >= batch:
                 _commit(db, pending, on_indexed)
-            if on_file is not None:
-                on_file(result.seen)
         pending += reader.finish()
     finally:
         reader.close()

@@ -191,10 +191,10 @@ def test_a_file_that_cannot_be_read_is_failed_with_the_reason_and_read_again_nex
     small_chest(chest_small, folder / "b_good.dcm", step=2)
     real_dcmread = pydicom.dcmread
 
-    def dcmread(path, *args, **kwargs):
-        if Path(path) == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_dcmread(path, *args, **kwargs)
+    def dcmread(source, *args, **kwargs):  # a path, or the open file (its name is the path)
+        if Path(getattr(source, "name", source)) == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_dcmread(source, *args, **kwargs)
 
     monkeypatch.setattr(scan.pydicom, "dcmread", dcmread)
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,16 +100,39 @@ def _items(paths) -> list[WorkItem]:
     return [WorkItem(f"1.2.826.0.1.3680043.99.{i}", str(p), Route.CHEST_XRAY, 1) for i, p in enumerate(paths)]
 
 
+@dataclass(frozen=True)
 class Gate:
-    """The real reader, held back for one item until the test opens the gate: a file on a share that stalls."""
+    """The real read, held back for one item until the test opens the gate (creates a file): a file on a share that
+    stalls. Picklable: it runs in the reader processes."""
 
-    def __init__(self, slow_uid: str):
-        self.slow_uid, self.opened = slow_uid, threading.Event()
+    slow_uid: str
+    gate: Path
 
-    def __call__(self, pipeline, item):
+    def __call__(self, item, read):
         if item.sop_instance_uid == self.slow_uid:
-            assert self.opened.wait(120), "the gate was never opened"
-        return read_item(pipeline, item)
+            deadline = time.monotonic() + 120
+            while not self.gate.exists():
+                assert time.monotonic() < deadline, "the gate was never opened"
+                time.sleep(0.02)
+        return read()
+
+    def open(self) -> None:
+        self.gate.touch()
+
+
+@dataclass(frozen=True)
+class Faulty:
+    """The real read, except for two items: one raises an unexpected exception, one a storage timeout."""
+
+    broken: str
+    transient: str
+
+    def __call__(self, item, read):
+        if item.sop_instance_uid == self.broken:
+            raise KeyError("(0028,0010) lookup blew up inside a decoder")
+        if item.sop_instance_uid == self.transient:
+            raise TransientReadError("reading the file timed out (errno ETIMEDOUT): the share may be offline")
+        return read()
 
 
 def _run_in_thread(pipeline: Pipeline, items):
@@ -142,11 +167,11 @@ def test_the_wait_cap_holds_while_a_decode_is_still_in_flight(tmp_path, chest_sm
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(2)]
     items = _items(files)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=16, max_wait_ms=100)
-    gate = Gate(items[0].sop_instance_uid)
+    gate = Gate(items[0].sop_instance_uid, tmp_path / "gate")
     arrived, done = _run_in_thread(_pipeline(models, settings, reader=gate), items)
     assert _wait_for(lambda: items[1].sop_instance_uid in arrived), "the decoded file waited for the stalled one"
     assert items[0].sop_instance_uid not in arrived
-    gate.opened.set()
+    gate.open()
     assert _wait_for(done.is_set)
     assert {o.status for _, o in arrived.values()} == {Status.DONE}
 
@@ -157,12 +182,12 @@ def test_a_slow_file_does_not_hold_back_files_decoded_after_it(tmp_path, chest_s
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(4)]
     items = _items(files)
     settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=3, max_wait_ms=600_000)
-    gate = Gate(items[0].sop_instance_uid)
+    gate = Gate(items[0].sop_instance_uid, tmp_path / "gate")
     arrived, done = _run_in_thread(_pipeline(models, settings, reader=gate), items)
     later = {i.sop_instance_uid for i in items[1:]}
     assert _wait_for(lambda: later <= set(arrived)), "files decoded after a stalled one were held back"
     assert items[0].sop_instance_uid not in arrived
-    gate.opened.set()
+    gate.open()
     assert _wait_for(done.is_set) and len(arrived) == 4
 
 
@@ -171,15 +196,9 @@ def test_an_unexpected_exception_reading_one_file_fails_that_file_only(tmp_path,
     files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=2) for i in range(3)]
     items = _items(files)
 
-    def faulty(pipeline, item):
-        if item is items[1]:
-            raise KeyError("(0028,0010) lookup blew up inside a decoder")
-        if item is items[2]:
-            raise TransientReadError("reading the file timed out (errno ETIMEDOUT): the share may be offline")
-        return read_item(pipeline, item)
-
     settings = untrained_settings.with_(out_dir=tmp_path / "out")
     outcomes = {}
+    faulty = Faulty(items[1].sop_instance_uid, items[2].sop_instance_uid)
     _pipeline(models, settings, reader=faulty).run(items, lambda o: outcomes.update({o.sop_instance_uid: o}), None)
     assert outcomes[items[0].sop_instance_uid].status is Status.DONE
     broken = outcomes[items[1].sop_instance_uid]

@@ -61,7 +61,9 @@ from neuron.synthetic import default_workdir
 from neuron.work import Route, WorkItem
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import prepare_batch
+from worker.bench_host import HostProbe, ShmWatch, primed_job
 from worker.decode import decode_instance
+from worker.device import DeviceJob
 from worker.embedded import run_folder
 from worker.models import Models
 from worker.pipeline import Pipeline
@@ -79,6 +81,13 @@ TABLE_INTRO = ["Rows appended by `neuron bench` (synthetic CR archive, untrained
 TABLE_COLUMNS = ("date", "device", "mode", "archive", "images", "size", "batch", "precision", "model-only img/s",
                  "decode img/s", "end-to-end img/s", "ratio", "batch fill", "first batch s", "peak RSS MB",
                  "peak GPU MB")
+HOST_TABLE_HEADING = "## `neuron bench --host-only` results"
+HOST_TABLE_INTRO = ["Rows appended by `neuron bench --host-only`: the real pipeline with a device stage that answers "
+                    "at once (`worker/bench_host.py`).", "CPU: user + system of every Neuron process of the run per "
+                    "image; GIL: held by the driving process per image (py-spy `--gil --nonblocking`), its largest "
+                    "stages after it."]
+HOST_TABLE_COLUMNS = ("date", "device", "mode", "archive", "images", "size", "batch", "dicom-out", "host-only img/s",
+                      "CPU ms/img", "GIL ms/img", "GIL by stage ms/img", "peak RSS MB", "peak /dev/shm MB")
 
 
 class Mode(str, Enum):
@@ -106,6 +115,8 @@ class BenchConfig:
     seed: int = 0
     concurrency: int | None = None  # Celery mode: studies in flight; None: the worker's default
     keep: bool = False
+    host_only: bool = False  # the device stage answers at once: the host's side alone (worker.bench_host)
+    dicom_out: bool = False  # also write the DICOM outputs (SR and secondary captures)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", tuple(Mode(m) for m in self.modes))
@@ -238,18 +249,22 @@ def _gpu_peak_mb(device: torch.device) -> float:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else 0.0
 
 
-def run_embedded(models: Models, settings: Settings, archive: synthetic.Archive) -> EndToEnd:
+def run_embedded(models: Models, settings: Settings, archive: synthetic.Archive,
+                 job: DeviceJob | None = None) -> EndToEnd:
     """``run_folder`` on a fresh SQLite database and output folder, with a new pipeline over the loaded models, so
-    its stats (batch fill, time to first batch) count this run alone, from its start."""
-    pipe = Pipeline(models, settings, clock_from=time.monotonic())
+    its stats (batch fill, time to first batch) count this run alone, from its start. ``job``: the device stage's
+    job (the host-only mode's); the CPU and GIL of the run are measured around it (``HostProbe``)."""
+    pipe = Pipeline(models, settings, clock_from=time.monotonic(), job=job)
     _gpu_peak_reset(pipe.device)
-    start = time.perf_counter()
-    report = run_folder(archive.root, settings, pipeline=pipe)
-    _sync(pipe.device)
-    elapsed = time.perf_counter() - start
+    with HostProbe(os.getpid()) as probe, ShmWatch() as shm:
+        start = time.perf_counter()
+        report = run_folder(archive.root, settings, pipeline=pipe)
+        _sync(pipe.device)
+        elapsed = time.perf_counter() - start
     done = report.summary.files.get("done", 0)
     return EndToEnd(done / elapsed, elapsed, done, _count_pngs(settings.heatmap_dir), pipe.stats.fill,
-                    pipe.stats.time_to_first_batch_s, "pipeline.stats", _peak_rss_mb(), _gpu_peak_mb(pipe.device))
+                    pipe.stats.time_to_first_batch_s, "pipeline.stats", _peak_rss_mb(), _gpu_peak_mb(pipe.device),
+                    {**probe.per_image(done), "peak_shm_mb": shm.peak_mb})
 
 
 FILL_LINE = re.compile(r"batch fill [^:]*: (\d+) batches, (\d+) frames, mean fill [\d.]+% of (\d+)")
@@ -321,10 +336,15 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
     env = {**foreign_environment(), "NEURON_BROKER_URL": broker_url, "NEURON_DATABASE_URL": pg_url,
            "NEURON_OUT": str(run_dir / "out"), "TMPDIR": str(run_dir / "tmp"), "PYTHONUNBUFFERED": "1",
            "COLUMNS": "200"}
+    if cfg.dicom_out:
+        env["NEURON_DICOM_OUT"] = str(run_dir / "dicom")
     neuron = [sys.executable, "-m", "neuron"]
     worker_cmd = [*neuron, "worker", "--device", str(pipeline.device), "--weights", "untrained", "--batch-size",
                   str(pipeline.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO", "--precision",
                   cfg.precision]
+    if cfg.host_only:  # a neuron worker whose device stage answers at once: the benchmark's own entry point
+        worker_cmd = [sys.executable, "-m", "worker.bench_host", "--prime", str(archive.files[0]), "--device",
+                      str(pipeline.device), "--batch-size", str(pipeline.batch_size), "--queues", ROUTE.value]
     if cfg.concurrency is not None:
         worker_cmd += ["--concurrency", str(cfg.concurrency)]
     log_path = run_dir / "worker.log"
@@ -338,19 +358,20 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
                   log_path, poll=0.5)
         ready_s = time.perf_counter() - t_worker
         scan_started, scan_started_local = datetime.now(UTC), datetime.now()
-        start = time.perf_counter()
-        scan = subprocess.run([*neuron, "scan", str(archive.root)], env=env, capture_output=True, text=True,
-                              timeout=3600)
-        if scan.returncode != 0:
-            raise SetupError(f"neuron scan failed ({scan.returncode}): {scan.stderr[-2000:]}")
-        scan_s = time.perf_counter() - start
+        with HostProbe(proc.pid) as probe, ShmWatch() as shm:
+            start = time.perf_counter()
+            scan = subprocess.run([*neuron, "scan", str(archive.root)], env=env, capture_output=True, text=True,
+                                  timeout=3600)
+            if scan.returncode != 0:
+                raise SetupError(f"neuron scan failed ({scan.returncode}): {scan.stderr[-2000:]}")
+            scan_s = time.perf_counter() - start
 
-        def finished() -> bool:
-            counts = db.instance_statuses()
-            return sum(counts.get(s, 0) for s in ("done", "failed", "skipped")) >= archive.n_images
+            def finished() -> bool:
+                counts = db.instance_statuses()
+                return sum(counts.get(s, 0) for s in ("done", "failed", "skipped")) >= archive.n_images
 
-        _wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
-        elapsed = time.perf_counter() - start
+            _wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
+            elapsed = time.perf_counter() - start
         rss = _proc_peak_rss_mb(proc.pid)
     finally:
         _stop(proc)
@@ -374,7 +395,8 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
     gpu = 0.0 if pipeline.device.type == "cpu" else None  # the worker's CUDA peak is not visible from here
     return EndToEnd(done / elapsed, elapsed, done, _count_pngs(run_dir / "out" / "heatmaps"), fill, ttfb, source,
                     rss, gpu, {"worker_ready_s": round(ready_s, 2), "scan_s": round(scan_s, 2),
-                               "concurrency": wlog.concurrency or cfg.concurrency, "worker_batches": wlog.batches})
+                               "concurrency": wlog.concurrency or cfg.concurrency, "worker_batches": wlog.batches,
+                               **probe.per_image(done), "peak_shm_mb": shm.peak_mb})
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------------
@@ -404,6 +426,7 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
         pipeline = Pipeline(models, models.settings.with_(batch_size=cfg.batch_size))
         name = device_name(pipeline.device)
         first = archives[cfg.archives[0]]
+        job = primed_job(models, pipeline.batch_size, first.files[0]) if cfg.host_only else None
         model = model_only_bound(pipeline, _sample_frames(pipeline, first))
         say(f"model-only bound: {model:.1f} img/s")
         celery_ok = Mode.CELERY in cfg.modes and servers.redis_available() and servers.postgres_available()
@@ -429,8 +452,9 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                 run_dir.mkdir()
                 if mode is Mode.EMBEDDED:
                     settings = pipeline.settings.with_(out_dir=run_dir / "out", database_url=None,
-                                                       batch_size=pipeline.batch_size)
-                    e2e = run_embedded(models, settings, archive)
+                                                       batch_size=pipeline.batch_size,
+                                                       dicom_out=run_dir / "dicom" if cfg.dicom_out else None)
+                    e2e = run_embedded(models, settings, archive, job)
                 else:
                     assert broker is not None and pg is not None
                     e2e = run_celery(cfg, pipeline, archive, run_dir, broker.url, pg.url)
@@ -451,11 +475,13 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                 "batch_fill": _round(e2e.batch_fill), "time_to_first_batch_s": _round(e2e.time_to_first_batch_s),
                 "stats_source": e2e.stats_source, "peak_rss_mb": e2e.peak_rss_mb, "peak_gpu_mb": e2e.peak_gpu_mb,
                 "instances_done": e2e.done, "heatmaps_written": e2e.heatmaps, "elapsed_s": _round(e2e.elapsed_s, 2),
+                "host_only": cfg.host_only, "dicom_out": cfg.dicom_out,
+                "host_only_images_per_s": _round(e2e.images_per_s, 3) if cfg.host_only else None,
                 **e2e.extra, "date": now.date().isoformat(), "timestamp": now.isoformat(timespec="seconds")})
         path = write_json(cfg.out, results, name)
         say(f"results: {path}")
         if cfg.append:
-            append_rows(cfg.benchmarks_md, results)
+            append_rows(cfg.benchmarks_md, results, host_only=cfg.host_only)
             say(f"rows appended to {cfg.benchmarks_md}")
         return results
     finally:
@@ -490,16 +516,27 @@ def table_row(r: dict) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def append_rows(md: Path, results: list[dict]) -> None:
-    """Add one row per result to the table under TABLE_HEADING (after its last row), creating the heading and the
+def host_table_row(r: dict) -> str:
+    stages = sorted((r.get("gil_ms_per_image_by_stage") or {}).items(), key=lambda kv: -kv[1])[:4]
+    split = ", ".join(f"{k} {v:.2f}" for k, v in stages) or "-"
+    cells = [r["date"], r["device"], r["mode"], r["archive"], r["n_images"], r["image_size"], r["batch_size"],
+             "yes" if r.get("dicom_out") else "no", r["host_only_images_per_s"], r.get("cpu_ms_per_image"),
+             r.get("gil_ms_per_image"), split, r["peak_rss_mb"], r.get("peak_shm_mb")]
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def append_rows(md: Path, results: list[dict], host_only: bool = False) -> None:
+    """Add one row per result to the table under its heading (after its last row), creating the heading and the
     table once: at the end of the file, or below the heading if someone wrote the heading without a table."""
+    heading, intro, columns, row = ((HOST_TABLE_HEADING, HOST_TABLE_INTRO, HOST_TABLE_COLUMNS, host_table_row)
+                                    if host_only else (TABLE_HEADING, TABLE_INTRO, TABLE_COLUMNS, table_row))
     lines = md.read_text().splitlines() if md.is_file() else []
-    rows = [table_row(r) for r in results]
-    header = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    if TABLE_HEADING not in lines:
-        lines += [*([""] if lines else []), TABLE_HEADING, "", *TABLE_INTRO, "", *header, *rows]
+    rows = [row(r) for r in results]
+    header = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    if heading not in lines:
+        lines += [*([""] if lines else []), heading, "", *intro, "", *header, *rows]
     else:
-        start = lines.index(TABLE_HEADING) + 1
+        start = lines.index(heading) + 1
         end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
         table = [i for i in range(start, end) if lines[i].startswith("|")]
         if table:

@@ -234,14 +234,18 @@ def translate_error(exc: BaseException, doing: str, fix: str = DECODER_FIX) -> N
     return DecodeError(f"{doing}: {type(exc).__name__}: {exc}; {fix}")
 
 
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
 def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, max_pixels: int, *,
                     defer_syntaxes: frozenset[str] = frozenset(), backend: Backend | str = Backend.AUTO,
-                    opener: Opener = open_file) -> list[DecodedFrame | EncodedFrame]:
+                    opener: Opener = open_file, allocate: Allocate | None = None) -> list[DecodedFrame | EncodedFrame]:
     """Read one instance's selected frames (``select_frames``). Raises DecodeError/ImageTooLarge with a reason a
     person can act on, or TransientReadError when the storage failed. Frames whose transfer syntax is in
-    ``defer_syntaxes`` (and that a device decoder can finish: single-sample, not palette) come back encoded."""
+    ``defer_syntaxes`` (and that a device decoder can finish: single-sample, not palette) come back encoded.
+    ``allocate(shape, dtype)``: where uncompressed frames are read into, straight from the file (a reader process's
+    shared-memory slot; default: numpy's own memory); frames other decoders produce are left where they are."""
     path = Path(path)
-    backend = Backend(backend)
     if photo_kind(path) is not None:
         try:
             return list(decode_photo(path, sop_instance_uid, max_pixels))
@@ -257,37 +261,47 @@ def decode_instance(path: str | Path, sop_instance_uid: str, max_frames: int, ma
         except Exception as exc:
             raise translate_error(exc, "file can no longer be read",
                                   "it is not DICOM or is damaged: re-export it from the source") from exc
-        try:
-            header = _Header.from_dataset(ds, max_pixels)
-        except NeuronError:
-            raise
-        except Exception as exc:  # pydicom converts values lazily: a malformed one (a VR of two random bytes) raises
-            raise translate_error(exc, "the image pixel attributes (group 0028) are malformed",
-                                  "the header is corrupt: re-export the file from the source") from exc
-        indices = select_frames(header.n_frames, max_frames)
-        ts = header.transfer_syntax
-        try:
-            if backend is Backend.AUTO and header.native_fast_path_ok():
-                arrays, decoder = _read_native(fp, ds, header, indices), "native"
-                return _finish(ds, header, sop_instance_uid, indices, arrays, [decoder] * len(indices))
-            if backend is Backend.AUTO and ts in IMAGECODECS_SYNTAXES | defer_syntaxes and header.encoded_ok():
-                encoded = _encoded_frames(ds, header, sop_instance_uid, indices)
-                if header.photometric == "PALETTE COLOR" or header.samples > 1:
-                    defer_syntaxes = frozenset()  # a device decoder cannot expand a palette or convert colour
-                if ts in defer_syntaxes:
-                    return list(encoded)
-                decoded = [_decode_array(f) for f in encoded]
-                return _finish(ds, header, sop_instance_uid, indices, [a for a, _ in decoded], [d for _, d in decoded])
-            _load_deferred(ds, fp)
-            arrays = list(iter_pixels(ds, indices=indices, decoding_plugin=DECODER_PLUGIN if ts.is_compressed else ""))
-            label = f"{_PLUGIN_PACKAGE[ts]}-{_version(_PLUGIN_PACKAGE[ts])}" if ts in _PLUGIN_PACKAGE \
-                else f"pydicom-{_version('pydicom')}"
-            # Inside the try: the display parameters are read here, and a malformed one raises like the pixels do.
-            return _finish(ds, header, sop_instance_uid, indices, arrays, [label] * len(indices))
-        except NeuronError:
-            raise
-        except Exception as exc:
-            raise translate_error(exc, f"pixel data could not be decoded (transfer syntax {ts.name})") from exc
+        return decode_dataset(ds, fp, sop_instance_uid, max_frames, max_pixels, defer_syntaxes=defer_syntaxes,
+                              backend=backend, allocate=allocate)
+
+
+def decode_dataset(ds: pydicom.Dataset, fp: BinaryIO, sop_instance_uid: str, max_frames: int, max_pixels: int, *,
+                   defer_syntaxes: frozenset[str] = frozenset(), backend: Backend | str = Backend.AUTO,
+                   allocate: Allocate | None = None) -> list[DecodedFrame | EncodedFrame]:
+    """``decode_instance`` on a dataset already parsed from ``fp`` (with Pixel Data deferred: ``DEFER_BYTES``), so
+    a caller that also needs the header (indexing) parses the file once."""
+    backend = Backend(backend)
+    try:
+        header = _Header.from_dataset(ds, max_pixels)
+    except NeuronError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: a malformed one (a VR of two random bytes) raises
+        raise translate_error(exc, "the image pixel attributes (group 0028) are malformed",
+                              "the header is corrupt: re-export the file from the source") from exc
+    indices = select_frames(header.n_frames, max_frames)
+    ts = header.transfer_syntax
+    try:
+        if backend is Backend.AUTO and header.native_fast_path_ok():
+            arrays, decoder = _read_native(fp, ds, header, indices, allocate or np.empty), "native"
+            return _finish(ds, header, sop_instance_uid, indices, arrays, [decoder] * len(indices))
+        if backend is Backend.AUTO and ts in IMAGECODECS_SYNTAXES | defer_syntaxes and header.encoded_ok():
+            encoded = _encoded_frames(ds, header, sop_instance_uid, indices)
+            if header.photometric == "PALETTE COLOR" or header.samples > 1:
+                defer_syntaxes = frozenset()  # a device decoder cannot expand a palette or convert colour
+            if ts in defer_syntaxes:
+                return list(encoded)
+            decoded = [_decode_array(f) for f in encoded]
+            return _finish(ds, header, sop_instance_uid, indices, [a for a, _ in decoded], [d for _, d in decoded])
+        _load_deferred(ds, fp)
+        arrays = list(iter_pixels(ds, indices=indices, decoding_plugin=DECODER_PLUGIN if ts.is_compressed else ""))
+        label = f"{_PLUGIN_PACKAGE[ts]}-{_version(_PLUGIN_PACKAGE[ts])}" if ts in _PLUGIN_PACKAGE \
+            else f"pydicom-{_version('pydicom')}"
+        # Inside the try: the display parameters are read here, and a malformed one raises like the pixels do.
+        return _finish(ds, header, sop_instance_uid, indices, arrays, [label] * len(indices))
+    except NeuronError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, f"pixel data could not be decoded (transfer syntax {ts.name})") from exc
 
 
 @dataclass(frozen=True)
@@ -350,15 +364,16 @@ class _Header:
         return np.dtype(f"<{'i' if self.pixel_representation else 'u'}{self.bits_allocated // 8}")
 
 
-def _read_native(fp: BinaryIO, ds: pydicom.Dataset, h: _Header, indices: Sequence[int]) -> list[np.ndarray]:
-    """The selected frames, read from the file into one preallocated array, then given pydicom's treatment of the
-    unused high bits (masked if unsigned, sign-extended if signed: shift left, then arithmetically right)."""
+def _read_native(fp: BinaryIO, ds: pydicom.Dataset, h: _Header, indices: Sequence[int],
+                 allocate: Allocate = np.empty) -> list[np.ndarray]:
+    """The selected frames, read from the file into one array from ``allocate``, then given pydicom's treatment of
+    the unused high bits (masked if unsigned, sign-extended if signed: shift left, then arithmetically right)."""
     elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     frame_bytes = h.rows * h.columns * h.samples * h.bits_allocated // 8
     planar = h.samples > 1 and h.planar_configuration == 1
     shape = (h.samples, h.rows, h.columns) if planar else (h.rows, h.columns, h.samples) if h.samples > 1 \
         else (h.rows, h.columns)
-    out = np.empty((len(indices), *shape), h.dtype)
+    out = allocate((len(indices), *shape), h.dtype)
     value = elem.value
     available = len(value) if value is not None else int(getattr(elem, "length", 0))
     if available == 0xFFFFFFFF or available < frame_bytes * h.n_frames:
@@ -382,7 +397,7 @@ def _read_native(fp: BinaryIO, ds: pydicom.Dataset, h: _Header, indices: Sequenc
     if shift:
         np.left_shift(out, shift, out=out)
         np.right_shift(out, shift, out=out)
-    if planar:
+    if planar:  # planar RGB is rare: its frames are interleaved in numpy's own memory
         return [np.ascontiguousarray(f.transpose(1, 2, 0)) for f in out]
     return list(out)
 

@@ -3,18 +3,18 @@
 
 The same steps the distributed mode splits between producer and workers, overlapped:
 
-    walk + index (a thread: ``producer.scan.index_folder``) ──► instances pending, a committed batch at a time
+    walk (new or changed files) ──► reader processes: header parsed once, FileEntry back, frames into a slot
+        ──► admission (worker.admission: entries recorded in walk order, db.add_files) ──► the instances to screen
         ──► Pipeline.run (the staged engine) ──► ResultWriter (one thread, group commits) ──► the database
 
-Indexing streams into screening: the first batch reaches the device while the walk is still going. Every result goes
+Indexing streams into screening: the first batch reaches the device while the walk is still going, and each file is
+parsed once for both. Every result goes
 through the one write path (``db.writer.ResultWriter`` -> ``Database.record_outcomes``), a rescreen's too.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,10 +28,12 @@ from db.store import Database, Summary
 from db.writer import ResultWriter
 from neuron.errors import OutputUnwritable
 from neuron.settings import Settings
-from neuron.work import Outcome, Requeue, Route, Status, WorkItem
-from producer.scan import ScanResult, index_folder
+from neuron.work import FileEntry, Outcome, Requeue, Route, Status, WorkItem
+from producer.scan import ScanResult, changed_files
+from worker.admission import Admit
 from worker.models import Models
 from worker.pipeline import Pipeline
+from worker.readers import IndexItem
 from worker.results import prepare_database
 
 log = logging.getLogger(__name__)
@@ -57,58 +59,55 @@ class ProgressHooks:
 
 
 @dataclass
-class _Indexer:
-    """Walks and indexes in a thread; hands out each committed batch's newly pending instances."""
+class _Walk:
+    """The embedded run's feed: the backlog (instances pending before this run), then every new or changed file of
+    the folder as an index request, read by the reader processes in the same pass as its pixels; ``admit`` records
+    their entries and says which to screen (``worker.admission``)."""
 
     folder: Path
     db: Database
     settings: Settings
     routes: list[Route]
     hooks: ProgressHooks
-    batches: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=64))
-    result: ScanResult | None = None
-    error: BaseException | None = None
+    result: ScanResult = field(default_factory=ScanResult)
+    handed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> the file it was sent from
+    found: int = 0
 
-    def start(self) -> None:
-        threading.Thread(target=self._walk, name="indexer", daemon=True).start()
-
-    def _walk(self) -> None:
-        try:
-            override = Route(self.settings.route_override) if self.settings.route_override else None
-            self.result = index_folder(self.folder, self.db, exclude=[self.settings.out_dir],
-                                       batch=64, on_file=self.hooks.on_scan, route_override=override,
-                                       follow_links=self.settings.follow_links,
-                                       patient_secret=self.settings.patient_key,
-                                       on_indexed=lambda paths: self.batches.put(list(paths)))
-            if self.hooks.on_scanned is not None:
-                self.hooks.on_scanned(self.result)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.batches.put(None)
-
-    def items(self, backlog: list[WorkItem]) -> Iterator[WorkItem]:
-        """The backlog (instances pending before this walk), then what the walk indexes, as it indexes it. A file
-        re-indexed during the walk is not sent twice; an instance sent before and now pending from another file (a
-        failed first copy, rescued when its copy was indexed) is."""
-        handed = {i.sop_instance_uid: i.file_path for i in backlog}
-        found = self._found(0, backlog)
+    def items(self, backlog: list[WorkItem]) -> Iterator[WorkItem | IndexItem]:
+        self._hand(backlog)
         yield from backlog
-        while (paths := self.batches.get()) is not None:
-            fresh = [i for i in self.db.pending(routes=self.routes, paths=paths)
-                     if handed.get(i.sop_instance_uid) != i.file_path]
-            handed.update((i.sop_instance_uid, i.file_path) for i in fresh)
-            found = self._found(found, fresh)
-            yield from fresh
-        if self.error is not None:
-            raise self.error
+        known = self.db.file_index()
+        for seq, path in enumerate(changed_files(self.folder, known, [self.settings.out_dir],
+                                                 self.settings.follow_links, self.hooks.on_scan, self.result)):
+            yield IndexItem(seq, str(path))
+        if self.hooks.on_scanned is not None:
+            self.hooks.on_scanned(self.result)
 
-    def _found(self, found: int, items: list[WorkItem]) -> int:
+    def admit(self, batch: list[tuple[IndexItem, FileEntry]]) -> list[WorkItem | None]:
+        """Record a batch of entries in walk order; the instances now pending from these files are screened from the
+        frames read with them. A file re-indexed during the run is not sent twice; an instance sent before and now
+        pending from another file (a failed first copy, rescued when its copy was indexed) is."""
+        entries = [e for _, e in batch]
+        self.db.add_files(entries)
+        pending = {w.file_path: w for w in self.db.work_items(routes=self.routes, paths=[e.path for e in entries])}
+        decisions: list[WorkItem | None] = []
+        fresh = []
+        for _, e in batch:
+            w = pending.get(e.path)
+            if w is None or self.handed.get(w.sop_instance_uid) == w.file_path:
+                decisions.append(None)
+                continue
+            fresh.append(w)
+            decisions.append(w)
+        self._hand(fresh)
+        return decisions
+
+    def _hand(self, items: list[WorkItem]) -> None:
+        self.handed.update((i.sop_instance_uid, i.file_path) for i in items)
         if items:
-            found += sum(min(i.frames, self.settings.max_frames) for i in items)
+            self.found += sum(min(i.frames, self.settings.max_frames) for i in items)
             if self.hooks.on_total is not None:
-                self.hooks.on_total(found)
-        return found
+                self.hooks.on_total(self.found)
 
 
 class _Sink:
@@ -206,11 +205,11 @@ def run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None = Non
         raise _unwritable(settings.resolved_database_url, cause) from exc
 
 
-def _screen(pipeline: Pipeline, items: Iterable[WorkItem], sink: _Sink, db: Database,
-            progress: Callable[[int], None] | None) -> None:
+def _screen(pipeline: Pipeline, items: Iterable[WorkItem | IndexItem], sink: _Sink, db: Database,
+            progress: Callable[[int], None] | None, admit: Admit | None = None) -> None:
     """Run the pipeline over ``items``, then once more over what the commits put back in line from a duplicate copy
     (each pass uses up one copy per instance, so it ends)."""
-    pipeline.run(items, sink, progress=progress)
+    pipeline.run(items, sink, progress=progress, admit=admit)
     sink.check()
     while rescued := sink.take_rescued():
         pipeline.run(db.work_items(sop_uids=rescued), sink, progress=progress)
@@ -235,17 +234,16 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
             db.requeue(Requeue.RETRY_FAILED, routes=routes)
         db.skip_routes_without_model(routes, models.unavailable)
         backlog = db.pending(routes=routes)
-        indexer = _Indexer(Path(folder), db, settings, routes, hooks)
-        indexer.start()
+        walk = _Walk(Path(folder), db, settings, routes, hooks)
         try:
             with ResultWriter(db) as writer:
                 sink = _Sink(writer, dicom)
-                _screen(pipeline, indexer.items(backlog), sink, db, hooks.on_images)
+                _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk
         finally:
             if dicom is not None:  # the outputs of what was committed, also when the run stopped early
                 dicom.close()
-        return RunReport(indexer.result or ScanResult(), sink.count, started, db.summary(since=started))
+        return RunReport(walk.result, sink.count, started, db.summary(since=started))
     finally:
         db.dispose()
 

@@ -1,13 +1,15 @@
 """The staged engine: stages joined by bounded queues, each one job on its own thread (the shape of PyTorch's
 DataLoader prefetching and NVIDIA DALI's pipelines: stages overlap, queues bound the memory).
 
-    feeder ─► readers (thread pool: read + parse; GIL-free decoders) ─► decoded queue, in completion order
+    feeder ─► reader processes (worker.readers: header parsed once, frames read into shared-memory slots)
+        ─► decoded queue, in completion order
         ─► batcher (BatchPolicy: by route, by size, by max_wait_ms) ─► stager (packs a batch into a pinned buffer)
         ─► device (one upload on a copy stream; preprocessing, model job and overlays on a compute stream; results
            copied back asynchronously) ─► results (waits for the copy, shapes rows) ─► PNG pool
         ─► outcomes queue ─► the caller's thread: sink (the database writer)
 
-Every queue is bounded and the readers hold at most ``ahead`` files, so memory stays flat however long the feed.
+Every queue is bounded and the slots (``worker.slots``) hold the files read ahead, so memory stays flat however long
+the feed: a file takes a slot before it is read and gives it back once its frames have left the device stage.
 While batch N runs on the device, batch N+1 is staged and uploaded, and batch N-1's PNGs are written.
 
 A file that cannot be read becomes its instance's Outcome with the reason, whatever the exception: it never stops
@@ -21,6 +23,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,11 +35,14 @@ from neuron.errors import InputError, RetryableError, SetupError
 from neuron.settings import Settings
 from neuron.work import FrameResult, Outcome, Route, Status, WorkItem
 from neuron_models.image import DecodedFrame, EncodedFrame
+from worker.admission import Admission, Admit
 from worker.batching import Batch, BatchPolicy
 from worker.decode import decode_instance
 from worker.device import DeviceJob
 from worker.models import Models, default_batch_size
+from worker.readers import IndexItem, ReaderConfig, ReaderPool, ReadHook
 from worker.results import ResultShaper, Transient, failure_category, failure_outcome, write_png
+from worker.slots import SlotPool
 from worker.stager import Stager
 from worker.stats import PipelineStats
 
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 IDLE = object()  # yielded by an endless feed when nothing new has arrived
 _EOF = object()
 _POLL = 0.1  # seconds between checks of the stop flag while a stage blocks
+SLOT_BYTES = 16 << 20  # one file's frames per slot: a 4096 x 2048 16-bit radiograph; larger ones travel inline
 
 
 class _Stopped(Exception):
@@ -62,6 +69,8 @@ class _Instance:
     writes: int = 0  # PNG writes not yet finished
     emitted: bool = False
     ready_at: float = field(default_factory=time.monotonic)  # decoded: its frames start waiting for a batch
+    slot: int | None = None  # the shared-memory slot its frames are in, until every frame left the device stage
+    released: int = 0  # frames the device stage is done with
 
 
 @dataclass
@@ -78,7 +87,8 @@ class _Launched:
 
 
 def read_item(pipeline: Pipeline, item: WorkItem) -> list[DecodedFrame | EncodedFrame]:
-    """The readers' job: one file's frames, decoded, or left encoded for the device decoder."""
+    """One file's frames in this process, decoded or left encoded for the device decoder, as a reader process reads
+    them (the decode bound, tests)."""
     s = pipeline.settings
     return decode_instance(s.to_local(item.file_path), item.sop_instance_uid, s.max_frames, s.max_pixels,
                            defer_syntaxes=pipeline.stager.defer_syntaxes)
@@ -97,32 +107,64 @@ class Pipeline:
     worker's engine restarted after a device error), and the counters in ``stats`` add up over the runs."""
 
     def __init__(self, models: Models, settings: Settings | None = None, *, worker_id: str | None = None,
-                 reader: Callable[[Pipeline, WorkItem], list] = read_item,
-                 png_writer: Callable[[str, np.ndarray], None] = write_png, clock_from: float | None = None):
+                 reader: ReadHook | None = None,
+                 png_writer: Callable[[str, np.ndarray], None] = write_png, clock_from: float | None = None,
+                 job: DeviceJob | None = None):
         self.models = models
         self.settings = settings if settings is not None else models.settings
         self.device = models.device
         self.batch_size = self.settings.batch_size or default_batch_size(self.device)
         self.worker_id = worker_id or worker_identity(self.device)
-        self.job = DeviceJob(models, top_k=self.settings.heatmap_top_k)
+        # the device stage's job; the benchmark's host-only mode passes one that answers at once (worker.bench)
+        self.job = job if job is not None else DeviceJob(models, top_k=self.settings.heatmap_top_k)
         self.stager = Stager(self.device)
         self.shaper = ResultShaper(models, self.settings, self.worker_id)
-        self.reader = reader  # the readers' job; tests put a gate or a fault in front of the real one
+        # a picklable hook around the reader processes' read; tests put a gate or a fault in front of the real one
+        self.reader = reader
         self.png_writer = png_writer  # likewise for the heatmap writes (a full disk where no tmpfs can be mounted)
         # the time to the first batch counts from ``clock_from`` (default: the models' creation, loading included)
         self.stats = PipelineStats(self.batch_size, created_at=models.created_at if clock_from is None else clock_from)
+        self.readers_n = max(1, self.settings.decode_workers)
+        self.ahead = max(2 * self.batch_size, 4 * self.readers_n)  # files read ahead of the batcher
+        self._readers: ReaderPool | None = None
+        self._slots: SlotPool | None = None
+        self._finalizer = weakref.finalize(self, _close, self.__dict__)
+
+    def readers(self) -> tuple[ReaderPool, SlotPool]:
+        """The reader processes and their slots, started with the first run and kept for the next ones."""
+        if self._readers is None:
+            n_slots = self.ahead + 2 * self.batch_size  # read ahead, and the batches between batcher and device
+            self._slots = SlotPool(n_slots, SLOT_BYTES)
+            if self.device.type == "cuda":
+                self._slots.page_lock()
+            cfg = ReaderConfig.of(self.settings, self.stager.defer_syntaxes, self.reader)
+            self._readers = ReaderPool(self.readers_n, cfg, self._slots)
+        return self._readers, self._slots
+
+    def close(self) -> None:
+        """Stop the reader processes and unlink the slots (also done when the pipeline is collected or the process
+        exits)."""
+        _close(self.__dict__)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def heatmap_dir(self):
         return self.shaper.heatmap_dir
 
-    def run(self, items: Iterable[WorkItem | object], sink: Callable[[Outcome], None],
-            progress: Callable[[int], None] | None = None) -> None:
+    def run(self, items: Iterable[WorkItem | IndexItem | object], sink: Callable[[Outcome], None],
+            progress: Callable[[int], None] | None = None, admit: Admit | None = None) -> None:
         """Screen every item; call ``sink`` once per instance with its Outcome, in completion order, on this thread.
 
         ``items`` may be endless (the distributed worker's feed) and may yield ``IDLE`` when nothing new has arrived;
-        partial batches whose first frame has waited ``max_wait_ms`` are run rather than held back."""
-        _Run(self).run(items, sink, progress)
+        partial batches whose first frame has waited ``max_wait_ms`` are run rather than held back. ``IndexItem``s
+        (files to index and read in one pass) need ``admit``, which records their entries and says which of them to
+        screen (``worker.admission``)."""
+        _Run(self, admit).run(items, sink, progress)
 
     def decode_only(self, items: Iterable[WorkItem]) -> int:
         """The decode bound: files to raw frames on the device through the same readers, stager and upload as a
@@ -155,21 +197,30 @@ class Pipeline:
         return len(frames)
 
 
+def _close(parts: dict) -> None:
+    readers, slots = parts.get("_readers"), parts.get("_slots")
+    parts["_readers"] = parts["_slots"] = None
+    if readers is not None:
+        readers.close()
+    if slots is not None:
+        slots.close()
+
+
 class _Run:
     """One run of the pipeline over a feed: its queues, stage threads and the instances in flight."""
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, admit: Admit | None = None):
         self.p = pipeline
+        self.admission = Admission(admit, self._admitted) if admit is not None else None
         s, batch_size = pipeline.settings, pipeline.batch_size
-        self.readers_n = max(1, s.decode_workers)
-        self.ahead = max(2 * batch_size, 4 * self.readers_n)
         self.policy: BatchPolicy[tuple[_Instance, DecodedFrame]] = BatchPolicy(batch_size, s.max_wait_ms / 1000.0)
         self.stop = threading.Event()
         self.sent = self.finished = 0  # batches handed on by the batcher / whose results are back
         self.depth = 2 if pipeline.device.type == "cuda" else 1
         self.failure: BaseException | None = None
-        self.decoded: queue.Queue = queue.Queue()  # bounded by ``slots``: at most ``ahead`` files read ahead
-        self.slots = threading.Semaphore(self.ahead)
+        self.decoded: queue.Queue = queue.Queue()  # bounded by the slots: a file is read only into a free slot
+        self.readers, self.slots = pipeline.readers()
+        self.held: set[int] = set()  # slots this run took and has not given back
         self.to_stage: queue.Queue = queue.Queue(maxsize=2)
         self.to_device: queue.Queue = queue.Queue(maxsize=1)
         self.to_results: queue.Queue = queue.Queue(maxsize=2)
@@ -221,36 +272,95 @@ class _Run:
         return t
 
     # -- stages ---------------------------------------------------------------------------------------------------
-    def _feed(self, items: Iterable, readers: ThreadPoolExecutor) -> None:
-        models, submitted = self.p.models, 0
+    def _feed(self, items: Iterable) -> None:
+        submitted = indexed = 0
         for item in items:
             if self.stop.is_set():
                 raise _Stopped
             if item is IDLE:
                 continue
-            route = item.route
-            if route not in models.routes and route in models.loadable:
-                models.ensure(route)  # the route's first instance: load its model now (or stop the run)
-            if route not in models.routes:  # no model for it on this host
-                reason = models.unavailable.get(route, f"no model for route '{route.value}'")
-                self.p.stats.failed("no-model")
-                self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.SKIPPED, reason,
-                                                 worker=self.p.worker_id))
+            if isinstance(item, IndexItem):
+                if self.admission is None:
+                    raise TypeError("index items need an admit function (Pipeline.run(..., admit=...))")
+                indexed += 1
+            elif (skipped := self._without_model(item)) is not None:
+                self._put(self.outcomes, skipped)
                 continue
-            while not self.slots.acquire(timeout=_POLL):
+            while (slot := self.slots.acquire(timeout=_POLL)) is None:
                 if self.stop.is_set():
                     raise _Stopped
-            future = readers.submit(self._read, item)
-            future.add_done_callback(lambda f, item=item: self.decoded.put((item, f)))
+            with self.lock:
+                self.held.add(slot)
+            self.readers.submit(item, slot, self._read, self.admission.entry if self.admission else None)
             submitted += 1
-        self.decoded.put((_EOF, submitted))
+        if self.admission is not None:
+            self.admission.finish(indexed)
+        self.decoded.put((_EOF, None, submitted))
 
-    def _read(self, item: WorkItem) -> list:
-        started = time.perf_counter()
+    def _without_model(self, item: WorkItem) -> Outcome | None:
+        """The route's first instance loads its model (or stops the run); an instance whose route has no model on this
+        host is skipped with the reason."""
+        models, route = self.p.models, item.route
+        if route not in models.routes and route in models.loadable:
+            models.ensure(route)
+        if route in models.routes:
+            return None
+        self.p.stats.failed("no-model")
+        reason = models.unavailable.get(route, f"no model for route '{route.value}'")
+        return Outcome(item.sop_instance_uid, Status.SKIPPED, reason, worker=self.p.worker_id)
+
+    def _read(self, item: WorkItem | IndexItem, slot: int, result: list | BaseException | None,
+              seconds: float) -> None:
+        """A reader's answer (on the reader pool's receiver thread)."""
+        self.p.stats.read(seconds)
+        if self.stop.is_set():  # the run is over: nobody takes these frames
+            self._give_back(slot)
+            return
+        if isinstance(item, IndexItem):
+            self.admission.frames(item, slot, result)
+            return
+        self.decoded.put((item, slot, result))
+
+    def _admitted(self, decision: WorkItem | None, item: IndexItem, slot: int, result: object) -> None:
+        """What indexing decided about a file read in the same pass: screen its frames, or give its slot back."""
+        if self.stop.is_set() or decision is None or result is None:
+            self._give_back(slot)
+            self.decoded.put((None, None, None))  # counted, nothing to screen
+            return
         try:
-            return self.p.reader(self.p, item)
-        finally:
-            self.p.stats.read(time.perf_counter() - started)
+            skipped = self._without_model(decision)
+        except BaseException as exc:  # a model that cannot be loaded stops the run (its message)
+            self._give_back(slot)
+            self.failure = self.failure or exc
+            self.stop.set()
+            return
+        if skipped is not None:
+            self._give_back(slot)
+            self._put(self.outcomes, skipped)
+            self.decoded.put((None, None, None))
+            return
+        self.decoded.put((decision, slot, result))
+
+    def _give_back(self, slot: int | None) -> None:
+        if slot is None:
+            return
+        with self.lock:
+            if slot not in self.held:
+                return
+            self.held.discard(slot)
+        self.slots.release(slot)
+
+    def _done_with(self, frames: list[tuple[_Instance, DecodedFrame]]) -> None:
+        """The device stage is done with these frames' pixels: a file whose frames all are gives its slot back."""
+        free = []
+        with self.lock:
+            for inst, _ in frames:
+                inst.released += 1
+                if inst.released == inst.expected and inst.slot is not None:
+                    free.append(inst.slot)
+                    inst.slot = None
+        for slot in free:
+            self._give_back(slot)
 
     def _batch(self) -> None:
         """Decoded files -> batches, by size or by the wait cap, which holds while decodes are still in flight."""
@@ -260,7 +370,7 @@ class _Run:
             if timeout is not None and not self._room():
                 timeout = max(timeout, _POLL)  # the device is busy: look again soon, the batch keeps filling
             try:
-                item, payload = self._get(self.decoded, timeout)
+                item, slot, payload = self._get(self.decoded, timeout)
             except queue.Empty:
                 self._flush_due()
                 continue
@@ -268,20 +378,22 @@ class _Run:
                 total = payload
                 continue
             received += 1
-            self.slots.release()
-            try:
-                frames = payload.result()
-            except BaseException as exc:
-                stats.failed(failure_category(exc))
-                self._put(self.outcomes, failure_outcome(item, exc, self.p.worker_id))
+            if item is None:  # a file indexed in the run with nothing to screen
+                continue
+            if isinstance(payload, BaseException):
+                self._give_back(slot)
+                stats.failed(failure_category(payload))
+                self._put(self.outcomes, failure_outcome(item, payload, self.p.worker_id))
                 self._put(self.outcomes, ("progress", 1))
                 continue
+            frames = payload
             if not frames:
+                self._give_back(slot)
                 stats.failed("decode")
                 self._put(self.outcomes, Outcome(item.sop_instance_uid, Status.FAILED,
                                                  "no frames could be read", worker=self.p.worker_id))
                 continue
-            inst = _Instance(item, expected=len(frames))
+            inst = _Instance(item, expected=len(frames), slot=slot)
             for fr in frames:
                 for batch in self.policy.add(item.route, (inst, fr)):
                     self._send(batch)
@@ -322,9 +434,10 @@ class _Run:
         decoded = self.p.stager.finish_decoding([fr for _, fr in batch.items])
         self.p.stats.read(time.perf_counter() - started, files=0)
         kept = []
-        for (inst, _), fr in zip(batch.items, decoded, strict=True):
+        for (inst, frame), fr in zip(batch.items, decoded, strict=True):
             if isinstance(fr, InputError):
                 inst.error = inst.error or fr
+                self._done_with([(inst, frame)])
                 self._frame_done(inst, None, [])
             else:
                 kept.append((inst, fr))
@@ -341,9 +454,11 @@ class _Run:
                 chunks = self._launch(batch, staged)
                 if self.compute_stream is None:  # the CPU ran the job synchronously; CUDA is timed with events
                     stats.ran(time.perf_counter() - started)
+                self._done_with(list(batch.items))  # their pixels are staged and uploaded: the slots can go
                 for launched in chunks:
                     self._put(self.to_results, launched)
             except RetryableError as exc:  # a single image that does not fit on the device
+                self._done_with(list(batch.items))
                 for inst, _ in batch.items:
                     inst.error = inst.error or Transient(str(exc))
                 self._put(self.to_results, _Launched(batch.key, list(batch.items), None, {}, None))
@@ -451,9 +566,8 @@ class _Run:
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run(self, items: Iterable, sink: Callable[[Outcome], None], progress: Callable[[int], None] | None) -> None:
-        readers = ThreadPoolExecutor(self.readers_n, thread_name_prefix="read")
         pngs = ThreadPoolExecutor(2, thread_name_prefix="png")
-        threads = [self._stage_thread("feed", lambda: self._feed(items, readers)),
+        threads = [self._stage_thread("feed", lambda: self._feed(items)),
                    self._stage_thread("batch", self._batch),
                    self._stage_thread("stage", self._stage),
                    self._stage_thread("device", self._device),
@@ -463,6 +577,9 @@ class _Run:
                 try:
                     got = self.outcomes.get(timeout=_POLL)
                 except queue.Empty:
+                    if self.failure is None and self.admission is not None and self.admission.failure is not None:
+                        self.failure = self.admission.failure
+                        self.stop.set()
                     if self.failure is not None:
                         raise self.failure from None
                     continue
@@ -474,7 +591,13 @@ class _Run:
                     progress(got[1])
         finally:
             self.stop.set()
-            readers.shutdown(wait=False, cancel_futures=True)
             for t in threads:
                 t.join(timeout=30)
             pngs.shutdown(wait=True)
+            if self.admission is not None:
+                self.admission.stop()
+            if not self.readers.wait_idle(timeout=60):  # a read still in flight would write into a reused slot
+                log.warning("a reader did not finish within 60 s after the run ended; restarting the readers")
+                self.p.close()
+            for slot in list(self.held):  # what a stopped run still held (frames that never reached the device)
+                self._give_back(slot)

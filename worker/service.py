@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,6 +46,7 @@ from neuron.queue import (
 from neuron.settings import Settings
 from neuron.work import Outcome, Route, Status, WorkItem
 from worker import metrics
+from worker.device import DeviceJob
 from worker.models import Models
 from worker.pipeline import IDLE, Pipeline
 from worker.results import prepare_database
@@ -253,13 +254,14 @@ def _quiet_reconnect_warning(**_) -> None:
 
 
 def run_worker(settings: Settings, queues: list[str], concurrency: int | None = None, loglevel: str = "INFO",
-               name: str | None = None) -> None:
+               name: str | None = None, job: Callable[[Models], DeviceJob] | None = None) -> None:
     """Build the models on the device first, then consume. Blocks until the worker stops, then commits what is
     left. ``concurrency`` None: ``default_concurrency`` of the batch size. ``name`` is this worker's identity, in its
-    Celery node name and its results' ``worker`` column (default: host + device + pid)."""
+    Celery node name and its results' ``worker`` column (default: host + device + pid). ``job``: builds the device
+    stage's job over the models (the benchmark's host-only worker, ``worker.bench_host``; default the real one)."""
     models = Models.from_settings(settings, only=[r for r in Route if queue_for(r) in queues])
     name = name or default_worker_name(str(models.device))
-    pipeline = Pipeline(models, settings, worker_id=name)
+    pipeline = Pipeline(models, settings, worker_id=name, job=job(models) if job is not None else None)
     served = metrics.start(settings, pipeline)  # /metrics with --metrics-port; ConfigError when the port is taken
     concurrency = concurrency or default_concurrency(pipeline.batch_size)
     app = make_app(settings)

@@ -1,0 +1,390 @@
+"""Reader processes: files in, frames out in shared-memory slots, so per-image Python runs off the interpreter that
+drives the device (the shape of PyTorch's DataLoader: worker processes, shared memory, small records back).
+
+    feeder (driving process) ── (request id, slot, WorkItem) ──► reader process k (its own pipe)
+        reader: parse the header once, read the selected frames straight from the file into the slot
+        ◄── (request id, [frame records: slot offset, shape, dtype, display parameters, decoder] | error) ── pipe
+    receiver thread (driving process): the records become DecodedFrames viewing the slot; the caller's callback
+
+Processes come from the ``forkserver`` start method: the server is started once, clean (no CUDA, no threads), with
+this module preloaded, so a pool starts in milliseconds and never forks the driving process. A frame that does not fit
+in its slot (a slot holds one file) comes back inline through the pipe.
+
+A reader process that dies (a decoder crash, the OOM killer) fails only the files it held: each is tried once more
+on another reader, then failed with the reason; their slots return and a new reader takes the dead one's place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import numpy as np
+
+from neuron.errors import DecodeError
+from neuron.settings import Settings, swap_prefix
+from neuron.work import FileEntry, Route, Status, WorkItem
+from neuron_models.image import DecodedFrame, EncodedFrame
+from producer.scan import UNREAD_MTIME, Opened, index_and_open
+from worker.decode import DEFER_BYTES, decode_dataset, decode_instance
+from worker.slots import SlotPool, aligned, attach
+
+log = logging.getLogger(__name__)
+
+# A reader's read: given the item and the default read (a callable taking the allocator), return its frames. Tests
+# put a gate or a fault in front of the real read with a picklable hook (it runs in the reader process).
+ReadHook = Callable[[WorkItem, Callable[[], list]], list]
+
+
+@dataclass(frozen=True)
+class IndexItem:
+    """A file to index and, when it holds an instance to screen, to read in the same pass (the embedded run): the
+    reader answers its ``FileEntry`` first, then its frames. ``seq`` is its place in the walk: entries are recorded
+    in that order (the first path of a SOP Instance UID owns it)."""
+
+    seq: int
+    path: str
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """What a reader process needs, picklable: the decode limits and the path map of the settings, and for index
+    requests the route override and the --patient-key secret (it stays in memory, like every setting)."""
+
+    max_frames: int
+    max_pixels: int
+    defer_syntaxes: frozenset[str]
+    path_map: tuple[tuple[str, str], ...] = ()
+    hook: ReadHook | None = None
+    route_override: Route | None = None
+    patient_secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, settings: Settings, defer_syntaxes: frozenset[str], hook: ReadHook | None = None) -> ReaderConfig:
+        return cls(settings.max_frames, settings.max_pixels, frozenset(defer_syntaxes), settings.path_map, hook,
+                   settings.route_override, settings.patient_key)
+
+    def to_local(self, path: str) -> str:
+        return swap_prefix(path, self.path_map)
+
+
+@dataclass(frozen=True)
+class SlotFrame:
+    """A decoded frame whose pixels a reader left in its slot: everything but the pixels."""
+
+    sop_instance_uid: str
+    frame: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    params: object  # neuron_models.image.PixelParams
+    decoder: str | None
+
+
+class _Allocator:
+    """Bump allocation of a reader's slot; an array that does not fit gets numpy's own memory (sent inline)."""
+
+    def __init__(self, region: np.ndarray):
+        self.region, self.used = region, 0
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        start = aligned(self.used)
+        if start + nbytes > self.region.nbytes:
+            return np.empty(shape, dt)
+        self.used = start + nbytes
+        return self.region[start:start + nbytes].view(dt).reshape(shape)
+
+    def offset_of(self, arr: np.ndarray) -> int | None:
+        """Where ``arr`` lies in the slot, if it is a contiguous view of it."""
+        base = self.region.ctypes.data
+        at = arr.ctypes.data - base
+        if arr.flags.c_contiguous and 0 <= at and at + arr.nbytes <= self.region.nbytes:
+            return at
+        return None
+
+    def place(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` in the slot (copied there if it is not there already and fits); else ``arr`` itself (inline)."""
+        if self.offset_of(arr) is not None:
+            return arr
+        dest = self(arr.shape, arr.dtype)
+        if self.offset_of(dest) is None:
+            return arr
+        dest[...] = arr
+        return dest
+
+
+def read_into_slot(cfg: ReaderConfig, item: WorkItem, region: np.ndarray, opened: Opened | None = None) -> list:
+    """One request, in a reader process: the frames of ``item`` as records (``SlotFrame``), or inline frames.
+    ``opened``: the file, already open and parsed by indexing (read without parsing it again)."""
+    alloc = _Allocator(region)
+
+    def read() -> list:
+        if opened is not None and opened.dataset is not None:
+            return decode_dataset(opened.dataset, opened.fp, item.sop_instance_uid, cfg.max_frames, cfg.max_pixels,
+                                  defer_syntaxes=cfg.defer_syntaxes, allocate=alloc)
+        return decode_instance(cfg.to_local(item.file_path), item.sop_instance_uid, cfg.max_frames, cfg.max_pixels,
+                               defer_syntaxes=cfg.defer_syntaxes, allocate=alloc)
+
+    frames = cfg.hook(item, read) if cfg.hook is not None else read()
+    out: list = []
+    for f in frames:
+        if isinstance(f, EncodedFrame):
+            out.append(f)
+            continue
+        pixels = alloc.place(f.pixels)
+        at = alloc.offset_of(pixels)
+        if at is None:
+            out.append(f)  # inline: larger than what is left of the slot
+        else:
+            out.append(SlotFrame(f.sop_instance_uid, f.frame, at, tuple(pixels.shape), pixels.dtype.str, f.params,
+                                 f.decoder))
+    return out
+
+
+def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_bytes: int,
+                 cfg: ReaderConfig) -> None:
+    """A reader process: requests until None; each answered with frame records or the exception it raised."""
+    shm = attach(shm_name)
+    array = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
+    try:
+        while (request := requests.recv()) is not None:
+            rid, slot, item = request
+            started = time.perf_counter()
+            opened = None
+            try:
+                if isinstance(item, IndexItem):  # index first: the entry goes back before the pixels are read
+                    entry, opened = index_and_open(Path(cfg.to_local(item.path)), cfg.route_override,
+                                                   cfg.patient_secret, defer_size=DEFER_BYTES)
+                    results.send((rid, ENTRY, entry, 0.0))
+                    if opened is None:
+                        results.send((rid, NOTHING, None, time.perf_counter() - started))
+                        continue
+                    inst = entry.instance.header
+                    item = WorkItem(inst.sop_instance_uid, entry.path, entry.instance.route, inst.frames)
+                records = read_into_slot(cfg, item, array[slot * slot_bytes:(slot + 1) * slot_bytes], opened)
+                answer = (rid, FRAMES, records, time.perf_counter() - started)
+            except BaseException as exc:  # every failure is the request's answer; the caller classifies it
+                answer = (rid, ERROR, exc, time.perf_counter() - started)
+            finally:
+                if opened is not None and opened.fp is not None:
+                    opened.fp.close()
+            try:
+                results.send(answer)
+            except Exception as exc:  # an exception that does not pickle: its type and text still travel
+                results.send((rid, ERROR, DecodeError(f"{type(exc).__name__} while reading: {answer[2]!r}"),
+                              answer[3]))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        del array
+        shm.close()
+
+
+# What a reader sends back, as (request id, kind, payload, seconds): an index request's FileEntry first, then one
+# final answer per request: its frame records, the exception it raised, or nothing to read.
+ENTRY, FRAMES, ERROR, NOTHING = "entry", "frames", "error", "nothing"
+
+# done(item, slot, frames | exception | None (nothing to read), seconds the request took)
+Done = Callable[[WorkItem, int, "list | BaseException | None", float], None]
+# entry(item, FileEntry): an index request's entry, before its frames
+OnEntry = Callable[[IndexItem, object], None]
+
+
+@dataclass
+class _Request:
+    item: WorkItem | IndexItem
+    slot: int
+    done: Done
+    reader: int
+    tries: int = 0
+    on_entry: OnEntry | None = None
+    entered: bool = False
+
+
+@dataclass
+class _Reader:
+    process: multiprocessing.Process
+    requests: Connection
+    results: Connection
+    held: set[int] = field(default_factory=set)
+
+
+class ReaderPool:
+    """``n`` reader processes over one SlotPool. ``submit`` queues a file; each idle reader takes the next one; ``done(
+    item, slot, frames | exception, seconds)`` is called on the pool's receiver thread. Frames are views of the slot,
+    valid until the caller releases it."""
+
+    def __init__(self, n: int, cfg: ReaderConfig, slots: SlotPool):
+        self.cfg, self.slots = cfg, slots
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["worker.readers"])
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._requests: dict[int, _Request] = {}
+        self._waiting: deque[_Request] = deque()
+        self._readers: list[_Reader] = [self._start() for _ in range(max(1, n))]
+        self._closed = False
+        self.deaths = 0
+        self._receiver = threading.Thread(target=self._receive, name="read-receiver", daemon=True)
+        self._receiver.start()
+
+    def _start(self) -> _Reader:
+        req_recv, req_send = self.context.Pipe(duplex=False)
+        res_recv, res_send = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=_reader_main, name="neuron-reader", daemon=True,
+                                       args=(req_recv, res_send, self.slots.name, self.slots.slot_bytes, self.cfg))
+        process.start()
+        req_recv.close()
+        res_send.close()
+        return _Reader(process, req_send, res_recv)
+
+    # -- the caller's side ------------------------------------------------------------------------------------------
+    def submit(self, item: WorkItem | IndexItem, slot: int, done: Done, on_entry: OnEntry | None = None) -> None:
+        with self._lock:
+            self._waiting.append(_Request(item, slot, done, -1, on_entry=on_entry))
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Under the lock: one file at a time to each idle reader, so a reader stalled on a slow file holds back
+        nothing else (the others take what is waiting), and a reader that dies held one file."""
+        for k, reader in enumerate(self._readers):
+            if not self._waiting:
+                return
+            if not reader.held:
+                req = self._waiting.popleft()
+                rid = next(self._ids)
+                req.reader = k
+                self._requests[rid] = req
+                reader.held.add(rid)
+                reader.requests.send((rid, req.slot, req.item))
+
+    def frames(self, records: Sequence, slot: int) -> list[DecodedFrame | EncodedFrame]:
+        """Frame records as frames: slot records become views of the slot."""
+        out = []
+        for r in records:
+            if isinstance(r, SlotFrame):
+                out.append(DecodedFrame(r.sop_instance_uid, r.frame, self.slots.frame(slot, r.offset, r.shape,
+                                                                                     r.dtype), r.params, r.decoder))
+            else:
+                out.append(r)
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._requests) + len(self._waiting)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (a stopped run's reads finish before their slots are reused)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            readers = list(self._readers)
+        for r in readers:
+            try:
+                r.requests.send(None)
+            except OSError:
+                pass
+        for r in readers:
+            r.process.join(timeout=5)
+            if r.process.is_alive():
+                r.process.terminate()
+                r.process.join(timeout=5)
+        self._receiver.join(timeout=5)
+        for r in readers:
+            r.requests.close()
+            r.results.close()
+
+    # -- the receiver thread ----------------------------------------------------------------------------------------
+    def _receive(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed and not any(r.process.is_alive() for r in self._readers):
+                    return
+                watch = {r.results: r for r in self._readers}
+                watch.update({r.process.sentinel: r for r in self._readers})
+            try:
+                ready = wait(list(watch), timeout=0.2)
+            except OSError:
+                continue
+            for handle in ready:
+                reader = watch[handle]
+                if handle is reader.results:
+                    self._answer(reader)
+                elif not self._closed:
+                    self._died(reader)
+
+    def _answer(self, reader: _Reader) -> None:
+        try:
+            while reader.results.poll():
+                rid, kind, payload, seconds = reader.results.recv()
+                if kind == ENTRY:
+                    with self._lock:
+                        req = self._requests.get(rid)
+                    if req is not None and req.on_entry is not None and not req.entered:
+                        req.entered = True
+                        req.on_entry(req.item, payload)
+                    continue
+                with self._lock:
+                    req = self._requests.pop(rid, None)
+                    reader.held.discard(rid)
+                    self._dispatch()
+                if req is not None:
+                    result = self.frames(payload, req.slot) if kind == FRAMES else payload
+                    req.done(req.item, req.slot, result, seconds)
+        except (EOFError, OSError):
+            pass  # the process ended: its sentinel says so
+
+    def _died(self, reader: _Reader) -> None:
+        """A reader ended while holding files: each goes to another reader once, then fails with the reason."""
+        self._answer(reader)  # what it sent before it died still counts
+        code = reader.process.exitcode
+        with self._lock:
+            if reader not in self._readers:
+                return
+            self.deaths += 1
+            index = self._readers.index(reader)
+            self._readers[index] = self._start()
+            orphans = [(rid, self._requests.pop(rid)) for rid in sorted(reader.held) if rid in self._requests]
+            retried, failed = [], []
+            for _, req in orphans:
+                if req.tries == 0:
+                    req.tries = 1
+                    self._waiting.appendleft(req)
+                    retried.append(req)
+                else:
+                    failed.append(req)
+            self._dispatch()
+        log.warning("a reader process ended (exit code %s) while reading %d file(s); %d sent to another reader, %d "
+                    "failed", code, len(orphans), len(retried), len(failed))
+        reader.requests.close()
+        reader.results.close()
+        for req in failed:
+            if isinstance(req.item, IndexItem) and req.on_entry is not None and not req.entered:
+                req.entered = True  # indexing never answered: the file is recorded as failed, read again next run
+                req.on_entry(req.item, FileEntry(req.item.path, -1, UNREAD_MTIME, Status.FAILED, (
+                    f"the reader process ended (exit code {code}) while reading this file's header, twice: check it "
+                    "with dciodvfy or re-export it from the source; the next run reads it again")))
+            req.done(req.item, req.slot, DecodeError(
+                f"the reader process ended (exit code {code}) while reading this file, and again on a second try: "
+                "the file makes its decoder crash or exhaust memory; check it with dciodvfy, re-export it from the "
+                "source, then run again with --retry-failed"), 0.0)
