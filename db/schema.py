@@ -177,6 +177,72 @@ class Prediction(Base):
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+# -- the DICOM network (queries in db/network.py) --------------------------------------------------------------------
+class AssociationRecord(Base):
+    """One association a listener accepted or rejected (no patient attribute: AE titles, hosts, counts)."""
+
+    __tablename__ = "associations"
+    __table_args__ = (Index("ix_associations_started_at", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    listener: Mapped[str] = mapped_column(String(16))  # the called AE title (the listener's own)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str] = mapped_column(String(16))  # open, released, aborted, rejected
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class PullRecord(Base):
+    """One study a `neuron pull` found on a source, and how its retrieval went."""
+
+    __tablename__ = "pulls"
+    __table_args__ = (UniqueConstraint("source", "study_instance_uid", name="uq_pull_source_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(200))  # AE@host:port
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_date: Mapped[date | None] = mapped_column(Date)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    instances_found: Mapped[int | None] = mapped_column(Integer)  # what the source's C-FIND said it holds
+    instances_retrieved: Mapped[int] = mapped_column(Integer, default=0)  # by the last retrieval of this study
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retrieved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeliveryRecord(Base):
+    """One DICOM output (SR, secondary capture) for one destination, and how its delivery went."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_destination_object"),
+                      Index("ix_deliveries_status_due", "status", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(200))  # AE@host:port
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))  # of the output object
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # sr, sc
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 FINDINGS_VIEW = """
 CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
