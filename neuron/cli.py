@@ -123,7 +123,9 @@ def run(
     _start_metrics(settings, engine)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-    with progress:
+    from worker.send import sending
+
+    with sending(settings) as sender, progress:
         scan_task = progress.add_task("indexing", total=None)
         img_task = progress.add_task("screening", total=None, visible=False)
         hooks = ProgressHooks(
@@ -136,8 +138,15 @@ def run(
         except NeuronError as exc:
             raise _fail(str(exc), EXIT_SETUP) from None
     _print_summary(report, settings)
+    _print_deliveries(sender, settings)
     failed = report.summary.files.get("failed", 0)
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _print_deliveries(sender, settings: Settings) -> None:
+    if sender is not None:
+        console.print(f"deliveries to {', '.join(settings.send_to)}: {sender.delivered} delivered, {sender.failed} "
+                      "failed (`neuron status` counts them; `neuron send --failed` tries the failed ones again)")
 
 
 def _warn_untrained(settings: Settings) -> None:
@@ -332,6 +341,8 @@ def _worker_places(settings: Settings, out_given: bool) -> Settings:
         missing.append("heatmaps: set NEURON_HEATMAP_DIR (a folder every worker host and reviewer can reach)")
     if not settings.database_url:
         missing.append("results: set NEURON_DATABASE_URL (or --db)")
+    if settings.send_to and settings.dicom_out == settings.out_dir / "dicom-out":
+        missing.append("DICOM outputs for --send-to: set NEURON_DICOM_OUT (or --dicom-out)")
     if missing:
         raise _fail(f"the worker has no output folder (--out or NEURON_OUT) and would write into {Path.cwd()}; "
                     f"{'; '.join(missing)}; or set NEURON_OUT to a folder for both", EXIT_SETUP)
@@ -373,11 +384,13 @@ def worker(
         console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
                       "clinically.[/]")
     _use_cache_dir(settings.resolved_cache_dir)
+    from worker.send import sending
     from worker.service import run_worker
 
     try:
-        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency, loglevel,
-                   name=name)
+        with sending(settings, wait_s=10.0):  # what is left after 10 s goes with the next sender (any worker)
+            run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency,
+                       loglevel, name=name)
     except (SetupError, RetryableError) as exc:
         raise _fail(str(exc), EXIT_SETUP) from None
 
@@ -453,6 +466,248 @@ def scan(
         raise _fail(str(exc), EXIT_SETUP) from None
     console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "
                   f"{again} instances back in line, enqueued {sent} study tasks")
+
+
+# -- DICOM on the network: listen, pull, send (the work is in producer/listen.py, producer/pull.py, worker/stream.py
+# and worker/send.py; these are thin wrappers) ------------------------------------------------------------------------
+AeTitleOpt = Annotated[str, typer.Option("--ae-title", help="Neuron's AE title: the listener's own, and the calling "
+                                                            "AE title of pull and send. [default: NEURON; env "
+                                                            "NEURON_AE_TITLE]", show_default=False)]
+MinFreeOpt = Annotated[float, typer.Option("--min-free-gb", help="Refuse instances (C-STORE 0xA700, out of "
+                                                                 "resources) that would leave less than this many GB "
+                                                                 "free on the volume of OUT/received.")]
+
+
+def _network_settings(out, db, ae_title, patient_key, screening) -> Settings:
+    try:
+        return Settings.from_env(out_dir=out, database_url=db, ae_title=ae_title,
+                                 patient_key=_patient_secret(patient_key), **screening)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+
+
+def _stop_on_signals():
+    """An Event set by SIGTERM or Ctrl-C: the service finishes what it acknowledged, then returns."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@app.command()
+@screening_options
+def listen(
+    port: Annotated[int, typer.Option(help="TCP port to listen on (104 needs root).")] = 11112,
+    host: Annotated[str, typer.Option(help="Address to bind. [default: 127.0.0.1; with TLS 0.0.0.0]",
+                                      show_default=False)] = None,
+    ae_title: AeTitleOpt = None,
+    allow_ae: Annotated[list[str], typer.Option("--allow-ae", help="Accept associations only from this calling AE "
+                                                                   "title, optionally bound to a host (CT1 or "
+                                                                   "CT1@10.0.0.5); repeat for several. [default: any "
+                                                                   "caller]", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: received/ (the instances), neuron.db, "
+                                                          "heatmaps/. [default: ./results; env NEURON_OUT]")] = None,
+    db: DbOpt = None,
+    series_quiet: Annotated[float, typer.Option(help="A series is complete once no instance of it arrived for this "
+                                                     "many seconds.")] = 10.0,
+    study_quiet: Annotated[float, typer.Option(help="A study is complete this many seconds after its last series "
+                                                    "was.")] = 20.0,
+    max_wait: Annotated[float, typer.Option(help="Screen a study this many seconds after its first instance "
+                                                 "arrived, whatever still arrives (later instances are screened on "
+                                                 "their own).")] = 900.0,
+    min_free_gb: MinFreeOpt = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Refuse instances (C-STORE 0xA701, out of resources) while this many "
+                                                "wait to be screened.")] = 100_000,
+    max_associations: Annotated[int, typer.Option(help="Associations at once; more are rejected "
+                                                       "(local limit exceeded).")] = 16,
+    patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log associations, studies released and "
+                                                                  "deliveries (INFO).")] = False,
+    *,
+    screening: dict,
+) -> None:
+    """Receive DICOM (C-STORE, C-ECHO) from modalities and routers and screen each study once it is complete. An
+    instance is acknowledged only once it is on disk and indexed. With NEURON_BROKER_URL set, complete studies are
+    enqueued for `neuron worker`s instead of screened here."""
+    from neuron.dicomnet import AllowedCaller, TlsFiles, is_loopback
+    from producer.arrivals import CompletenessRules
+    from producer.listen import ListenConfig
+    from producer.receive import Admission
+
+    _logging(verbose)
+    settings = _network_settings(out, db, ae_title, patient_key, screening)
+    try:
+        tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        if tls.enabled:
+            tls.server_context()  # a bad certificate stops here, before anything binds
+        config = ListenConfig(ae_title=settings.ae_title, host=host or ("0.0.0.0" if tls.enabled else "127.0.0.1"),
+                              port=port, allow=tuple(AllowedCaller.parse(a) for a in allow_ae or ()), tls=tls,
+                              max_associations=max_associations)
+        rules = CompletenessRules(series_quiet, study_quiet, max_wait)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    if not is_loopback(config.host) and not tls.enabled:
+        console.print(Panel(f"binding {config.host} without TLS: instances cross the network in clear text"
+                            + ("" if config.allow else " and any AE title may send") + "; use --tls-cert/--tls-key "
+                            "(and --tls-ca for callers' certificates) and --allow-ae", title="WARNING",
+                            style="bold yellow"))
+    admission = Admission(min_free_bytes=int(min_free_gb * 1e9), max_backlog=max_queue)
+    stop = _stop_on_signals()
+
+    def ready(listener) -> None:
+        mode = "enqueueing complete studies for the workers" if settings.broker_given else "screening here"
+        console.print(f"listening as {config.ae_title} on {config.host}:{listener.port} ({mode}; "
+                      f"{'TLS' if tls.enabled else 'no TLS'}; Ctrl-C or SIGTERM stops)")
+
+    try:
+        if settings.broker_given:
+            from db.store import Database
+            from neuron.queue import make_app
+            from producer.listen import enqueue_released, serve
+
+            database = Database(settings.resolved_database_url)
+            database.create()
+            serve(database, settings.out_dir, config, rules, admission,
+                  enqueue_released(database, make_app(settings)), stop, settings.patient_key, release_on_stop=True,
+                  ready=ready)
+            return
+        _warn_untrained(settings)
+        _use_cache_dir(settings.resolved_cache_dir)
+        engine = _load_engine(settings, lazy=True)
+        from worker.stream import listen_in_process
+
+        listen_in_process(settings, config, rules, admission, engine, stop, ready=ready)
+    except OSError as exc:
+        raise _fail(f"cannot listen on {config.host}:{port} ({exc.strerror or exc}): another program (a system "
+                    "Orthanc, storescp) may hold the port; choose another with --port", EXIT_SETUP) from None
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    console.print("stopped")
+
+
+@app.command()
+@screening_options
+def pull(
+    source: Annotated[str, typer.Argument(help="The PACS to pull from: AE@HOST:PORT, e.g. PACS@pacs.example:104.")],
+    study_date: Annotated[str, typer.Option("--study-date", help="YYYYMMDD, YYYYMMDD-YYYYMMDD, or a range open at "
+                                                                 "one end. [default: any date]",
+                                            show_default=False)] = None,
+    modality: Annotated[str, typer.Option("--modality", help="Modalities in the study, comma-separated: CR,DX. "
+                                                             "[default: any]", show_default=False)] = None,
+    accessions: Annotated[Path, typer.Option("--accessions", help="A text file of accession numbers, one per line. "
+                                                                  "[default: any]", show_default=False)] = None,
+    move_to: Annotated[str, typer.Option("--move-to", help="C-MOVE to this AE title (a running `neuron listen` the "
+                                                           "PACS knows, sharing this database) instead of C-GET. "
+                                                           "[default: C-GET, no PACS configuration needed]",
+                                         show_default=False)] = None,
+    in_flight: Annotated[int, typer.Option(help="Studies retrieved at once.")] = 2,
+    window: Annotated[str, typer.Option(help="Retrieve only between these hours (local time), e.g. 20:00-06:00; "
+                                             "paused outside. [default: any time]", show_default=False)] = None,
+    attempts: Annotated[int, typer.Option(help="Tries per study before it is recorded as failed.")] = 4,
+    retry_seconds: Annotated[float, typer.Option(help="Wait before a study's second try, doubled each try.")] = 10.0,
+    ae_title: AeTitleOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: received/, neuron.db, heatmaps/. "
+                                                          "[default: ./results; env NEURON_OUT]")] = None,
+    db: DbOpt = None,
+    min_free_gb: MinFreeOpt = 5.0,
+    patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each study's retrieval (INFO).")] = False,
+    *,
+    screening: dict,
+) -> None:
+    """Query a PACS (C-FIND) and retrieve the matching studies (C-GET, or C-MOVE to a listener), then screen them (or,
+    with NEURON_BROKER_URL, enqueue them for the workers). Resumable: a second pull of the same query asks for
+    nothing that is here already. Exit 3 when some studies could not be retrieved (`neuron status`, table pulls)."""
+    from neuron.dicomnet import Peer, TimeWindow, TlsFiles
+    from producer.pull import PullConfig, PullQuery
+    from producer.receive import Admission
+
+    _logging(verbose)
+    settings = _network_settings(out, db, ae_title, patient_key, screening)
+    try:
+        query = PullQuery.parse(study_date, modality, accessions)
+        config = PullConfig(Peer.parse(source, "SOURCE"), settings.ae_title,
+                            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca), move_to, in_flight,
+                            TimeWindow.parse(window) if window else None, attempts, retry_seconds)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    admission = Admission(min_free_bytes=int(min_free_gb * 1e9))
+    stop = _stop_on_signals()
+    try:
+        if settings.broker_given or move_to is not None:
+            from producer.pull import pull_without_screening
+
+            report = pull_without_screening(settings, config, query, admission, stop)
+            left = 0
+        else:
+            _warn_untrained(settings)
+            _use_cache_dir(settings.resolved_cache_dir)
+            engine = _load_engine(settings, lazy=True)
+            from worker.stream import pull_in_process
+
+            report, left = pull_in_process(settings, config, query, admission, engine, stop)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    done = ("enqueued for the workers" if settings.broker_given else
+            f"sent to {move_to}" if move_to else "screened")
+    console.print(f"{report.found} studies found on {source}: {report.retrieved_studies} retrieved "
+                  f"({report.retrieved_instances} instances, {done}), {report.held} held already, "
+                  f"{len(report.failed)} failed" + (f"; {left} instances still to screen (stopped)" if left else ""))
+    for _, error in report.failed[:10]:
+        console.print(f"[red]failed[/] {error}")
+    raise typer.Exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
+
+
+@app.command()
+def send(
+    failed: Annotated[bool, typer.Option("--failed", help="Also try the failed deliveries again, with a fresh count "
+                                                          "of tries.")] = False,
+    to: Annotated[list[str], typer.Option("--to", help="Only deliveries to this AE@HOST:PORT (repeatable). "
+                                                       "[default: every destination]", show_default=False)] = None,
+    wait: Annotated[float, typer.Option(help="Give up after this many seconds; what is left stays pending.")
+                    ] = 300.0,
+    ae_title: AeTitleOpt = None,
+    tls_cert: Annotated[Path, typer.Option(help="PEM certificate for DICOM TLS. [default: env NEURON_TLS_CERT]",
+                                           show_default=False)] = None,
+    tls_key: Annotated[Path, typer.Option(help="PEM key of --tls-cert. [default: env NEURON_TLS_KEY]",
+                                          show_default=False)] = None,
+    tls_ca: Annotated[Path, typer.Option(help="PEM certificates that sign the destinations' certificates. "
+                                              "[default: env NEURON_TLS_CA]", show_default=False)] = None,
+    db: DbOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder whose neuron.db to read. [default: "
+                                                          "./results; env NEURON_OUT]")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each round (INFO).")] = False,
+) -> None:
+    """Deliver the DICOM outputs still waiting (pending), and with --failed the failed ones too, by C-STORE; exit 3
+    when some could not be delivered."""
+    from neuron.dicomnet import Peer
+    from worker.send import send_again
+
+    _logging(verbose)
+    try:
+        settings = Settings.from_env(database_url=db, out_dir=out, ae_title=ae_title, tls_cert=tls_cert,
+                                     tls_key=tls_key, tls_ca=tls_ca)
+        destinations = [str(Peer.parse(t, "--to")) for t in to] if to else None
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    _open_database(settings).dispose()
+    try:
+        again, delivered, failed_now, left = send_again(settings, failed, destinations, wait)
+    except NeuronError as exc:
+        raise _fail(str(exc), EXIT_SETUP) from None
+    console.print(f"{again} failed deliveries back in line; {delivered} delivered, {failed_now} failed, {left} "
+                  "still pending")
+    raise typer.Exit(EXIT_SOME_FAILED if failed_now or left else EXIT_OK)
 
 
 def _enqueue_logged(database, celery_app, studies: dict[str, float]) -> int:
@@ -532,7 +787,19 @@ def _gather_status(settings: Settings, database) -> dict:
         "images_per_s": rate.per_second, "images_per_s_window": {"frames": rate.frames, "seconds": rate.seconds},
         "eta_s": eta,
         "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
+        "network": _network_status(database),
     }
+
+
+def _network_status(database) -> dict | None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.network import network_status
+
+    try:
+        return network_status(database)
+    except SQLAlchemyError:  # a database from before the network tables: `neuron db upgrade` adds them
+        return None
 
 
 def _status_view(data: dict):
@@ -578,6 +845,7 @@ def _status_view(data: dict):
     for node, w in data["workers"].items():
         workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
                         str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
+    _network_rows(table, data.get("network"))
     failures = Table(title="latest failures by reason", show_header=True)
     failures.add_column("instances", justify="right")
     failures.add_column("reason")
@@ -587,6 +855,25 @@ def _status_view(data: dict):
 
 
 STATUS_ORDER = ("pending", "queued", "done", "failed", "skipped", "duplicate")
+
+
+def _network_rows(table, network: dict | None) -> None:
+    """neuron listen / pull / --send-to in the status table: receiving in the last hour, pulls, deliveries."""
+    if not network:
+        return
+    receiving = network.get("receiving") or {}
+    for caller, r in receiving.get("by_caller", {}).items():
+        table.add_row(f"received from {caller} (last hour)",
+                      f"{r['instances']} instances, {r['bytes'] / 1e6:.1f} MB in {r['associations']} associations; "
+                      f"{r['refused']} refused, {r['rejected']} associations rejected")
+    if receiving.get("last_refusal"):
+        table.add_row("last refusal", receiving["last_refusal"])
+    for source, counts in network.get("pulls", {}).items():
+        table.add_row(f"pulled from {source} (studies)", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for destination, counts in network.get("deliveries", {}).items():
+        table.add_row(f"deliveries to {destination}", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if network.get("last_delivery_error"):
+        table.add_row("last failed delivery", network["last_delivery_error"])
 
 
 @app.command()
@@ -733,7 +1020,10 @@ def rescreen(
                   f"({len(uids) - len(items)} without a route, {len(outcomes) - len(final)} unreadable for now and "
                   f"left as they were); {removed} old heatmaps removed")
     if dicom is not None:  # the new results' DICOM outputs replace the old ones (same files, new UIDs)
-        written = dicom.write_for_instances([o.sop_instance_uid for o in final if o.status.value == "done"])
+        from worker.send import sending
+
+        with sending(settings):
+            written = dicom.write_for_instances([o.sop_instance_uid for o in final if o.status.value == "done"])
         console.print(f"DICOM outputs: {len(written.written)} written to {settings.dicom_out}, "
                       f"{len(written.failed)} not written (reasons logged)")
     failed = sum(1 for o in final if o.status.value == "failed")
