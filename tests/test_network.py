@@ -103,10 +103,11 @@ def neuron(env, *args, timeout=180) -> subprocess.CompletedProcess:
 class ListenerProcess:
     """A `neuron listen` process on a free port, screening with untrained weights on the CPU."""
 
-    def __init__(self, out: Path, cache: Path, *extra: str):
+    def __init__(self, out: Path, cache: Path, *extra: str, env: dict[str, str] | None = None):
         self.out, self.port = out, free_port()
         self.db, self.log = out / "neuron.db", out.parent / f"{out.name}-listen.log"
-        self.extra, self.env = extra, quiet_env(NEURON_CACHE_DIR=str(cache))
+        self.extra = extra
+        self.env = {**(env or quiet_env()), "NEURON_CACHE_DIR": str(cache)}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ListenerProcess:
@@ -505,11 +506,22 @@ def test_a_pull_by_date_range_from_orthanc_screens_like_run_and_sends_the_sr_and
         for inst in outputs:
             errors = dciodvfy_errors(orthanc.download(inst["id"], tmp_path / f"{inst['id']}.dcm"))
             assert not errors, errors
-    # the same query again retrieves nothing: everything is here
+    # the same query again retrieves nothing: everything is here (Neuron's own SR and SCs in the studies too)
+    from db.store import Database
+    from neuron.dicomnet import Peer
+    from producer.pull import PullConfig, Puller, PullQuery
+    from producer.receive import open_receiver
+
     files_before = query(db, "select count(*) from files")[0][0]
-    res = neuron(env, *args[:-2])
-    assert res.returncode == 0 and "0 retrieved (0 instances" in res.stderr and "2 held already" in res.stderr, \
-        res.stderr
+    database = Database(f"sqlite:///{db}")
+    receiver = open_receiver(database, out)
+    try:
+        again = Puller(PullConfig(Peer.parse(orthanc.peer)), database, receiver, lambda study: None).run(
+            PullQuery.parse("20250101-20251231", "CR", None))
+    finally:
+        receiver.indexer.close()
+        database.dispose()
+    assert (again.found, again.held, again.retrieved_instances, again.failed) == (2, 2, 0, [])
     assert query(db, "select count(*) from files")[0][0] == files_before
     assert PATIENT_ID.encode() not in db.read_bytes() and PATIENT_ID not in res.stdout + res.stderr
 
@@ -562,6 +574,34 @@ def test_orthanc_down_while_sending_the_outputs_are_delivered_after_it_returns(
         orthanc.start()
     said, _ = send.communicate(timeout=90)
     assert send.returncode == 0 and "3 delivered, 0 failed, 0 still pending" in said, said
+    classes = sorted(i["SOPClassUID"] for i in orthanc.instances_of(study))
+    assert classes.count(SC_CLASS) == 2 and classes.count(SR_CLASS) == 1, classes
+
+
+def test_with_a_broker_the_listener_enqueues_complete_studies_and_a_worker_screens_and_sends_them(
+        env, orthanc, rg1, tmp_path, cache):
+    import redis
+
+    from .test_distributed import sql, start_worker
+
+    study = generate_uid()
+    files = [chest(rg1, tmp_path / f"d{i}.dcm", 6 + i, study, generate_uid(), "20200101") for i in range(2)]
+    listener = ListenerProcess(Path(env["NEURON_OUT"]), cache, env=env).start()
+    try:
+        code, said = storescu(listener.port, files)
+        assert code == 0 and said.count("(Success)") == 2, said
+        queue = redis.Redis.from_url(env["NEURON_BROKER_URL"])
+        wait_until(lambda: queue.llen("chest-xray") == 1, 60, "one task for the complete study", [listener.proc])
+        assert sql(env, "select status, count(*) from instances group by status") == [("queued", 2)]
+    finally:
+        stop(listener.proc)
+    worker = start_worker({**env, "NEURON_SEND_TO": orthanc.peer, "NEURON_CACHE_DIR": str(cache)}, tmp_path, "w")
+    try:
+        wait_until(lambda: sql(env, "select count(*) from deliveries where status = 'delivered'")[0][0] == 3, 180,
+                   "the worker's SR and two SCs delivered", [worker])
+    finally:
+        stop(worker)
+    assert sql(env, "select status, count(*) from instances group by status") == [("done", 2)]
     classes = sorted(i["SOPClassUID"] for i in orthanc.instances_of(study))
     assert classes.count(SC_CLASS) == 2 and classes.count(SR_CLASS) == 1, classes
 
