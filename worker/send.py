@@ -40,6 +40,7 @@ from db.network import (
 from db.schema import utcnow
 from db.store import Database
 from neuron.dicomnet import Peer, TlsFiles, is_stored, is_transient, status_text
+from neuron.errors import RetryableError
 from neuron.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,13 @@ def sending(settings: Settings, wait_s: float | None = None) -> Iterator[Sender 
     if not settings.send_to:
         yield None
         return
+    if settings.database_url is None:  # the default SQLite file: its folder first, as the run makes it
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
+    try:
+        db.create()  # the deliveries table before the sender's first round (idempotent, as the run does it too)
+    except RetryableError as exc:  # not reachable yet: the sender's rounds wait for it
+        log.warning("sending: %s", exc)
     sender = Sender(db, settings, destinations=settings.send_to).start()
     try:
         yield sender
