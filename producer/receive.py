@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db.network import backlog
 from db.schema import FileRecord, Status
@@ -48,6 +48,7 @@ STORE_FOLDER = "received"
 PARTIAL_FOLDER = ".partial"
 INDEX_FAILED = 0xA702  # "Refused: Out of Resources" (A7xx): the database did not take the index; the sender retries
 INDEX_WAIT_S = 120.0
+RECOVERY_MARGIN_S = 2 * INDEX_WAIT_S  # a file written this long before the last commit was indexed or refused
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -294,21 +295,36 @@ class Receiver:
 
     def recover(self) -> int:
         """After a restart: remove half-written files, then index what was stored but not indexed when the process
-        stopped (a crash between the rename and the commit; its sender was not told success, but it is kept)."""
+        stopped (a crash between the rename and the commit, or a commit the database refused: its sender was not told
+        success, but the file is kept). Only files written since shortly before the last indexed one are looked at
+        (a store of millions of files is not listed in full at every start)."""
         self.store.recover()
-        indexed = set()
+        prefix = str(self.store.root.resolve()) + os.sep
         with self.db.engine.connect() as conn:
-            prefix = str(self.store.root.resolve()) + os.sep
-            indexed.update(conn.execute(select(FileRecord.path).where(FileRecord.path.startswith(prefix))).scalars())
-        missing = [p for p in self.store.root.glob("??/*.dcm") if str(p.resolve()) not in indexed]
+            last = conn.execute(select(func.max(FileRecord.seen_at)).where(FileRecord.path.startswith(prefix))
+                                ).scalar_one()
+        since = None if last is None else _aware(last).timestamp() - RECOVERY_MARGIN_S
+        missing = []
+        for folder in sorted(self.store.root.glob("??")):
+            if since is not None and folder.stat().st_mtime < since:
+                continue  # nothing was added to this folder since then
+            for path in sorted(folder.glob("*.dcm")):
+                if (since is None or path.stat().st_mtime >= since) and not self._indexed(path):
+                    missing.append(path)
         for start in range(0, len(missing), 64):
-            futures = [self.indexer.submit(p) for p in missing[start:start + 64]]
-            for fut in futures:
+            for fut in [self.indexer.submit(p) for p in missing[start:start + 64]]:
                 fut.result(timeout=INDEX_WAIT_S)
         if missing:
             log.warning("indexed %d stored instance(s) that were not indexed when the last process stopped",
                         len(missing))
         return len(missing)
+
+
+def _aware(value):
+    """SQLite hands timestamps back without their zone; they were written in UTC."""
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def open_receiver(db: Database, out_dir: Path, admission: Admission = Admission(), arrivals: Arrivals | None = None,

@@ -352,6 +352,30 @@ def test_a_sender_aborting_mid_transfer_leaves_nothing_half_written(listener, rg
                "the complete instance screened", [listener.proc])
 
 
+def test_what_a_killed_process_stored_but_did_not_index_is_indexed_and_a_half_written_file_removed_at_start(
+        rg1, tmp_path):
+    """The two windows a SIGKILL can hit on either side of the rename, made deterministic."""
+    import hashlib
+
+    from db.store import Database
+    from producer.receive import InstanceStore, open_receiver
+
+    db = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    db.create()
+    store = InstanceStore.under(tmp_path / "out")
+    renamed = chest(rg1, tmp_path / "renamed.dcm", 8, generate_uid(), generate_uid(), "20230101")
+    target = store.path_for(hashlib.sha256(renamed.read_bytes()).hexdigest())
+    target.parent.mkdir(parents=True)
+    shutil.copy(renamed, target)  # renamed into the store, killed before the index commit (never acknowledged)
+    (store.partial / "0123abcd.4242.1").write_bytes(renamed.read_bytes()[:5000])  # killed mid-write
+    receiver = open_receiver(db, tmp_path / "out")
+    receiver.indexer.close()
+    assert not list(store.partial.iterdir())
+    assert query(tmp_path / "neuron.db", "select sop_instance_uid, status from instances") == [
+        (sop_of(renamed), "pending")]
+    db.dispose()
+
+
 def _mount_tmpfs(folder: Path, megabytes: int) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
