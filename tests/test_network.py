@@ -295,6 +295,11 @@ def test_an_unknown_calling_ae_or_an_allowed_one_from_another_host_is_refused_at
     assert not query(listener.db, "select 1 from instances where sop_instance_uid = ?", sop_of(path))
     rejected = {r[0] for r in query(listener.db, "select calling_ae from associations where outcome = 'rejected'")}
     assert {"INTRUDER", "BOUND"} <= rejected
+    import json
+
+    status = neuron(quiet_env(), "status", "--out", str(listener.out), "--json")
+    receiving = json.loads(status.stdout)["network"]["receiving"]["by_caller"]
+    assert receiving["INTRUDER@127.0.0.1"]["rejected"] == 1 and receiving["STORESCU@127.0.0.1"]["instances"] >= 8
     res = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "NEURON", "127.0.0.1", str(listener.port)],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr  # the listener still answers
