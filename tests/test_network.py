@@ -445,6 +445,7 @@ def _send_each(port: int, files: list[Path], acknowledged: list[str], four: thre
     from pynetdicom import AE
 
     ae = AE(ae_title="STORESCU")
+    ae.dimse_timeout = ae.network_timeout = 5  # a killed listener answers nothing: give up on it quickly
     ae.add_requested_context(pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="NEURON")
     for path in files:
