@@ -556,6 +556,45 @@ def test_a_pull_by_date_range_from_orthanc_screens_like_run_and_sends_the_sr_and
     assert PATIENT_ID.encode() not in db.read_bytes() and PATIENT_ID not in res.stdout + res.stderr
 
 
+def test_a_pull_waits_outside_its_window_retries_a_study_it_cannot_retrieve_and_finds_by_accession_number(
+        orthanc, rg1, tmp_path):
+    from db.store import Database
+    from neuron.dicomnet import Peer, TimeWindow
+    from producer.pull import PullConfig, Puller, PullQuery, find_studies
+    from producer.receive import Admission, open_receiver
+
+    study = generate_uid()
+    orthanc.upload(chest(rg1, tmp_path / "w.dcm", 8, study, generate_uid(), "19990909"))
+    accessions = tmp_path / "accessions.txt"
+    accessions.write_text("# one per line\nACC19990909\nNOSUCHACC\n")
+    found = find_studies(PullConfig(Peer.parse(orthanc.peer)), PullQuery.parse(None, None, accessions))
+    assert [f.study_instance_uid for f in found] == [study]
+    db = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    db.create()
+    query_ = PullQuery.parse("19990909", None, None)
+    # outside --window 20:00-06:00 at noon: nothing is retrieved until it opens (here: until stopped)
+    receiver = open_receiver(db, tmp_path / "out")
+    stop_ = threading.Event()
+    threading.Timer(1.0, stop_.set).start()
+    config = PullConfig(Peer.parse(orthanc.peer), window=TimeWindow.parse("20:00-06:00"))
+    report = Puller(config, db, receiver, lambda s: None, clock=lambda: datetime(2025, 1, 1, 12, 0)).run(query_,
+                                                                                                          stop_)
+    assert (report.found, report.retrieved_studies) == (1, 0)
+    assert query(tmp_path / "neuron.db", "select status, attempts from pulls") == [("found", 0)]
+    receiver.indexer.close()
+    # our own disk refuses everything (a watermark above the free space): each C-GET fails, is retried, then failed
+    receiver = open_receiver(db, tmp_path / "out", Admission(min_free_bytes=10**18))
+    try:
+        report = Puller(PullConfig(Peer.parse(orthanc.peer), attempts=2, retry_s=0.1), db, receiver,
+                        lambda s: None).run(query_)
+    finally:
+        receiver.indexer.close()
+        db.dispose()
+    assert report.failed and report.retrieved_studies == 0
+    ((status, attempts, error),) = query(tmp_path / "neuron.db", "select status, attempts, last_error from pulls")
+    assert (status, attempts) == ("failed", 2) and "C-GET" in error, error
+
+
 def test_a_pull_with_move_to_has_orthanc_send_the_study_to_the_running_listener(orthanc, listener, rg1, tmp_path):
     study = generate_uid()
     files = [chest(rg1, tmp_path / f"m{i}.dcm", 6 + i, study, generate_uid(), "20220202") for i in range(2)]
