@@ -5,7 +5,8 @@ pydicom and pynetdicom only).
     TLS                       server and client ``ssl.SSLContext``s from --tls-cert/--tls-key/--tls-ca
     transfer syntaxes         the ones Neuron reads (pydicom has a decoder for them here): what the listener
                               accepts and the puller asks for, compressed ones included, never transcoded
-    status codes              the DIMSE status values Neuron answers and understands (PS3.4 Annex B and C, PS3.7 C)
+    status codes              the DIMSE status values Neuron answers and understands (PS3.4 Annexes B and C,
+                              PS3.7 Annex C)
     time windows              "20:00-06:00": when ``neuron pull`` may retrieve
 
 Nothing here knows about the database, the queue or the engine. Error messages name the value, the rule and the fix.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,14 +30,14 @@ from neuron.errors import ConfigError
 
 AE_TITLE_MAX = 16  # PS3.5 6.2, value representation AE
 DEFAULT_AE_TITLE = "NEURON"
-DEFAULT_PORT = 11112  # the registered DICOM port (PS3.15 Annex G lists 104 and 11112); 104 needs root
+DEFAULT_PORT = 11112  # the port IANA registered for DICOM beside 104, which needs root
 
 # DIMSE status codes (PS3.7 Annex C; the C-STORE specifics in PS3.4 Table B.2-1)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources" (PS3.4 B.2.3): the disk is below the watermark
 OUT_OF_RESOURCES_QUEUE = 0xA701  # the same class of refusal: the queue of instances to screen is past its limit
 CANNOT_UNDERSTAND = 0xC000  # C-STORE "Error: Cannot understand" (PS3.4 Table B.2-1)
-PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.1: a general failure the receiver could not attribute to the data
+PROCESSING_FAILURE = 0x0110  # PS3.7 Annex C: a general failure the receiver could not attribute to the data
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})  # stored, with a warning (PS3.4 Table B.2-1)
 PENDING_STATUSES = frozenset({0xFF00, 0xFF01})  # C-FIND / C-GET / C-MOVE still going (PS3.4 C.4)
 
@@ -144,8 +146,6 @@ class AllowedCaller:
 
 
 def _same_host(expected: str, address: str) -> bool:
-    import socket
-
     try:
         if ipaddress.ip_address(expected) == ipaddress.ip_address(address):
             return True

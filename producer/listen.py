@@ -9,8 +9,9 @@ study for screening once it is complete.
 
 Every storage SOP class pynetdicom knows is accepted, in every transfer syntax Neuron can read
 (``neuron.dicomnet.readable_transfer_syntaxes``), compressed ones included: the bytes are stored as they came. The
-handler never decodes the data set (pynetdicom's ``event.dataset`` would; the raw bytes are used, as pynetdicom's
-documentation of ``Event.encoded_dataset`` advises), so one association sustains the disk's write rate.
+handler never decodes the data set (pynetdicom's ``Event.dataset`` would): it writes the raw bytes as received, the
+buffer that ``Event.encoded_dataset`` returns a copy of (pynetdicom/events.py), so one association sustains the disk's
+write rate (BENCHMARKS.md, "Receiving").
 
 Without TLS the listener binds to loopback unless --host names another address. Logs name AE titles, hosts and
 counts, never a patient attribute or a UID.

@@ -193,7 +193,7 @@ def store_status(status: int, comment: str | None) -> int | Dataset:
         return status
     rsp = Dataset()
     rsp.Status = status
-    rsp.ErrorComment = comment[:64]  # LO (PS3.7 C.4.2)
+    rsp.ErrorComment = comment[:64]  # (0000,0902), LO: 64 characters (PS3.7 E.1)
     return rsp
 
 
