@@ -42,7 +42,7 @@ class PullStatus(str, Enum):
     FAILED = "failed"
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware_utc(value: datetime | None) -> datetime | None:
     """SQLite hands timestamps back without their zone; they were written in UTC."""
     if value is not None and value.tzinfo is None:
         from datetime import UTC
@@ -263,7 +263,7 @@ def open_deliveries(db: Database, destinations: Sequence[str] | None = None) -> 
         q = q.where(DeliveryRecord.destination.in_(list(destinations)))
     with db.engine.connect() as conn:
         n, due = conn.execute(q).one()
-    return int(n), _aware(due)
+    return int(n), aware_utc(due)
 
 
 def deliveries_of(db: Database, study_uids: Iterable[str] | None = None) -> list[dict]:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -40,7 +41,8 @@ from neuron.dicomnet import (
     admitted,
     readable_transfer_syntaxes,
 )
-from producer.receive import Receiver, store_status
+from producer.arrivals import Arrivals, CompletenessRules
+from producer.receive import Admission, Receiver, open_receiver, store_status
 
 log = logging.getLogger(__name__)
 
@@ -234,15 +236,12 @@ def enqueue_released(db: Database, app) -> Callable[[Sequence[str] | None], None
     return release
 
 
-def serve(db: Database, out_dir, config: ListenConfig, rules, admission, on_release: Callable[[list[str] | None], None],
-          stop: threading.Event, patient_secret: str | None = None, release_on_stop: bool = False,
-          ready: Callable[[Listener], None] | None = None) -> None:
+def serve(db: Database, out_dir: Path, config: ListenConfig, rules: CompletenessRules, admission: Admission,
+          on_release: Callable[[list[str] | None], None], stop: threading.Event, patient_secret: str | None = None,
+          release_on_stop: bool = False, ready: Callable[[Listener], None] | None = None) -> None:
     """Run a listener until ``stop`` is set. First ``on_release(None)``: whatever a previous run received and did
     not hand on (a killed process) goes to screening now. ``release_on_stop``: studies still inside their quiet time
     are handed on when it stops (the distributed mode's producer); otherwise they stay pending for the next start."""
-    from producer.arrivals import Arrivals
-    from producer.receive import open_receiver
-
     receiver = open_receiver(db, out_dir, admission, Arrivals(rules), patient_secret)
     try:
         on_release(None)

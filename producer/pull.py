@@ -49,7 +49,8 @@ from neuron.dicomnet import (
     status_text,
 )
 from neuron.errors import ConfigError, PeerUnavailable
-from producer.receive import Receiver, store_status
+from neuron.settings import Settings
+from producer.receive import Admission, Receiver, store_status
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -452,8 +453,8 @@ class Puller:
         return completed
 
 
-def pull_without_screening(settings, config: PullConfig, query: PullQuery, admission, stop: threading.Event
-                           ) -> PullReport:
+def pull_without_screening(settings: Settings, config: PullConfig, query: PullQuery, admission: Admission,
+                           stop: threading.Event) -> PullReport:
     """``neuron pull`` when this process screens nothing: with --move-to the listener receives the instances (and
     screens or enqueues them by its own rules); with NEURON_BROKER_URL a C-GET keeps them in the store and each
     retrieved study is enqueued for the GPU workers, as ``neuron scan`` would."""

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import func, select
 
-from db.network import backlog
+from db.network import aware_utc, backlog
 from db.schema import FileRecord, Status
 from db.store import Database, FileEntry
 from neuron.dicomnet import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, OUT_OF_RESOURCES_QUEUE, SUCCESS
@@ -303,7 +303,7 @@ class Receiver:
         with self.db.engine.connect() as conn:
             last = conn.execute(select(func.max(FileRecord.seen_at)).where(FileRecord.path.startswith(prefix))
                                 ).scalar_one()
-        since = None if last is None else _aware(last).timestamp() - RECOVERY_MARGIN_S
+        since = None if last is None else aware_utc(last).timestamp() - RECOVERY_MARGIN_S
         missing = []
         for folder in sorted(self.store.root.glob("??")):
             if since is not None and folder.stat().st_mtime < since:
@@ -318,13 +318,6 @@ class Receiver:
             log.warning("indexed %d stored instance(s) that were not indexed when the last process stopped",
                         len(missing))
         return len(missing)
-
-
-def _aware(value):
-    """SQLite hands timestamps back without their zone; they were written in UTC."""
-    from datetime import UTC
-
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def open_receiver(db: Database, out_dir: Path, admission: Admission = Admission(), arrivals: Arrivals | None = None,

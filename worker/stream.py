@@ -25,6 +25,7 @@ from db.store import Database, Outcome, WorkItem
 from db.writer import ResultWriter
 from neuron.routes import MODEL_ROUTES
 from neuron.settings import Settings
+from producer.arrivals import CompletenessRules
 from producer.listen import ListenConfig, serve
 from producer.pull import PullConfig, Puller, PullQuery, PullReport
 from producer.receive import Admission, open_receiver
@@ -156,8 +157,8 @@ def _prepare(settings: Settings) -> Database:
     return db
 
 
-def listen_in_process(settings: Settings, config: ListenConfig, rules, admission: Admission, engine: Engine,
-                      stop: threading.Event, ready: Callable | None = None) -> None:
+def listen_in_process(settings: Settings, config: ListenConfig, rules: CompletenessRules, admission: Admission,
+                      engine: Engine, stop: threading.Event, ready: Callable | None = None) -> None:
     """``neuron listen`` without a broker: receive, and screen each study once it is complete, until ``stop``."""
     db = _prepare(settings)
     try:
