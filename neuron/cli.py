@@ -504,6 +504,19 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program (a system Orthanc, "
+                    "storescp, another listener) may hold the port, or the address is not this host's; choose "
+                    "another with --port / --host", EXIT_SETUP) from None
+
+
 @app.command()
 @screening_options
 def listen(
@@ -562,6 +575,7 @@ def listen(
                             "(and --tls-ca for callers' certificates) and --allow-ae", title="WARNING",
                             style="bold yellow"))
     admission = Admission(min_free_bytes=int(min_free_gb * 1e9), max_backlog=max_queue)
+    _check_port_free(config.host, port)  # before the models load: a taken port is said at once
     stop = _stop_on_signals()
 
     def ready(listener) -> None:
@@ -629,7 +643,7 @@ def pull(
     with NEURON_BROKER_URL, enqueue them for the workers). Resumable: a second pull of the same query asks for
     nothing that is here already. Exit 3 when some studies could not be retrieved (`neuron status`, table pulls)."""
     from neuron.dicomnet import Peer, TimeWindow, TlsFiles
-    from producer.pull import PullConfig, PullQuery
+    from producer.pull import PullConfig, PullQuery, echo
     from producer.receive import Admission
 
     _logging(verbose)
@@ -644,6 +658,7 @@ def pull(
     admission = Admission(min_free_bytes=int(min_free_gb * 1e9))
     stop = _stop_on_signals()
     try:
+        echo(config)  # an unreachable source is said before any model loads
         if settings.broker_given or move_to is not None:
             from producer.pull import pull_without_screening
 

@@ -232,6 +232,25 @@ class TlsFiles:
         return context
 
 
+def why_no_association(peer: Peer, assoc, ae_title: str, tls: bool) -> str:
+    """Why an association with ``peer`` was not established, for the error and the deliveries table: rejected (with
+    the peer's reason), nothing listening, or aborted after the connection (TLS on one side only, a host the peer
+    refuses). A plain TCP connection tells the second from the third; it is only made after a failure."""
+    if assoc is not None and assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        said = f"{rj.result_str}, {rj.reason_str}" if rj is not None else "no reason given"
+        return (f"{peer} rejected the association ({said}): configure Neuron's AE title {ae_title!r} (and this "
+                f"host) on it, and check its AE title {peer.ae_title!r}")
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=5):
+            pass
+    except OSError as exc:
+        return (f"cannot connect to {peer.host}:{peer.port} ({exc.strerror or exc}): is the PACS running and "
+                "listening there, and the host and port right?")
+    hint = "TLS is on here and maybe not there" if tls else "the peer may expect TLS (--tls-cert/--tls-key/--tls-ca)"
+    return f"{peer}: the association was aborted or timed out after connecting ({hint}, or it refuses this host)"
+
+
 def status_text(status: int) -> str:
     """A DIMSE status for messages and the deliveries table: its code and what PS3.4/PS3.7 call it."""
     if status == SUCCESS:

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from db.network import FoundStudy, PullStatus, held_instances, mark_pull, record_found
@@ -47,6 +48,7 @@ from neuron.dicomnet import (
     check_ae_title,
     readable_transfer_syntaxes,
     status_text,
+    why_no_association,
 )
 from neuron.errors import ConfigError, PeerUnavailable
 from neuron.settings import Settings
@@ -188,15 +190,10 @@ def _associate(config: PullConfig, contexts: Sequence[tuple[str, Sequence[str]]]
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls,
                              ext_neg=[build_role(c, scp_role=True) for c in roles] or None,
                              evt_handlers=handlers or None)
-    except OSError as exc:
-        raise PeerUnavailable(f"{peer}: cannot connect ({exc}); check the host, the port and the network") from exc
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise PeerUnavailable(f"{peer} rejected the association: configure Neuron's AE title "
-                                  f"{config.ae_title!r} (and this host) on it, and check its AE title "
-                                  f"{peer.ae_title!r}")
-        raise PeerUnavailable(f"{peer}: no association (aborted, timed out, or a TLS mismatch: --tls-* on one "
-                              "side only?)")
+    except OSError:
+        assoc = None
+    if assoc is None or not assoc.is_established:
+        raise PeerUnavailable(why_no_association(peer, assoc, config.ae_title, tls is not None))
     return assoc
 
 
@@ -223,6 +220,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     text = "\\".join(str(v) for v in value) if not isinstance(value, str) and hasattr(value, "__iter__") \
         else str(value)
     return text.strip() or None
+
+
+def echo(config: PullConfig) -> None:
+    """C-ECHO the source (PS3.4 A.4): a pull that cannot reach it says so before any model is loaded."""
+    assoc = _associate(config, [(Verification, UNCOMPRESSED_SYNTAXES)])
+    try:
+        status = assoc.send_c_echo()
+        if status is None or int(status.get("Status", -1)) != SUCCESS:
+            raise PeerUnavailable(f"{config.source} did not answer C-ECHO with success; check its logs")
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def find_studies(config: PullConfig, query: PullQuery) -> list[FoundStudy]:

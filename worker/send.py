@@ -39,7 +39,7 @@ from db.network import (
 )
 from db.schema import utcnow
 from db.store import Database
-from neuron.dicomnet import Peer, TlsFiles, is_stored, is_transient, status_text
+from neuron.dicomnet import Peer, TlsFiles, is_stored, is_transient, status_text, why_no_association
 from neuron.errors import RetryableError
 from neuron.settings import Settings
 
@@ -166,15 +166,12 @@ class Sender:
         tls = (self.tls.client_context(), peer.host) if self.tls.enabled else None
         try:
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
-        except OSError as exc:
-            assoc, error = None, f"cannot connect ({exc})"
+        except OSError:
+            assoc = None
         if assoc is None or not assoc.is_established:
-            if assoc is not None:
-                error = ("association rejected by the destination (is Neuron's AE title "
-                         f"{self.settings.ae_title!r} known there?)" if assoc.is_rejected
-                         else "no association: connection refused, aborted or timed out")
+            error = why_no_association(peer, assoc, self.settings.ae_title, tls is not None)
             for job, *_ in ready:
-                self._retry_or_fail(job, f"{peer}: {error}")
+                self._retry_or_fail(job, error)
             return
         delivered = 0
         try:
