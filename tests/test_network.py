@@ -246,10 +246,13 @@ def test_peers_allow_lists_windows_and_queries_are_parsed_or_refused_naming_the_
 # -- receiving ------------------------------------------------------------------------------------------------------
 def test_instances_received_from_storescu_in_every_transfer_syntax_give_the_findings_of_neuron_run(
         listener, ts_files, engine, untrained_settings, tmp_path):
-    for path, ts in ts_files.items():
+    sops = [sop_of(p) for p in ts_files]
+    for i, (path, ts) in enumerate(ts_files.items()):
         code, said = storescu(listener.port, [path], *PROPOSE.get(ts, ["-xv"]))
         assert code == 0 and "Received Store Response (Success)" in said, said
-    sops = [sop_of(p) for p in ts_files]
+        if i == 0:  # its study is complete and screened before the rest of it arrives
+            wait_until(lambda: listener.count(f"sop_instance_uid = '{sops[0]}' and status = 'done'") == 1, 120,
+                       "the first instance screened", [listener.proc])
     wait_until(lambda: listener.count("status in ('done', 'skipped')") >= len(sops), 180,
                "every received instance screened or skipped", [listener.proc])
     # each stored as it was sent: no transcoding
@@ -271,6 +274,10 @@ def test_instances_received_from_storescu_in_every_transfer_syntax_give_the_find
     status = "select sop_instance_uid, status from ingest_status where sop_instance_uid in ({})".format(
         ",".join("?" * len(sops)))
     assert dict(query(listener.db, status, *sops)) == dict(query(reference, status, *sops))
+    # the first study's other instances came after it was released and screened: they were screened on their own,
+    # and its summary counts them all, as the run's does
+    summary = "select study_instance_uid, screened_instances, top_label from studies where screened_instances > 0"
+    assert sorted(query(listener.db, summary)) == sorted(query(reference, summary))
     # a re-send is acknowledged and changes nothing
     files_before = query(listener.db, "select count(*) from files")[0][0]
     code, said = storescu(listener.port, list(ts_files)[:2])
