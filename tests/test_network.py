@@ -447,8 +447,10 @@ def test_below_the_disk_watermark_or_past_the_queue_limit_instances_are_refused_
             subprocess.run(["umount", "-l", str(out)], capture_output=True)
 
 
-def _send_each(port: int, files: list[Path], acknowledged: list[str], four: threading.Event | None = None) -> None:
-    """pynetdicom as the sender: one association, the files in turn; the SOP Instance UIDs acknowledged (0x0000)."""
+def _send_each(port: int, files: list[Path], acknowledged: list[str], four: threading.Event | None = None,
+               go: threading.Event | None = None) -> None:
+    """pynetdicom as the sender: one association, the files in turn; the SOP Instance UIDs acknowledged (0x0000).
+    After the fourth acknowledgement it sets ``four`` and waits for ``go`` before sending the fifth."""
     from pynetdicom import AE
 
     ae = AE(ae_title="STORESCU")
@@ -463,6 +465,7 @@ def _send_each(port: int, files: list[Path], acknowledged: list[str], four: thre
             acknowledged.append(sop_of(path))
             if four is not None and len(acknowledged) == 4:
                 four.set()
+                go.wait(30)
     if assoc.is_established:
         assoc.release()
 
@@ -470,17 +473,22 @@ def _send_each(port: int, files: list[Path], acknowledged: list[str], four: thre
 def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_after_restart(
         rg1, tmp_path, cache):
     out = tmp_path / "out"
-    files = [chest(rg1, tmp_path / f"k{i}.dcm", 4, generate_uid(), generate_uid(), "20230101") for i in range(8)]
+    # four small instances, then four of 7 MB: the kill lands while the fifth is on its way (about 50 ms each)
+    files = [chest(rg1, tmp_path / f"k{i}.dcm", 4 if i < 4 else 1, generate_uid(), generate_uid(), "20230101")
+             for i in range(8)]
     first = ListenerProcess(out, cache).start()
     acknowledged: list[str] = []
-    four = threading.Event()
-    sender = threading.Thread(target=_send_each, args=(first.port, files, acknowledged, four))
+    four, go = threading.Event(), threading.Event()
+    sender = threading.Thread(target=_send_each, args=(first.port, files, acknowledged, four, go))
     sender.start()
     try:
         assert four.wait(60), "four instances were not acknowledged"
+        go.set()
+        time.sleep(0.02)
     finally:
-        os.killpg(first.proc.pid, signal.SIGKILL)  # while the fifth is on its way
+        os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
+        go.set()
         sender.join(60)
     assert 4 <= len(acknowledged) < len(files)
     second = ListenerProcess(out, cache).start()
