@@ -73,7 +73,11 @@ class OrthancServer:
         self.proc = None
 
     def close(self) -> None:
-        self.stop()
+        """Kill it and remove its folder: nothing of a throwaway PACS needs a clean shutdown (``stop`` gives one)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- REST ---------------------------------------------------------------------------------------------------------
