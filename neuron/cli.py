@@ -583,6 +583,9 @@ def listen(
         console.print(f"listening as {config.ae_title} on {config.host}:{listener.port} ({mode}; "
                       f"{'TLS' if tls.enabled else 'no TLS'}; Ctrl-C or SIGTERM stops)")
 
+    if settings.broker_given and settings.send_to:
+        console.print("[yellow]--send-to / NEURON_SEND_TO does nothing here with NEURON_BROKER_URL set: the workers "
+                      "screen and send; set NEURON_SEND_TO on them[/]")
     try:
         if settings.broker_given:
             from db.store import Database
@@ -656,6 +659,9 @@ def pull(
     except NeuronError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     admission = Admission(min_free_bytes=int(min_free_gb * 1e9))
+    if (settings.broker_given or move_to) and settings.send_to:
+        console.print("[yellow]--send-to does nothing here: with NEURON_BROKER_URL the workers send (set "
+                      "NEURON_SEND_TO on them), with --move-to the listener does[/]")
     stop = _stop_on_signals()
     try:
         echo(config)  # an unreachable source is said before any model loads
