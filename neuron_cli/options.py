@@ -86,6 +86,16 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     default_text="none"),
     ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
                     _env("NEURON_METRICS_PORT"), default_text="off"),
+    ScreeningOption("send_to", "send_to", list[str], "Send each screened study's structured report and secondary "
+                    "captures by C-STORE to AE@HOST:PORT once its results are committed (repeat for several "
+                    "destinations; without --dicom-out they are written to OUT/dicom-out)", _env("NEURON_SEND_TO"),
+                    default_text="none"),
+    ScreeningOption("tls_cert", "tls_cert", Path, "PEM certificate for DICOM TLS (--send-to, listen, pull)",
+                    _env("NEURON_TLS_CERT"), default_text="no TLS"),
+    ScreeningOption("tls_key", "tls_key", Path, "PEM private key of --tls-cert", _env("NEURON_TLS_KEY"),
+                    default_text="none"),
+    ScreeningOption("tls_ca", "tls_ca", Path, "PEM certificates of the authorities that sign the peers' "
+                    "certificates", _env("NEURON_TLS_CA"), default_text="the system's"),
 )
 
 
