@@ -3,7 +3,9 @@
 Configured by a JSON file written into its own temporary folder (storage and index there too), on free loopback ports,
 with no plugins; the system's Orthanc (if the package started one on 4242/8042) is never touched. REST on
 ``url`` loads studies into it and reads back what Neuron sent (Orthanc's REST API: https://orthanc.uclouvain.be/book/
-users/rest.html). ``stop``/``start`` keep the storage, so a test can take it away and bring it back.
+users/rest.html). ``crash``/``start`` keep the storage, so a test can take the PACS away and bring it back: a SIGKILL
+(Orthanc's index is SQLite, which survives a killed process) costs nothing, where its graceful shutdown takes about
+3.5 s.
 """
 
 from __future__ import annotations
@@ -62,22 +64,16 @@ class OrthancServer:
             time.sleep(0.1)
         raise TimeoutError(f"Orthanc did not answer on {self.url}; see {self.workdir / 'orthanc.log'}")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def close(self) -> None:
-        """Kill it and remove its folder: nothing of a throwaway PACS needs a clean shutdown (``stop`` gives one)."""
+    def crash(self) -> None:
+        """The PACS goes away at once (SIGKILL), its storage kept for ``start``."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def close(self) -> None:
+        """Kill it and remove its folder: nothing of a throwaway PACS needs a clean shutdown."""
+        self.crash()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- REST ---------------------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 Debian's Orthanc as the PACS (tests/orthanc.py), DCMTK's storescu as the modality, real forward passes (untrained
 weights) on real pixels (RG1, a CR chest radiograph from pydicom-data, decimated; tests/conftest.py).
 
-One listener process and one Orthanc serve the module; the faults that need their own (a killed listener, a full
-disk, TLS) start their own. Timers are short: quiet times of 0.3 s, retries of 0.3 s.
+One listener process and one Orthanc serve the module (started side by side); the faults that need their own (a
+killed listener, a full disk, TLS) start their own. Timers are short: quiet times of 0.3 s, retries of 0.3 s, polls
+of 0.1 s. Processes whose graceful stop no test here claims are killed (SIGKILL) when they are done with; the killed
+listener's successor is stopped gracefully and checked.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from neuron.servers import free_port
 
 from .conftest import small_chest
 from .orthanc import ORTHANC, OrthancServer
-from .test_distributed import N_LABELS, stop, wait_until
+from .test_distributed import N_LABELS, stop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +50,26 @@ SC_CLASS, SR_CLASS = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.33
 # storescu proposes one family of transfer syntaxes per run (DCMTK storescu --help): each file goes with its own
 PROPOSE = {ExplicitVRLittleEndian: [], ImplicitVRLittleEndian: ["-xi"], DeflatedExplicitVRLittleEndian: ["-xd"],
            RLELossless: ["-xr"], JPEG2000Lossless: ["-xv"], JPEGLSLossless: ["-xt"], JPEGLosslessSV1: ["-xs"]}
+
+
+def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
+    """Poll ``predicate`` every 0.1 s (a process that exits early fails the wait at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for p in procs:
+            if p.poll() is not None and p.returncode not in (0, -9, -15):
+                raise AssertionError(f"{what}: a process exited with {p.returncode}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a process group started with ``start_new_session``, where no graceful stop is being tested."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _need(binary: str) -> None:
@@ -101,24 +123,31 @@ def neuron(env, *args, timeout=180) -> subprocess.CompletedProcess:
 
 
 class ListenerProcess:
-    """A `neuron listen` process on a free port, screening with untrained weights on the CPU."""
+    """A `neuron listen` process on a free port, screening with untrained weights on the CPU. ``quiet``: its series
+    and study quiet times (a study is released ``2 x quiet`` after its last instance)."""
 
-    def __init__(self, out: Path, cache: Path, *extra: str, env: dict[str, str] | None = None):
-        self.out, self.port = out, free_port()
+    def __init__(self, out: Path, cache: Path, *extra: str, env: dict[str, str] | None = None, quiet: float = 0.3):
+        self.out, self.port, self.quiet = out, free_port(), quiet
         self.db, self.log = out / "neuron.db", out.parent / f"{out.name}-listen.log"
         self.extra = extra
         self.env = {**(env or quiet_env()), "NEURON_CACHE_DIR": str(cache)}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> ListenerProcess:
+    def launch(self) -> ListenerProcess:
         log = open(self.log, "a")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "neuron", "listen", "--port", str(self.port), "--out", str(self.out),
-             "--weights", "untrained", "--device", "cpu", "--batch-size", "8", "--series-quiet", "0.3",
-             "--study-quiet", "0.3", "--max-wait", "30", "--min-free-gb", "0", "-v", *self.extra],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+             "--weights", "untrained", "--device", "cpu", "--batch-size", "8", "--series-quiet", str(self.quiet),
+             "--study-quiet", str(self.quiet), "--max-wait", str(max(30.0, 4 * self.quiet)), "--min-free-gb", "0",
+             "-v", *self.extra], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def ready(self) -> ListenerProcess:
         wait_until(lambda: f":{self.port} (" in self.log.read_text(), 120, "the listener to listen", [self.proc])
         return self
+
+    def start(self) -> ListenerProcess:
+        return self.launch().ready()
 
     def count(self, where: str) -> int:
         try:
@@ -134,22 +163,32 @@ def cache(models, untrained_settings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def listener(tmp_path_factory, cache):
+def peers(tmp_path_factory, cache):
+    """The module's listener and the PACS, started side by side (Orthanc is up while the listener imports). The PACS
+    knows the listener as NEURON (for C-MOVE) and accepts Neuron's C-FIND/C-GET/C-STORE."""
     _need("storescu")
-    proc = ListenerProcess(tmp_path_factory.mktemp("listener") / "out", cache, "--allow-ae", "STORESCU",
-                           "--allow-ae", "ORTHANC@127.0.0.1", "--allow-ae", "BOUND@10.9.9.9").start()
-    yield proc
-    stop(proc.proc)
+    _need(ORTHANC)
+    listener = ListenerProcess(tmp_path_factory.mktemp("listener") / "out", cache, "--allow-ae", "STORESCU",
+                               "--allow-ae", "ORTHANC@127.0.0.1", "--allow-ae", "BOUND@10.9.9.9").launch()
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"),
+                           modalities={"neuron": ["NEURON", "127.0.0.1", listener.port]})
+    try:
+        server.start()
+        listener.ready()
+        yield listener, server
+    finally:
+        kill(listener.proc)
+        server.close()
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, listener):
-    """The PACS: knows the module's listener as NEURON (for C-MOVE) and accepts Neuron's C-FIND/C-GET/C-STORE."""
-    _need(ORTHANC)
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"),
-                           modalities={"neuron": ["NEURON", "127.0.0.1", listener.port]}).start()
-    yield server
-    server.close()
+def listener(peers) -> ListenerProcess:
+    return peers[0]
+
+
+@pytest.fixture(scope="module")
+def orthanc(peers) -> OrthancServer:
+    return peers[1]
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +320,7 @@ def test_instances_received_from_storescu_in_every_transfer_syntax_give_the_find
     # a re-send is acknowledged and changes nothing
     files_before = query(listener.db, "select count(*) from files")[0][0]
     code, said = storescu(listener.port, list(ts_files)[:2])
-    assert code == 0 and said.count("(Success)") == 2, said
-    time.sleep(1.0)
+    assert code == 0 and said.count("(Success)") == 2, said  # acknowledged after the index: nothing to wait for
     assert query(listener.db, "select count(*) from files")[0][0] == files_before
     assert listener.count("status = 'done'") == len(sops) - 1
     # no patient name or ID in the log, the database or a file name
@@ -338,7 +376,7 @@ def _partial_store(port: int, path: Path, how: str) -> None:
     pdus = list(message.encode_msg(context, assoc.acceptor.maximum_length))
     for pdu in pdus[: len(pdus) // 2]:
         assoc.dul.send_pdu(pdu)
-    time.sleep(0.5)
+    time.sleep(0.2)  # the listener is reading the data set when the association ends
     if how == "abort":
         assoc.abort()
     else:  # the sender's process dies: the connection closes without an A-ABORT
@@ -350,9 +388,14 @@ def _partial_store(port: int, path: Path, how: str) -> None:
 def test_a_sender_aborting_mid_transfer_leaves_nothing_half_written(listener, rg1, tmp_path):
     big = small_chest(rg1, tmp_path / "big.dcm", step=1, PatientName=PATIENT_NAME)  # 7 MB: ~450 PDUs of 16 kB
     stored_before = sorted((listener.out / "received").rglob("*"))
-    for how in ("abort", "drop"):
+
+    def aborted() -> int:
+        return query(listener.db, "select count(*) from associations where outcome = 'aborted'")[0][0]
+
+    before = aborted()
+    for n, how in enumerate(("abort", "drop"), 1):
         _partial_store(listener.port, big, how)
-        time.sleep(0.5)
+        wait_until(lambda n=n: aborted() == before + n, 30, f"the {how} recorded", [listener.proc])
         assert sorted((listener.out / "received").rglob("*")) == stored_before, how
         assert not list((listener.out / "received" / ".partial").iterdir())
         assert not query(listener.db, "select 1 from instances where sop_instance_uid = ?", sop_of(big))
@@ -473,10 +516,11 @@ def _send_each(port: int, files: list[Path], acknowledged: list[str], four: thre
 def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_after_restart(
         rg1, tmp_path, cache):
     out = tmp_path / "out"
-    # four small instances, then four of 7 MB: the kill lands while the fifth is on its way (about 50 ms each)
+    # four small instances, then four of 7 MB: the kill lands while the fifth is on its way (about 50 ms each). The
+    # first listener's quiet times outlast it, so nothing it acknowledged was screened before the kill.
     files = [chest(rg1, tmp_path / f"k{i}.dcm", 4 if i < 4 else 1, generate_uid(), generate_uid(), "20230101")
              for i in range(8)]
-    first = ListenerProcess(out, cache).start()
+    first = ListenerProcess(out, cache, quiet=600).start()
     acknowledged: list[str] = []
     four, go = threading.Event(), threading.Event()
     sender = threading.Thread(target=_send_each, args=(first.port, files, acknowledged, four, go))
@@ -491,6 +535,7 @@ def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_a
         go.set()
         sender.join(60)
     assert 4 <= len(acknowledged) < len(files)
+    assert first.count("status = 'done'") == 0
     second = ListenerProcess(out, cache).start()
     try:
         assert not list((out / "received" / ".partial").iterdir())  # a half-written file was removed
@@ -507,6 +552,7 @@ def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_a
         assert query(second.db, "select count(*) from files")[0][0] == len(files)
     finally:
         stop(second.proc)
+    assert second.proc.returncode == 0 and "stopped" in second.log.read_text()  # SIGTERM: a graceful stop
 
 
 # -- pulling and sending -----------------------------------------------------------------------------------------------
@@ -634,7 +680,7 @@ def test_orthanc_down_while_sending_the_outputs_are_delivered_after_it_returns(
         chest(rg1, archive / f"s{i}.dcm", 6 + i, study, generate_uid(), "20210101")
     out = tmp_path / "out"
     settings = untrained_settings.with_(out_dir=out, send_to=(orthanc.peer,), send_attempts=2, send_retry_s=0.2)
-    orthanc.stop()
+    orthanc.crash()
     try:
         with sending(settings) as sender:
             run_embedded(archive, out, models, settings)
@@ -664,27 +710,26 @@ def test_orthanc_down_while_sending_the_outputs_are_delivered_after_it_returns(
 
 def test_with_a_broker_the_listener_enqueues_complete_studies_and_a_worker_screens_and_sends_them(
         env, orthanc, rg1, tmp_path, cache):
-    import redis
-
     from .test_distributed import sql, start_worker
 
     study = generate_uid()
     files = [chest(rg1, tmp_path / f"d{i}.dcm", 6 + i, study, generate_uid(), "20200101") for i in range(2)]
+    # the worker loads its models while the listener starts and receives
+    worker = start_worker({**env, "NEURON_SEND_TO": orthanc.peer, "NEURON_CACHE_DIR": str(cache)}, tmp_path, "w")
     listener = ListenerProcess(Path(env["NEURON_OUT"]), cache, env=env).start()
     try:
         code, said = storescu(listener.port, files)
         assert code == 0 and said.count("(Success)") == 2, said
-        queue = redis.Redis.from_url(env["NEURON_BROKER_URL"])
-        wait_until(lambda: queue.llen("chest-xray") == 1, 60, "one task for the complete study", [listener.proc])
-        assert sql(env, "select status, count(*) from instances group by status") == [("queued", 2)]
-    finally:
-        stop(listener.proc)
-    worker = start_worker({**env, "NEURON_SEND_TO": orthanc.peer, "NEURON_CACHE_DIR": str(cache)}, tmp_path, "w")
-    try:
         wait_until(lambda: sql(env, "select count(*) from deliveries where status = 'delivered'")[0][0] == 3, 180,
-                   "the worker's SR and two SCs delivered", [worker])
+                   "the worker's SR and two SCs delivered", [worker, listener.proc])
     finally:
-        stop(worker)
+        kill(listener.proc)
+        kill(worker)
+    # the listener screened nothing: it sent the complete study to the workers as one task (Celery logs each task
+    # a worker receives: "Task <name>[<id>] received")
+    assert "enqueueing complete studies for the workers" in listener.log.read_text()
+    received = re.findall(r"Task neuron\.screen_study\[[^\]]+\] received", (tmp_path / "w.log").read_text())
+    assert len(received) == 1, received
     assert sql(env, "select status, count(*) from instances group by status") == [("done", 2)]
     classes = sorted(i["SOPClassUID"] for i in orthanc.instances_of(study))
     assert classes.count(SC_CLASS) == 2 and classes.count(SR_CLASS) == 1, classes
