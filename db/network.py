@@ -35,12 +35,6 @@ from neuron.work import (
 )
 
 
-def _insert(db: Database, table):
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return (postgresql if db.engine.dialect.name == "postgresql" else sqlite).insert(table)
-
-
 # -- the receiver's store and the index ---------------------------------------------------------------------------
 @_mapped("the index could not be read")
 def is_indexed(db: Database, path: str) -> bool:
@@ -117,7 +111,7 @@ def record_found(db: Database, source: str, studies: Sequence[FoundStudy]) -> No
         return
     now = utcnow()
     table = PullRecord.__table__
-    stmt = _insert(db, table)
+    stmt = db._insert(table)
     stmt = stmt.on_conflict_do_update(
         index_elements=["source", "study_instance_uid"],
         set_={"instances_found": stmt.excluded.instances_found, "updated_at": stmt.excluded.updated_at})
@@ -157,7 +151,7 @@ def add_deliveries(db: Database, destinations: Sequence[str], objects: Sequence[
         return 0
     now = utcnow()
     table = DeliveryRecord.__table__
-    stmt = _insert(db, table).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
+    stmt = db._insert(table).on_conflict_do_nothing(index_elements=["destination", "sop_instance_uid"])
     rows = [{"destination": d, "sop_instance_uid": o.sop_instance_uid, "sop_class_uid": o.sop_class_uid,
              "study_instance_uid": o.study_instance_uid, "kind": o.kind, "path": o.path,
              "status": DeliveryStatus.PENDING.value, "attempts": 0, "created_at": now, "updated_at": now,

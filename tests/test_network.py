@@ -282,6 +282,53 @@ def test_peers_allow_lists_windows_and_queries_are_parsed_or_refused_naming_the_
     assert len(contexts) == 127 and contexts[0][1] == (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
+def test_the_in_process_feed_hands_each_instance_on_once_per_file_and_outlasts_a_database_outage(monkeypatch):
+    """worker.stream's feed, on a stand-in database: a study released twice is screened once; an instance a commit
+    rescued from a duplicate copy (pending again, from another file) is screened again; a release whose instances
+    cannot be read for now is offered again, not dropped."""
+    from neuron.errors import RetryableError
+    from neuron.work import Route, WorkItem
+    from worker import stream
+    from worker.pipeline import IDLE
+
+    monkeypatch.setattr(stream, "RETRY_S", 0.05)
+
+    class Database:
+        outage = 1  # the first read fails as an unreachable database does (db.store maps it to RetryableError)
+        path = "/store/first.dcm"
+
+        def pending_by_study(self, routes, studies):
+            return [("s1", Route.CHEST_XRAY, "1.2.3")] if "s1" in studies else []
+
+        def work_items(self, *, routes=None, sop_uids=None):
+            if self.outage:
+                self.outage -= 1
+                raise RetryableError("the database is not reachable; it is tried again")
+            return [WorkItem("1.2.3", self.path, Route.CHEST_XRAY)]
+
+    db = Database()
+    screening = stream.InProcessScreening(None, None, db)
+    feed = screening._feed()
+
+    def next_item():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            item = next(feed)
+            if item is not IDLE:
+                return item
+        raise AssertionError("the feed handed nothing on")
+
+    screening.release(["s1"])
+    assert next_item() == WorkItem("1.2.3", "/store/first.dcm", Route.CHEST_XRAY)  # after the outage
+    screening.release(["s1"])  # released again before its result was committed: not handed on twice
+    assert next(feed) is IDLE
+    db.path = "/store/copy.dcm"
+    screening._rescued(["1.2.3"])  # the first copy failed; the commit moved the instance to its duplicate
+    assert next_item() == WorkItem("1.2.3", "/store/copy.dcm", Route.CHEST_XRAY)
+    screening._released.put(stream._CLOSE)
+    assert [i for i in feed if i is not IDLE] == []
+
+
 # -- receiving ------------------------------------------------------------------------------------------------------
 def test_instances_received_from_storescu_in_every_transfer_syntax_give_the_findings_of_neuron_run(
         listener, ts_files, models, untrained_settings, tmp_path):

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from db.network import backlog
 from db.store import Database
 from db.writer import ResultWriter
+from neuron.errors import RetryableError
 from neuron.routes import MODEL_ROUTES
 from neuron.settings import Settings
 from neuron.work import Outcome, Status, WorkItem
@@ -38,6 +39,7 @@ from worker.send import sending
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+RETRY_S = 5.0  # a release whose instances could not be read (the database is away) is offered again after this
 HANDED_MEMORY = 100_000
 _CLOSE = object()
 
@@ -135,7 +137,15 @@ class InProcessScreening:
                 continue
             if message is _CLOSE:
                 return
-            for item in self._items(*message):
+            try:
+                items = self._items(*message)
+            except RetryableError as exc:  # the instances stay pending; a long-running listener must not stop here
+                log.warning("could not read the released instances (%s); trying again in %.0f s", exc, RETRY_S)
+                retry = threading.Timer(RETRY_S, self._released.put, args=(message,))
+                retry.daemon = True
+                retry.start()
+                continue
+            for item in items:
                 if handed.get(item.sop_instance_uid) == item.file_path:
                     continue
                 handed.pop(item.sop_instance_uid, None)
