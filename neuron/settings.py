@@ -41,7 +41,7 @@ ENVIRONMENT = {
     "NEURON_PRECISION": "fp32 (exact: the same answer on CPU and GPU), fp16 or bf16 (fast, CUDA; default: fp32)",
     "NEURON_FOLLOW_LINKS": "1 to follow symbolic links that leave the scanned folder (loops are still cut), 0 not to "
                            "(default: 0)",
-    # the screening options shared by `neuron run` and `neuron worker` (neuron/options.py)
+    # the screening options shared by run, worker, rescreen, listen and pull (neuron_cli/options.py)
     "NEURON_TTA": "1 or 0: test-time augmentation (default: 1)",
     "NEURON_CLAHE": "1 or 0: CLAHE contrast equalisation (default: 1)",
     "NEURON_CLAHE_CLIP": "CLAHE clip limit (default: 2.0)",

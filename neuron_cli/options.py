@@ -1,4 +1,4 @@
-"""The screening options, defined once and shared by ``neuron run`` and ``neuron worker`` (and the environment).
+"""The screening options, defined once and shared by run, worker, rescreen, listen and pull (and the environment).
 
 Each option maps a command-line flag to a ``Settings`` field and, where there is one, its environment variable; the
 help text states the default, taken from ``Settings`` itself, so flags, environment and help cannot drift apart.
@@ -108,7 +108,7 @@ def screening_options(func: Callable[..., Any]) -> Callable[..., Any]:
     clash = {p.name for p in own} & {o.param for o in SCREENING_OPTIONS}
     if clash:
         raise TypeError(f"{func.__name__} declares the shared screening options {sorted(clash)} itself; remove them "
-                        f"from the command, neuron.options defines them")
+                        f"from the command, neuron_cli.options defines them")
     extra = [inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=o.annotation())
              for o in SCREENING_OPTIONS]
     positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
