@@ -169,7 +169,8 @@ def peers(tmp_path_factory, cache):
     _need("storescu")
     _need(ORTHANC)
     listener = ListenerProcess(tmp_path_factory.mktemp("listener") / "out", cache, "--allow-ae", "STORESCU",
-                               "--allow-ae", "ORTHANC@127.0.0.1", "--allow-ae", "BOUND@10.9.9.9").launch()
+                               "--allow-ae", "ORTHANC@127.0.0.1", "--allow-ae", "BOUND@10.9.9.9",
+                               "--metrics-port", "0").launch()
     server = OrthancServer(tmp_path_factory.mktemp("orthanc"),
                            modalities={"neuron": ["NEURON", "127.0.0.1", listener.port]})
     try:
@@ -364,6 +365,12 @@ def test_instances_received_from_storescu_in_every_transfer_syntax_give_the_find
     # and its summary counts them all, as the run's does
     summary = "select study_instance_uid, screened_instances, top_label from studies where screened_instances > 0"
     assert sorted(query(listener.db, summary)) == sorted(query(reference, summary))
+    # the listener serves the pipeline's counters as `neuron run` does (--metrics-port 0: a free port)
+    import requests
+
+    url = re.search(r"Prometheus metrics at (http://\S+)", listener.log.read_text()).group(1)
+    images = re.search(r"^neuron_images_total (\S+)$", requests.get(url, timeout=10).text, re.M).group(1)
+    assert float(images) == len(sops) - 1
     # a re-send is acknowledged and changes nothing
     files_before = query(listener.db, "select count(*) from files")[0][0]
     code, said = storescu(listener.port, list(ts_files)[:2])
@@ -563,9 +570,10 @@ def _send_each(port: int, files: list[Path], acknowledged: list[str], four: thre
 def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_after_restart(
         rg1, tmp_path, cache):
     out = tmp_path / "out"
-    # four small instances, then four of 7 MB: the kill lands while the fifth is on its way (about 50 ms each). The
-    # first listener's quiet times outlast it, so nothing it acknowledged was screened before the kill.
-    files = [chest(rg1, tmp_path / f"k{i}.dcm", 4 if i < 4 else 1, generate_uid(), generate_uid(), "20230101")
+    # four small instances, one of 7 MB, three small: the kill lands while the fifth is on its way (about 50 ms); the
+    # rest are small, only to be sent again. The first listener's quiet times outlast it, so nothing it acknowledged
+    # was screened before the kill.
+    files = [chest(rg1, tmp_path / f"k{i}.dcm", 1 if i == 4 else 4, generate_uid(), generate_uid(), "20230101")
              for i in range(8)]
     first = ListenerProcess(out, cache, quiet=600).start()
     acknowledged: list[str] = []
@@ -580,11 +588,13 @@ def test_a_listener_killed_while_receiving_screens_every_acknowledged_instance_a
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
         go.set()
-        sender.join(60)
-    assert 4 <= len(acknowledged) < len(files)
     assert first.count("status = 'done'") == 0
-    second = ListenerProcess(out, cache).start()
+    # the restart imports while the sender gives up on the dead listener (its 5 s DIMSE timeout)
+    second = ListenerProcess(out, cache).launch()
     try:
+        sender.join(60)
+        assert 4 <= len(acknowledged) < len(files)
+        second.ready()
         assert not list((out / "received" / ".partial").iterdir())  # a half-written file was removed
         for path in (out / "received").glob("??/*.dcm"):
             pydicom.dcmread(path).pixel_array  # noqa: B018 - every stored file is whole
