@@ -24,8 +24,6 @@ from datetime import datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
 
-from pydicom import uid as uids
-
 from neuron.errors import ConfigError, SetupError
 
 AE_TITLE_MAX = 16  # PS3.5 6.2, value representation AE
@@ -41,25 +39,28 @@ PROCESSING_FAILURE = 0x0110  # PS3.7 Annex C: a general failure the receiver cou
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})  # stored, with a warning (PS3.4 Table B.2-1)
 PENDING_STATUSES = frozenset({0xFF00, 0xFF01})  # C-FIND / C-GET / C-MOVE still going (PS3.4 C.4)
 
-# The transfer syntaxes Neuron reads, in the order the puller proposes them. Uncompressed first; the compressed ones
-# are accepted as they come (the receiver never transcodes: what is stored is what the modality sent).
-_CANDIDATE_SYNTAXES = (
-    uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian, uids.DeflatedExplicitVRLittleEndian,
-    uids.ExplicitVRBigEndian, uids.JPEG2000Lossless, uids.JPEG2000, uids.JPEGLosslessSV1, uids.JPEGLossless,
-    uids.JPEGLSLossless, uids.JPEGLSNearLossless, uids.RLELossless, uids.JPEGBaseline8Bit, uids.JPEGExtended12Bit,
-    uids.HTJ2KLossless, uids.HTJ2KLosslessRPCL, uids.HTJ2K,
-)
-UNCOMPRESSED_SYNTAXES = (uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian)
+# Explicit VR Little Endian and Implicit VR Little Endian (PS3.5 A.2, A.1): what every DICOM application accepts.
+UNCOMPRESSED_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 def readable_transfer_syntaxes() -> tuple[str, ...]:
     """The transfer syntaxes pydicom can decode on this host (its pixel data decoders and their plugins), which is
-    what Neuron's readers fall back on: a syntax nobody here can decode is not accepted, so the sender keeps it (or
-    transcodes it) instead of Neuron storing what it would only fail."""
+    what Neuron's readers fall back on, in the order the puller proposes them: uncompressed first, then the compressed
+    ones, accepted as they come (the receiver never transcodes: what is stored is what the modality sent). A syntax
+    nobody here can decode is not accepted, so the sender keeps it (or transcodes it) instead of Neuron storing what
+    it would only fail. pydicom is imported here, not with the module, which every ``Settings`` imports to check
+    its peers and AE title (about 0.2 s saved for commands that never touch a DICOM file)."""
+    from pydicom import uid as uids
     from pydicom.pixels import get_decoder
 
+    candidates = (
+        uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian, uids.DeflatedExplicitVRLittleEndian,
+        uids.ExplicitVRBigEndian, uids.JPEG2000Lossless, uids.JPEG2000, uids.JPEGLosslessSV1, uids.JPEGLossless,
+        uids.JPEGLSLossless, uids.JPEGLSNearLossless, uids.RLELossless, uids.JPEGBaseline8Bit, uids.JPEGExtended12Bit,
+        uids.HTJ2KLossless, uids.HTJ2KLosslessRPCL, uids.HTJ2K,
+    )
     readable = []
-    for ts in _CANDIDATE_SYNTAXES:
+    for ts in candidates:
         try:
             if not ts.is_encapsulated or get_decoder(ts).is_available:
                 readable.append(str(ts))
