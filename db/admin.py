@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 
-from db.schema import FileRecord, Instance, Prediction, chunks, utcnow
+from db.schema import FileRecord, Instance, Prediction, aware_utc, chunks, utcnow
 from db.store import Database, heatmaps_of
 from db.studies import refresh_studies, study_of
 from neuron.work import Status
@@ -30,10 +30,6 @@ class Throughput:
         return self.frames / self.seconds if self.seconds > 0 else None
 
 
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=utcnow().tzinfo)
-
-
 def throughput(db: Database, window_s: float = 300.0, now: datetime | None = None) -> Throughput:
     """Frames screened per second over the last ``window_s``, divided by the time the results actually cover: from the
     first commit in the window to the last, counting the frames committed after the first (a rate between events).
@@ -47,7 +43,7 @@ def throughput(db: Database, window_s: float = 300.0, now: datetime | None = Non
         per_commit = s.execute(select(frames.c.t, func.count()).group_by(frames.c.t).order_by(frames.c.t)).all()
     if len(per_commit) < 2:
         return Throughput(sum(n for _, n in per_commit), 0.0)
-    first, last = _aware(per_commit[0][0]), _aware(per_commit[-1][0])
+    first, last = aware_utc(per_commit[0][0]), aware_utc(per_commit[-1][0])
     return Throughput(sum(n for _, n in per_commit[1:]), (last - first).total_seconds())
 
 

@@ -38,6 +38,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def aware_utc(value: datetime | None) -> datetime | None:
+    """A timestamp read back from the database, with its zone: on SQLite a ``DateTime(timezone=True)`` column comes
+    back without one (``sqlalchemy.dialects.sqlite.DATETIME`` stores "YYYY-MM-DD HH:MM:SS.ffffff", no offset); every
+    timestamp here is written in UTC (``utcnow``)."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
 # Values per bounded ``IN (...)``: SQLite before 3.32 allowed at most 999 bound parameters per statement
 # (SQLITE_MAX_VARIABLE_NUMBER, https://www.sqlite.org/limits.html), and long IN lists plan badly on both databases.
 IN_CHUNK = 500
@@ -195,6 +202,72 @@ class Prediction(Base):
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     decoder: Mapped[str | None] = mapped_column(String(64))  # provenance: e.g. "native", "imagecodecs-... jpeg2k"
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# -- the DICOM network (queries in db/network.py) --------------------------------------------------------------------
+class AssociationRecord(Base):
+    """One association a listener accepted or rejected (no patient attribute: AE titles, hosts, counts)."""
+
+    __tablename__ = "associations"
+    __table_args__ = (Index("ix_associations_started_at", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    listener: Mapped[str] = mapped_column(String(16))  # the called AE title (the listener's own)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str] = mapped_column(String(16))  # open, released, aborted, rejected
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class PullRecord(Base):
+    """One study a `neuron pull` found on a source, and how its retrieval went."""
+
+    __tablename__ = "pulls"
+    __table_args__ = (UniqueConstraint("source", "study_instance_uid", name="uq_pull_source_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(200))  # AE@host:port
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_date: Mapped[date | None] = mapped_column(Date)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    modalities: Mapped[str | None] = mapped_column(String(64))
+    instances_found: Mapped[int | None] = mapped_column(Integer)  # what the source's C-FIND said it holds
+    instances_retrieved: Mapped[int] = mapped_column(Integer, default=0)  # by the last retrieval of this study
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retrieved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeliveryRecord(Base):
+    """One DICOM output (SR, secondary capture) for one destination, and how its delivery went."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_destination_object"),
+                      Index("ix_deliveries_status_due", "status", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(200))  # AE@host:port
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))  # of the output object
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # sr, sc
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 FINDINGS_VIEW = """

@@ -8,7 +8,9 @@
     ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
     │   ├── TransientReadError  the storage failed to deliver a file's bytes (EIO, stale NFS handle, timeout, out of
     │   │                       memory): the file itself may be fine, so the instance is retried, never failed
-    │   └── BrokerUnavailable   the producer could not reach the broker within its wait; instances stay pending
+    │   ├── BrokerUnavailable   the producer could not reach the broker within its wait; instances stay pending
+    │   └── PeerUnavailable     a DICOM peer (PACS, router) could not be reached, refused the association or the
+    │                           request, or answered with a failure: the pull or delivery is retried with backoff
     ├── OutputUnwritable        the results database refuses writes (read-only, full): the run stops, what was
     │                           committed stays, and the same command finishes the rest once it is fixed. Exit code 4.
     └── InputError              permanent and per instance: recorded on the instance, never retried
@@ -59,6 +61,10 @@ class TransientReadError(RetryableError):
 
 class BrokerUnavailable(RetryableError):
     """The broker could not be reached within the producer's wait; nothing was sent, the instances stay pending."""
+
+
+class PeerUnavailable(RetryableError):
+    """A DICOM peer could not be reached or refused what was asked (association, C-FIND, C-GET, C-MOVE, C-STORE)."""
 
 
 class OutputUnwritable(NeuronError):

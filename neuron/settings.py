@@ -41,7 +41,7 @@ ENVIRONMENT = {
     "NEURON_PRECISION": "fp32 (exact: the same answer on CPU and GPU), fp16 or bf16 (fast, CUDA; default: fp32)",
     "NEURON_FOLLOW_LINKS": "1 to follow symbolic links that leave the scanned folder (loops are still cut), 0 not to "
                            "(default: 0)",
-    # the screening options shared by `neuron run` and `neuron worker` (neuron/options.py)
+    # the screening options shared by run, worker, rescreen, listen and pull (neuron_cli/options.py)
     "NEURON_TTA": "1 or 0: test-time augmentation (default: 1)",
     "NEURON_CLAHE": "1 or 0: CLAHE contrast equalisation (default: 1)",
     "NEURON_CLAHE_CLIP": "CLAHE clip limit (default: 2.0)",
@@ -59,6 +59,16 @@ ENVIRONMENT = {
     "NEURON_PATIENT_KEY": "secret for --patient-key: the Patient ID is stored only as HMAC-SHA256(secret, ID), so "
                           "one patient's studies can be grouped without storing who it is",
     "NEURON_REVIEW_TOKEN": "token that `neuron review` requires for writing verdicts (unset: read-only)",
+    # DICOM networking: neuron listen, neuron pull, --send-to (neuron/dicomnet.py)
+    "NEURON_AE_TITLE": "Neuron's own AE title: the listener's, and the calling AE of pull and send (default: NEURON)",
+    "NEURON_SEND_TO": "AE@HOST:PORT[,AE@HOST:PORT]: send each screened study's SR and secondary captures there by "
+                      "C-STORE (unset: not sent)",
+    "NEURON_SEND_ATTEMPTS": "tries per DICOM output and destination before its delivery is failed (default: 5)",
+    "NEURON_SEND_RETRY_SECONDS": "wait before the first retry of a delivery, doubled each try up to 300 (default: 2)",
+    "NEURON_TLS_CERT": "PEM certificate for DICOM TLS (listen, pull, send); unset: no TLS",
+    "NEURON_TLS_KEY": "PEM private key of NEURON_TLS_CERT",
+    "NEURON_TLS_CA": "PEM certificates of the authorities that sign the peers' certificates (listen: callers "
+                     "must present one)",
 }
 
 # Variables of other programs that Neuron honours, read here with its own.
@@ -108,6 +118,10 @@ _SCREENING_ENV = {
     "NEURON_CACHE_DIR": ("cache_dir", lambda _name, v: Path(v)),
     "NEURON_DICOM_OUT": ("dicom_out", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_METRICS_PORT": ("metrics_port", lambda name, v: _parse_int(name, v) if v.strip() else None),
+    "NEURON_SEND_TO": ("send_to", lambda _name, v: tuple(p.strip() for p in v.split(",") if p.strip())),
+    "NEURON_TLS_CERT": ("tls_cert", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_TLS_KEY": ("tls_key", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_TLS_CA": ("tls_ca", lambda _name, v: Path(v) if v.strip() else None),
 }
 
 
@@ -168,6 +182,16 @@ class Settings:
     out_from_env: bool = False  # NEURON_OUT was set: a worker has an output folder
     user_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "neuron")  # XDG_CACHE_HOME
     hub_downloads: bool = False  # HF_HUB_OFFLINE set to a false value: training may download ImageNet weights
+    # DICOM networking (neuron/dicomnet.py): --send-to peers as AE@HOST:PORT; without --dicom-out, sending writes the
+    # outputs to OUT/dicom-out
+    ae_title: str = "NEURON"
+    send_to: tuple[str, ...] = ()
+    send_attempts: int = 5
+    send_retry_s: float = 2.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    broker_given: bool = False  # NEURON_BROKER_URL was set: listen and pull enqueue instead of screening in process
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
     heatmap_root: Path | None = None
@@ -207,6 +231,19 @@ class Settings:
                               f"fp16/bf16 trade a documented tolerance for speed on CUDA")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        self._check_network()
+
+    def _check_network(self) -> None:
+        from neuron.dicomnet import Peer, check_ae_title
+
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "NEURON_AE_TITLE"))
+        object.__setattr__(self, "send_to", tuple(str(Peer.parse(p, "--send-to")) for p in self.send_to))
+        if self.send_attempts < 1:
+            raise ConfigError(f"NEURON_SEND_ATTEMPTS={self.send_attempts} must be at least 1 (one try, no retry)")
+        if self.send_retry_s < 0:
+            raise ConfigError(f"NEURON_SEND_RETRY_SECONDS={self.send_retry_s} must be 0 or more seconds")
+        if self.send_to and self.dicom_out is None:
+            object.__setattr__(self, "dicom_out", self.out_dir / "dicom-out")
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -266,6 +303,13 @@ class Settings:
                 values[key] = parse(name, env[name])
         if "NEURON_FOLLOW_LINKS" in env:
             values["follow_links"] = _parse_bool("NEURON_FOLLOW_LINKS", env["NEURON_FOLLOW_LINKS"])
+        if "NEURON_AE_TITLE" in env:
+            values["ae_title"] = env["NEURON_AE_TITLE"]
+        if "NEURON_SEND_ATTEMPTS" in env:
+            values["send_attempts"] = _parse_int("NEURON_SEND_ATTEMPTS", env["NEURON_SEND_ATTEMPTS"])
+        if "NEURON_SEND_RETRY_SECONDS" in env:
+            values["send_retry_s"] = _parse_float("NEURON_SEND_RETRY_SECONDS", env["NEURON_SEND_RETRY_SECONDS"])
+        values["broker_given"] = bool(env.get("NEURON_BROKER_URL", "").strip())
         if "NEURON_VISIBILITY_TIMEOUT" in env:
             values["visibility_timeout"] = _parse_int("NEURON_VISIBILITY_TIMEOUT", env["NEURON_VISIBILITY_TIMEOUT"])
         if env.get("NEURON_PATIENT_KEY"):
@@ -283,6 +327,8 @@ class Settings:
         for key, value in overrides.items():
             if key not in known:
                 raise TypeError(f"unknown setting {key!r}")
+            if isinstance(value, list):  # a repeatable command-line option: given once or more, or not at all
+                value = tuple(value) or None
             if value is not None:
                 values[key] = value
         try:

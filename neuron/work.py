@@ -2,6 +2,7 @@
 
     producer.scan ── FileEntry(InstanceEntry(InstanceHeader, StudyHeader)) ──► db (index)
     db ── WorkItem (IDs and a path, never pixels) ──► worker.pipeline ── Outcome(FrameResult(LabelScore ...)) ──► db
+    producer.pull ── FoundStudy ──► db;  worker.dicom_out ── OutputObject ──► db ── DeliveryJob ──► worker.send
 
 Every package imports these from here; ``db`` defines only how they are stored. Each type checks its invariants in
 its constructor (an object that exists is valid): a route is held as ``Route``, a status as ``Status``, whatever
@@ -263,3 +264,65 @@ class Outcome:
         object.__setattr__(self, "reason", printable(self.reason))
         if self.frames and self.status is not Status.DONE:
             raise ValueError(f"an outcome with results must be done, not {self.status.value}")
+
+
+# -- what the DICOM network records (db/network.py stores them; producer.listen, producer.pull, worker.send) --------
+class AssociationOutcome(str, Enum):
+    """How an association a listener saw ended (the ``associations`` table)."""
+
+    OPEN = "open"  # still going (or the listener was killed while it was)
+    RELEASED = "released"  # A-RELEASE: the sender finished
+    ABORTED = "aborted"  # A-ABORT, or the connection dropped
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ: a calling AE title outside --allow-ae
+
+
+class PullStatus(str, Enum):
+    """Where the retrieval of one study a ``neuron pull`` found stands (the ``pulls`` table)."""
+
+    FOUND = "found"
+    RETRIEVING = "retrieving"
+    RETRIEVED = "retrieved"
+    FAILED = "failed"
+
+
+class DeliveryStatus(str, Enum):
+    """Where the delivery of one DICOM output to one destination stands (the ``deliveries`` table)."""
+
+    PENDING = "pending"  # waiting for its (next) try
+    SENDING = "sending"  # taken by a sender; taken again by another once its lease passes (the sender died)
+    DELIVERED = "delivered"
+    FAILED = "failed"  # out of tries, or refused for good; ``neuron send --failed`` tries again
+    SUPERSEDED = "superseded"  # a newer version of the object (a rewritten SR) replaced the file before it was sent
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """One study-level C-FIND match: only what retrieval and the worklist need, never a patient attribute."""
+
+    study_instance_uid: str
+    study_date: date | None
+    accession_number: str | None
+    modalities: str | None
+    instances: int | None
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    """A DICOM output written to disk (an SR or a secondary capture), to be delivered."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    kind: str  # sr, sc
+    path: str
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """One delivery a sender has taken: which object to which destination, and how many tries it had."""
+
+    id: int
+    destination: str
+    sop_instance_uid: str
+    path: str
+    attempts: int

@@ -4,6 +4,7 @@ package that does the work; heavy imports (torch, models) happen inside the comm
 
     screening     run, rescreen                          (worker.embedded)
     distributed   scan, worker                           (producer, worker.service)
+    network       listen, pull, send                     (producer.listen, producer.pull, worker.stream, worker.send)
     status        status                                 (db.admin, neuron.queue)
     results       review, export, purge                  (review.app, db.export, db.admin)
     modelling     train, evaluate, models, samples, bench (neuron_models.training, worker.evaluation, worker.bench)
@@ -19,7 +20,7 @@ import sys
 
 import typer
 
-from neuron_cli import database, distributed, modelling, results, screening, status
+from neuron_cli import database, distributed, modelling, network, results, screening, status
 
 # plain help (rich_markup_mode=None): click wraps long help texts and defaults instead of cutting them at the column
 # width, and "[default: ...]" stays literal
@@ -28,8 +29,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "uncertainty and Grad-CAM heatmaps out, in SQL.")
 
 for command in (screening.run, modelling.train, modelling.evaluate, distributed.worker, distributed.scan,
-                status.status, screening.rescreen, results.purge, results.review, results.export, modelling.samples,
-                modelling.models, modelling.bench):
+                network.listen, network.pull, network.send, status.status, screening.rescreen, results.purge,
+                results.review, results.export, modelling.samples, modelling.models, modelling.bench):
     app.command()(command)
 
 db_app = typer.Typer(help="Database schema (Alembic migrations; SQLite or PostgreSQL).", no_args_is_help=True)

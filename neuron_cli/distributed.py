@@ -32,6 +32,8 @@ def worker_places(settings: Settings, out_given: bool) -> Settings:
         missing.append("heatmaps: set NEURON_HEATMAP_DIR (a folder every worker host and reviewer can reach)")
     if not settings.database_url:
         missing.append("results: set NEURON_DATABASE_URL (or --db)")
+    if settings.send_to and settings.dicom_out == settings.out_dir / "dicom-out":
+        missing.append("DICOM outputs for --send-to: set NEURON_DICOM_OUT (or --dicom-out)")
     if missing:
         raise fail(f"the worker has no output folder (--out or NEURON_OUT) and would write into {Path.cwd()}; "
                    f"{'; '.join(missing)}; or set NEURON_OUT to a folder for both", EXIT_SETUP)
@@ -69,11 +71,13 @@ def worker(
         console.print("[bold yellow]WARNING: --weights untrained: results are marked untrained and mean nothing "
                       "clinically.[/]")
     apply_cache_environment(settings.resolved_cache_dir)
+    from worker.send import sending
     from worker.service import run_worker
 
     try:
-        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency, loglevel,
-                   name=name)
+        with sending(settings, wait_s=10.0):  # --send-to; what is left after 10 s goes with the next sender
+            run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], settings.worker_concurrency,
+                       loglevel, name=name)
     except (SetupError, RetryableError) as exc:
         raise fail(str(exc), EXIT_SETUP) from None
 

@@ -1,4 +1,4 @@
-"""The screening options, defined once and shared by ``neuron run`` and ``neuron worker`` (and the environment).
+"""The screening options, defined once and shared by run, worker, rescreen, listen and pull (and the environment).
 
 Each option maps a command-line flag to a ``Settings`` field and, where there is one, its environment variable; the
 help text states the default, taken from ``Settings`` itself, so flags, environment and help cannot drift apart.
@@ -86,6 +86,16 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     default_text="none"),
     ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
                     _env("NEURON_METRICS_PORT"), default_text="off"),
+    ScreeningOption("send_to", "send_to", list[str], "Send each screened study's structured report and secondary "
+                    "captures by C-STORE to AE@HOST:PORT once its results are committed (repeat for several "
+                    "destinations; without --dicom-out they are written to OUT/dicom-out)", _env("NEURON_SEND_TO"),
+                    default_text="none"),
+    ScreeningOption("tls_cert", "tls_cert", Path, "PEM certificate for DICOM TLS (--send-to, listen, pull)",
+                    _env("NEURON_TLS_CERT"), default_text="no TLS"),
+    ScreeningOption("tls_key", "tls_key", Path, "PEM private key of --tls-cert", _env("NEURON_TLS_KEY"),
+                    default_text="none"),
+    ScreeningOption("tls_ca", "tls_ca", Path, "PEM certificates of the authorities that sign the peers' "
+                    "certificates", _env("NEURON_TLS_CA"), default_text="the system's"),
 )
 
 
@@ -98,7 +108,7 @@ def screening_options(func: Callable[..., Any]) -> Callable[..., Any]:
     clash = {p.name for p in own} & {o.param for o in SCREENING_OPTIONS}
     if clash:
         raise TypeError(f"{func.__name__} declares the shared screening options {sorted(clash)} itself; remove them "
-                        f"from the command, neuron.options defines them")
+                        f"from the command, neuron_cli.options defines them")
     extra = [inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=o.annotation())
              for o in SCREENING_OPTIONS]
     positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]

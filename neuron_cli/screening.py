@@ -80,13 +80,14 @@ def run(
     apply_cache_environment(settings.resolved_cache_dir)
     from worker.embedded import ProgressHooks, run_folder
     from worker.pipeline import Pipeline
+    from worker.send import sending
 
     # with --route only that route's model; otherwise each route's model loads with its first instance
     pipeline = Pipeline(load_models(settings, only=[route] if route else None, lazy=route is None), settings)
     start_metrics(settings, pipeline)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-    with progress:
+    with sending(settings) as sender, progress:  # --send-to: deliveries on their own thread, then finished
         scan_task = progress.add_task("indexing", total=None)
         img_task = progress.add_task("screening", total=None, visible=False)
         hooks = ProgressHooks(
@@ -99,8 +100,16 @@ def run(
         except NeuronError as exc:
             raise fail(str(exc), EXIT_SETUP) from None
     _print_summary(report, settings)
+    _print_deliveries(sender, settings)
     failed = report.summary.files.get("failed", 0)
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _print_deliveries(sender, settings: Settings) -> None:
+    """What --send-to delivered (``worker.send.Sender``'s counts), when it was set."""
+    if sender is not None:
+        console.print(f"deliveries to {', '.join(settings.send_to)}: {sender.delivered} delivered, {sender.failed} "
+                      "failed (`neuron status` counts them; `neuron send --failed` tries the failed ones again)")
 
 
 def review_hint(settings: Settings) -> str:
@@ -195,11 +204,13 @@ def rescreen(
     apply_cache_environment(settings.resolved_cache_dir)
     from worker.embedded import rescreen as rescreen_instances
     from worker.pipeline import Pipeline
+    from worker.send import sending
 
     pipeline = Pipeline(load_models(settings), settings)
     start_metrics(settings, pipeline)
     try:
-        report = rescreen_instances(uids, settings, pipeline)
+        with sending(settings):  # --send-to: the rewritten DICOM outputs are delivered
+            report = rescreen_instances(uids, settings, pipeline)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_SETUP) from None
     console.print(f"rescreened {report.screened} of {report.selected} selected instances "

@@ -25,6 +25,7 @@ def gather(settings: Settings, database) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from db.admin import db_status, throughput
+    from db.network import network_status
     from neuron.queue import (
         broker_status,
         held_by_no_live_worker,
@@ -56,6 +57,7 @@ def gather(settings: Settings, database) -> dict:
         "images_per_s": rate.per_second, "images_per_s_window": {"frames": rate.frames, "seconds": rate.seconds},
         "eta_s": eta,
         "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
+        "network": network_status(database),
     }
 
 
@@ -103,6 +105,7 @@ def render(data: dict):
     for node, w in data["workers"].items():
         workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
                         str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
+    _network_rows(table, data.get("network"))
     failures = Table(title="latest failures by reason", show_header=True)
     failures.add_column("instances", justify="right")
     failures.add_column("reason")
@@ -112,6 +115,25 @@ def render(data: dict):
 
 
 STATUS_ORDER = tuple(s.value for s in Status)
+
+
+def _network_rows(table, network: dict | None) -> None:
+    """neuron listen / pull / --send-to in the status table: receiving in the last hour, pulls, deliveries."""
+    if not network:
+        return
+    receiving = network.get("receiving") or {}
+    for caller, r in receiving.get("by_caller", {}).items():
+        table.add_row(f"received from {caller} (last hour)",
+                      f"{r['instances']} instances, {r['bytes'] / 1e6:.1f} MB in {r['associations']} associations; "
+                      f"{r['refused']} refused, {r['rejected']} associations rejected")
+    if receiving.get("last_refusal"):
+        table.add_row("last refusal", receiving["last_refusal"])
+    for source, counts in network.get("pulls", {}).items():
+        table.add_row(f"pulled from {source} (studies)", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for destination, counts in network.get("deliveries", {}).items():
+        table.add_row(f"deliveries to {destination}", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if network.get("last_delivery_error"):
+        table.add_row("last failed delivery", network["last_delivery_error"])
 
 
 def status(
@@ -125,7 +147,8 @@ def status(
                                        min=0)] = 0,
 ) -> None:
     """Queue depth, unacknowledged and in-flight studies, workers alive, studies and instances by status (pending,
-    queued, done, failed, skipped, duplicate), images/s, ETA and the latest failures by reason."""
+    queued, done, failed, skipped, duplicate), images/s, ETA, the latest failures by reason, and the DICOM network:
+    what was received in the last hour, pulls and deliveries by status."""
     import json
     import time
 

@@ -93,7 +93,7 @@ def _options(command) -> dict[str, object]:
     return {p.name: p for p in command.params}
 
 
-def test_run_and_worker_share_every_screening_option_and_its_environment_variable():
+def test_run_worker_listen_and_pull_share_every_screening_option_and_its_environment_variable():
     from neuron.settings import ENVIRONMENT
     from neuron_cli.options import SCREENING_OPTIONS
 
@@ -103,8 +103,10 @@ def test_run_and_worker_share_every_screening_option_and_its_environment_variabl
                  "xrv_sha256", "tta", "clahe", "device", "batch_size", "precision", "cache_dir"):
         assert name in run and name in worker, name
     shared = {o.param for o in SCREENING_OPTIONS}
-    assert {n: run[n].opts for n in shared} == {n: worker[n].opts for n in shared}
-    assert {n: run[n].help for n in shared} == {n: worker[n].help for n in shared}
+    for other in (worker, _options(cli.commands["listen"]), _options(cli.commands["pull"])):
+        assert {n: run[n].opts for n in shared} == {n: other[n].opts for n in shared}
+        assert {n: run[n].help for n in shared} == {n: other[n].help for n in shared}
+    assert {"send_to", "tls_cert", "tls_key", "tls_ca"} <= shared
     for o in SCREENING_OPTIONS:
         assert o.env in ENVIRONMENT
     env = {"NEURON_REVIEW_THRESHOLD": "0.3", "NEURON_MAX_FRAMES": "4", "NEURON_TTA": "0", "NEURON_CACHE_DIR": "/c"}
@@ -118,7 +120,7 @@ def test_help_texts_describe_every_option_with_its_default_uncut_at_80_columns()
     res = subprocess.run([sys.executable, "-m", "neuron", "worker", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "80"}, timeout=60)
     assert "…" not in res.stdout and "[default: max(8, 4 x batch size)" in res.stdout
-    for command in ("run", "worker", "scan", "status", "rescreen", "purge"):
+    for command in ("run", "worker", "scan", "status", "rescreen", "purge", "listen", "pull", "send"):
         for p in _cli().commands[command].params:
             if p.param_type_name == "option":
                 assert p.help, f"{command} {p.opts} has no help"

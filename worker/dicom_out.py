@@ -383,13 +383,26 @@ class DicomWriter:
                 rows = self._findings([study]).get(study, [])
                 if rows:
                     partial = bool(self._open_studies([study]))
+                    before = len(report.written)
                     self._write_study(study, rows, only, partial, report, sr=not (partial and complete_only))
+                    self._queue_for_sending(study, report.written[before:])
         if report.failed:
             log.warning("DICOM outputs: %d written to %s, %d not written (reasons logged above)",
                         len(report.written), self.root, len(report.failed))
         elif report.written:
             log.info("DICOM outputs: %d written to %s", len(report.written), self.root)
         return report
+
+    def _queue_for_sending(self, study: str, written: list[Path]) -> None:
+        """With --send-to, a pending delivery per file just written and destination (worker/send.py sends them)."""
+        if not self.settings.send_to or not written:
+            return
+        from worker.send import record_outputs
+
+        try:
+            record_outputs(self.db, self.settings.send_to, written)
+        except Exception as exc:  # the files are written; a rescreen of the study records them again
+            self._failed(DicomReport(), self.study_dir(study).name, f"deliveries not recorded: {_reason(exc)}")
 
     def _write_study(self, study: str, rows: list[Finding], only: set[str] | None, partial: bool,
                      report: DicomReport, sr: bool = True) -> None:
