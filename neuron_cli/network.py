@@ -155,10 +155,10 @@ def listen(
 
             listen_for_workers(settings, config, rules, admission, stop, ready=ready)
         else:
-            pipeline = _pipeline(settings)
             from worker.stream import listen_in_process
 
-            listen_in_process(settings, config, rules, admission, pipeline, stop, ready=ready)
+            with _pipeline(settings) as pipeline:  # its reader processes and slots end with the listener
+                listen_in_process(settings, config, rules, admission, pipeline, stop, ready=ready)
     except OSError as exc:
         raise fail(f"cannot listen on {config.host}:{port} ({exc.strerror or exc}): another program (a system "
                    "Orthanc, storescp) may hold the port; choose another with --port", EXIT_SETUP) from None
@@ -223,10 +223,10 @@ def pull(
 
             report, left = pull_without_screening(settings, config, query, admission, stop), 0
         else:
-            pipeline = _pipeline(settings)
             from worker.stream import pull_in_process
 
-            report, left = pull_in_process(settings, config, query, admission, pipeline, stop)
+            with _pipeline(settings) as pipeline:
+                report, left = pull_in_process(settings, config, query, admission, pipeline, stop)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_SETUP) from None
     done = ("enqueued for the workers" if settings.broker_given else

@@ -81,13 +81,15 @@ def run(
     from worker.embedded import ProgressHooks, run_folder
     from worker.pipeline import Pipeline
     from worker.send import sending
+    from worker.slots import terminate_cleanly
 
     # with --route only that route's model; otherwise each route's model loads with its first instance
     pipeline = Pipeline(load_models(settings, only=[route] if route else None, lazy=route is None), settings)
     start_metrics(settings, pipeline)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-    with sending(settings) as sender, progress:  # --send-to: deliveries on their own thread, then finished
+    # SIGTERM ends the run through Python, so the readers' shared memory is unlinked (worker.slots)
+    with terminate_cleanly(), pipeline, sending(settings) as sender, progress:
         scan_task = progress.add_task("indexing", total=None)
         img_task = progress.add_task("screening", total=None, visible=False)
         hooks = ProgressHooks(
@@ -205,11 +207,12 @@ def rescreen(
     from worker.embedded import rescreen as rescreen_instances
     from worker.pipeline import Pipeline
     from worker.send import sending
+    from worker.slots import terminate_cleanly
 
     pipeline = Pipeline(load_models(settings), settings)
     start_metrics(settings, pipeline)
     try:
-        with sending(settings):  # --send-to: the rewritten DICOM outputs are delivered
+        with terminate_cleanly(), pipeline, sending(settings):  # --send-to: the rewritten outputs are delivered
             report = rescreen_instances(uids, settings, pipeline)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_SETUP) from None

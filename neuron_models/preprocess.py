@@ -260,6 +260,14 @@ class Preprocessor:
             pg = unpacked.params.index_select(0, idx).view(count, N_PARAMS, 1, 1)
             if g.color:
                 x = _unit_color(raw.reshape(count, *g.shape[:2], 3).to(torch.float32), pg)
+            elif isinstance(raw, list):  # frames referenced where they lie: each converted to float32 in one copy
+                frames = [r.reshape(g.shape[:2]) for r in raw]
+                if crop and g.pointwise:
+                    frames = [center_square(r) for r in frames]
+                stored = torch.empty(count, *frames[0].shape, dtype=torch.float32)
+                for j, r in enumerate(frames):
+                    stored[j].copy_(r)
+                x = _unit_gray(stored, pg, g, unpacked.tables)
             else:
                 raw = raw.reshape(count, *g.shape[:2])
                 if crop and g.pointwise:

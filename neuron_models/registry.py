@@ -6,6 +6,7 @@ Each model's config is a dataclass next to its builder. Every registered model h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -122,8 +123,9 @@ class PipelineSpec:
                 "tta": self.tta.as_dict(), "decoder": self.decoder, "mc_dropout": self.mc_dropout,
                 "members": list(self.members), "precision": self.precision}
 
-    @property
+    @functools.cached_property
     def config_hash(self) -> str:
+        """Computed once per spec (a frozen value): every result row carries it."""
         blob = json.dumps(self.as_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

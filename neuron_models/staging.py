@@ -99,7 +99,9 @@ class StagedBatch:
     n_tables: int
     table_len: int
     photometric: tuple[str, ...]
-    on_device: dict[int, torch.Tensor] = field(default_factory=dict)  # frames decoded on the device (GPU decode)
+    # frames referenced, not copied into the buffer: decoded on the device (GPU decode), or lying in host memory the
+    # caller keeps for the batch (the readers' shared-memory slots), by batch position
+    on_device: dict[int, torch.Tensor] = field(default_factory=dict)
     slot: int = -1  # which buffer of the stager's pinned ring holds it (-1: a plain buffer)
     order_offset: int = 0  # where the groups' batch positions lie (int64), so no index list is copied separately
 
@@ -114,10 +116,11 @@ def _torch_dtype(arr: np.ndarray) -> torch.dtype:
     return torch.from_numpy(arr[:0].reshape(-1)).dtype
 
 
-def pack(frames: Sequence[DecodedFrame], allocate: Callable[[int], torch.Tensor]) -> StagedBatch:
+def pack(frames: Sequence[DecodedFrame], allocate: Callable[[int], torch.Tensor],
+         refer: Callable[[np.ndarray], bool] | None = None) -> StagedBatch:
     """Group the frames and write their scalars, tables, positions and stored values into ``allocate(nbytes)``, a
-    flat uint8 tensor of at least that size. Frames whose pixels are already device tensors (decoded on the GPU) are
-    referenced, not copied."""
+    flat uint8 tensor of at least that size. Frames whose pixels are already device tensors (decoded on the GPU), or
+    host arrays ``refer`` accepts (memory the caller keeps until the batch is done), are referenced, not copied."""
     groups: dict[tuple, list[int]] = {}
     tables: list[np.ndarray] = []
     lut_rows: dict[int, int] = {}
@@ -129,8 +132,8 @@ def pack(frames: Sequence[DecodedFrame], allocate: Callable[[int], torch.Tensor]
                 rows[id(lut)] = len(tables)
                 tables.append(lut.table)
         pixels = fr.pixels
-        on_device = isinstance(pixels, torch.Tensor)
-        dtype = pixels.dtype if on_device else _torch_dtype(pixels)
+        on_device = isinstance(pixels, torch.Tensor) or (refer is not None and refer(pixels))
+        dtype = pixels.dtype if isinstance(pixels, torch.Tensor) else _torch_dtype(pixels)
         key = (tuple(pixels.shape), dtype, on_device, display_mode(p), p.modality_lut is not None and not p.color,
                p.color, not p.color and (p.slope != 1.0 or p.intercept != 0.0), p.invert and not p.color)
         groups.setdefault(key, []).append(i)
@@ -159,7 +162,8 @@ def pack(frames: Sequence[DecodedFrame], allocate: Callable[[int], torch.Tensor]
             block[r, :t.size] = t
     for g in layout:
         if g.offset < 0:
-            staged.on_device.update({i: frames[i].pixels for i in g.indices})
+            staged.on_device.update({i: frames[i].pixels if isinstance(frames[i].pixels, torch.Tensor)
+                                     else torch.from_numpy(frames[i].pixels) for i in g.indices})
             continue
         nbytes = len(g.indices) * int(np.prod(g.shape)) * g.dtype.itemsize
         dest = host[g.offset:g.offset + nbytes].view(frames[g.indices[0]].pixels.dtype).reshape(-1, *g.shape)
@@ -174,7 +178,8 @@ class Unpacked:
 
     params: torch.Tensor  # (N, N_PARAMS) float32
     tables: torch.Tensor | None  # (n_tables, table_len) float32
-    groups: list[tuple[FrameGroup, torch.Tensor, torch.Tensor]]  # (group, batch positions, stored values (n, ...))
+    # (group, batch positions, stored values: one (n, ...) tensor, or on the CPU the referenced frames as a list)
+    groups: list[tuple[FrameGroup, torch.Tensor, torch.Tensor | list[torch.Tensor]]]
 
 
 def unpack(staged: StagedBatch, flat: torch.Tensor | None = None) -> Unpacked:
@@ -194,11 +199,17 @@ def unpack(staged: StagedBatch, flat: torch.Tensor | None = None) -> Unpacked:
         idx = order[start:start + count]
         start += count
         if g.offset < 0:
-            raw = torch.stack([staged.on_device[i] for i in g.indices]).to(flat.device)
+            refs = [staged.on_device[i] for i in g.indices]
+            if all(r.device == flat.device for r in refs) and flat.device.type == "cpu" and not g.color:
+                raw = refs  # host frames referenced in place: the caller converts each, one copy (no stacking)
+            else:
+                raw = torch.stack([r.to(flat.device) for r in refs])
         else:
             size = count * int(np.prod(g.shape))
             raw = flat[g.offset:g.offset + size * g.dtype.itemsize].view(g.dtype).view(-1, *g.shape)
-        if raw.dtype == torch.bool:
+        if isinstance(raw, list):
+            raw = [r.to(torch.uint8) if r.dtype == torch.bool else r for r in raw]
+        elif raw.dtype == torch.bool:
             raw = raw.to(torch.uint8)
         groups.append((g, idx, raw))
     return Unpacked(params, tables, groups)

@@ -123,14 +123,19 @@ class _Sink:
         self.stale_heatmaps: set[str] = set()
 
     def __call__(self, outcome: Outcome) -> None:
-        self.count += 1
-        future = self.writer.submit([outcome], replace=self.replace)
+        self.batch([outcome])
+
+    def batch(self, outcomes: list[Outcome]) -> None:
+        """The outcomes that finished together (a batch's): one submission to the writer."""
+        self.count += len(outcomes)
+        future = self.writer.submit(outcomes, replace=self.replace)
         future.add_done_callback(self._committed)
-        if self.dicom is not None and outcome.status is Status.DONE and outcome.frames:
-            uid = outcome.sop_instance_uid
-            future.add_done_callback(lambda f: f.exception() is None and self.dicom.add([uid]))
+        if self.dicom is not None:
+            done = [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames]
+            if done:
+                future.add_done_callback(lambda f: f.exception() is None and self.dicom.add(done))
         self._futures.append(future)
-        if len(self._futures) >= 256:
+        if len(self._futures) >= 64:
             self.check(wait=False)
 
     def _committed(self, future) -> None:
@@ -209,10 +214,10 @@ def _screen(pipeline: Pipeline, items: Iterable[WorkItem | IndexItem], sink: _Si
             progress: Callable[[int], None] | None, admit: Admit | None = None) -> None:
     """Run the pipeline over ``items``, then once more over what the commits put back in line from a duplicate copy
     (each pass uses up one copy per instance, so it ends)."""
-    pipeline.run(items, sink, progress=progress, admit=admit)
+    pipeline.run(items, progress=progress, admit=admit, batch_sink=sink.batch)
     sink.check()
     while rescued := sink.take_rescued():
-        pipeline.run(db.work_items(sop_uids=rescued), sink, progress=progress)
+        pipeline.run(db.work_items(sop_uids=rescued), progress=progress, batch_sink=sink.batch)
         sink.check()
 
 
@@ -225,6 +230,7 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
     try:
         db.create()
         dicom = _dicom_outputs(settings)  # before screening: an unwritable --dicom-out stops the run early
+        own = pipeline is None  # a pipeline made here is closed here (its reader processes and slots)
         pipeline = pipeline or Pipeline(Models.from_settings(settings, lazy=True), settings)
         models = pipeline.models
         prepare_database(db, models, pipeline.settings, pipeline.heatmap_dir)
@@ -243,6 +249,8 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
         finally:
             if dicom is not None:  # the outputs of what was committed, also when the run stopped early
                 dicom.close()
+            if own:
+                pipeline.close()
         return RunReport(walk.result, sink.count, started, db.summary(since=started))
     finally:
         db.dispose()

@@ -58,7 +58,7 @@ class _Stopped(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity: instances are collected in sets
 class _Instance:
     item: WorkItem
     expected: int
@@ -139,6 +139,7 @@ class Pipeline:
                 self._slots.page_lock()
             cfg = ReaderConfig.of(self.settings, self.stager.defer_syntaxes, self.reader)
             self._readers = ReaderPool(self.readers_n, cfg, self._slots)
+            self.stager.refer = self._slots.holds  # frames in slots are staged by reference: no host copy
         return self._readers, self._slots
 
     def close(self) -> None:
@@ -156,15 +157,19 @@ class Pipeline:
     def heatmap_dir(self):
         return self.shaper.heatmap_dir
 
-    def run(self, items: Iterable[WorkItem | IndexItem | object], sink: Callable[[Outcome], None],
-            progress: Callable[[int], None] | None = None, admit: Admit | None = None) -> None:
-        """Screen every item; call ``sink`` once per instance with its Outcome, in completion order, on this thread.
+    def run(self, items: Iterable[WorkItem | IndexItem | object], sink: Callable[[Outcome], None] | None = None,
+            progress: Callable[[int], None] | None = None, admit: Admit | None = None,
+            batch_sink: Callable[[list[Outcome]], None] | None = None) -> None:
+        """Screen every item; call ``sink`` once per instance with its Outcome (or ``batch_sink`` once per list of the
+        outcomes that finished together: a batch's), in completion order, on this thread.
 
         ``items`` may be endless (the distributed worker's feed) and may yield ``IDLE`` when nothing new has arrived;
         partial batches whose first frame has waited ``max_wait_ms`` are run rather than held back. ``IndexItem``s
         (files to index and read in one pass) need ``admit``, which records their entries and says which of them to
         screen (``worker.admission``)."""
-        _Run(self, admit).run(items, sink, progress)
+        if (sink is None) == (batch_sink is None):
+            raise TypeError("give the run one of sink (an outcome at a time) or batch_sink (lists of outcomes)")
+        _Run(self, admit).run(items, batch_sink or (lambda outcomes: [sink(o) for o in outcomes]), progress)
 
     def decode_only(self, items: Iterable[WorkItem]) -> int:
         """The decode bound: files to raw frames on the device through the same readers, stager and upload as a
@@ -197,6 +202,19 @@ class Pipeline:
         return len(frames)
 
 
+def _write_all(writer: Callable[[str, np.ndarray], None], writes: list[tuple[str, np.ndarray]]
+               ) -> list[BaseException | None]:
+    """A batch's heatmaps, in a PNG pool thread (OpenCV's encoder releases the GIL); each write's error, or None."""
+    errors: list[BaseException | None] = []
+    for path, image in writes:
+        try:
+            writer(path, image)
+            errors.append(None)
+        except Exception as exc:  # the folder's fault (full, read-only): that instance stays pending, the rest go on
+            errors.append(exc)
+    return errors
+
+
 def _close(parts: dict) -> None:
     readers, slots = parts.get("_readers"), parts.get("_slots")
     parts["_readers"] = parts["_slots"] = None
@@ -225,7 +243,7 @@ class _Run:
         self.to_device: queue.Queue = queue.Queue(maxsize=1)
         self.to_results: queue.Queue = queue.Queue(maxsize=2)
         self.outcomes: queue.Queue = queue.Queue(maxsize=4 * batch_size)
-        self.png_slots = threading.Semaphore(4 * batch_size)
+        self.png_slots = threading.Semaphore(4)  # batches whose PNGs are being written
         self.lock = threading.Lock()
         cuda = pipeline.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(pipeline.device) if cuda else None
@@ -438,7 +456,7 @@ class _Run:
             if isinstance(fr, InputError):
                 inst.error = inst.error or fr
                 self._done_with([(inst, frame)])
-                self._frame_done(inst, None, [])
+                self._frames_done([(inst, None)], [], None)
             else:
                 kept.append((inst, fr))
         return Batch(batch.key, tuple(kept), batch.reason)
@@ -454,10 +472,11 @@ class _Run:
                 chunks = self._launch(batch, staged)
                 if self.compute_stream is None:  # the CPU ran the job synchronously; CUDA is timed with events
                     stats.ran(time.perf_counter() - started)
-                self._done_with(list(batch.items))  # their pixels are staged and uploaded: the slots can go
                 for launched in chunks:
                     self._put(self.to_results, launched)
             except RetryableError as exc:  # a single image that does not fit on the device
+                if self.copy_stream is not None:
+                    self.copy_stream.synchronize()  # no copy out of the slots is still under way
                 self._done_with(list(batch.items))
                 for inst, _ in batch.items:
                     inst.error = inst.error or Transient(str(exc))
@@ -500,6 +519,8 @@ class _Run:
         return out
 
     def _results(self, pngs: ThreadPoolExecutor) -> None:
+        """Each batch's rows, and one PNG task for all of its heatmaps: the outcomes of the batch's finished
+        instances go out together once its PNGs are written (per batch, not per image, the queue hand-offs)."""
         job, shaper = self.p.job, self.p.shaper
         while (launched := self._get(self.to_results)) is not _EOF:
             if launched.event is not None:
@@ -508,55 +529,70 @@ class _Run:
                     self.p.stats.ran(launched.started.elapsed_time(launched.event) / 1000.0)
             with self.lock:
                 self.finished += launched.last_chunk
+            if launched.prepared is not None:  # the device is done with the frames' pixels (uploaded, computed)
+                self._done_with(launched.frames)
+            done: list[tuple[_Instance, FrameResult | None]] = []
+            writes: list[tuple[_Instance, str, np.ndarray]] = []
             if launched.prepared is None:  # the device refused the batch: every instance retries
-                for inst, _ in launched.frames:
-                    self._frame_done(inst, None, [])
-                self._put(self.outcomes, ("progress", len(launched.frames)))
-                continue
-            host = {name: t.numpy() for name, t in launched.host.items()}
-            frames = [fr for _, fr in launched.frames]
-            results = job.split_results(launched.route, frames, launched.prepared, host)
-            for (inst, _), res in zip(launched.frames, results, strict=True):
-                if isinstance(res, InputError):
-                    inst.error = inst.error or res
-                    self._frame_done(inst, None, [])
-                    continue
-                row, writes = shaper.frame_result(launched.route, res)
-                self._frame_done(inst, row, writes, pngs)
+                done = [(inst, None) for inst, _ in launched.frames]
+            else:
+                host = {name: t.numpy() for name, t in launched.host.items()}
+                frames = [fr for _, fr in launched.frames]
+                for (inst, _), res in zip(launched.frames, job.split_results(launched.route, frames,
+                                                                            launched.prepared, host), strict=True):
+                    if isinstance(res, InputError):
+                        inst.error = inst.error or res
+                        done.append((inst, None))
+                        continue
+                    row, pictures = shaper.frame_result(launched.route, res)
+                    done.append((inst, row))
+                    writes += [(inst, path, image) for path, image in pictures]
+            self._frames_done(done, writes, pngs)
             self._put(self.outcomes, ("progress", len(launched.frames)))
         pngs.shutdown(wait=True)
         self._put(self.outcomes, _EOF)
 
-    def _frame_done(self, inst: _Instance, row: FrameResult | None, writes: list[tuple[str, np.ndarray]],
-                    pngs: ThreadPoolExecutor | None = None) -> None:
+    def _frames_done(self, done: list[tuple[_Instance, FrameResult | None]],
+                     writes: list[tuple[_Instance, str, np.ndarray]], pngs: ThreadPoolExecutor | None) -> None:
+        """Record a batch's frames; the heatmaps of instances without an error go to the PNG pool as one task."""
         with self.lock:
-            inst.seen += 1
-            if row is not None and inst.error is None:
-                inst.results.append(row)
-                inst.writes += len(writes)
-            else:
-                writes = []
-        for path, image in writes:
+            for inst, row in done:
+                inst.seen += 1
+                if row is not None and inst.error is None:
+                    inst.results.append(row)
+            writes = [w for w in writes if w[0].error is None]
+            for inst, _, _ in writes:
+                inst.writes += 1
+        if writes and pngs is not None:
             while not self.png_slots.acquire(timeout=_POLL):
                 if self.stop.is_set():
                     raise _Stopped
-            pngs.submit(self.p.png_writer, path, image).add_done_callback(lambda f, inst=inst: self._written(inst, f))
-        self._maybe_emit(inst)
+            task = pngs.submit(_write_all, self.p.png_writer, [(path, image) for _, path, image in writes])
+            task.add_done_callback(lambda f: self._written([inst for inst, _, _ in writes], f))
+        self._emit({inst for inst, _ in done})
 
-    def _written(self, inst: _Instance, future: Future) -> None:
+    def _written(self, owners: list[_Instance], future: Future) -> None:
+        """A batch's PNG task ended: each write's error, if any, is its instance's."""
         self.png_slots.release()
+        errors = future.result() if future.exception() is None else [future.exception()] * len(owners)
         with self.lock:
-            inst.writes -= 1
-            if future.exception() is not None and inst.write_error is None:
-                inst.write_error = future.exception()
-        self._maybe_emit(inst)
+            for inst, error in zip(owners, errors, strict=True):
+                inst.writes -= 1
+                if error is not None and inst.write_error is None:
+                    inst.write_error = error
+        self._emit(set(owners))
 
-    def _maybe_emit(self, inst: _Instance) -> None:
+    def _emit(self, instances: set[_Instance]) -> None:
+        """The outcomes of those of ``instances`` that are complete (every frame back, every heatmap written), in one
+        hand-off."""
+        ready = []
         with self.lock:
-            if inst.seen != inst.expected or inst.writes != 0 or inst.emitted:
-                return
-            inst.emitted = True
-        self._put(self.outcomes, self._outcome(inst))
+            for inst in instances:
+                if inst.seen == inst.expected and inst.writes == 0 and not inst.emitted:
+                    inst.emitted = True
+                    ready.append(inst)
+        if ready:
+            self._put(self.outcomes, [self._outcome(inst) for inst in ready])
 
     def _outcome(self, inst: _Instance) -> Outcome:
         if inst.error is not None or inst.write_error is not None:
@@ -565,7 +601,8 @@ class _Run:
         return self.p.shaper.outcome(inst.item, inst.results, inst.error, inst.write_error)
 
     # -- the run --------------------------------------------------------------------------------------------------
-    def run(self, items: Iterable, sink: Callable[[Outcome], None], progress: Callable[[int], None] | None) -> None:
+    def run(self, items: Iterable, sink: Callable[[list[Outcome]], None],
+            progress: Callable[[int], None] | None) -> None:
         pngs = ThreadPoolExecutor(2, thread_name_prefix="png")
         threads = [self._stage_thread("feed", lambda: self._feed(items)),
                    self._stage_thread("batch", self._batch),
@@ -586,6 +623,8 @@ class _Run:
                 if got is _EOF:
                     break
                 if isinstance(got, Outcome):
+                    sink([got])
+                elif isinstance(got, list):  # the instances that finished together (a batch's)
                     sink(got)
                 elif progress is not None:
                     progress(got[1])

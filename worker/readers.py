@@ -16,6 +16,7 @@ on another reader, then failed with the reason; their slots return and a new rea
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuron.errors import DecodeError
+from neuron.errors import DecodeError, TransientReadError
 from neuron.settings import Settings, swap_prefix
 from neuron.work import FileEntry, Route, Status, WorkItem
 from neuron_models.image import DecodedFrame, EncodedFrame
@@ -237,6 +238,9 @@ class ReaderPool:
         self.deaths = 0
         self._receiver = threading.Thread(target=self._receive, name="read-receiver", daemon=True)
         self._receiver.start()
+        # at exit, before multiprocessing ends its daemonic children (atexit runs last-registered first): the readers
+        # stop as readers, not as deaths to recover from
+        atexit.register(self.close)
 
     def _start(self) -> _Reader:
         req_recv, req_send = self.context.Pipe(duplex=False)
@@ -299,6 +303,7 @@ class ReaderPool:
                 return
             self._closed = True
             readers = list(self._readers)
+        atexit.unregister(self.close)
         for r in readers:
             try:
                 r.requests.send(None)
@@ -315,6 +320,16 @@ class ReaderPool:
             r.results.close()
 
     # -- the receiver thread ----------------------------------------------------------------------------------------
+    def _fail_all(self, error: BaseException) -> None:
+        """Under the lock: every request in flight or waiting ends with ``error`` (called on its own thread)."""
+        requests = list(self._requests.values()) + list(self._waiting)
+        self._requests.clear()
+        self._waiting.clear()
+        for r in self._readers:
+            r.held.clear()
+        for req in requests:
+            threading.Thread(target=req.done, args=(req.item, req.slot, error, 0.0), daemon=True).start()
+
     def _receive(self) -> None:
         while True:
             with self._lock:
@@ -363,7 +378,13 @@ class ReaderPool:
                 return
             self.deaths += 1
             index = self._readers.index(reader)
-            self._readers[index] = self._start()
+            try:
+                self._readers[index] = self._start()
+            except OSError as exc:  # the process is ending (its forkserver gone): nothing more is read
+                self._closed = True
+                self._fail_all(TransientReadError(f"the reader processes could not be restarted ({exc}); the file "
+                                                  "is read again by the next run"))
+                return
             orphans = [(rid, self._requests.pop(rid)) for rid in sorted(reader.held) if rid in self._requests]
             retried, failed = [], []
             for _, req in orphans:

@@ -94,6 +94,7 @@ class ResultShaper:
         self.settings = settings
         self.worker_id = worker_id
         self.heatmap_dir = settings.heatmap_dir.resolve()
+        self._root = str(self.heatmap_dir)
 
     def frame_result(self, route, inf: FrameInference) -> tuple[FrameResult, list[tuple[str, np.ndarray]]]:
         """The rows of one frame and the heatmaps to write ((path, BGR uint8 image) pairs)."""
@@ -105,9 +106,9 @@ class ResultShaper:
         for slot, label_idx in enumerate(inf.order[: inf.overlays.shape[0]]):
             rel = heatmap_name(inf.frame.sop_instance_uid, inf.frame.frame, spec.model, spec.weights,
                                names[label_idx], spec.config_hash)
-            path = self.heatmap_dir / rel
-            heatmaps[int(label_idx)] = self.settings.to_shared(str(path))
-            writes.append((str(path), inf.overlays[slot]))
+            path = f"{self._root}/{rel}"
+            heatmaps[int(label_idx)] = self.settings.to_shared(path)
+            writes.append((path, inf.overlays[slot]))
         threshold = self.settings.review_threshold
         scores = []
         for idx, name in enumerate(names):

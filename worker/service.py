@@ -130,6 +130,7 @@ class StudyBatcher:
         self._stop.set()
         self._thread.join(timeout=30)
         self.report.tick(final=True)
+        self.pipeline.close()  # its reader processes and shared-memory slots
 
     def _feed(self) -> Iterator[WorkItem | object]:
         while not self._stop.is_set():
@@ -139,19 +140,21 @@ class StudyBatcher:
             except queue.Empty:
                 yield IDLE
 
-    def _sink(self, outcome: Outcome) -> None:
+    def _sink(self, outcomes: list[Outcome]) -> None:
+        """The outcomes that finished together: each to the studies waiting for it."""
         with self._lock:
-            subs = self._waiting.pop(outcome.sop_instance_uid, [])
-        for sub in subs:
-            sub.outcomes.append(outcome)
-            sub.remaining.discard(outcome.sop_instance_uid)
-            if not sub.remaining and not sub.future.done():
-                sub.future.set_result(sub.outcomes)
+            waiting = [(o, self._waiting.pop(o.sop_instance_uid, [])) for o in outcomes]
+        for outcome, subs in waiting:
+            for sub in subs:
+                sub.outcomes.append(outcome)
+                sub.remaining.discard(outcome.sop_instance_uid)
+                if not sub.remaining and not sub.future.done():
+                    sub.future.set_result(sub.outcomes)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.pipeline.run(self._feed(), self._sink)
+                self.pipeline.run(self._feed(), batch_sink=self._sink)
             except Exception as exc:  # a device error: fail what is waiting; their tasks retry
                 log.exception("engine failed; failing the studies in flight so they are retried")
                 with self._lock:

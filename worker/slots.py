@@ -129,6 +129,14 @@ class SlotPool:
         start = slot * self.slot_bytes + offset
         return self.array[start:start + nbytes].view(dt).reshape(shape)
 
+    def holds(self, arr) -> bool:
+        """Whether a numpy array lies in this pool's segment (a frame a reader wrote)."""
+        if not hasattr(arr, "ctypes") or self._closed:
+            return False
+        start = self.array.ctypes.data
+        at = arr.ctypes.data
+        return start <= at and at + arr.nbytes <= start + self.array.nbytes
+
     def page_lock(self) -> None:
         """Register the segment with CUDA once (``cudaHostRegister``): copies from it to the GPU are then
         asynchronous, from the slots themselves."""

@@ -43,6 +43,8 @@ class Stager:
 
     def __init__(self, device: torch.device, ring: int = 3):
         self.device = device
+        # host frames the stager references instead of copying (the readers' slots, kept until the batch is done)
+        self.refer = None
         self.pinned = device.type == "cuda"
         self._slots: list[torch.Tensor | None] = [None] * ring
         self._events: list = [None] * ring
@@ -77,7 +79,7 @@ class Stager:
 
     def stage(self, frames: Sequence[DecodedFrame]) -> StagedBatch:
         """Pack decoded frames into the next buffer."""
-        staged = pack(frames, self._buffer)
+        staged = pack(frames, self._buffer, self.refer)
         staged.slot = (self._next - 1) % len(self._slots) if self.pinned else -1
         return staged
 
@@ -99,6 +101,9 @@ class Stager:
         CPU the buffer itself."""
         if self.device.type != "cuda":
             return staged.buffer
+        for i, t in list(staged.on_device.items()):  # referenced host frames: from page-locked slots, asynchronously
+            if t.device.type == "cpu":
+                staged.on_device[i] = t.to(self.device, non_blocking=True)
         flat = staged.buffer.to(self.device, non_blocking=True)
         if staged.slot >= 0:
             event = torch.cuda.Event()

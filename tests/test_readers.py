@@ -1,0 +1,128 @@
+"""Reader processes and their shared-memory slots (worker/readers.py, worker/slots.py): real processes reading real
+files; a reader killed mid-read, and the driving process ended by SIGTERM or SIGKILL, each leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from neuron.work import Route, Status, WorkItem
+from worker.pipeline import Pipeline
+from worker.slots import PREFIX, SHM_DIR, SlotPool, reclaim_leftovers
+
+from .conftest import small_chest
+from .test_distributed import make_archive
+from .test_scenarios import seed_untrained_cache
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def segments(pid: int) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
+
+
+@dataclass(frozen=True)
+class DieOn:
+    """Kills the reader process that reads ``uid`` (as the OOM killer or a decoder crash would); with ``once`` only
+    the first time (a marker file remembers it), so the second reader reads the file."""
+
+    uid: str
+    marker: Path
+    once: bool = False
+
+    def __call__(self, item, read):
+        if item.sop_instance_uid == self.uid and not (self.once and self.marker.exists()):
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read()
+
+
+def _items(paths) -> list[WorkItem]:
+    return [WorkItem(f"1.2.826.0.1.3680043.97.{i}", str(p), Route.CHEST_XRAY, 1) for i, p in enumerate(paths)]
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["dies-once", "dies-twice"])
+def test_a_reader_that_dies_costs_only_its_file_and_gives_its_slot_back(tmp_path, chest_small, untrained_settings,
+                                                                        models, once):
+    files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=4) for i in range(4)]
+    items = _items(files)
+    settings = untrained_settings.with_(out_dir=tmp_path / "out", batch_size=2)
+    outcomes = {}
+    with Pipeline(models, settings, reader=DieOn(items[1].sop_instance_uid, tmp_path / "died", once)) as pipe:
+        pipe.run(items, lambda o: outcomes.update({o.sop_instance_uid: o}))
+        readers, slots = pipe.readers()
+        assert slots.free == slots.n  # every slot came back, the dead reader's too
+        assert readers.deaths == (1 if once else 2)
+        assert len(readers._readers) == settings.decode_workers and all(  # noqa: SLF001 - replaced, all alive
+            r.process.is_alive() for r in readers._readers)  # noqa: SLF001
+    victim = outcomes.pop(items[1].sop_instance_uid)
+    assert {o.status for o in outcomes.values()} == {Status.DONE} and len(outcomes) == 3
+    if once:
+        assert victim.status is Status.DONE  # read again by another reader
+    else:
+        assert victim.status is Status.FAILED and "reader process ended" in victim.reason
+        assert "again on a second try" in victim.reason and "re-export" in victim.reason
+    assert segments(os.getpid()) == []  # closed: the segment is unlinked
+
+
+def test_reclaiming_removes_the_segments_of_ended_processes_only(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f"{PREFIX}{dead}-abcd").write_bytes(b"x")
+    (tmp_path / f"{PREFIX}{os.getpid()}-live").write_bytes(b"x")
+    assert reclaim_leftovers(tmp_path) == [f"{PREFIX}{dead}-abcd"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{PREFIX}{os.getpid()}-live"]
+
+
+def test_a_pool_larger_than_dev_shm_is_refused_with_the_fix(tmp_path):
+    from neuron.errors import ConfigError
+
+    free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    with pytest.raises(ConfigError, match=r"--batch-size.*shm-size"):
+        SlotPool(4, free // 2)
+
+
+def _run(folder: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "neuron", "run", str(folder), "--out", str(out), "--device", "cpu",
+                             "--weights", "untrained", "--batch-size", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_segment(proc: subprocess.Popen) -> list[str]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if found := segments(proc.pid):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"`neuron run` made no shared memory (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def test_sigterm_and_sigkill_of_neuron_run_leave_nothing_in_dev_shm(tmp_path, chest_small, untrained_settings):
+    folder, out = tmp_path / "archive", tmp_path / "out"
+    make_archive(folder, chest_small, studies=40)
+    seed_untrained_cache(untrained_settings, out)
+    # SIGTERM: the run ends through Python and unlinks its slots
+    proc = _run(folder, out)
+    _wait_for_segment(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    assert segments(proc.pid) == []
+    # SIGKILL: nothing of the run's can clean up; its resource tracker (a separate process) or the next run does
+    proc = _run(folder, out)
+    _wait_for_segment(proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started, its resource tracker included
+    proc.wait(timeout=60)
+    assert segments(proc.pid), "SIGKILL of the whole group should leave the segment for the next run to reclaim"
+    again = _run(folder, out)
+    _wait_for_segment(again)
+    assert segments(proc.pid) == []  # reclaimed by the next run's start
+    again.send_signal(signal.SIGTERM)
+    again.wait(timeout=120)
+    assert segments(again.pid) == []
