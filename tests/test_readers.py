@@ -58,6 +58,7 @@ def test_a_reader_that_dies_costs_only_its_file_and_gives_its_slot_back(tmp_path
     with Pipeline(models, settings, reader=DieOn(items[1].sop_instance_uid, tmp_path / "died", once)) as pipe:
         pipe.run(items, lambda o: outcomes.update({o.sop_instance_uid: o}))
         readers, slots = pipe.readers()
+        segment = slots.name
         assert slots.free == slots.n  # every slot came back, the dead reader's too
         assert readers.deaths == (1 if once else 2)
         assert len(readers._readers) == settings.decode_workers and all(  # noqa: SLF001 - replaced, all alive
@@ -69,7 +70,7 @@ def test_a_reader_that_dies_costs_only_its_file_and_gives_its_slot_back(tmp_path
     else:
         assert victim.status is Status.FAILED and "reader process ended" in victim.reason
         assert "again on a second try" in victim.reason and "re-export" in victim.reason
-    assert segments(os.getpid()) == []  # closed: the segment is unlinked
+    assert segment not in segments(os.getpid())  # closed: the segment is unlinked (other tests' pipelines may be open)
 
 
 def test_reclaiming_removes_the_segments_of_ended_processes_only(tmp_path):

@@ -635,6 +635,8 @@ class _Run:
             pngs.shutdown(wait=True)
             if self.admission is not None:
                 self.admission.stop()
+                self.admission = None  # it forwards to this run: the cycle ends here, so the pipeline is freed (and
+                # closed) with its last reference rather than at the next garbage collection
             if not self.readers.wait_idle(timeout=60):  # a read still in flight would write into a reused slot
                 log.warning("a reader did not finish within 60 s after the run ended; restarting the readers")
                 self.p.close()
