@@ -61,7 +61,7 @@ def test_a_reader_that_dies_costs_only_its_file_and_gives_its_slot_back(tmp_path
         readers, slots = pipe.readers()
         assert slots.free == slots.n  # every slot came back, the dead reader's too
         assert readers.deaths == (1 if once else 2)
-        assert len(readers._readers) == settings.decode_workers and all(  # noqa: SLF001 - replaced, all alive
+        assert len(readers._readers) == settings.readers and all(  # noqa: SLF001 - replaced, all alive
             r.process.is_alive() for r in readers._readers)  # noqa: SLF001
     victim = outcomes.pop(items[1].sop_instance_uid)
     assert {o.status for o in outcomes.values()} == {Status.DONE} and len(outcomes) == 3
