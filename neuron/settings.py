@@ -48,6 +48,8 @@ ENVIRONMENT = {
     "NEURON_CLAHE_GRID": "CLAHE tiles per side (default: 8)",
     "NEURON_TOP_K": "heatmaps for the top K findings of each image, 0 for none (default: 1)",
     "NEURON_MAX_FRAMES": "frames screened per multi-frame instance (default: 16)",
+    "NEURON_READERS": "reader processes that parse and decode files into shared memory (default: the cores, at "
+                      "most 8)",
     "NEURON_MAX_PIXELS": "refuse frames with more pixels than this (default: 67108864)",
     "NEURON_MC_DROPOUT": "MC-dropout samples per view for models with dropout (default: 0, off)",
     "NEURON_REVIEW_THRESHOLD": "uncertainty above which a finding is marked needs_review (default: 0.1)",
@@ -112,6 +114,7 @@ _SCREENING_ENV = {
     "NEURON_CLAHE_GRID": ("clahe_grid", _parse_int),
     "NEURON_TOP_K": ("heatmap_top_k", _parse_int),
     "NEURON_MAX_FRAMES": ("max_frames", _parse_int),
+    "NEURON_READERS": ("readers", _parse_int),
     "NEURON_MAX_PIXELS": ("max_pixels", _parse_int),
     "NEURON_MC_DROPOUT": ("mc_dropout", _parse_int),
     "NEURON_REVIEW_THRESHOLD": ("review_threshold", _parse_float),
@@ -163,7 +166,7 @@ class Settings:
     heatmap_top_k: int = 1
     max_frames: int = 16
     max_pixels: int = 8192 * 8192
-    decode_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    readers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # reader processes (worker.readers)
     seed: int = 0
     model_dir: Path | None = None
     mc_dropout: int = 0
@@ -222,6 +225,9 @@ class Settings:
             raise ConfigError(f"heatmap top-k {self.heatmap_top_k} must be 0 (no heatmaps) or more")
         if self.max_frames < 1:
             raise ConfigError(f"max frames {self.max_frames} must be at least 1")
+        if self.readers < 1:
+            raise ConfigError(f"readers {self.readers} must be at least 1: files are parsed and decoded in reader "
+                              f"processes")
         if self.clahe_grid < 1 or self.clahe_size < self.clahe_grid * 2:
             raise ConfigError(f"CLAHE grid {self.clahe_grid} with working size {self.clahe_size} is not usable")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -112,7 +112,7 @@ def chest_small(tmp_path_factory, rg1) -> Path:
 @pytest.fixture(scope="session")
 def untrained_settings(tmp_path_factory) -> Settings:
     return Settings(out_dir=tmp_path_factory.mktemp("out"), weights="untrained", device="cpu", batch_size=8,
-                    decode_workers=2)
+                    readers=2)
 
 
 @pytest.fixture(scope="session")

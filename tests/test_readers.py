@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from neuron.work import Route, Status, WorkItem
@@ -61,7 +62,7 @@ def test_a_reader_that_dies_costs_only_its_file_and_gives_its_slot_back(tmp_path
         segment = slots.name
         assert slots.free == slots.n  # every slot came back, the dead reader's too
         assert readers.deaths == (1 if once else 2)
-        assert len(readers._readers) == settings.decode_workers and all(  # noqa: SLF001 - replaced, all alive
+        assert len(readers._readers) == settings.readers and all(  # noqa: SLF001 - replaced, all alive
             r.process.is_alive() for r in readers._readers)  # noqa: SLF001
     victim = outcomes.pop(items[1].sop_instance_uid)
     assert {o.status for o in outcomes.values()} == {Status.DONE} and len(outcomes) == 3
@@ -127,3 +128,48 @@ def test_sigterm_and_sigkill_of_neuron_run_leave_nothing_in_dev_shm(tmp_path, ch
     again.send_signal(signal.SIGTERM)
     again.wait(timeout=120)
     assert segments(again.pid) == []
+
+
+def test_frames_read_by_the_reader_processes_equal_pydicom_bit_for_bit_in_every_syntax(tmp_path):
+    """The reader processes write each frame into its slot (or send it inline when it does not fit): the values are
+    pydicom's own decode's, file by file, over every sample file of every transfer syntax (tests/test_decode.py)."""
+    import threading
+
+    import pydicom
+
+    from worker.decode import select_frames
+    from worker.readers import ReaderConfig, ReaderPool
+
+    from .test_decode import ALL_FILES, FRAMES, LIMIT, reference
+
+    checked, problems, lock = [], [], threading.Lock()
+    with SlotPool(4, 1 << 22) as slots:  # 4 MiB slots: the larger files come back inline, and are checked too
+        pool = ReaderPool(2, ReaderConfig(FRAMES, LIMIT, frozenset()), slots)
+
+        def done(item, slot, result, _seconds):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                n = int(pydicom.dcmread(item.file_path, stop_before_pixels=True, force=True).get("NumberOfFrames", 1)
+                        or 1)
+                ref = reference(item.file_path, select_frames(n, FRAMES))
+                assert [f.pixels.dtype for f in result] == [r.dtype for r in ref], item.file_path
+                for f, r in zip(result, ref, strict=True):
+                    np.testing.assert_array_equal(f.pixels, r, err_msg=item.file_path)
+                with lock:
+                    checked.append((item.file_path, any(slots.holds(f.pixels) for f in result)))
+            except BaseException as exc:  # noqa: BLE001 - collected, asserted below
+                with lock:
+                    problems.append(f"{item.file_path}: {exc!r}")
+            finally:
+                slots.release(slot)
+
+        try:
+            for i, path in enumerate(ALL_FILES):
+                slot = slots.acquire(timeout=120)
+                pool.submit(WorkItem(f"1.2.3.{i}", str(path), Route.CHEST_XRAY, 1), slot, done)
+            assert pool.wait_idle(timeout=240)
+        finally:
+            pool.close()
+    assert problems == []
+    assert len(checked) == len(ALL_FILES) and any(in_slot for _, in_slot in checked)

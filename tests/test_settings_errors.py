@@ -24,6 +24,7 @@ def test_flags_win_over_environment_which_wins_over_defaults(tmp_path):
     ({"NEURON_WEIGHTS": "imagenet"}, "'pretrained' or 'untrained'"),
     ({"NEURON_DEVICE": "tpu"}, "device 'tpu' is not one of"),
     ({"NEURON_ALLOW_DOWNLOAD": "maybe"}, "not a boolean"),
+    ({"NEURON_READERS": "0"}, "readers 0 must be at least 1"),
 ])
 def test_bad_settings_name_the_value_and_the_rule(env, match):
     with pytest.raises(ConfigError, match=match):

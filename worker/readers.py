@@ -233,6 +233,7 @@ class ReaderPool:
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
+        self._answering = 0
         self._readers: list[_Reader] = [self._start() for _ in range(max(1, n))]
         self._closed = False
         self.deaths = 0
@@ -285,8 +286,9 @@ class ReaderPool:
 
     @property
     def in_flight(self) -> int:
+        """Requests waiting, being read, or whose answer is being handed to the caller."""
         with self._lock:
-            return len(self._requests) + len(self._waiting)
+            return len(self._requests) + len(self._waiting) + self._answering
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (a stopped run's reads finish before their slots are reused)."""
@@ -363,9 +365,14 @@ class ReaderPool:
                     req = self._requests.pop(rid, None)
                     reader.held.discard(rid)
                     self._dispatch()
+                    self._answering += req is not None
                 if req is not None:
-                    result = self.frames(payload, req.slot) if kind == FRAMES else payload
-                    req.done(req.item, req.slot, result, seconds)
+                    try:
+                        result = self.frames(payload, req.slot) if kind == FRAMES else payload
+                        req.done(req.item, req.slot, result, seconds)
+                    finally:
+                        with self._lock:
+                            self._answering -= 1
         except (EOFError, OSError):
             pass  # the process ended: its sentinel says so
 
