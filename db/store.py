@@ -25,6 +25,7 @@ from db.schema import FileRecord, HeatmapFolder, Instance, PipelineConfig, Predi
 from db.studies import refresh_studies, study_of
 from neuron.errors import RetryableError
 from neuron.work import (
+    GATING_COLUMNS,
     HEADER_COLUMNS,
     POSITIVE,
     FileEntry,
@@ -119,7 +120,8 @@ def prediction_rows(outcomes: Sequence[Outcome], now: datetime) -> dict[tuple, d
         "sop_instance_uid": o.sop_instance_uid, "frame": fr.frame, "model": fr.model, "weights": fr.weights,
         "label": sc.label, "probability": sc.probability, "uncertainty": sc.uncertainty, "rank": sc.rank,
         "heatmap_path": sc.heatmap_path, "config_hash": fr.config_hash, "untrained": fr.untrained,
-        "worker": o.worker, "needs_review": sc.needs_review, "processed_at": now, "decoder": fr.decoder}
+        "worker": o.worker, "needs_review": sc.needs_review, "processed_at": now, "decoder": fr.decoder,
+        "ood_score": fr.ood_score, "out_of_distribution": fr.out_of_distribution}
         for o in outcomes for fr in o.frames for sc in fr.scores}
 
 
@@ -197,7 +199,7 @@ class Database:
                     continue
                 irow = inst.header.row()
                 irow.update(route=inst.route.value if inst.route else None, reason=inst.reason,
-                            status=inst.status.value, updated_at=now)
+                            status=inst.status.value, updated_at=now, **inst.gating_row())
                 instances[inst.header.sop_instance_uid] = (e.path, irow)
                 owners[inst.header.sop_instance_uid] = e.path
             file_ids = {path: file_id for file_id, path in conn.execute(file_upsert, list(files.values()))}
@@ -244,8 +246,8 @@ class Database:
             instance_upsert = self._insert(instances)
             instance_upsert = instance_upsert.on_conflict_do_update(
                 index_elements=["sop_instance_uid"],
-                set_={c: instance_upsert.excluded[c] for c in (*HEADER_COLUMNS, "route", "reason", "status", "file_id",
-                                                               "updated_at")}
+                set_={c: instance_upsert.excluded[c] for c in (*HEADER_COLUMNS, *GATING_COLUMNS, "route", "reason",
+                                                               "status", "file_id", "updated_at")}
             ).returning(instances.c.sop_instance_uid)
             self._index_stmts = (file_upsert, instance_upsert)
         return self._index_stmts
@@ -456,7 +458,8 @@ class Database:
                 index_elements=["sop_instance_uid", "frame", "model", "weights", "label"],
                 set_={c: upsert.excluded[c] for c in ("probability", "uncertainty", "rank", "heatmap_path",
                                                       "config_hash", "untrained", "worker", "needs_review",
-                                                      "processed_at", "decoder")})
+                                                      "processed_at", "decoder", "ood_score",
+                                                      "out_of_distribution")})
             # RETURNING lets SQLAlchemy send the rows as multi-VALUES pages ("insertmanyvalues"); without it, an
             # upsert's executemany is one round trip per row on psycopg2 (sqlalchemy#13130)
             upsert = upsert.returning(predictions.c.id)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
-from db.schema import Instance, Prediction, Study, chunks, utcnow
+from db.schema import Instance, Prediction, Study, chunks, needs_review_clause, utcnow
 from neuron.work import POSITIVE
 
 
@@ -68,12 +68,14 @@ def _create_missing(conn: Connection, chunk: list[str], values: dict[str, dict],
 @lru_cache(maxsize=1)
 def _summary_query():
     """Per study: the top finding (highest probability, then label, then model: the order of the study_findings
-    view), positives, findings needing review, screened instances and the latest result time."""
+    view), positives, findings needing review (``db.schema.NEEDS_REVIEW``), screened instances and the latest result
+    time."""
     studies = bindparam("b_studies", expanding=True)
     position = func.row_number().over(partition_by=Instance.study_instance_uid,
                                       order_by=(Prediction.probability.desc(), Prediction.label, Prediction.model))
     scored = (select(Instance.study_instance_uid.label("study"), Prediction.sop_instance_uid, Prediction.label,
-                     Prediction.model, Prediction.probability, Prediction.needs_review, Prediction.processed_at,
+                     Prediction.model, Prediction.probability, needs_review_clause().label("needs_review"),
+                     Prediction.processed_at,
                      position.label("position"))
               .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
               .where(Instance.study_instance_uid.in_(studies))).subquery()

@@ -79,6 +79,7 @@ class _Indexer:
                                        batch=64, on_file=self.hooks.on_scan, route_override=override,
                                        follow_links=self.settings.follow_links,
                                        patient_secret=self.settings.patient_key,
+                                       policy=self.settings.population_policy,
                                        on_indexed=lambda paths: self.batches.put(list(paths)))
             if self.hooks.on_scanned is not None:
                 self.hooks.on_scanned(self.result)
