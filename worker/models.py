@@ -23,8 +23,10 @@ import torch
 from neuron.errors import ConfigError, ModelUnavailable
 from neuron.settings import Settings
 from neuron.work import Route
+from neuron_models import ood
 from neuron_models.effnet import members_of
 from neuron_models.factory import create_model, models_for_route, unavailable_reason
+from neuron_models.ood import Reference
 from neuron_models.preprocess import PreprocessConfig
 from neuron_models.registry import PipelineSpec, ScreeningModel, preprocess_config, tta_policy
 from neuron_models.tta import TTAPolicy
@@ -54,6 +56,7 @@ def default_batch_size(device: torch.device) -> int:
 class LoadedRoute:
     model: ScreeningModel
     spec: PipelineSpec
+    reference: Reference | None = None  # out-of-distribution statistics on the model's device (neuron reference)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -76,10 +79,18 @@ def load_route(route: Route, settings: Settings, device: torch.device) -> Loaded
     gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
     decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
                "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
-    spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings), tta_policy(cfg, settings),
+    preprocess = preprocess_config(cfg, settings)
+    reference = ood.load(settings.resolved_reference_dir, route)  # a mismatch or a corrupt file stops the run
+    if reference is not None:
+        reference.check(cfg.name, model.weights_id, preprocess.as_dict())
+        reference.to(device)
+        log.info("%s: out-of-distribution reference %s (%d films, threshold %.3f)", cfg.name,
+                 reference.sha256[:12], reference.images, reference.threshold)
+    spec = PipelineSpec(cfg.name, model.weights_id, preprocess, tta_policy(cfg, settings),
                         decoder, mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
-                        members=members_of(model), precision=settings.precision)
-    return LoadedRoute(model, spec)
+                        members=members_of(model), precision=settings.precision,
+                        reference=reference.identity() if reference is not None else None)
+    return LoadedRoute(model, spec, reference)
 
 
 class Models:
