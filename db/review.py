@@ -349,10 +349,20 @@ def study_detail(db: Database, study_uid: str) -> StudyDetail | None:
                        [(u, st, reason) for u, st, reason in unscreened])
 
 
-def heatmap_path(db: Database, prediction_id: int) -> str | None:
-    """The stored (shared) path of a finding's heatmap, or None. The caller maps and confines it."""
+@dataclass(frozen=True)
+class HeatmapRef:
+    path: str | None  # stored (shared) path; the caller maps and confines it
+    study_instance_uid: str
+    label: str
+
+
+def heatmap_of(db: Database, prediction_id: int) -> HeatmapRef | None:
+    """A finding's heatmap path and what the audit names it by; None when the finding does not exist."""
     with db.session() as s:
-        return s.execute(select(Prediction.heatmap_path).where(Prediction.id == prediction_id)).scalar_one_or_none()
+        row = s.execute(select(Prediction.heatmap_path, Instance.study_instance_uid, Prediction.label)
+                        .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
+                        .where(Prediction.id == prediction_id)).first()
+    return None if row is None else HeatmapRef(*row)
 
 
 # -- verdicts --------------------------------------------------------------------------------------------------------

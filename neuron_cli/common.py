@@ -7,6 +7,7 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -49,14 +50,30 @@ def warn_untrained(settings: Settings) -> None:
                             title="WARNING", style="bold yellow"))
 
 
-def load_models(settings: Settings, only=None, lazy: bool = False):
+def cli_actor():
+    """Who runs this command, for the audit trail: the operating-system account (from the process's user ID, not
+    from the environment, which anyone can set) on this host."""
+    import pwd
+    import socket
+
+    from db.audit import Actor
+
+    try:
+        who = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a container's UID with no passwd entry
+        who = f"uid {os.getuid()}"
+    return Actor(who, f"cli@{socket.gethostname()}")
+
+
+def load_models(settings: Settings, only=None, lazy: bool = False, references: bool = True):
     """The models of ``only`` these routes; ``lazy``: each route's model loads when its first instance arrives, so
-    no route's weights are needed (or checked) unless the folder holds work for it."""
+    no route's weights are needed (or checked) unless the folder holds work for it. ``references``: load the routes'
+    out-of-distribution references (a mismatched one stops the command here)."""
     from worker.models import Models
 
     try:
         with console.status("loading models..."):
-            models = Models.from_settings(settings, only=only, lazy=lazy)
+            models = Models.from_settings(settings, only=only, lazy=lazy, references=references)
     except SetupError as exc:
         raise fail(str(exc), EXIT_SETUP) from None
     loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in models.routes.items())

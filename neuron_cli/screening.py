@@ -25,6 +25,7 @@ from neuron_cli.common import (
     EXIT_USAGE,
     DbOpt,
     Rate,
+    cli_actor,
     console,
     fail,
     load_models,
@@ -179,7 +180,7 @@ def rescreen(
 ) -> None:
     """Screen selected instances again (a study, a series, a folder, a model's results or a failure reason): each
     instance's results are replaced in one transaction and the heatmaps of its old results are removed."""
-    from db.admin import select_instances
+    from db.admin import select_instances, select_studies
 
     settings = settings_from_env(database_url=db, out_dir=out, **screening)
     chosen = selection(settings, study, series, folder, model, weights_id, reason)
@@ -188,6 +189,11 @@ def rescreen(
     if not uids:
         console.print("nothing matches the selection; nothing changed")
         return
+    from db import audit
+
+    audit.record(database, *(audit.Event(cli_actor(), audit.Action.RESCREEN, study, target=chosen.describe(),
+                                         detail=f"{n} instances {'enqueued' if enqueue else 'screened here'}")
+                             for study, n in select_studies(database, uids).items()))
     if enqueue:
         from neuron.queue import make_app
         from neuron.work import Requeue

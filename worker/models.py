@@ -67,9 +67,11 @@ class LoadedRoute:
         return self.spec.tta
 
 
-def load_route(route: Route, settings: Settings, device: torch.device) -> LoadedRoute:
+def load_route(route: Route, settings: Settings, device: torch.device, references: bool = True) -> LoadedRoute:
     """Build a route's model on the device with the settings behind its results (raises ModelUnavailable). In a fast
-    precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA."""
+    precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA. With
+    ``references`` the route's out-of-distribution reference is loaded with it (``neuron reference`` builds one
+    without)."""
     model = create_model(models_for_route(route)[0].name, settings).to(device)
     cfg = model.config
     if settings.mc_dropout and not model.has_dropout():
@@ -80,7 +82,8 @@ def load_route(route: Route, settings: Settings, device: torch.device) -> Loaded
     decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
                "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
     preprocess = preprocess_config(cfg, settings)
-    reference = ood.load(settings.resolved_reference_dir, route)  # a mismatch or a corrupt file stops the run
+    # a mismatch or a corrupt file stops the run
+    reference = ood.load(settings.resolved_reference_dir, route) if references else None
     if reference is not None:
         reference.check(cfg.name, model.weights_id, preprocess.as_dict())
         reference.to(device)
@@ -99,13 +102,14 @@ class Models:
 
     def __init__(self, settings: Settings, device: torch.device, routes: dict[Route, LoadedRoute],
                  unavailable: dict[Route, str] | None = None, loadable: Iterable[Route] = (),
-                 created_at: float | None = None):
+                 created_at: float | None = None, references: bool = True):
         self.settings = settings
         self.device = device
         self.routes = routes
         self.unavailable = unavailable or {}
         self.loadable = set(loadable) - set(routes)
         self.created_at = created_at if created_at is not None else time.monotonic()  # time to first batch counts it
+        self.references = references
         self._on_load: list[Callable[[LoadedRoute], None]] = []
         self._loading = threading.Lock()
         if settings.precision in AUTOCAST and device.type != "cuda":
@@ -113,7 +117,8 @@ class Models:
                         settings.precision, device)
 
     @classmethod
-    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False) -> Models:
+    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False,
+                      references: bool = True) -> Models:
         """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
         evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
         instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded.
@@ -136,10 +141,10 @@ class Models:
                     unavailable[route] = reason
                 continue
             try:
-                routes[route] = load_route(route, settings, device)
+                routes[route] = load_route(route, settings, device, references)
             except ModelUnavailable as exc:
                 unavailable[route] = str(exc)
-        return cls(settings, device, routes, unavailable, loadable, created)
+        return cls(settings, device, routes, unavailable, loadable, created, references)
 
     def on_load(self, callback: Callable[[LoadedRoute], None]) -> None:
         """Call ``callback`` with each route loaded from now on (e.g. record its settings in the database)."""
@@ -157,7 +162,7 @@ class Models:
             if route in self.routes or route not in self.loadable:
                 return
             try:
-                lr = load_route(route, self.settings, self.device)
+                lr = load_route(route, self.settings, self.device, self.references)
             except ModelUnavailable as exc:
                 self.unavailable[route] = str(exc)
                 self.loadable.discard(route)
