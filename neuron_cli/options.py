@@ -86,6 +86,9 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     default_text="none"),
     ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
                     _env("NEURON_METRICS_PORT"), default_text="off"),
+    ScreeningOption("reference_dir", "reference_dir", Path, "Folder of the routes' out-of-distribution references "
+                    "(neuron reference); a route with one gets an ood_score per image", _env("NEURON_REFERENCE_DIR"),
+                    default_text="OUT/references"),
 )
 
 

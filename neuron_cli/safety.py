@@ -66,9 +66,6 @@ def reference(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the reference goes to OUT/references "
                                                           "unless --reference-dir. [default: ./results; env "
                                                           "NEURON_OUT]")] = None,
-    reference_dir: Annotated[Path, typer.Option("--reference-dir", help="Folder to write the reference into; "
-                                                "screening reads it from the same folder. [default: "
-                                                "OUT/references; env NEURON_REFERENCE_DIR]")] = None,
     min_images: Annotated[int, typer.Option(help="Refuse a reference of fewer films.")] = 20,
     *,
     screening: dict,
@@ -78,7 +75,7 @@ def reference(
     threshold. Stored with the weights' sha256; screening then scores every image against it (ood_score) and
     flags those above the threshold (out_of_distribution, needs_review). Use the same screening options as the runs
     it is for (weights, CLAHE): another preprocessing or other weights are refused."""
-    settings = settings_from_env(out_dir=out, reference_dir=reference_dir, **screening)
+    settings = settings_from_env(out_dir=out, **screening)
     warn_untrained(settings)
     apply_cache_environment(settings.resolved_cache_dir)
     from worker.reference import build_reference
