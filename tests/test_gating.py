@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -166,3 +167,50 @@ def test_scan_skips_children_under_the_skip_policy_in_the_distributed_mode(env, 
         assert "--population-policy skip" in reason
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_from_revision_0005_gains_the_safety_columns_and_keeps_its_rows(dialect, request, tmp_path):
+    """Migration 0007 only adds: the old finding is still in the views, with the new columns NULL or false, and its
+    instance says it was indexed before gating existed; the audit trail starts append-only."""
+    import datetime as dt
+
+    from db.migrate import current, upgrade
+    from db.migrations.versions import __path__ as versions
+
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+    else:
+        from .services import reset_postgres
+
+        _, pg = request.getfixturevalue("servers")
+        reset_postgres(pg.url)
+        url = pg.url
+    db = Database(url)
+    upgrade(db.engine, "0005")
+    now = dt.datetime.now(dt.UTC)
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO pipeline_configs VALUES ('h', 'm', '{}', :t)"), {"t": now})
+        conn.execute(text("INSERT INTO files (id, path, size, mtime_ns, sop_instance_uid, status, seen_at) "
+                          "VALUES (1, '/a/1.dcm', 1, 1, '9.1', 'done', :t)"), {"t": now})
+        conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, modality, "
+                          "frames, file_id, route, status, attempts, updated_at) VALUES ('9.1', '9.9', '9.8', 'CR', 1, "
+                          "1, 'chest-xray', 'done', 1, :t)"), {"t": now})
+        conn.execute(text("INSERT INTO predictions (sop_instance_uid, frame, model, weights, label, probability, "
+                          "uncertainty, rank, config_hash, untrained, needs_review, processed_at) VALUES "
+                          "('9.1', 0, 'm', 'untrained', 'Mass', 0.8, 0.01, 1, 'h', :f, :f, :t)"),
+                     {"t": now, "f": False})
+    db.create()
+    assert current(db.engine) == "0007" and any(Path(v, "0007_safety.py").is_file() for v in versions)
+    got = rows(db, "SELECT label, needs_review, outside_population, ood_score, out_of_distribution, review_reason, "
+                   "gating_notes FROM findings")
+    assert len(got) == 1 and got[0][:6] == ("Mass", False, False, None, None, None)
+    assert got[0][6].startswith("indexed before input gating existed")
+    assert rows(db, "SELECT needs_review FROM study_findings") == [(0,)]
+    from db import audit
+
+    audit.record(db, audit.Event(audit.Actor("a"), audit.Action.VIEW_STUDY, "9.9"))
+    with pytest.raises(Exception, match="append-only"):
+        with db.engine.begin() as conn:
+            conn.execute(text("DELETE FROM audit"))
+    db.dispose()
