@@ -188,8 +188,8 @@ def _network(address: str | None) -> dict | None:
 def audit_event(r: Row, source: str) -> dict:
     """One audit row as a FHIR R4 AuditEvent resource."""
     code, display, action = EVENT_TYPES.get(Action(r.action), ("110100", "Application Activity", "E"))
-    agent = {"type": {"coding": [{"system": DCM, "code": "110153" if r.actor != "loopback" else "110150",
-                                  "display": "Source Role ID" if r.actor != "loopback" else "Application"}]},
+    agent = {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type",
+                                  "code": "humanuser", "display": "human user"}]},
              "who": {"display": r.actor}, "requestor": True}
     network = _network(r.address)
     if network is not None:

@@ -45,7 +45,7 @@ COMPUTED_TYPES: dict[str, TypeEngine] = {
 # Where one name means another type in another view: needs_review is a count in study_findings and a flag in
 # findings and reviews (an expression there since the out-of-distribution and population flags joined it).
 VIEW_COMPUTED_TYPES: dict[str, dict[str, TypeEngine]] = {
-    "findings": {"needs_review": sa.Boolean(), "outside_population": sa.Boolean()},
+    "findings": {"needs_review": sa.Boolean(), "outside_population": sa.Integer()},
     "reviews": {"needs_review": sa.Boolean()},
 }
 

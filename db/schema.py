@@ -272,7 +272,8 @@ SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame,
        CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive, p.worker,
        {needs_review} AS needs_review, p.decoder,
        s.study_date, s.accession_number, s.study_description,
-       p.ood_score, p.out_of_distribution, (i.outside_population IS NOT NULL) AS outside_population,
+       p.ood_score, p.out_of_distribution,
+       CASE WHEN i.outside_population IS NOT NULL THEN 1 ELSE 0 END AS outside_population,
        {review_reason} AS review_reason, i.gating_notes, i.view_position, i.age_years
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid

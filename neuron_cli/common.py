@@ -85,6 +85,10 @@ def load_models(settings: Settings, only=None, lazy: bool = False, references: b
                   + (f"; loaded when their first instance arrives: {later}" if later else ""))
     for r, why in models.unavailable.items():
         console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
+    for r, lr in models.routes.items():
+        if lr.reference is None and references:
+            console.print(f"route {r.value}: no out-of-distribution reference in {settings.resolved_reference_dir} "
+                          f"(ood_score stays NULL; build one with `neuron reference --data FOLDER --route {r.value}`)")
     return models
 
 

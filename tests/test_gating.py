@@ -204,7 +204,7 @@ def test_a_database_from_revision_0005_gains_the_safety_columns_and_keeps_its_ro
     assert current(db.engine) == "0007" and any(Path(v, "0007_safety.py").is_file() for v in versions)
     got = rows(db, "SELECT label, needs_review, outside_population, ood_score, out_of_distribution, review_reason, "
                    "gating_notes FROM findings")
-    assert len(got) == 1 and got[0][:6] == ("Mass", False, False, None, None, None)
+    assert len(got) == 1 and got[0][:6] == ("Mass", False, 0, None, None, None)
     assert got[0][6].startswith("indexed before input gating existed")
     assert rows(db, "SELECT needs_review FROM study_findings") == [(0,)]
     from db import audit
