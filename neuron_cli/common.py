@@ -105,8 +105,9 @@ def start_metrics(settings: Settings, pipeline):
     return server
 
 
-def open_database(settings: Settings):
-    """The results database for reading, or exit 4 saying what could not be opened and how to point at it."""
+def open_database(settings: Settings, audited: bool = False):
+    """The results database for reading, or exit 4 saying what could not be opened and how to point at it.
+    ``audited``: the command records itself in the audit trail, so the database must have one (schema 0007)."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
@@ -131,6 +132,14 @@ def open_database(settings: Settings):
         first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         raise fail(f"cannot read the Neuron tables in {shown}: {first}; check the URL (--db or NEURON_DATABASE_URL) "
                    f"and that the server is up, then run `neuron db upgrade --db URL`", EXIT_SETUP) from None
+    if audited:
+        try:
+            with database.engine.connect() as conn:
+                conn.execute(text("select count(*) from audit")).scalar_one()
+        except SQLAlchemyError:
+            database.dispose()
+            raise fail(f"{shown} has an older schema without the audit trail this command records itself in: run "
+                       f"`neuron db upgrade` with the same --db/--out once, then run it again", EXIT_SETUP) from None
     return database
 
 

@@ -42,7 +42,7 @@ def purge(
 
     settings = settings_from_env(database_url=db, out_dir=out)
     chosen = selection(settings, study, None, folder, model, weights_id)
-    database = open_database(settings)
+    database = open_database(settings, audited=True)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing deleted")
@@ -87,10 +87,11 @@ def review(
     try:
         with database.engine.connect() as conn:
             conn.execute(text("select count(*) from heatmap_folders")).scalar_one()
+            conn.execute(text("select count(*) from audit")).scalar_one()
     except SQLAlchemyError:
         database.dispose()
-        raise fail("this database has an older schema (no heatmap_folders table): run `neuron db upgrade` with the "
-                   "same --db/--out once, then start the review again", EXIT_SETUP) from None
+        raise fail("this database has an older schema (no heatmap_folders or audit table): run `neuron db upgrade` "
+                   "with the same --db/--out once, then start the review again", EXIT_SETUP) from None
     if private:
         console.print(Panel(f"binding {host}: other machines reach this page; every page needs the review token "
                             "(sign-in), and the token crosses the network in clear text without TLS: put a reverse "
@@ -134,7 +135,7 @@ def export(
     from db import audit
 
     settings = settings_from_env(database_url=db, out_dir=out)
-    database = open_database(settings)
+    database = open_database(settings, audited=True)
     try:
         try:
             rows = export_view(settings.resolved_database_url, view, where, output)

@@ -184,7 +184,7 @@ def rescreen(
 
     settings = settings_from_env(database_url=db, out_dir=out, **screening)
     chosen = selection(settings, study, series, folder, model, weights_id, reason)
-    database = open_database(settings)
+    database = open_database(settings, audited=True)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing changed")
