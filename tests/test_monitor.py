@@ -47,11 +47,14 @@ def age(url: str, days: int = 8) -> None:
 
 
 @pytest.fixture(scope="module")
-def weeks(tmp_path_factory, models, untrained_settings):
+def weeks(tmp_path_factory, job_plain, untrained_settings):
     """Week 1 (one batch) in a database, then three copies of it, each given a week-2 batch: from the same generator,
-    with a shifted exposure, from a new manufacturer. Returns {variant: (Settings, batch folder)}."""
+    with a shifted exposure, from a new manufacturer. Returns {variant: (Settings, batch folder)}. Screened by the
+    session's models without TTA and CLAHE (``job_plain``), five times faster; the checks read only the results."""
     from worker.embedded import run_folder
     from worker.pipeline import Pipeline
+
+    models = job_plain.models
 
     root = tmp_path_factory.mktemp("weeks")
     first = untrained_settings.with_(out_dir=root / "week1")
