@@ -204,3 +204,16 @@ def test_nothing_but_the_prune_deletes_or_changes_audit_rows():
                 found.append((str(path.relative_to(ROOT)), line.strip()))
     assert found == [("db/audit.py", "conn.execute(delete(AuditEntry).where(AuditEntry.at < before))")]
     assert found[0][1] in inspect.getsource(audit.prune)
+
+
+def test_a_command_that_records_itself_refuses_a_database_without_an_audit_trail(tmp_path):
+    from db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = Database(url)
+    upgrade(db.engine, "0005")
+    db.dispose()
+    res = neuron("export", "--db", url, "-o", str(tmp_path / "out.csv"))
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 4 and "older schema without the audit trail" in said and "neuron db upgrade" in said
+    assert not (tmp_path / "out.csv").exists()

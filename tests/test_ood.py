@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import torch
 from sqlalchemy import text
 
 from db.store import Database
+from neuron.settings import Settings
 from neuron.synthetic import InstancePlan, make_instance
 from neuron.work import Route
 from neuron_models import ood
@@ -129,6 +131,15 @@ def test_other_body_parts_and_modalities_score_above_every_reference_image_and_a
     # the knee passed the header gate (CR, no body part: routed to the chest model); only its pixels tell
     assert rows(screened, "SELECT DISTINCT outside_population FROM findings "
                           "WHERE file_path LIKE '%knee_without_body_part.dcm'") == [(0,)]
+    # and the review page shows the flag with the score and the threshold
+    from starlette.testclient import TestClient
+
+    from review.app import create_app
+
+    (study,) = rows(screened, "SELECT DISTINCT study_instance_uid FROM findings WHERE file_path LIKE '%knee%'")[0]
+    page = TestClient(create_app(screened, Settings(out_dir=Path(screened.url[10:]).parent), None)).get(
+        f"/study/{study}").text
+    assert "out of distribution</span>" in page and f"{meta['threshold']:.2f} (99th percentile of 24" in page
 
 
 def test_results_record_the_reference_they_were_scored_against(screened, built, models, untrained_settings,
