@@ -159,6 +159,34 @@ def test_neuron_run_under_the_skip_policy_screens_no_child(films, tmp_path, mode
         db.dispose()
 
 
+@pytest.mark.parametrize("policy", list(PopulationPolicy))
+def test_instances_received_over_the_network_are_gated_by_the_policy(films, tmp_path, policy):
+    """`neuron listen` and `neuron pull` index what they receive through producer.receive's indexer: the same gate,
+    with the policy handed to ``open_receiver`` (here the restart path, which indexes what the store holds)."""
+    import hashlib
+    import shutil
+
+    from producer.receive import InstanceStore, open_receiver
+
+    db = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    db.create()
+    store = InstanceStore.under(tmp_path / "out")
+    for name in ("adult_pa.dcm", "lateral.dcm", "child.dcm"):
+        target = store.path_for(hashlib.sha256((films / name).read_bytes()).hexdigest())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(films / name, target)
+    open_receiver(db, tmp_path / "out", policy=policy).indexer.close()
+    try:
+        got = {r[0]: r[1:] for r in rows(db, "SELECT sop_instance_uid, status, outside_population FROM instances")}
+        by_name = {name: got[str(pydicom.dcmread(films / name, stop_before_pixels=True).SOPInstanceUID)]
+                   for name in ("adult_pa.dcm", "lateral.dcm", "child.dcm")}
+        assert by_name["adult_pa.dcm"] == ("pending", None) and by_name["lateral.dcm"][0] == "skipped"
+        assert by_name["child.dcm"][0] == ("skipped" if policy is PopulationPolicy.SKIP else "pending")
+        assert "patient age 9 years" in by_name["child.dcm"][1]
+    finally:
+        db.dispose()
+
+
 @pytest.fixture(scope="module")
 def screened(films, tmp_path_factory, models, untrained_settings):
     """The films screened by `neuron run`'s engine (embedded, SQLite, the session's untrained models)."""
