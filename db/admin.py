@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
 
+from db import audit
 from db.schema import FileRecord, Instance, Prediction, aware_utc, chunks, utcnow
 from db.store import Database, heatmaps_of
 from db.studies import refresh_studies, study_of
@@ -110,6 +111,12 @@ class Selection:
             q = q.where(Instance.sop_instance_uid.in_(having))
         return q
 
+    def describe(self) -> str:
+        """The selection in words, for the audit."""
+        return " ".join(f"--{k} {v}" for k, v in (("study", self.study), ("series", self.series),
+                                                   ("folder", self.folder), ("model", self.model),
+                                                   ("weights-id", self.weights), ("reason", self.reason)) if v)
+
     def prediction_filter(self, q):
         if self.model:
             q = q.where(Prediction.model == self.model)
@@ -123,10 +130,23 @@ def select_instances(db: Database, selection: Selection) -> list[str]:
         return list(s.execute(selection.instance_query().order_by(Instance.sop_instance_uid)).scalars())
 
 
-def purge_results(db: Database, selection: Selection, uids: Iterable[str]) -> tuple[int, set[str]]:
+def select_studies(db: Database, uids: Iterable[str]) -> dict[str, int]:
+    """How many of these instances each study holds (the audit names a rescreen per study)."""
+    with db.engine.connect() as conn:
+        studies = study_of(conn, uids)
+    counts: dict[str, int] = {}
+    for study in studies.values():
+        counts[study] = counts.get(study, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def purge_results(db: Database, selection: Selection, uids: Iterable[str],
+                  actor: audit.Actor | None = None) -> tuple[int, set[str]]:
     """Delete the selected results (only the selected model's or weights', if given) in one transaction; the
     instances stay indexed with their status, so a later run does not screen them again unless asked
-    (``neuron rescreen``). Returns the rows deleted and the heatmap files no remaining row references."""
+    (``neuron rescreen``). With ``actor`` the purge is audited in the same transaction, one row per study (the
+    audit of who saw the results stays). Returns the rows deleted and the heatmap files no remaining row
+    references."""
     uids = list(uids)
     deleted, maps = 0, set()
     with db.engine.begin() as conn:
@@ -138,5 +158,10 @@ def purge_results(db: Database, selection: Selection, uids: Iterable[str]) -> tu
         for chunk in chunks(sorted(maps)):
             still = conn.execute(select(Prediction.heatmap_path).where(Prediction.heatmap_path.in_(chunk)))
             maps -= set(still.scalars())
-        refresh_studies(conn, set(study_of(conn, uids).values()))
+        studies = set(study_of(conn, uids).values())
+        refresh_studies(conn, studies)
+        if actor is not None:
+            audit.record(conn, *(audit.Event(actor, audit.Action.PURGE, study, target=selection.describe(),
+                                             detail=f"results of {len(uids)} instances purged ({deleted} rows)")
+                                 for study in sorted(studies)))
     return deleted, maps

@@ -40,6 +40,13 @@ COMPUTED_TYPES: dict[str, TypeEngine] = {
     "positive_findings": sa.Integer(), "needs_review": sa.Integer(), "max_probability": sa.Float(),
     "screened_at": sa.DateTime(timezone=True), "status": sa.String(), "reason": sa.String(),
     "worker": sa.String(), "top_finding": sa.String(), "top_model": sa.String(),
+    "review_reason": sa.String(), "outside_population": sa.String(), "gating_notes": sa.String(),
+}
+# Where one name means another type in another view: needs_review is a count in study_findings and a flag in
+# findings and reviews (an expression there since the out-of-distribution and population flags joined it).
+VIEW_COMPUTED_TYPES: dict[str, dict[str, TypeEngine]] = {
+    "findings": {"needs_review": sa.Boolean(), "outside_population": sa.Integer()},
+    "reviews": {"needs_review": sa.Boolean()},
 }
 
 
@@ -102,7 +109,7 @@ def view_columns(conn: Connection, view: str) -> list[Column]:
     for c in inspector.get_columns(view):
         kind = c["type"]
         if isinstance(kind, NullType):
-            kind = COMPUTED_TYPES.get(c["name"], kind)
+            kind = VIEW_COMPUTED_TYPES.get(view, {}).get(c["name"]) or COMPUTED_TYPES.get(c["name"], kind)
         columns.append(Column(c["name"], kind))
     return columns
 

@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta
 from sqlalchemy import Integer, cast, exists, func, literal, select, text
 from sqlalchemy.sql import Select
 
-from db.schema import Instance, PipelineConfig, Prediction, Study, Verdict, utcnow
+from db.schema import Instance, PipelineConfig, Prediction, Study, Verdict, needs_review_clause, utcnow
 from db.store import Database
 from neuron.work import POSITIVE  # one operating point for the views, the summaries and the pages
 
@@ -272,6 +272,13 @@ class ScreenedImage:
     worker: str | None
     processed_at: datetime
     findings: list[Finding] = field(default_factory=list)
+    # clinical safety: the frame's distance from the route's reference (None: no reference) and the instance's gate
+    ood_score: float | None = None
+    out_of_distribution: bool | None = None
+    outside_population: str | None = None
+    gating_notes: str | None = None
+    view_position: str | None = None
+    age_years: int | None = None
 
     @property
     def heatmaps(self) -> list[Finding]:
@@ -303,9 +310,11 @@ def study_detail(db: Database, study_uid: str) -> StudyDetail | None:
         preds = s.execute(
             select(Prediction.id, Prediction.sop_instance_uid, Instance.series_instance_uid, Instance.modality,
                    Prediction.frame, Prediction.model, Prediction.weights, Prediction.label, Prediction.probability,
-                   Prediction.uncertainty, Prediction.rank, Prediction.needs_review, Prediction.heatmap_path,
-                   Prediction.untrained, Prediction.config_hash, PipelineConfig.settings_json, Prediction.decoder,
-                   Prediction.worker, Prediction.processed_at)
+                   Prediction.uncertainty, Prediction.rank, needs_review_clause().label("needs_review"),
+                   Prediction.heatmap_path, Prediction.untrained, Prediction.config_hash,
+                   PipelineConfig.settings_json, Prediction.decoder, Prediction.worker, Prediction.processed_at,
+                   Prediction.ood_score, Prediction.out_of_distribution, Instance.outside_population,
+                   Instance.gating_notes, Instance.view_position, Instance.age_years)
             .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
             .outerjoin(PipelineConfig, PipelineConfig.config_hash == Prediction.config_hash)
             .where(Instance.study_instance_uid == study_uid)
@@ -329,17 +338,31 @@ def study_detail(db: Database, study_uid: str) -> StudyDetail | None:
         if image is None:
             image = images[key] = ScreenedImage(p.sop_instance_uid, p.series_instance_uid, p.frame, p.modality,
                                                 p.model, p.weights, bool(p.untrained), p.config_hash,
-                                                _settings(p.settings_json), p.decoder, p.worker, p.processed_at)
+                                                _settings(p.settings_json), p.decoder, p.worker, p.processed_at,
+                                                ood_score=p.ood_score, out_of_distribution=p.out_of_distribution,
+                                                outside_population=p.outside_population,
+                                                gating_notes=p.gating_notes, view_position=p.view_position,
+                                                age_years=p.age_years)
         image.findings.append(Finding(p.id, p.label, p.probability, p.uncertainty, p.rank, bool(p.needs_review),
                                       p.heatmap_path is not None, by_finding.get((*key, p.label), [])))
     return StudyDetail(StudyRow(**row._mapping), list(images.values()),
                        [(u, st, reason) for u, st, reason in unscreened])
 
 
-def heatmap_path(db: Database, prediction_id: int) -> str | None:
-    """The stored (shared) path of a finding's heatmap, or None. The caller maps and confines it."""
+@dataclass(frozen=True)
+class HeatmapRef:
+    path: str | None  # stored (shared) path; the caller maps and confines it
+    study_instance_uid: str
+    label: str
+
+
+def heatmap_of(db: Database, prediction_id: int) -> HeatmapRef | None:
+    """A finding's heatmap path and what the audit names it by; None when the finding does not exist."""
     with db.session() as s:
-        return s.execute(select(Prediction.heatmap_path).where(Prediction.id == prediction_id)).scalar_one_or_none()
+        row = s.execute(select(Prediction.heatmap_path, Instance.study_instance_uid, Prediction.label)
+                        .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
+                        .where(Prediction.id == prediction_id)).first()
+    return None if row is None else HeatmapRef(*row)
 
 
 # -- verdicts --------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
     text,
 )
 from sqlalchemy import false as sa_false
@@ -99,6 +100,19 @@ class Instance(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # what gating and drift monitoring read from the header (never the birth date: the age it gave, capped at 90)
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    age_years: Mapped[int | None] = mapped_column(Integer)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_model: Mapped[str | None] = mapped_column(String(64))
+    bits_stored: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)
+    # input gating (neuron.routes.gate): the route whose trained population was checked (NULL: indexed before gating
+    # existed), why the instance is outside it (screened and flagged; or skipped, then with no route), and what the
+    # header could not tell
+    population_route: Mapped[str | None] = mapped_column(String(32))
+    outside_population: Mapped[str | None] = mapped_column(Text)
+    gating_notes: Mapped[str | None] = mapped_column(Text)
 
 
 class Study(Base):
@@ -201,7 +215,11 @@ class Prediction(Base):
     worker: Mapped[str | None] = mapped_column(String(128))
     needs_review: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     decoder: Mapped[str | None] = mapped_column(String(64))  # provenance: e.g. "native", "imagecodecs-... jpeg2k"
-    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # the frame's distance from the route's reference and whether it passes the reference's threshold (NULL: no
+    # reference); the same on every label's row of a frame
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    out_of_distribution: Mapped[bool | None] = mapped_column(Boolean)
 
 
 # -- the DICOM network (queries in db/network.py) --------------------------------------------------------------------
@@ -270,13 +288,66 @@ class DeliveryRecord(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class AuditEntry(Base):
+    """Who saw or changed what, when and from where: one row per study page view, heatmap view, verdict, sign-in,
+    export, purge, rescreen and audit export or prune (``db.audit``). Append-only: triggers refuse every UPDATE, and
+    every DELETE except those of ``db.audit.prune`` (``neuron audit --prune-before``)."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_at", "at"), Index("ix_audit_study", "study_instance_uid"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(Text)  # the finding, selection or filter acted on
+    detail: Mapped[str | None] = mapped_column(Text)  # what came of it (rows exported, results deleted)
+
+
+class AuditPrune(Base):
+    """The cut-off of the prune in progress: the audit's DELETE trigger lets through only rows older than a cut-off
+    that the deleting transaction itself wrote here (and removes before it commits)."""
+
+    __tablename__ = "audit_prune"
+
+    before: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+
+
+# A finding needs review when its uncertainty passed the review threshold (``predictions.needs_review``), its frame is
+# out of distribution, or its instance is outside the model's trained population: the one rule of the views, the
+# study summaries (``db.studies``) and the review page, each over predictions ``p`` joined to instances ``i``.
+NEEDS_REVIEW = "(p.needs_review OR p.out_of_distribution IS TRUE OR i.outside_population IS NOT NULL)"
+
+
+def needs_review_clause():
+    """``NEEDS_REVIEW`` as a SQLAlchemy expression over ``Prediction`` and ``Instance`` (the study summaries, the
+    review page); a test checks that both count the same."""
+    return or_(Prediction.needs_review, Prediction.out_of_distribution.is_(True),
+               Instance.outside_population.is_not(None))
+
+
+# Why, each reason that holds, joined by '; ' (NULL when none does).
+REVIEW_REASON = """NULLIF(SUBSTR(
+           CASE WHEN i.outside_population IS NOT NULL
+                THEN '; outside the trained population: ' || i.outside_population ELSE '' END
+           || CASE WHEN p.out_of_distribution IS TRUE
+                   THEN '; out of distribution: ood_score above the reference''s 99th percentile' ELSE '' END
+           || CASE WHEN p.needs_review THEN '; uncertainty above the review threshold' ELSE '' END, 3), '')"""
+
 FINDINGS_VIEW = """
 CREATE VIEW findings AS
 SELECT i.study_instance_uid, i.series_instance_uid, p.sop_instance_uid, p.frame, i.modality,
        f.path AS file_path, p.model, p.weights, p.label, p.probability, p.uncertainty, p.rank,
        p.heatmap_path, p.processed_at, p.config_hash AS preprocessing, p.untrained,
-       CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive, p.worker, p.needs_review, p.decoder,
-       s.study_date, s.accession_number, s.study_description
+       CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive, p.worker,
+       {needs_review} AS needs_review, p.decoder,
+       s.study_date, s.accession_number, s.study_description,
+       p.ood_score, p.out_of_distribution,
+       CASE WHEN i.outside_population IS NOT NULL THEN 1 ELSE 0 END AS outside_population,
+       {review_reason} AS review_reason, i.gating_notes, i.view_position, i.age_years
 FROM predictions p
 JOIN instances i ON i.sop_instance_uid = p.sop_instance_uid
 JOIN files f ON f.id = i.file_id
@@ -290,7 +361,8 @@ INGEST_STATUS_VIEW = """
 CREATE VIEW ingest_status AS
 SELECT f.path AS file_path, f.sop_instance_uid, COALESCE(i.status, f.status) AS status,
        COALESCE(i.reason, f.reason) AS reason, f.seen_at, COALESCE(i.attempts, 0) AS attempts,
-       (SELECT MAX(p.worker) FROM predictions p WHERE p.sop_instance_uid = i.sop_instance_uid) AS worker
+       (SELECT MAX(p.worker) FROM predictions p WHERE p.sop_instance_uid = i.sop_instance_uid) AS worker,
+       i.outside_population, i.gating_notes
 FROM files f
 LEFT JOIN instances i ON i.file_id = f.id
 """
@@ -302,8 +374,8 @@ LEFT JOIN instances i ON i.file_id = f.id
 STUDY_FINDINGS_VIEW = """
 CREATE VIEW study_findings AS
 WITH scored AS (
-    SELECT i.study_instance_uid, p.sop_instance_uid, p.label, p.model, p.probability, p.needs_review,
-           p.processed_at,
+    SELECT i.study_instance_uid, p.sop_instance_uid, p.label, p.model, p.probability,
+           {needs_review} AS needs_review, p.processed_at,
            ROW_NUMBER() OVER (PARTITION BY i.study_instance_uid
                               ORDER BY p.probability DESC, p.label, p.model) AS position
     FROM predictions p
@@ -331,16 +403,19 @@ REVIEWS_VIEW = """
 CREATE VIEW reviews AS
 SELECT v.study_instance_uid, v.sop_instance_uid, v.frame, v.model, v.weights, v.label,
        p.probability, p.uncertainty, CASE WHEN p.probability >= {positive} THEN 1 ELSE 0 END AS positive,
-       p.needs_review, v.verdict, v.note, v.reviewer, v.reviewed_at,
+       CASE WHEN p.id IS NOT NULL THEN {needs_review} END AS needs_review, v.verdict, v.note, v.reviewer,
+       v.reviewed_at,
        CASE WHEN ROW_NUMBER() OVER (PARTITION BY v.sop_instance_uid, v.frame, v.model, v.weights, v.label, v.reviewer
                                     ORDER BY v.reviewed_at DESC, v.id DESC) = 1 THEN 1 ELSE 0 END AS latest
 FROM verdicts v
 LEFT JOIN predictions p ON p.sop_instance_uid = v.sop_instance_uid AND p.frame = v.frame AND p.model = v.model
                        AND p.weights = v.weights AND p.label = v.label
+LEFT JOIN instances i ON i.sop_instance_uid = v.sop_instance_uid
 """
 
 # The views' DDL with the positive threshold filled in: one number for the views, the studies summary and the pages.
-VIEWS = {name: ddl.format(positive=repr(float(POSITIVE))) for name, ddl in (
+VIEWS = {name: ddl.format(positive=repr(float(POSITIVE)), needs_review=NEEDS_REVIEW, review_reason=REVIEW_REASON)
+         for name, ddl in (
     ("findings", FINDINGS_VIEW), ("ingest_status", INGEST_STATUS_VIEW), ("study_findings", STUDY_FINDINGS_VIEW),
     ("reviews", REVIEWS_VIEW))}
 

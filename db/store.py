@@ -25,6 +25,7 @@ from db.schema import FileRecord, HeatmapFolder, Instance, PipelineConfig, Predi
 from db.studies import refresh_studies, study_of
 from neuron.errors import RetryableError
 from neuron.work import (
+    GATING_COLUMNS,
     HEADER_COLUMNS,
     POSITIVE,
     FileEntry,
@@ -112,7 +113,8 @@ def _owner_files(sop_uids: Sequence[str]):
 
 
 PREDICTION_COLUMNS = ("sop_instance_uid", "frame", "model", "weights", "label", "probability", "uncertainty", "rank",
-                      "heatmap_path", "config_hash", "untrained", "worker", "needs_review", "processed_at", "decoder")
+                      "heatmap_path", "config_hash", "untrained", "worker", "needs_review", "processed_at", "decoder",
+                      "ood_score", "out_of_distribution")
 _NATURAL_KEY = ("sop_instance_uid", "frame", "model", "weights", "label")
 
 
@@ -122,7 +124,8 @@ def prediction_rows(outcomes: Sequence[Outcome], stamp: object) -> dict[tuple, t
     twice (a redelivered study may share a group commit with its first delivery)."""
     return {(o.sop_instance_uid, fr.frame, fr.model, fr.weights, sc.label):
             (o.sop_instance_uid, fr.frame, fr.model, fr.weights, sc.label, sc.probability, sc.uncertainty, sc.rank,
-             sc.heatmap_path, fr.config_hash, fr.untrained, o.worker, sc.needs_review, stamp, fr.decoder)
+             sc.heatmap_path, fr.config_hash, fr.untrained, o.worker, sc.needs_review, stamp, fr.decoder,
+             fr.ood_score, fr.out_of_distribution)
             for o in outcomes for fr in o.frames for sc in fr.scores}
 
 
@@ -208,7 +211,7 @@ class Database:
                     continue
                 irow = inst.header.row()
                 irow.update(route=inst.route.value if inst.route else None, reason=inst.reason,
-                            status=inst.status.value, updated_at=now)
+                            status=inst.status.value, updated_at=now, **inst.gating_row())
                 instances[inst.header.sop_instance_uid] = (e.path, irow)
                 owners[inst.header.sop_instance_uid] = e.path
             file_ids = {path: file_id for file_id, path in conn.execute(file_upsert, list(files.values()))}
@@ -255,8 +258,8 @@ class Database:
             instance_upsert = self._insert(instances)
             instance_upsert = instance_upsert.on_conflict_do_update(
                 index_elements=["sop_instance_uid"],
-                set_={c: instance_upsert.excluded[c] for c in (*HEADER_COLUMNS, "route", "reason", "status", "file_id",
-                                                               "updated_at")}
+                set_={c: instance_upsert.excluded[c] for c in (*HEADER_COLUMNS, *GATING_COLUMNS, "route", "reason",
+                                                               "status", "file_id", "updated_at")}
             ).returning(instances.c.sop_instance_uid)
             self._index_stmts = (file_upsert, instance_upsert)
         return self._index_stmts

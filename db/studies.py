@@ -15,7 +15,7 @@ from functools import lru_cache
 from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
-from db.schema import Instance, Prediction, Study, chunks, utcnow
+from db.schema import Instance, Prediction, Study, chunks, needs_review_clause, utcnow
 from neuron.work import POSITIVE
 
 
@@ -29,11 +29,12 @@ def study_of(conn: Connection, sop_uids: Iterable[str]) -> dict[str, str]:
 
 
 def refresh_studies(conn: Connection, study_uids: Iterable[str], now: datetime | None = None,
-                    create: bool = True) -> None:
+                    create: bool = True, needs_review=None) -> None:
     """Recompute the summary columns (and, with ``create``, the modalities) of these studies from their instances
     and predictions, in SQL: one aggregate query and one executemany update per chunk of studies. ``create`` also
     makes the rows of studies missing from ``studies`` (instances indexed before it existed); a results commit
-    passes False (its studies were indexed first)."""
+    passes False (its studies were indexed first). ``needs_review``: the rule to count by (default
+    ``db.schema.needs_review_clause``; a migration older than the columns that rule reads passes its own)."""
     uids = sorted({u for u in study_uids if u is not None})
     now = now or utcnow()
     for chunk in chunks(uids):
@@ -41,7 +42,8 @@ def refresh_studies(conn: Connection, study_uids: Iterable[str], now: datetime |
                       "positive_findings": 0, "needs_review": 0, "screened_instances": 0, "screened_at": None,
                       "updated_at": now} for u in chunk}
         for study, top_p, top_label, top_model, positives, review, screened, at in conn.execute(
-                _summary_query(), {"b_studies": chunk}):
+                _summary_query(needs_review_clause() if needs_review is None else needs_review),
+                {"b_studies": chunk}):
             values[study].update(top_probability=top_p, top_label=top_label, top_model=top_model,
                                  positive_findings=int(positives or 0), needs_review=int(review or 0),
                                  screened_instances=int(screened or 0), screened_at=at)
@@ -65,15 +67,17 @@ def _create_missing(conn: Connection, chunk: list[str], values: dict[str, dict],
                  [{"b_uid": u, "b_modalities": ",".join(sorted(m))[:64] or None} for u, m in modalities.items()])
 
 
-@lru_cache(maxsize=1)
-def _summary_query():
+@lru_cache(maxsize=4)
+def _summary_query(needs_review):
     """Per study: the top finding (highest probability, then label, then model: the order of the study_findings
-    view), positives, findings needing review, screened instances and the latest result time."""
+    view), positives, findings needing review (``db.schema.NEEDS_REVIEW``), screened instances and the latest result
+    time."""
     studies = bindparam("b_studies", expanding=True)
     position = func.row_number().over(partition_by=Instance.study_instance_uid,
                                       order_by=(Prediction.probability.desc(), Prediction.label, Prediction.model))
     scored = (select(Instance.study_instance_uid.label("study"), Prediction.sop_instance_uid, Prediction.label,
-                     Prediction.model, Prediction.probability, Prediction.needs_review, Prediction.processed_at,
+                     Prediction.model, Prediction.probability, needs_review.label("needs_review"),
+                     Prediction.processed_at,
                      position.label("position"))
               .join(Instance, Instance.sop_instance_uid == Prediction.sop_instance_uid)
               .where(Instance.study_instance_uid.in_(studies))).subquery()

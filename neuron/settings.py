@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron.errors import ConfigError
+from neuron.routes import PopulationPolicy
 from neuron.work import Route
 
 
@@ -71,6 +72,11 @@ ENVIRONMENT = {
     "NEURON_TLS_KEY": "PEM private key of NEURON_TLS_CERT",
     "NEURON_TLS_CA": "PEM certificates of the authorities that sign the peers' certificates (listen: callers "
                      "must present one)",
+    "NEURON_POPULATION_POLICY": "flag or skip: what indexing does with a film outside its model's trained population "
+                                "(a child's film): screen it and flag every finding for review, or skip it "
+                                "(default: flag)",
+    "NEURON_REFERENCE_DIR": "folder of the routes' out-of-distribution references (`neuron reference`; default: "
+                            "<out>/references)",
 }
 
 # Variables of other programs that Neuron honours, read here with its own.
@@ -125,6 +131,7 @@ _SCREENING_ENV = {
     "NEURON_TLS_CERT": ("tls_cert", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_TLS_KEY": ("tls_key", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_TLS_CA": ("tls_ca", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_REFERENCE_DIR": ("reference_dir", lambda _name, v: Path(v) if v.strip() else None),
 }
 
 
@@ -177,6 +184,8 @@ class Settings:
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
     metrics_port: int | None = None  # Prometheus /metrics; None: off
+    population_policy: PopulationPolicy = PopulationPolicy.FLAG  # indexing: films outside a trained population
+    reference_dir: Path | None = None  # out-of-distribution references; None: <out>/references
     # the secret of --patient-key when the flag is given (``with_patient_key``); never printed, never stored
     patient_key: str | None = field(default=None, repr=False)
     patient_secret: str | None = field(default=None, repr=False)  # NEURON_PATIENT_KEY, whether or not it is used
@@ -217,6 +226,14 @@ class Settings:
         if self.mc_dropout < 0:
             raise ConfigError(f"--mc-dropout {self.mc_dropout} must be 0 (off) or a number of samples")
         object.__setattr__(self, "weights", WeightsMode(self.weights))
+        try:
+            object.__setattr__(self, "population_policy", PopulationPolicy(self.population_policy))
+        except ValueError:
+            raise ConfigError(f"population policy {self.population_policy!r} is not flag or skip: flag screens a film "
+                              "outside its model's trained population and marks it for review, skip leaves it "
+                              "unscreened (--population-policy, NEURON_POPULATION_POLICY)") from None
+        if self.reference_dir is not None:
+            object.__setattr__(self, "reference_dir", Path(self.reference_dir).expanduser())
         if self.xrv_cache_dir is not None:
             object.__setattr__(self, "xrv_cache_dir", Path(self.xrv_cache_dir).expanduser())
         if self.batch_size is not None and self.batch_size < 1:
@@ -254,6 +271,10 @@ class Settings:
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir is not None else self.out_dir / ".cache"
+
+    @property
+    def resolved_reference_dir(self) -> Path:
+        return self.reference_dir if self.reference_dir is not None else self.out_dir / "references"
 
     @property
     def heatmap_dir(self) -> Path:
@@ -307,6 +328,8 @@ class Settings:
         for name, (key, parse) in _SCREENING_ENV.items():
             if name in env:
                 values[key] = parse(name, env[name])
+        if env.get("NEURON_POPULATION_POLICY", "").strip():
+            values["population_policy"] = env["NEURON_POPULATION_POLICY"].strip().lower()
         if "NEURON_FOLLOW_LINKS" in env:
             values["follow_links"] = _parse_bool("NEURON_FOLLOW_LINKS", env["NEURON_FOLLOW_LINKS"])
         if "NEURON_AE_TITLE" in env:

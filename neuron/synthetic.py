@@ -114,7 +114,16 @@ class SyntheticInstance:
     pixels: np.ndarray  # the stored values (uint16)
 
 
-def make_instance(plan: InstancePlan, size: int, seed: int) -> SyntheticInstance:
+MANUFACTURER = "neuron.synthetic"
+
+
+def make_instance(plan: InstancePlan, size: int, seed: int, manufacturer: str = MANUFACTURER,
+                  exposure: float = 1.0) -> SyntheticInstance:
+    """``manufacturer`` and ``exposure`` make the shifted batches drift monitoring must notice: another vendor's
+    header, or a detector dose scaled by ``exposure`` (clipped at the top of the range) while the window stays the one
+    the protocol set for the nominal dose, as a fixed VOI LUT would."""
+    if exposure <= 0:
+        raise ValueError(f"exposure {exposure} must be a positive factor of the nominal dose (1.0)")
     rng = np.random.default_rng([seed, 2, plan.index])
     bits = int(rng.integers(12, 16))
     monochrome1 = bool(rng.random() < 0.5)
@@ -122,11 +131,12 @@ def make_instance(plan: InstancePlan, size: int, seed: int) -> SyntheticInstance
     cols = size if rng.random() < 0.5 else max(16, round(size * 0.92))  # square and portrait detectors
     maxval = (1 << bits) - 1
     att = radiograph(rows, cols, rng)
-    stored = np.rint((0.04 + 0.9 * att) * maxval)
+    nominal = np.rint((0.04 + 0.9 * att) * maxval)
+    stored = nominal if exposure == 1.0 else np.rint((0.04 + 0.9 * att) * maxval * exposure)
     if monochrome1:
-        stored = maxval - stored
+        nominal, stored = maxval - nominal, maxval - stored
     pixels = np.clip(stored, 0, maxval).astype(np.uint16)
-    lo, hi = np.percentile(pixels[::4, ::4], [1, 99])
+    lo, hi = np.percentile(np.clip(nominal, 0, maxval)[::4, ::4], [1, 99])
     width = max(2.0, float(hi - lo))
 
     ds = Dataset()
@@ -149,7 +159,7 @@ def make_instance(plan: InstancePlan, size: int, seed: int) -> SyntheticInstance
     ds.AccessionNumber = f"SYN{plan.study:07d}"
     ds.StudyID = str(plan.study)
     ds.StudyDescription = "SYNTHETIC NEURON BENCH - NOT A PATIENT"
-    ds.Manufacturer = "neuron.synthetic"
+    ds.Manufacturer = manufacturer
     ds.Modality = "CR"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA" if plan.position % 2 == 0 else "AP"

@@ -14,6 +14,7 @@ operations, carried out by ``db.store.Database.requeue``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -143,12 +144,22 @@ class InstanceHeader:
     rows: int | None
     columns: int | None
     frames: int
+    # what gating and drift monitoring read (the birth date never gets here: only the age it gives)
+    view_position: str | None = None  # canonical view (neuron.routes.VIEWS), from ViewPosition or a description
+    age_years: int | None = None  # whole years at the study, at most AGE_CAP
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    bits_stored: int | None = None
+    pixel_spacing: float | None = None  # mm, PixelSpacing or ImagerPixelSpacing (row spacing)
 
     def __post_init__(self) -> None:
         if not self.sop_instance_uid:
             raise ValueError("an instance header needs a SOP Instance UID")
         if self.frames < 1:
             raise ValueError(f"frames {self.frames} must be at least 1")
+        if self.age_years is not None and not 0 <= self.age_years <= AGE_CAP:
+            raise ValueError(f"age {self.age_years} must be 0 to {AGE_CAP} years (older ages are stored as "
+                             f"{AGE_CAP})")
 
     def row(self) -> dict:
         """The header as the ``instances`` columns it is stored in (a plain dict, built without reflection: indexing
@@ -157,11 +168,17 @@ class InstanceHeader:
                 "series_instance_uid": self.series_instance_uid, "sop_class_uid": self.sop_class_uid,
                 "modality": self.modality, "body_part": self.body_part, "photometric": self.photometric,
                 "transfer_syntax": self.transfer_syntax, "rows": self.rows, "columns": self.columns,
-                "frames": self.frames}
+                "frames": self.frames, "view_position": self.view_position, "age_years": self.age_years,
+                "manufacturer": self.manufacturer, "manufacturer_model": self.manufacturer_model,
+                "bits_stored": self.bits_stored, "pixel_spacing": self.pixel_spacing}
 
 
 HEADER_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_class_uid", "modality", "body_part", "photometric",
-                  "transfer_syntax", "rows", "columns", "frames")
+                  "transfer_syntax", "rows", "columns", "frames", "view_position", "age_years", "manufacturer",
+                  "manufacturer_model", "bits_stored", "pixel_spacing")
+GATING_COLUMNS = ("population_route", "outside_population", "gating_notes")  # InstanceEntry.gating_row
+# Ages above 89 are stored as 90: HIPAA's Safe Harbor method aggregates them (45 CFR 164.514(b)(2)(i)(C)).
+AGE_CAP = 90
 
 
 @dataclass(frozen=True)
@@ -187,12 +204,27 @@ class InstanceEntry:
     status: Status
     reason: str | None = None
     study: StudyHeader | None = None  # the study's header facts for the worklist
+    # input gating (neuron.routes.gate): the route whose trained population was checked, why the instance is outside
+    # it (screened and flagged, or skipped), and what the header could not tell
+    population_route: Route | None = None
+    outside_population: str | None = None
+    gating_notes: str | None = None
 
     def __post_init__(self) -> None:
         if self.route is not None:
             object.__setattr__(self, "route", Route(self.route))
+        if self.population_route is not None:
+            object.__setattr__(self, "population_route", Route(self.population_route))
         object.__setattr__(self, "status", Status(self.status))
         object.__setattr__(self, "reason", printable(self.reason))
+        object.__setattr__(self, "outside_population", printable(self.outside_population))
+        object.__setattr__(self, "gating_notes", printable(self.gating_notes))
+        if self.outside_population is not None and self.population_route is None:
+            raise ValueError("an instance outside a trained population names the route whose population it is")
+
+    def gating_row(self) -> dict:
+        return {"population_route": self.population_route.value if self.population_route else None,
+                "outside_population": self.outside_population, "gating_notes": self.gating_notes}
 
 
 @dataclass(frozen=True)
@@ -246,6 +278,19 @@ class FrameResult:
     untrained: bool
     scores: tuple[LabelScore, ...]
     decoder: str | None = None  # which decoder produced the pixels (provenance)
+    # distance of the frame's penultimate features from the route's reference (neuron_models.ood), and whether it is
+    # above the reference's threshold; both None without a reference
+    ood_score: float | None = None
+    out_of_distribution: bool | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ood_score is None) != (self.out_of_distribution is None):
+            raise ValueError("ood_score and out_of_distribution go together: both set (a reference) or both None")
+        if self.ood_score is not None:
+            if not math.isfinite(self.ood_score) or self.ood_score < 0:
+                raise ValueError(f"ood_score {self.ood_score} must be a finite distance, 0 or more")
+            object.__setattr__(self, "ood_score", float(self.ood_score))
+            object.__setattr__(self, "out_of_distribution", bool(self.out_of_distribution))
 
 
 @dataclass(frozen=True)

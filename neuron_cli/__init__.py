@@ -8,6 +8,7 @@ package that does the work; heavy imports (torch, models) happen inside the comm
     status        status                                 (db.admin, neuron.queue)
     results       review, export, purge                  (review.app, db.export, db.admin)
     modelling     train, evaluate, models, samples, bench (neuron_models.training, worker.evaluation, worker.bench)
+    safety        reference, monitor, audit              (worker.reference, db.monitor, db.audit)
     database      db upgrade                             (db.migrate)
 
 Exit codes (``neuron_cli.common``): 0 every file was screened or deliberately skipped; 3 the run finished but some
@@ -20,7 +21,7 @@ import sys
 
 import typer
 
-from neuron_cli import database, distributed, modelling, network, results, screening, status
+from neuron_cli import database, distributed, modelling, network, results, safety, screening, status
 
 # plain help (rich_markup_mode=None): click wraps long help texts and defaults instead of cutting them at the column
 # width, and "[default: ...]" stays literal
@@ -30,7 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 for command in (screening.run, modelling.train, modelling.evaluate, distributed.worker, distributed.scan,
                 network.listen, network.pull, network.send, status.status, screening.rescreen, results.purge,
-                results.review, results.export, modelling.samples, modelling.models, modelling.bench):
+                results.review, results.export, modelling.samples, modelling.models, modelling.bench,
+                safety.reference, safety.monitor, safety.audit):
     app.command()(command)
 
 db_app = typer.Typer(help="Database schema (Alembic migrations; SQLite or PostgreSQL).", no_args_is_help=True)

@@ -7,6 +7,7 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -49,14 +50,30 @@ def warn_untrained(settings: Settings) -> None:
                             title="WARNING", style="bold yellow"))
 
 
-def load_models(settings: Settings, only=None, lazy: bool = False):
+def cli_actor():
+    """Who runs this command, for the audit trail: the operating-system account (from the process's user ID, not
+    from the environment, which anyone can set) on this host."""
+    import pwd
+    import socket
+
+    from db.audit import Actor
+
+    try:
+        who = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a container's UID with no passwd entry
+        who = f"uid {os.getuid()}"
+    return Actor(who, f"cli@{socket.gethostname()}")
+
+
+def load_models(settings: Settings, only=None, lazy: bool = False, references: bool = True):
     """The models of ``only`` these routes; ``lazy``: each route's model loads when its first instance arrives, so
-    no route's weights are needed (or checked) unless the folder holds work for it."""
+    no route's weights are needed (or checked) unless the folder holds work for it. ``references``: load the routes'
+    out-of-distribution references (a mismatched one stops the command here)."""
     from worker.models import Models
 
     try:
         with console.status("loading models..."):
-            models = Models.from_settings(settings, only=only, lazy=lazy)
+            models = Models.from_settings(settings, only=only, lazy=lazy, references=references)
     except SetupError as exc:
         raise fail(str(exc), EXIT_SETUP) from None
     loaded = ", ".join(f"{r.value}={lr.spec.model} ({lr.model.weights_id[:12]})" for r, lr in models.routes.items())
@@ -68,6 +85,10 @@ def load_models(settings: Settings, only=None, lazy: bool = False):
                   + (f"; loaded when their first instance arrives: {later}" if later else ""))
     for r, why in models.unavailable.items():
         console.print(f"[yellow]route {r.value} unavailable[/]: {why}")
+    for r, lr in models.routes.items():
+        if lr.reference is None and references:
+            console.print(f"route {r.value}: no out-of-distribution reference in {settings.resolved_reference_dir} "
+                          f"(ood_score stays NULL; build one with `neuron reference --data FOLDER --route {r.value}`)")
     return models
 
 
@@ -84,8 +105,9 @@ def start_metrics(settings: Settings, pipeline):
     return server
 
 
-def open_database(settings: Settings):
-    """The results database for reading, or exit 4 saying what could not be opened and how to point at it."""
+def open_database(settings: Settings, audited: bool = False):
+    """The results database for reading, or exit 4 saying what could not be opened and how to point at it.
+    ``audited``: the command records itself in the audit trail, so the database must have one (schema 0007)."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
@@ -110,6 +132,14 @@ def open_database(settings: Settings):
         first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         raise fail(f"cannot read the Neuron tables in {shown}: {first}; check the URL (--db or NEURON_DATABASE_URL) "
                    f"and that the server is up, then run `neuron db upgrade --db URL`", EXIT_SETUP) from None
+    if audited:
+        try:
+            with database.engine.connect() as conn:
+                conn.execute(text("select count(*) from audit")).scalar_one()
+        except SQLAlchemyError:
+            database.dispose()
+            raise fail(f"{shown} has an older schema without the audit trail this command records itself in: run "
+                       f"`neuron db upgrade` with the same --db/--out once, then run it again", EXIT_SETUP) from None
     return database
 
 

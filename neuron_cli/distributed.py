@@ -17,7 +17,14 @@ from neuron.settings import Settings, WeightsMode, apply_cache_environment
 from neuron.work import Requeue
 from neuron_cli.common import EXIT_SETUP, DbOpt, console, fail, settings_from_env
 from neuron_cli.options import screening_options
-from neuron_cli.screening import PATIENT_KEY_HELP, RETRY_FAILED_HELP, FollowLinksOpt, RouteOpt, with_patient_key
+from neuron_cli.screening import (
+    PATIENT_KEY_HELP,
+    RETRY_FAILED_HELP,
+    FollowLinksOpt,
+    PopulationPolicyOpt,
+    RouteOpt,
+    with_patient_key,
+)
 
 
 def worker_places(settings: Settings, out_given: bool) -> Settings:
@@ -97,6 +104,7 @@ def scan(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
     follow_links: FollowLinksOpt = None,
     patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
+    population_policy: PopulationPolicyOpt = None,
 ) -> None:
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
     from db.store import Database
@@ -107,7 +115,8 @@ def scan(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_env(database_url=db, watch_stable_seconds=stable_seconds,
-                                 watch_quiet_seconds=quiet_seconds, route_override=route, follow_links=follow_links)
+                                 watch_quiet_seconds=quiet_seconds, route_override=route, follow_links=follow_links,
+                                 population_policy=population_policy)
     settings = with_patient_key(settings, patient_key)
     database = Database(settings.resolved_database_url)
     try:
@@ -135,7 +144,8 @@ def scan(
         task = progress.add_task("indexing", total=None)
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
                               on_file=lambda n: progress.update(task, completed=n),
-                              follow_links=settings.follow_links, patient_secret=settings.patient_key)
+                              follow_links=settings.follow_links, patient_secret=settings.patient_key,
+                              policy=settings.population_policy)
     again = 0
     if requeue:
         again += len(database.requeue(Requeue.AWAITING_MODEL, routes=MODEL_ROUTES))

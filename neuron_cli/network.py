@@ -36,7 +36,7 @@ from neuron_cli.common import (
     warn_untrained,
 )
 from neuron_cli.options import screening_options
-from neuron_cli.screening import PATIENT_KEY_HELP, with_patient_key
+from neuron_cli.screening import PATIENT_KEY_HELP, PopulationPolicyOpt, with_patient_key
 
 AeTitleOpt = Annotated[str, typer.Option("--ae-title", help="Neuron's AE title: the listener's own, and the calling "
                                                             "AE title of pull and send. [default: NEURON; env "
@@ -50,8 +50,9 @@ ReceiveOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder:
 PatientKeyOpt = Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)]
 
 
-def _settings(out, db, ae_title, patient_key: bool, screening: dict) -> Settings:
-    settings = settings_from_env(out_dir=out, database_url=db, ae_title=ae_title, **screening)
+def _settings(out, db, ae_title, patient_key: bool, screening: dict, population_policy=None) -> Settings:
+    settings = settings_from_env(out_dir=out, database_url=db, ae_title=ae_title,
+                                 population_policy=population_policy, **screening)
     return with_patient_key(settings, patient_key)
 
 
@@ -107,6 +108,7 @@ def listen(
     max_associations: Annotated[int, typer.Option(help="Associations at once; more are rejected "
                                                        "(local limit exceeded).")] = 16,
     patient_key: PatientKeyOpt = False,
+    population_policy: PopulationPolicyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log associations, studies released and "
                                                                   "deliveries (INFO).")] = False,
     *,
@@ -121,7 +123,7 @@ def listen(
     from producer.receive import Admission
 
     _logging(verbose)
-    settings = _settings(out, db, ae_title, patient_key, screening)
+    settings = _settings(out, db, ae_title, patient_key, screening, population_policy)
     try:
         tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
         if tls.enabled:
@@ -191,6 +193,7 @@ def pull(
     db: DbOpt = None,
     min_free_gb: MinFreeOpt = 5.0,
     patient_key: PatientKeyOpt = False,
+    population_policy: PopulationPolicyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each study's retrieval (INFO).")] = False,
     *,
     screening: dict,
@@ -203,7 +206,7 @@ def pull(
     from producer.receive import Admission
 
     _logging(verbose)
-    settings = _settings(out, db, ae_title, patient_key, screening)
+    settings = _settings(out, db, ae_title, patient_key, screening, population_policy)
     try:
         query = PullQuery.parse(study_date, modality, accessions)
         config = PullConfig(Peer.parse(source, "SOURCE"), settings.ae_title,

@@ -98,6 +98,9 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     default_text="none"),
     ScreeningOption("tls_ca", "tls_ca", Path, "PEM certificates of the authorities that sign the peers' "
                     "certificates", _env("NEURON_TLS_CA"), default_text="the system's"),
+    ScreeningOption("reference_dir", "reference_dir", Path, "Folder of the routes' out-of-distribution references "
+                    "(neuron reference); a route with one gets an ood_score per image", _env("NEURON_REFERENCE_DIR"),
+                    default_text="OUT/references"),
 )
 
 

@@ -11,7 +11,17 @@ import typer
 from rich.panel import Panel
 
 from neuron.errors import NeuronError
-from neuron_cli.common import EXIT_OK, EXIT_SETUP, EXIT_USAGE, DbOpt, console, fail, open_database, settings_from_env
+from neuron_cli.common import (
+    EXIT_OK,
+    EXIT_SETUP,
+    EXIT_USAGE,
+    DbOpt,
+    cli_actor,
+    console,
+    fail,
+    open_database,
+    settings_from_env,
+)
 from neuron_cli.screening import FolderOpt, ModelOpt, StudyOpt, WeightsOpt, selection
 
 
@@ -32,14 +42,14 @@ def purge(
 
     settings = settings_from_env(database_url=db, out_dir=out)
     chosen = selection(settings, study, None, folder, model, weights_id)
-    database = open_database(settings)
+    database = open_database(settings, audited=True)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing deleted")
         return
     if not yes and not typer.confirm(f"delete the selected results of {len(uids)} instances?"):
         raise typer.Exit(EXIT_OK)
-    deleted, maps = purge_results(database, chosen, uids)
+    deleted, maps = purge_results(database, chosen, uids, actor=cli_actor())  # audited in the same transaction
     removed = remove_heatmaps(settings, maps)
     console.print(f"deleted {deleted} result rows of {len(uids)} instances and {removed} heatmaps")
 
@@ -77,10 +87,11 @@ def review(
     try:
         with database.engine.connect() as conn:
             conn.execute(text("select count(*) from heatmap_folders")).scalar_one()
+            conn.execute(text("select count(*) from audit")).scalar_one()
     except SQLAlchemyError:
         database.dispose()
-        raise fail("this database has an older schema (no heatmap_folders table): run `neuron db upgrade` with the "
-                   "same --db/--out once, then start the review again", EXIT_SETUP) from None
+        raise fail("this database has an older schema (no heatmap_folders or audit table): run `neuron db upgrade` "
+                   "with the same --db/--out once, then start the review again", EXIT_SETUP) from None
     if private:
         console.print(Panel(f"binding {host}: other machines reach this page; every page needs the review token "
                             "(sign-in), and the token crosses the network in clear text without TLS: put a reverse "
@@ -121,12 +132,19 @@ def export(
             check_condition(where)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
+    from db import audit
+
     settings = settings_from_env(database_url=db, out_dir=out)
-    open_database(settings).dispose()
+    database = open_database(settings, audited=True)
     try:
-        rows = export_view(settings.resolved_database_url, view, where, output)
-    except ExportRefused as exc:
-        raise fail(str(exc), EXIT_USAGE) from None
+        try:
+            rows = export_view(settings.resolved_database_url, view, where, output)
+        except ExportRefused as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
+        audit.record(database, audit.Event(cli_actor(), audit.Action.EXPORT, target=f"view={view} where={where or ''}",
+                                           detail=f"{rows} rows to {output.resolve()}"))
+    finally:
+        database.dispose()
     console.print(f"wrote {rows} rows of {view} to {output}")
 
 

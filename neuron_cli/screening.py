@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from neuron.errors import NeuronError
+from neuron.routes import PopulationPolicy
 from neuron.settings import Settings, apply_cache_environment
 from neuron.work import POSITIVE, Route
 from neuron_cli.common import (
@@ -24,6 +25,7 @@ from neuron_cli.common import (
     EXIT_USAGE,
     DbOpt,
     Rate,
+    cli_actor,
     console,
     fail,
     load_models,
@@ -42,6 +44,11 @@ FollowLinksOpt = Annotated[bool, typer.Option("--follow-links/--no-follow-links"
                                               "that leave the folder (loops are still cut, each file indexed "
                                               "once). [default: off; env NEURON_FOLLOW_LINKS]", show_default=False)]
 RouteOpt = Annotated[Route, typer.Option(help="Send every file to this route (e.g. skin for JPEG/PNG photos).")]
+PopulationPolicyOpt = Annotated[PopulationPolicy, typer.Option(
+    "--population-policy", help="A film outside its model's trained population (a child's chest film, a modality "
+    "forced onto a route): flag screens it and marks every finding outside_population and needs_review; skip "
+    "records it as skipped with the reason. A stated view the model was not trained on (a lateral chest film) is "
+    "skipped either way. [default: flag; env NEURON_POPULATION_POLICY]", show_default=False)]
 
 
 def with_patient_key(settings: Settings, enabled: bool) -> Settings:
@@ -65,6 +72,7 @@ def run(
     follow_links: FollowLinksOpt = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help=RETRY_FAILED_HELP)] = False,
     patient_key: Annotated[bool, typer.Option("--patient-key", help=PATIENT_KEY_HELP)] = False,
+    population_policy: PopulationPolicyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does (INFO level).")] = False,
     *,
     screening: dict,
@@ -74,7 +82,7 @@ def run(
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pydicom").setLevel(logging.WARNING)  # its plugins log tracebacks of files we record anyway
     settings = settings_from_env(out_dir=out, database_url=db, route_override=route, follow_links=follow_links,
-                                 **screening)
+                                 population_policy=population_policy, **screening)
     settings = with_patient_key(settings, patient_key)
     warn_untrained(settings)
     apply_cache_environment(settings.resolved_cache_dir)
@@ -183,15 +191,20 @@ def rescreen(
 ) -> None:
     """Screen selected instances again (a study, a series, a folder, a model's results or a failure reason): each
     instance's results are replaced in one transaction and the heatmaps of its old results are removed."""
-    from db.admin import select_instances
+    from db.admin import select_instances, select_studies
 
     settings = settings_from_env(database_url=db, out_dir=out, **screening)
     chosen = selection(settings, study, series, folder, model, weights_id, reason)
-    database = open_database(settings)
+    database = open_database(settings, audited=True)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing changed")
         return
+    from db import audit
+
+    audit.record(database, *(audit.Event(cli_actor(), audit.Action.RESCREEN, study, target=chosen.describe(),
+                                         detail=f"{n} instances {'enqueued' if enqueue else 'screened here'}")
+                             for study, n in select_studies(database, uids).items()))
     if enqueue:
         from neuron.queue import make_app
         from neuron.work import Requeue

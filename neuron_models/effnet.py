@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from neuron.errors import ModelUnavailable
+from neuron.routes import MRI_US_POPULATION, SKIN_POPULATION
 from neuron.settings import Settings
 from neuron.work import Route
 from neuron_models.checkpoint import Checkpoint, require_checkpoints
@@ -33,12 +34,14 @@ MRI_US_CONFIG = ModelConfig(
     # MR and ultrasound keep their orientation (laterality, probe side): no flip, like the chest route.
     tta_views=CHEST_XRAY_VIEWS, cam_target="bn2 (final activation)",
     weights_source="checkpoint from `neuron train mri-us-efficientnet-b4` in --model-dir",
-    description="timm EfficientNet-B4 for MR and US, fine-tuned on the user's labelled data")
+    description="timm EfficientNet-B4 for MR and US, fine-tuned on the user's labelled data",
+    population=MRI_US_POPULATION)
 SKIN_CONFIG = ModelConfig(
     name="skin-efficientnet-b4", route=Route.SKIN, input_size=224, channels=3, normalization="imagenet",
     class_names=DEFAULT_CLASSES, multilabel=False, tta_views=SKIN_VIEWS, cam_target="bn2 (final activation)",
     weights_source="checkpoint from `neuron train skin-efficientnet-b4` in --model-dir",
-    description="timm EfficientNet-B4 for dermatology photographs, fine-tuned on the user's labelled data")
+    description="timm EfficientNet-B4 for dermatology photographs, fine-tuned on the user's labelled data",
+    population=SKIN_POPULATION)
 
 
 def create_net(num_classes: int, drop_rate: float = 0.0, pretrained: bool = False) -> nn.Module:

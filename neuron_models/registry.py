@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from neuron.routes import Population
 from neuron.settings import Settings, WeightsMode
 from neuron.work import Route
 from neuron_models import dropout
@@ -39,6 +40,8 @@ class ModelConfig:
     weights_source: str
     weights_sha256: str | None = None
     description: str = ""
+    # who the model was trained on: the object in neuron.routes.POPULATIONS that indexing gates this route with
+    population: Population | None = None
 
 
 class ScreeningModel(nn.Module):
@@ -117,11 +120,15 @@ class PipelineSpec:
     mc_dropout: int = 0
     members: tuple[dict, ...] = ()
     precision: str = "fp32"
+    reference: dict | None = None  # the out-of-distribution reference scored against (neuron_models.ood)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
-                "tta": self.tta.as_dict(), "decoder": self.decoder, "mc_dropout": self.mc_dropout,
-                "members": list(self.members), "precision": self.precision}
+        out = {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
+               "tta": self.tta.as_dict(), "decoder": self.decoder, "mc_dropout": self.mc_dropout,
+               "members": list(self.members), "precision": self.precision}
+        if self.reference is not None:  # only then: results without a reference keep the hash they had
+            out["reference"] = self.reference
+        return out
 
     @functools.cached_property
     def config_hash(self) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torchxrayvision as xrv
 
 from neuron.errors import WeightsError
+from neuron.routes import CHEST_POPULATION
 from neuron.settings import Settings, WeightsMode
 from neuron.work import Route
 from neuron_models.registry import UNTRAINED, ModelConfig, ScreeningModel, register_model, sha256_file
@@ -46,6 +47,7 @@ CONFIG = ModelConfig(
     weights_source=WEIGHTS_URL,
     weights_sha256=None,  # set NEURON_XRV_SHA256 after checking the file against the published release
     description="torchxrayvision DenseNet121 trained on NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, RSNA",
+    population=CHEST_POPULATION,
 )
 
 

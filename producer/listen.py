@@ -41,6 +41,7 @@ from neuron.dicomnet import (
     admitted,
     readable_transfer_syntaxes,
 )
+from neuron.routes import PopulationPolicy
 from neuron.settings import Settings
 from neuron.work import AssociationOutcome
 from producer.arrivals import Arrivals, CompletenessRules
@@ -240,11 +241,12 @@ def enqueue_released(db: Database, app) -> Callable[[Sequence[str] | None], None
 
 def serve(db: Database, out_dir: Path, config: ListenConfig, rules: CompletenessRules, admission: Admission,
           on_release: Callable[[list[str] | None], None], stop: threading.Event, patient_secret: str | None = None,
-          release_on_stop: bool = False, ready: Callable[[Listener], None] | None = None) -> None:
+          release_on_stop: bool = False, ready: Callable[[Listener], None] | None = None,
+          policy: PopulationPolicy | str = PopulationPolicy.FLAG) -> None:
     """Run a listener until ``stop`` is set. First ``on_release(None)``: whatever a previous run received and did
     not hand on (a killed process) goes to screening now. ``release_on_stop``: studies still inside their quiet time
     are handed on when it stops (the distributed mode's producer); otherwise they stay pending for the next start."""
-    receiver = open_receiver(db, out_dir, admission, Arrivals(rules), patient_secret)
+    receiver = open_receiver(db, out_dir, admission, Arrivals(rules), patient_secret, policy)
     try:
         on_release(None)
         listener = Listener(config, receiver, db, on_release)
@@ -274,6 +276,6 @@ def listen_for_workers(settings: Settings, config: ListenConfig, rules: Complete
     try:
         db.create()
         serve(db, settings.out_dir, config, rules, admission, enqueue_released(db, make_app(settings)), stop,
-              settings.patient_key, release_on_stop=True, ready=ready)
+              settings.patient_key, release_on_stop=True, ready=ready, policy=settings.population_policy)
     finally:
         db.dispose()

@@ -476,7 +476,8 @@ def pull_without_screening(settings: Settings, config: PullConfig, query: PullQu
     db.create()
     receiver = None
     if config.move_to is None:
-        receiver = open_receiver(db, settings.out_dir, admission, patient_secret=settings.patient_key)
+        receiver = open_receiver(db, settings.out_dir, admission, patient_secret=settings.patient_key,
+                                 policy=settings.population_policy)
 
     def nothing(_study: str) -> None:
         return None

@@ -37,6 +37,7 @@ from pydicom.filewriter import write_file_meta_info
 from db.network import backlog, is_indexed, last_indexed_under
 from db.store import Database
 from neuron.dicomnet import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, OUT_OF_RESOURCES_QUEUE, SUCCESS
+from neuron.routes import PopulationPolicy
 from neuron.work import FileEntry, Status
 from producer.arrivals import Arrivals
 from producer.scan import index_entry
@@ -121,8 +122,10 @@ class Indexer:
     committed in one transaction, so parallel associations share commits. ``submit`` returns a future of the file's
     ``FileEntry``, set once it is committed, or the commit's exception."""
 
-    def __init__(self, db: Database, patient_secret: str | None = None, max_batch: int = 64):
+    def __init__(self, db: Database, patient_secret: str | None = None, max_batch: int = 64,
+                 policy: PopulationPolicy | str = PopulationPolicy.FLAG):
         self.db, self.secret, self.max_batch = db, patient_secret, max_batch
+        self.policy = PopulationPolicy(policy)  # the gate of each received instance (--population-policy)
         self._queue: queue.Queue[tuple[Path, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="indexer", daemon=True)
         self._thread.start()
@@ -158,7 +161,7 @@ class Indexer:
 
     def _commit(self, batch: list[tuple[Path, Future]]) -> None:
         try:
-            entries = [index_entry(path, None, self.secret) for path, _ in batch]
+            entries = [index_entry(path, None, self.secret, self.policy) for path, _ in batch]
             self.db.add_files(entries)
         except Exception as exc:  # the database refused or is away: every instance of this commit is refused
             for _, fut in batch:
@@ -315,8 +318,11 @@ class Receiver:
 
 
 def open_receiver(db: Database, out_dir: Path, admission: Admission = Admission(), arrivals: Arrivals | None = None,
-                  patient_secret: str | None = None) -> Receiver:
-    """The store under OUT/received, its indexer and the receiver, recovered from whatever a killed process left."""
-    receiver = Receiver(db, InstanceStore.under(out_dir), Indexer(db, patient_secret), admission, arrivals)
+                  patient_secret: str | None = None, policy: PopulationPolicy | str = PopulationPolicy.FLAG
+                  ) -> Receiver:
+    """The store under OUT/received, its indexer (gating each instance by ``policy``) and the receiver, recovered from
+    whatever a killed process left."""
+    receiver = Receiver(db, InstanceStore.under(out_dir), Indexer(db, patient_secret, policy=policy), admission,
+                        arrivals)
     receiver.recover()
     return receiver

@@ -27,8 +27,8 @@ from pydicom.multival import MultiValue
 from db.store import Database
 from neuron.errors import FailedInput, InputError, SkippedInput
 from neuron.photos import photo_kind, photo_uids
-from neuron.routes import RoutingFacts, route_for
-from neuron.work import FileEntry, InstanceEntry, InstanceHeader, Route, Status, StudyHeader, printable
+from neuron.routes import PopulationFacts, PopulationPolicy, RoutingFacts, ViewFact, gate, route_for
+from neuron.work import AGE_CAP, FileEntry, InstanceEntry, InstanceHeader, Route, Status, StudyHeader, printable
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ def checked_uid(value: object, keyword: str, tag: str, required: bool) -> str:
                       "shortened or repaired into a different UID: fix the header at the source and re-export")
 
 
-def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
+def header_from_dataset(ds: pydicom.Dataset, facts: PopulationFacts | None = None) -> InstanceHeader:
     """The header facts of one instance, checked on the way in (an object that exists is valid). A Study or Series
-    Instance UID may be absent (the instance is still identified), but one that is present must be valid."""
+    Instance UID may be absent (the instance is still identified), but one that is present must be valid. ``facts``
+    (``population_facts``): the view and age kept with it."""
     uid = checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID", "(0008,0018)", required=True)
     study = checked_uid(ds.get("StudyInstanceUID"), "Study Instance UID", "(0020,000D)", required=False)
     series = checked_uid(ds.get("SeriesInstanceUID"), "Series Instance UID", "(0020,000E)", required=False)
@@ -96,7 +97,76 @@ def header_from_dataset(ds: pydicom.Dataset) -> InstanceHeader:
         rows=_int_or_none(ds.get("Rows")),
         columns=_int_or_none(ds.get("Columns")),
         frames=max(1, frames),
+        view_position=facts.view.view if facts is not None else None,
+        age_years=None if facts is None or facts.age_years is None else min(AGE_CAP, int(facts.age_years)),
+        manufacturer=_text(ds, "Manufacturer", 64),
+        manufacturer_model=_text(ds, "ManufacturerModelName", 64),
+        bits_stored=_int_or_none(_safe(ds, "BitsStored")),
+        pixel_spacing=_spacing(ds),
     )
+
+
+def population_facts(ds: pydicom.Dataset) -> PopulationFacts:
+    """What gating reads from a header (``neuron.routes.gate``): modality, body part, the view (ViewPosition, else
+    SeriesDescription or ProtocolName) and the age (PatientAge, else the birth date and the study date). The birth
+    date is read here to compute the age and goes nowhere else."""
+    view = ViewFact.of(_text(ds, "ViewPosition", 16), _text(ds, "SeriesDescription", 64),
+                       _text(ds, "ProtocolName", 64))
+    age, source = parse_as(_text(ds, "PatientAge", 8)), None
+    if age is not None:
+        source = f"PatientAge '{_text(ds, 'PatientAge', 8)}'"
+    else:
+        born = parse_da(_text(ds, "PatientBirthDate", 16))
+        when = next((d for d in (parse_da(_text(ds, k, 16)) for k in ("StudyDate", "SeriesDate", "AcquisitionDate",
+                                                                        "ContentDate")) if d is not None), None)
+        if born is not None and when is not None and born <= when:
+            age, source = age_at(born, when), "from the birth date and the study date"
+    return PopulationFacts(modality=_code(ds, "Modality", 16) or "", body_part=_code(ds, "BodyPartExamined", 64) or "",
+                           view=view, age_years=age, age_source=source)
+
+
+def age_at(born: date, when: date) -> float:
+    """Age in years on ``when``: whole years, plus the fraction of the year since the last birthday (a birthday on
+    29 February falls on 28 February in other years)."""
+    years = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
+    try:
+        last = born.replace(year=born.year + years)
+    except ValueError:
+        last = date(born.year + years, 2, 28)
+    return years + (when - last).days / 366.0
+
+
+_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def parse_as(value: str | None) -> float | None:
+    """A DICOM AS value (``nnnD``, ``nnnW``, ``nnnM`` or ``nnnY``, PS3.5 6.2) in years; None when absent or not an
+    age string."""
+    text = (value or "").strip().upper()
+    if len(text) < 2 or text[-1] not in _AGE_UNITS or not text[:-1].isdigit():
+        return None
+    return int(text[:-1]) * _AGE_UNITS[text[-1]]
+
+
+def _safe(ds: pydicom.Dataset, keyword: str):
+    try:
+        return ds.get(keyword)
+    except Exception:  # pydicom converts lazily: a malformed descriptive value is left out
+        return None
+
+
+def _spacing(ds: pydicom.Dataset) -> float | None:
+    """The row spacing in mm from PixelSpacing, else ImagerPixelSpacing (projection radiographs); None if neither is a
+    positive number."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _safe(ds, keyword)
+        try:
+            first = float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if 0 < first < 1000:
+            return round(first, 4)
+    return None
 
 
 def patient_key(secret: str, patient_id: str | None) -> str | None:
@@ -241,18 +311,20 @@ def read_header(path: Path) -> InstanceHeader:
     return read_headers(path)[0]
 
 
-def read_headers(path: Path, patient_secret: str | None = None) -> tuple[InstanceHeader, StudyHeader]:
-    """``read_header`` and what the worklist needs about the instance's study (``study_from_dataset``)."""
+def read_headers(path: Path, patient_secret: str | None = None
+                 ) -> tuple[InstanceHeader, StudyHeader, PopulationFacts]:
+    """``read_header``, what the worklist needs about the instance's study (``study_from_dataset``) and what gating
+    reads (``population_facts``)."""
     with path.open("rb") as fp:
-        header, study, _ = parse_headers(path, fp, patient_secret)
-    return header, study
+        header, study, facts, _ = parse_headers(path, fp, patient_secret)
+    return header, study, facts
 
 
 def parse_headers(path: Path, fp: BinaryIO, patient_secret: str | None = None, defer_size: int | None = None
-                  ) -> tuple[InstanceHeader, StudyHeader, pydicom.Dataset]:
-    """The headers of the file open as ``fp``, and its dataset. ``defer_size`` None stops before the pixels (the
-    producer needs no more); a size keeps every element but those larger than it unread (pydicom's deferred read),
-    so a reader that indexes and decodes the file parses it once (``worker.readers``)."""
+                  ) -> tuple[InstanceHeader, StudyHeader, PopulationFacts, pydicom.Dataset]:
+    """The headers of the file open as ``fp``, what gating reads from them, and its dataset. ``defer_size`` None stops
+    before the pixels (the producer needs no more); a size keeps every element but those larger than it unread
+    (pydicom's deferred read), so a reader that indexes and decodes the file parses it once (``worker.readers``)."""
     size = os.fstat(fp.fileno()).st_size
     if size == 0:
         raise FailedInput("empty file (0 bytes): not DICOM; remove it or re-export it from the source")
@@ -280,8 +352,9 @@ def parse_headers(path: Path, fp: BinaryIO, patient_secret: str | None = None, d
     try:
         if not has_marker and "SOPInstanceUID" not in ds:
             raise SkippedInput("not a DICOM file: no 'DICM' marker at byte 128 and no SOP Instance UID")
-        header = header_from_dataset(ds)
-        return header, study_from_dataset(ds, header.study_instance_uid, patient_secret), ds
+        facts = population_facts(ds)
+        header = header_from_dataset(ds, facts)
+        return header, study_from_dataset(ds, header.study_instance_uid, patient_secret), facts, ds
     except InputError:
         raise
     except Exception as exc:  # pydicom raises lazily while converting malformed values
@@ -302,12 +375,14 @@ def photo_header(path: Path, kind: str) -> InstanceHeader:
                           transfer_syntax=kind, rows=None, columns=None, frames=1)
 
 
-def index_entry(path: Path, route_override: Route | None = None, patient_secret: str | None = None) -> FileEntry:
-    """Header pass over one file: identity, route (or the reason it has none) and status. With ``route_override``
-    every instance goes to that route, and plain JPEG/PNG photographs are taken too (``neuron run --route skin``).
-    ``patient_secret`` (--patient-key) keeps a keyed hash of the Patient ID with the study.
-    Never raises for one file's sake: whatever reading it raises, the file is recorded with the reason."""
-    return index_and_open(path, route_override, patient_secret)[0]
+def index_entry(path: Path, route_override: Route | None = None, patient_secret: str | None = None,
+                policy: PopulationPolicy | str = PopulationPolicy.FLAG) -> FileEntry:
+    """Header pass over one file: identity, route (or the reason it has none), the gate against the route's trained
+    population (``neuron.routes.gate``: a film outside it is skipped, or screened and flagged, by ``policy``) and
+    status. With ``route_override`` every instance goes to that route, and plain JPEG/PNG photographs are taken too
+    (``neuron run --route skin``). ``patient_secret`` (--patient-key) keeps a keyed hash of the Patient ID with the
+    study. Never raises for one file's sake: whatever reading it raises, the file is recorded with the reason."""
+    return index_and_open(path, route_override, patient_secret, policy=policy)[0]
 
 
 @dataclass
@@ -320,9 +395,11 @@ class Opened:
 
 
 def index_and_open(path: Path, route_override: Route | None = None, patient_secret: str | None = None,
-                   defer_size: int | None = None) -> tuple[FileEntry, Opened | None]:
-    """``index_entry``; with ``defer_size`` the file of a pending instance is also kept open with its whole dataset
-    parsed (elements larger than ``defer_size`` deferred), so a reader decodes it without parsing it again."""
+                   defer_size: int | None = None, policy: PopulationPolicy | str = PopulationPolicy.FLAG
+                   ) -> tuple[FileEntry, Opened | None]:
+    """``index_entry``, gate included; with ``defer_size`` the file of a pending instance (screened, flagged or not)
+    is also kept open with its whole dataset parsed (elements larger than ``defer_size`` deferred), so a reader
+    decodes it without parsing it again. A film the gate skips is closed here: its pixels are never read."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -334,9 +411,10 @@ def index_and_open(path: Path, route_override: Route | None = None, patient_secr
         if kind is not None:
             h = photo_header(path, kind)
             study = StudyHeader(h.study_instance_uid, None, None, None, None)
+            facts = PopulationFacts(modality="XC")
         else:
             fp = path.open("rb")
-            h, study, ds = parse_headers(path, fp, patient_secret, defer_size)
+            h, study, facts, ds = parse_headers(path, fp, patient_secret, defer_size)
     except InputError as exc:
         _close(fp)
         reason = exc.reason
@@ -358,7 +436,14 @@ def index_and_open(path: Path, route_override: Route | None = None, patient_secr
         status, reason = Status.PENDING, None
     except SkippedInput as exc:
         route, status, reason = None, Status.SKIPPED, exc.reason
-    inst = InstanceEntry(h, route=route, status=status, reason=reason, study=study)
+    gated = {}
+    if route is not None:
+        decision = gate(route, facts, policy)
+        gated = {"population_route": route, "outside_population": decision.outside,
+                 "gating_notes": decision.notes}
+        if decision.skip:  # no route: nothing selects it for screening (a rescreen, a requeue) unless re-indexed
+            route, status, reason = None, Status.SKIPPED, decision.outside
+    inst = InstanceEntry(h, route=route, status=status, reason=reason, study=study, **gated)
     entry = FileEntry(**base, status=status, reason=reason, sop_instance_uid=h.sop_instance_uid, instance=inst)
     if defer_size is None or status is not Status.PENDING:
         _close(fp)
@@ -401,8 +486,9 @@ def _parse_workers() -> int:
                (os.cpu_count() or 1))
 
 
-def _index_chunk(paths: list[Path], route_override: Route | None, secret: str | None) -> list[FileEntry]:
-    return [index_entry(p, route_override, secret) for p in paths]
+def _index_chunk(paths: list[Path], route_override: Route | None, secret: str | None,
+                 policy: PopulationPolicy = PopulationPolicy.FLAG) -> list[FileEntry]:
+    return [index_entry(p, route_override, secret, policy) for p in paths]
 
 
 class _HeaderReader:
@@ -412,9 +498,9 @@ class _HeaderReader:
     chunk and the rest are read here: a file is never lost to a parser's crash."""
 
     def __init__(self, route_override: Route | None, workers: int, pool_after: int = PARSE_POOL_AFTER,
-                 patient_secret: str | None = None):
+                 patient_secret: str | None = None, policy: PopulationPolicy = PopulationPolicy.FLAG):
         self.route_override, self.workers, self.pool_after = route_override, workers, pool_after
-        self.secret = patient_secret
+        self.secret, self.policy = patient_secret, PopulationPolicy(policy)
         self.read = 0
         self.pool: ProcessPoolExecutor | None = None
         self.chunk: list[Path] = []
@@ -424,7 +510,7 @@ class _HeaderReader:
         """Read one file's header; returns the entries finished so far, in walk order."""
         self.read += 1
         if self.pool is None and (self.workers < 2 or self.read <= self.pool_after):
-            return [index_entry(path, self.route_override, self.secret)]
+            return [index_entry(path, self.route_override, self.secret, self.policy)]
         self.chunk.append(path)
         if len(self.chunk) < PARSE_CHUNK:
             return self._collect(block_over=None)
@@ -449,9 +535,9 @@ class _HeaderReader:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
         if self.pool is None:  # the pool broke: read here
             fut: Future = Future()
-            fut.set_result(_index_chunk(paths, self.route_override, self.secret))
+            fut.set_result(_index_chunk(paths, self.route_override, self.secret, self.policy))
         else:
-            fut = self.pool.submit(_index_chunk, paths, self.route_override, self.secret)
+            fut = self.pool.submit(_index_chunk, paths, self.route_override, self.secret, self.policy)
         self.in_flight.append((paths, fut))
 
     def _collect(self, block_over: int | None) -> list[FileEntry]:
@@ -466,7 +552,7 @@ class _HeaderReader:
                           "producer itself")
                 self.workers = 0
                 self.close()
-                done += _index_chunk(paths, self.route_override, self.secret)
+                done += _index_chunk(paths, self.route_override, self.secret, self.policy)
         return done
 
 
@@ -503,19 +589,21 @@ def changed_files(root: Path, known: dict[str, tuple[int, int]], exclude: Iterab
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
                  on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
-                 follow_links: bool = False, patient_secret: str | None = None) -> ScanResult:
+                 follow_links: bool = False, patient_secret: str | None = None,
+                 policy: PopulationPolicy | str = PopulationPolicy.FLAG) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
     committed batch. ``workers``: header-parsing processes once the scan has read PARSE_POOL_AFTER files (default:
     one per CPU, at most 8; 0 or 1 reads every header in this process). ``patient_secret``: keep a keyed hash of each
-    study's Patient ID (--patient-key)."""
+    study's Patient ID (--patient-key). ``policy``: what happens to a film outside its route's trained population
+    (--population-policy)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
     result = ScanResult()
     pending: list[FileEntry] = []
     reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers,
-                           patient_secret=patient_secret)
+                           patient_secret=patient_secret, policy=PopulationPolicy(policy))
     try:
         for path in changed_files(root, db.file_index(), exclude, follow_links, on_file, result):
             pending += reader.add(path)

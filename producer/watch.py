@@ -109,7 +109,8 @@ class FolderWatcher:
                 self.candidates[path] = (st.st_size, st.st_mtime_ns, now)
             elif now - since >= self.settings.watch_stable_seconds:
                 del self.candidates[path]
-                indexed.append(index_entry(path, self.route, self.settings.patient_key))
+                indexed.append(index_entry(path, self.route, self.settings.patient_key,
+                                           self.settings.population_policy))
         if indexed:
             self.db.add_files(indexed)
             for entry in indexed:

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
@@ -29,8 +30,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from db import audit
 from db import review as queries
+from db.monitor import RECENT_DAYS, REFERENCE_DAYS, day_window, monitor
 from db.store import Database
+from neuron.drift import ALPHA, DriftReport, prometheus_text
 from neuron.settings import Settings
 from neuron.work import POSITIVE
 
@@ -187,6 +191,18 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
             return handler(request)
         return guard
 
+    def actor(request: Request, who: str | None = None) -> audit.Actor:
+        """Who is reading or writing: the name given (a verdict, a sign-in), else the signed-in reviewer, else the
+        holder of the token (a script), else "loopback" (reading needs no sign-in only on this machine)."""
+        if who is None:
+            if _signed_in(request):
+                who = request.cookies.get(REVIEWER_COOKIE) or "signed-in reviewer"
+            elif config.writable and _is_token(_bearer(request)):
+                who = "token holder"
+            else:
+                who = "loopback"
+        return audit.Actor(who.strip() or "loopback", request.client.host if request.client else None)
+
     def worklist(request: Request) -> Response:
         try:
             f = queries.WorklistFilter.from_query(request.query_params)
@@ -202,9 +218,11 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         detail = queries.study_detail(config.database, request.path_params["study_uid"])
         if detail is None:
             return error(request, 404, "no study with this Study Instance UID in the database")
+        audit.record(config.database, audit.Event(actor(request), audit.Action.VIEW_STUDY,
+                                                   detail.study.study_instance_uid))
         return page(request, "study.html", d=detail, study=detail.study)
 
-    cached: dict[str, tuple[float, queries.SummaryData]] = {}
+    cached: dict = {}  # "data": the summary; a monitoring query: its drift report
 
     def summary(request: Request) -> Response:
         """The aggregates pass over every predictions row (2.3 s on 1,000,000 rows with SQLite), so one computation
@@ -216,20 +234,23 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         return page(request, "summary.html", s=data, charts=charts(data),
                     review_threshold=config.settings.review_threshold)
 
-    def _heatmap_file(request: Request) -> Path:
-        stored = queries.heatmap_path(config.database, request.path_params["prediction_id"])
-        if stored is None:
+    def _heatmap_file(request: Request, shown: str) -> Path:
+        ref = queries.heatmap_of(config.database, request.path_params["prediction_id"])
+        if ref is None or ref.path is None:
             raise HTTPException(404, "this finding has no heatmap")
-        path = Path(config.settings.to_local(stored)).resolve()
+        path = Path(config.settings.to_local(ref.path)).resolve()
         if not folders.holds(path) or not path.is_file():
             # a path outside the folders (a tampered row, a symbolic link out) is answered like a missing one
             log.warning("heatmap of finding %s is not a file inside the heatmap folders (%s); not served",
                         request.path_params["prediction_id"], ", ".join(map(str, folders.roots)))
             raise HTTPException(404, "heatmap not found in the heatmap folders")
+        audit.record(config.database, audit.Event(
+            actor(request), audit.Action.VIEW_HEATMAP, ref.study_instance_uid,
+            target=f"finding {request.path_params['prediction_id']} ({ref.label}), {shown}"))
         return path
 
     def heatmap(request: Request) -> Response:
-        return FileResponse(_heatmap_file(request), media_type="image/png",
+        return FileResponse(_heatmap_file(request, "heatmap"), media_type="image/png",
                             headers={"Cache-Control": "private, max-age=3600", **SECURITY_HEADERS})
 
     def heatmap_gray(request: Request) -> Response:
@@ -237,7 +258,7 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         plain model-input image is not stored; this is the overlay's luminance, and the page says so)."""
         import cv2
 
-        image = cv2.imread(str(_heatmap_file(request)), cv2.IMREAD_GRAYSCALE)
+        image = cv2.imread(str(_heatmap_file(request, "heatmap in grayscale")), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise HTTPException(404, "heatmap is not a readable PNG")
         ok, png = cv2.imencode(".png", image)
@@ -248,11 +269,14 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         form = await request.form()
         if not config.writable:
             return error(request, 403, READ_ONLY)
+        reviewer = str(form.get("reviewer") or "").strip()[:queries.MAX_REVIEWER]
         if not _is_token(str(form.get("token") or "")):
+            audit.record(config.database, audit.Event(actor(request, reviewer or "unnamed"), audit.Action.SIGN_IN,
+                                                      outcome="failure", detail="wrong token"))
             return error(request, 403, "the token is wrong; type the value of NEURON_REVIEW_TOKEN")
+        audit.record(config.database, audit.Event(actor(request, reviewer or "unnamed"), audit.Action.SIGN_IN))
         response = RedirectResponse(_safe_next(str(form.get("next") or "/")), status_code=303)
         response.set_cookie(TOKEN_COOKIE, config.cookie_value(), httponly=True, samesite="strict", path="/")
-        reviewer = str(form.get("reviewer") or "").strip()[:queries.MAX_REVIEWER]
         if reviewer:
             response.set_cookie(REVIEWER_COOKIE, reviewer, httponly=True, samesite="strict", path="/")
         return response
@@ -275,6 +299,9 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
                                          str(form.get("note") or ""))
         except queries.VerdictError as exc:
             return error(request, 400, str(exc))
+        audit.record(config.database, audit.Event(
+            actor(request, reviewer), audit.Action.VERDICT, stored.study_instance_uid,
+            target=f"finding {prediction_id} ({stored.label})", detail=f"verdict {form.get('verdict')}"))
         log.info("verdict %s recorded on finding %s", stored.id, prediction_id)
         if request.headers.get("authorization"):  # a script, not the page: no redirect to follow
             return Response(f"verdict {stored.id} recorded\n", status_code=201, media_type="text/plain")
@@ -283,6 +310,30 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
                             samesite="strict", path="/")
         return response
 
+    def drift(request: Request) -> tuple[DriftReport | None, str | None]:
+        """The drift report for the query's windows (``db.monitor``), one computation per minute per query."""
+        params = request.query_params
+        try:
+            key, kwargs = monitor_query(params)
+        except ValueError as exc:
+            return None, str(exc)
+        now = time.monotonic()
+        if key not in cached or now - cached[key][0] > SUMMARY_TTL_S:
+            cached[key] = (now, monitor(config.database, **kwargs))
+        return cached[key][1], None
+
+    def monitoring(request: Request) -> Response:
+        report, problem = drift(request)
+        if problem is not None:
+            return error(request, 400, problem)
+        return page(request, "monitoring.html", r=report, params=request.query_params)
+
+    def metrics(request: Request) -> Response:
+        report, problem = drift(request)
+        if problem is not None:
+            return Response(problem + "\n", status_code=400, media_type="text/plain")
+        return Response(prometheus_text(report), media_type=CONTENT_TYPE_LATEST)
+
     async def not_found(request: Request, exc: HTTPException) -> Response:
         return error(request, exc.status_code, exc.detail)
 
@@ -290,6 +341,8 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
         Route("/", guarded(worklist)),
         Route("/study/{study_uid}", guarded(study)),
         Route("/summary", guarded(summary)),
+        Route("/monitoring", guarded(monitoring)),
+        Route("/metrics", guarded(metrics)),
         Route("/heatmap/{prediction_id:int}", guarded(heatmap)),
         Route("/heatmap/{prediction_id:int}/gray", guarded(heatmap_gray)),
         Route("/signin", sign_in, methods=["POST"]),
@@ -300,6 +353,39 @@ def create_app(database: Database, settings: Settings, token: str | None, privat
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
     app.state.config = config
     return app
+
+
+def monitor_query(params) -> tuple[tuple, dict]:
+    """The Monitoring page's query (``recent_days``, ``reference_days``, ``reference_from``/``reference_to``,
+    ``recent_from``/``recent_to`` as YYYY-MM-DD, ``alpha``) as ``db.monitor.monitor`` arguments; ValueError naming a
+    bad value and its form."""
+    from datetime import date
+
+    def number(key: str, kind, default):
+        raw = (params.get(key) or "").strip()
+        if not raw:
+            return default
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r} is not a number; e.g. {key}={default}") from None
+
+    def window(prefix: str):
+        first, last = (params.get(f"{prefix}_from") or "").strip(), (params.get(f"{prefix}_to") or "").strip()
+        if not first and not last:
+            return None
+        try:
+            return day_window(date.fromisoformat(first), date.fromisoformat(last))
+        except ValueError:
+            raise ValueError(f"{prefix}_from={first!r} and {prefix}_to={last!r} must both be dates (YYYY-MM-DD), "
+                             f"the first not after the second") from None
+
+    kwargs = {"recent_days": number("recent_days", int, RECENT_DAYS),
+              "reference_days": number("reference_days", int, REFERENCE_DAYS),
+              "alpha": number("alpha", float, ALPHA), "reference": window("reference"), "recent": window("recent")}
+    if kwargs["recent_days"] < 1 or kwargs["reference_days"] < 1 or not 0 < kwargs["alpha"] < 1:
+        raise ValueError("recent_days and reference_days are whole days (1 or more), alpha is between 0 and 1")
+    return tuple(sorted((k, str(v)) for k, v in kwargs.items())), kwargs
 
 
 # -- summary charts: plain geometry for inline SVG (no JavaScript, no plotting library) ------------------------------

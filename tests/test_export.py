@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(300)
 # some rows but not all
 WHERE = ("(label = 'Effusion' and probability > 0.0) or (file_path like '%study1%' and rank <= 3) "
          "or processed_at < '2000-01-01 12:30:00'")
-BOOLEANS, TIMESTAMPS, FLOATS = {"untrained", "needs_review"}, {"processed_at"}, {"probability", "uncertainty"}
+BOOLEANS, TIMESTAMPS = {"untrained", "needs_review", "out_of_distribution"}, {"processed_at"}
+FLOATS = {"probability", "uncertainty", "ood_score"}
 
 
 @pytest.fixture(scope="module")

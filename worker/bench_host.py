@@ -44,8 +44,9 @@ SAMPLE_RATE_HZ = 250
 
 class InstantDeviceJob(DeviceJob):
     """A device stage that takes no time: every batch gets, at once, the outputs the real job gave for one primed
-    batch (mean, std, order, uint8 overlays; nothing rejected), as views of the same tensors: no model, no
-    preprocessing, no copy. ``prime`` runs the real job once per route before the clock starts."""
+    batch (mean, std, order, uint8 overlays, and the out-of-distribution scores when the route has a reference;
+    nothing rejected), as views of the same tensors: no model, no preprocessing, no copy. ``prime`` runs the real job
+    once per route before the clock starts."""
 
     def __init__(self, models: Models, top_k: int | None = None, batch_size: int | None = None):
         super().__init__(models, top_k)
@@ -56,8 +57,9 @@ class InstantDeviceJob(DeviceJob):
         """The real job's outputs for a full batch made of ``frames`` (cycled)."""
         batch = [frames[i % len(frames)] for i in range(self.batch_size)]
         chunks = super().run(route, batch)
+        ood = None if chunks[0][2].ood is None else torch.cat([c[2].ood for c in chunks])  # a route with a reference
         self._ready[route] = ModelOutput(*(torch.cat([getattr(c[2], name) for c in chunks]) for name in
-                                           ("mean", "std", "order", "maps", "overlays")))
+                                           ("mean", "std", "order", "maps", "overlays")), ood=ood)
 
     def run(self, route: Route, frames: Sequence[DecodedFrame], staged: StagedBatch | None = None,
             uploaded: torch.Tensor | None = None) -> list[Chunk]:
@@ -70,7 +72,8 @@ class InstantDeviceJob(DeviceJob):
         photometric = staged.photometric if staged is not None else tuple(f.params.photometric for f in frames)
         prepared = Prepared(torch.empty(0), torch.zeros(n, dtype=torch.bool), torch.zeros(n), photometric)
         return [(frames, prepared, ModelOutput(ready.mean[:n], ready.std[:n], ready.order[:n], ready.maps[:n],
-                                               ready.overlays[:n]))]
+                                               ready.overlays[:n],
+                                               ood=None if ready.ood is None else ready.ood[:n]))]
 
 
 def primed_job(models: Models, batch_size: int, sample: Path, route: Route = Route.CHEST_XRAY) -> InstantDeviceJob:

@@ -22,7 +22,7 @@ import torch
 from neuron.errors import InputError, RetryableError
 from neuron.settings import Settings
 from neuron.work import Route
-from neuron_models import cam, dropout
+from neuron_models import cam, dropout, ood
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import Prepared, Preprocessor, normalize
 from neuron_models.staging import StagedBatch
@@ -57,6 +57,7 @@ class FrameInference:
     overlays: np.ndarray  # (k, S, S, 3) BGR uint8: the heatmaps of the top-k labels over the image
     image: np.ndarray | None = None  # (C, S, S) identity view in [0, 1]
     cams: np.ndarray | None = None  # (k, S, S) in [0, 1]
+    ood_score: float | None = None  # distance from the route's reference (None: no reference)
 
 
 @dataclass
@@ -68,11 +69,16 @@ class ModelOutput:
     order: torch.Tensor  # (N, K)
     maps: torch.Tensor  # (N, k, S, S)
     overlays: torch.Tensor  # (N, k, S, S, 3) uint8
+    pooled: torch.Tensor | None = None  # (N, C') penultimate features of the identity view (neuron reference)
+    ood: torch.Tensor | None = None  # (N,) float64 distances from the route's reference, when it has one
 
     def host_tensors(self, prepared: Prepared) -> dict[str, torch.Tensor]:
         """What the results stage needs back on the host, by name."""
-        return {"mean": self.mean, "std": self.std, "order": self.order, "overlays": self.overlays,
-                "rejected": prepared.rejected, "saturation": prepared.saturation}
+        out = {"mean": self.mean, "std": self.std, "order": self.order, "overlays": self.overlays,
+               "rejected": prepared.rejected, "saturation": prepared.saturation}
+        if self.ood is not None:
+            out["ood"] = self.ood
+        return out
 
 
 Chunk = tuple[Sequence[DecodedFrame], Prepared, ModelOutput]
@@ -124,13 +130,15 @@ class DeviceJob:
         order = torch.argsort(mean, dim=1, descending=True, stable=True)
         n, size = x.shape[0], lr.preprocess.input_size
         k = min(self.top_k, mean.shape[1])
+        identity = features[:n].float()  # views are view-major; the identity view comes first
         if k:
-            identity = features[:n].float()  # views are view-major; the identity view comes first
             maps = cam.class_activation_maps(identity, cam_weight.float(), order[:, :k])
             maps = cam.upsample(cam.normalize_maps(maps), size)
         else:
             maps = torch.zeros(n, 0, size, size, device=x.device)
-        return ModelOutput(mean, std, order, maps, cam.overlay_batch(x, maps, self.jet))
+        pooled = ood.pooled(identity)
+        scores = lr.reference.score(pooled) if lr.reference is not None else None
+        return ModelOutput(mean, std, order, maps, cam.overlay_batch(x, maps, self.jet), pooled, scores)
 
     def run(self, route: Route, frames: Sequence[DecodedFrame], staged: StagedBatch | None = None,
             uploaded: torch.Tensor | None = None) -> list[Chunk]:
@@ -176,5 +184,6 @@ class DeviceJob:
                 continue
             out.append(FrameInference(fr, host["mean"][i], host["std"][i], host["order"][i], host["overlays"][i],
                                       host["image"][i] if "image" in host else None,
-                                      host["maps"][i] if "maps" in host else None))
+                                      host["maps"][i] if "maps" in host else None,
+                                      float(host["ood"][i]) if "ood" in host else None))
         return out

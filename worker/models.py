@@ -23,8 +23,10 @@ import torch
 from neuron.errors import ConfigError, ModelUnavailable
 from neuron.settings import Settings
 from neuron.work import Route
+from neuron_models import ood
 from neuron_models.effnet import members_of
 from neuron_models.factory import create_model, models_for_route, unavailable_reason
+from neuron_models.ood import Reference
 from neuron_models.preprocess import PreprocessConfig
 from neuron_models.registry import PipelineSpec, ScreeningModel, preprocess_config, tta_policy
 from neuron_models.tta import TTAPolicy
@@ -54,6 +56,7 @@ def default_batch_size(device: torch.device) -> int:
 class LoadedRoute:
     model: ScreeningModel
     spec: PipelineSpec
+    reference: Reference | None = None  # out-of-distribution statistics on the model's device (neuron reference)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -64,9 +67,11 @@ class LoadedRoute:
         return self.spec.tta
 
 
-def load_route(route: Route, settings: Settings, device: torch.device) -> LoadedRoute:
+def load_route(route: Route, settings: Settings, device: torch.device, references: bool = True) -> LoadedRoute:
     """Build a route's model on the device with the settings behind its results (raises ModelUnavailable). In a fast
-    precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA."""
+    precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA. With
+    ``references`` the route's out-of-distribution reference is loaded with it (``neuron reference`` builds one
+    without)."""
     model = create_model(models_for_route(route)[0].name, settings).to(device)
     cfg = model.config
     if settings.mc_dropout and not model.has_dropout():
@@ -76,10 +81,19 @@ def load_route(route: Route, settings: Settings, device: torch.device) -> Loaded
     gpu = nvimgcodec_version() if device.type == "cuda" else "missing"
     decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
                "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
-    spec = PipelineSpec(cfg.name, model.weights_id, preprocess_config(cfg, settings), tta_policy(cfg, settings),
+    preprocess = preprocess_config(cfg, settings)
+    # a mismatch or a corrupt file stops the run
+    reference = ood.load(settings.resolved_reference_dir, route) if references else None
+    if reference is not None:
+        reference.check(cfg.name, model.weights_id, preprocess.as_dict())
+        reference.to(device)
+        log.info("%s: out-of-distribution reference %s (%d films, threshold %.3f)", cfg.name,
+                 reference.sha256[:12], reference.images, reference.threshold)
+    spec = PipelineSpec(cfg.name, model.weights_id, preprocess, tta_policy(cfg, settings),
                         decoder, mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
-                        members=members_of(model), precision=settings.precision)
-    return LoadedRoute(model, spec)
+                        members=members_of(model), precision=settings.precision,
+                        reference=reference.identity() if reference is not None else None)
+    return LoadedRoute(model, spec, reference)
 
 
 class Models:
@@ -88,13 +102,14 @@ class Models:
 
     def __init__(self, settings: Settings, device: torch.device, routes: dict[Route, LoadedRoute],
                  unavailable: dict[Route, str] | None = None, loadable: Iterable[Route] = (),
-                 created_at: float | None = None):
+                 created_at: float | None = None, references: bool = True):
         self.settings = settings
         self.device = device
         self.routes = routes
         self.unavailable = unavailable or {}
         self.loadable = set(loadable) - set(routes)
         self.created_at = created_at if created_at is not None else time.monotonic()  # time to first batch counts it
+        self.references = references
         self._on_load: list[Callable[[LoadedRoute], None]] = []
         self._loading = threading.Lock()
         if settings.precision in AUTOCAST and device.type != "cuda":
@@ -102,7 +117,8 @@ class Models:
                         settings.precision, device)
 
     @classmethod
-    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False) -> Models:
+    def from_settings(cls, settings: Settings, only: Iterable[Route] | None = None, lazy: bool = False,
+                      references: bool = True) -> Models:
         """Load the model of every route (or of the routes in ``only``: a worker's queues, the model being
         evaluated) that has one; a route without a checkpoint is recorded as unavailable with the reason (its
         instances are skipped); missing chest X-ray weights stop the run (WeightsError) when that route is loaded.
@@ -125,10 +141,10 @@ class Models:
                     unavailable[route] = reason
                 continue
             try:
-                routes[route] = load_route(route, settings, device)
+                routes[route] = load_route(route, settings, device, references)
             except ModelUnavailable as exc:
                 unavailable[route] = str(exc)
-        return cls(settings, device, routes, unavailable, loadable, created)
+        return cls(settings, device, routes, unavailable, loadable, created, references)
 
     def on_load(self, callback: Callable[[LoadedRoute], None]) -> None:
         """Call ``callback`` with each route loaded from now on (e.g. record its settings in the database)."""
@@ -146,7 +162,7 @@ class Models:
             if route in self.routes or route not in self.loadable:
                 return
             try:
-                lr = load_route(route, self.settings, self.device)
+                lr = load_route(route, self.settings, self.device, self.references)
             except ModelUnavailable as exc:
                 self.unavailable[route] = str(exc)
                 self.loadable.discard(route)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from neuron.errors import DecodeError, TransientReadError
+from neuron.routes import PopulationPolicy
 from neuron.settings import Settings, swap_prefix
 from neuron.work import FileEntry, Route, Status, WorkItem
 from neuron_models.image import DecodedFrame, EncodedFrame
@@ -67,11 +68,12 @@ class ReaderConfig:
     hook: ReadHook | None = None
     route_override: Route | None = None
     patient_secret: str | None = field(default=None, repr=False)
+    population_policy: PopulationPolicy = PopulationPolicy.FLAG  # the gate of index requests (--population-policy)
 
     @classmethod
     def of(cls, settings: Settings, defer_syntaxes: frozenset[str], hook: ReadHook | None = None) -> ReaderConfig:
         return cls(settings.max_frames, settings.max_pixels, frozenset(defer_syntaxes), settings.path_map, hook,
-                   settings.route_override, settings.patient_key)
+                   settings.route_override, settings.patient_key, settings.population_policy)
 
     def to_local(self, path: str) -> str:
         return swap_prefix(path, self.path_map)
@@ -164,8 +166,10 @@ def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_
             opened = None
             try:
                 if isinstance(item, IndexItem):  # index first: the entry goes back before the pixels are read
+                    # gated here: a film the gate skips comes back without its file open, so it is never read
                     entry, opened = index_and_open(Path(cfg.to_local(item.path)), cfg.route_override,
-                                                   cfg.patient_secret, defer_size=DEFER_BYTES)
+                                                   cfg.patient_secret, defer_size=DEFER_BYTES,
+                                                   policy=cfg.population_policy)
                     results.send((rid, ENTRY, entry, 0.0))
                     if opened is None:
                         results.send((rid, NOTHING, None, time.perf_counter() - started))

@@ -115,8 +115,10 @@ class ResultShaper:
             unc = float(inf.uncertainty[idx])
             scores.append(LabelScore(name, float(inf.probabilities[idx]), unc, rank_of[idx], heatmaps.get(idx),
                                      unc > threshold))
+        far = None if inf.ood_score is None else inf.ood_score > lr.reference.threshold
         return FrameResult(inf.frame.frame, spec.model, spec.weights, spec.config_hash, lr.model.untrained,
-                           tuple(scores), decoder=getattr(inf.frame, "decoder", None)), writes
+                           tuple(scores), decoder=getattr(inf.frame, "decoder", None), ood_score=inf.ood_score,
+                           out_of_distribution=far), writes
 
     def outcome(self, item: WorkItem, frames: list[FrameResult], error: InputError | None,
                 write_error: BaseException | None) -> Outcome:

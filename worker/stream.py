@@ -170,7 +170,7 @@ def listen_in_process(settings: Settings, config: ListenConfig, rules: Completen
     try:
         with sending(settings), InProcessScreening(settings, pipeline, db) as screening:
             serve(db, settings.out_dir, config, rules, admission, screening.release, stop,
-                  patient_secret=settings.patient_key, ready=ready)
+                  patient_secret=settings.patient_key, ready=ready, policy=settings.population_policy)
     finally:
         db.dispose()
 
@@ -180,7 +180,8 @@ def pull_in_process(settings: Settings, config: PullConfig, query: PullQuery, ad
     """``neuron pull`` by C-GET without a broker: retrieve, screen each study as it arrives, send the outputs; returns
     the pull's report and how many of its instances still wait to be screened (0 unless stopped)."""
     db = _prepare(settings)
-    receiver = open_receiver(db, settings.out_dir, admission, patient_secret=settings.patient_key)
+    receiver = open_receiver(db, settings.out_dir, admission, patient_secret=settings.patient_key,
+                             policy=settings.population_policy)
     try:
         with sending(settings), InProcessScreening(settings, pipeline, db) as screening:
             screening.release(None)  # what an interrupted pull retrieved and did not screen

@@ -52,11 +52,13 @@ def upgrade() -> None:
     op.create_index("ix_verdicts_finding", "verdicts", ["sop_instance_uid", "frame", "model", "weights", "label"])
     # Studies indexed before this revision: their rows and summaries from what the database already holds (the header
     # columns stay empty until their files are scanned again).
+    from db.schema import Prediction
     from db.studies import refresh_studies
 
     conn = op.get_bind()
     uids = conn.execute(sa.text("SELECT DISTINCT study_instance_uid FROM instances")).scalars().all()
-    refresh_studies(conn, uids)
+    # the needs-review rule of this revision: the columns revision 0007 adds to it do not exist yet
+    refresh_studies(conn, uids, needs_review=Prediction.needs_review)
 
 
 def downgrade() -> None:
