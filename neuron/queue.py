@@ -79,7 +79,12 @@ def make_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_send_task_events=True,  # Flower shows workers and tasks
         task_send_sent_event=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A dead worker's unacknowledged studies go back to the queue once they are visibility_timeout old; kombu's
+        # Redis transport looks for them every unacked_restore_interval seconds but scans only on every
+        # unacked_restore_throttle-th look (default 10 x 10 s: up to 100 s late). One scan (a ZRANGE) per look, at
+        # most every 10 s, keeps the redelivery within a quarter of the timeout of when it is due.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, "unacked_restore_throttle": 1,
+                                  "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4))},
         broker_connection_retry_on_startup=True,
         # When the broker connection drops, studies in flight finish and commit; their acknowledgements are lost
         # with the connection, so the broker redelivers them and the claim step finds nothing left to do.

@@ -151,9 +151,27 @@ def servers():
         yield broker.url, pg
 
 
+def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
+    """The untrained model's calibration, computed once per test session (the ``models`` fixture), is linked into
+    each output folder so no process spends ~30 s of CPU recomputing it (two workers starting together: 40 s); the
+    cache is checked by its sha256, and a process replaces a cache file by renaming, never by writing into it."""
+    cache = untrained_settings.resolved_cache_dir / "untrained"
+
+    def link(src: str, dst: str) -> None:
+        if not os.path.exists(dst):
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system
+                shutil.copy2(src, dst)
+
+    for out in outs:
+        shutil.copytree(cache, out / ".cache" / "untrained", dirs_exist_ok=True, copy_function=link)
+
+
 @pytest.fixture
-def env(servers, tmp_path) -> dict[str, str]:
-    """The environment of the distributed mode's processes: empty database and broker, the test's own output folder."""
+def env(servers, tmp_path, untrained_settings, models) -> dict[str, str]:
+    """The environment of the distributed mode's processes: empty database and broker, the test's own output folder
+    (holding the session's calibrated untrained model)."""
     import redis
 
     from .services import reset_postgres
@@ -161,6 +179,7 @@ def env(servers, tmp_path) -> dict[str, str]:
     broker, pg = servers
     reset_postgres(pg.url)
     redis.Redis.from_url(broker).flushall()
+    seed_untrained_cache(untrained_settings, tmp_path / "out")
     return {**os.environ, "NEURON_BROKER_URL": broker, "NEURON_DATABASE_URL": pg.url,
             "NEURON_OUT": str(tmp_path / "out"), "NEURON_VISIBILITY_TIMEOUT": "8", "COLUMNS": "200",
             "PYTHONUNBUFFERED": "1"}

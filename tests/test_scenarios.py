@@ -28,7 +28,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from .conftest import monochrome2_twin
+from .conftest import monochrome2_twin, seed_untrained_cache
 from .test_distributed import neuron, sql, start_worker, stop, wait_until
 
 pytestmark = pytest.mark.timeout(400)
@@ -348,14 +348,6 @@ def archive(tmp_path, chest_small, data_dir, test_files_dir) -> Path:
         (root / sc.name).mkdir(parents=True)
         sc.build(root / sc.name, src)
     return root
-
-
-def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
-    """The untrained model's calibration, computed once per test session (the ``models`` fixture), is copied into
-    each output folder so neither process spends ~30 s recomputing it; the cache is checked by its sha256."""
-    cache = untrained_settings.out_dir / ".cache" / "untrained"
-    for out in outs:
-        shutil.copytree(cache, out / ".cache" / "untrained", dirs_exist_ok=True)
 
 
 def test_every_scenario_ends_the_same_in_the_embedded_and_the_distributed_mode(
