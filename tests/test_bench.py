@@ -156,6 +156,30 @@ def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(models, tmp
     assert not list((tmp_path / "work" / "runs").iterdir())  # scratch removed; archives kept for the next run
 
 
+@pytest.mark.slow
+def test_host_only_runs_the_real_pipeline_in_both_modes_and_reports_cpu_and_gil_per_image(models, tmp_path):
+    """`neuron bench --host-only`: the embedded run and a real Celery worker (redis-server, PostgreSQL) screen every
+    image with the instant device stage, write every heatmap and report the host's CPU and, through py-spy, the GIL
+    held by the process that drives the device, split by stage."""
+    from worker.bench import BenchConfig, Mode, run_bench
+
+    cfg = BenchConfig(n=6, size=256, batch_size=4, archives=("uncompressed",), modes=(Mode.EMBEDDED, Mode.CELERY),
+                      out=tmp_path / "results", workdir=tmp_path / "work", append=True,
+                      benchmarks_md=tmp_path / "BENCHMARKS.md", host_only=True)
+    results = run_bench(cfg, models=models, say=lambda _: None)
+    assert {r["mode"] for r in results} == {"embedded", "celery"}
+    for r in results:
+        said = {k: r.get(k) for k in ("mode", "instances_done", "heatmaps_written", "host_probe_note")}
+        assert r["host_only"] and r["instances_done"] == 6 and r["heatmaps_written"] == 6, said
+        assert r["host_only_images_per_s"] == r["end_to_end_images_per_s"] > 0
+        assert r["cpu_ms_per_image"] > 0 and r["peak_shm_mb"] is not None, said
+        assert r["host_probe_note"] is None, said  # py-spy attached and sampled
+        assert r["gil_ms_per_image"] > 0 and r["gil_ms_per_image_by_stage"], said
+        assert sum(r["gil_ms_per_image_by_stage"].values()) == pytest.approx(r["gil_ms_per_image"], abs=0.01 * 8)
+    table = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## `neuron bench --host-only` results" in table and table.count("| cpu |") == 2
+
+
 def test_bench_refuses_an_unknown_archive_flavour(tmp_path, monkeypatch):
     from neuron_cli import app
     from neuron_cli.common import EXIT_USAGE

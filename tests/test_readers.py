@@ -18,9 +18,8 @@ from neuron.work import Route, Status, WorkItem
 from worker.pipeline import Pipeline
 from worker.slots import PREFIX, SHM_DIR, SlotPool, reclaim_leftovers
 
-from .conftest import small_chest
+from .conftest import seed_untrained_cache, small_chest
 from .test_distributed import make_archive
-from .test_scenarios import seed_untrained_cache
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,6 +88,28 @@ def test_a_pool_larger_than_dev_shm_is_refused_with_the_fix(tmp_path):
     free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
     with pytest.raises(ConfigError, match=r"--batch-size.*shm-size"):
         SlotPool(4, free // 2)
+
+
+def test_readers_start_by_spawn_and_still_read_where_tmpdir_is_too_deep_for_the_forkserver_socket(
+        tmp_path, chest_small, untrained_settings, models, monkeypatch):
+    """multiprocessing's forkserver binds a Unix socket under TMPDIR (at most 107 bytes of path): a deep TMPDIR, as a
+    CI job or the benchmark's scratch gives, used to fail every run with 'AF_UNIX path too long'."""
+    import tempfile
+
+    from worker.readers import start_method
+
+    deep = tmp_path / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert start_method() == "spawn"
+    items = _items([small_chest(chest_small, tmp_path / f"{i}.dcm", step=4) for i in range(2)])
+    outcomes = []
+    with Pipeline(models, untrained_settings.with_(out_dir=tmp_path / "out", batch_size=2)) as pipe:
+        pipe.run(items, outcomes.append)
+        assert pipe.readers()[0].context.get_start_method() == "spawn"
+    assert [o.status for o in outcomes] == [Status.DONE, Status.DONE]
+    monkeypatch.undo()
+    assert start_method() == "forkserver"
 
 
 def _run(folder: Path, out: Path) -> subprocess.Popen:

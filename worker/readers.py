@@ -7,8 +7,9 @@ drives the device (the shape of PyTorch's DataLoader: worker processes, shared m
     receiver thread (driving process): the records become DecodedFrames viewing the slot; the caller's callback
 
 Processes come from the ``forkserver`` start method: the server is started once, clean (no CUDA, no threads), with
-this module preloaded, so a pool starts in milliseconds and never forks the driving process. A frame that does not fit
-in its slot (a slot holds one file) comes back inline through the pipe.
+this module preloaded, so a pool starts in milliseconds and never forks the driving process (by spawn where TMPDIR is
+too deep for the server's Unix socket: ``start_method``). A frame that does not fit in its slot (a slot holds one
+file) comes back inline through the pipe.
 
 A reader process that dies (a decoder crash, the OOM killer) fails only the files it held: each is tried once more
 on another reader, then failed with the reason; their slots return and a new reader takes the dead one's place.
@@ -20,6 +21,8 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -224,6 +227,23 @@ class _Reader:
     held: set[int] = field(default_factory=set)
 
 
+# multiprocessing's forkserver listens on a Unix socket at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; a socket path
+# longer than sun_path (108 bytes with its NUL on Linux, unix(7)) cannot be bound
+_SOCKET_PATH_MAX = 107 - len("/pymp-12345678/listener-12345678")
+
+
+def start_method() -> str:
+    """How reader processes start: from a forkserver (one clean parent, ``worker.readers`` imported once, no threads
+    or CUDA state inherited), or by spawn when the temporary folder is too deep for the forkserver's socket (slower
+    to start, the same readers)."""
+    tmp = tempfile.gettempdir()
+    if len(os.fsencode(tmp)) <= _SOCKET_PATH_MAX:
+        return "forkserver"
+    log.info("the temporary folder %s is longer than the %d bytes a forkserver socket path leaves it (unix(7)): "
+             "reader processes start by spawn; a shorter TMPDIR starts them faster", tmp, _SOCKET_PATH_MAX)
+    return "spawn"
+
+
 class ReaderPool:
     """``n`` reader processes over one SlotPool. ``submit`` queues a file; each idle reader takes the next one; ``done(
     item, slot, frames | exception, seconds)`` is called on the pool's receiver thread. Frames are views of the slot,
@@ -231,8 +251,9 @@ class ReaderPool:
 
     def __init__(self, n: int, cfg: ReaderConfig, slots: SlotPool):
         self.cfg, self.slots = cfg, slots
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["worker.readers"])
+        self.context = multiprocessing.get_context(start_method())
+        if self.context.get_start_method() == "forkserver":
+            self.context.set_forkserver_preload(["worker.readers"])
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
