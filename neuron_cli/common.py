@@ -8,6 +8,7 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -105,9 +106,14 @@ def start_metrics(settings: Settings, pipeline):
     return server
 
 
-def open_database(settings: Settings, audited: bool = False):
+# what a command needs of the schema beyond the instances: (table, column or "*"), each added by a migration
+AUDIT_TRAIL = (("audit", "*"),)  # a command that records itself in the audit trail (schema 0007)
+
+
+def open_database(settings: Settings, needs: Sequence[tuple[str, str]] = ()):
     """The results database for reading, or exit 4 saying what could not be opened and how to point at it.
-    ``audited``: the command records itself in the audit trail, so the database must have one (schema 0007)."""
+    ``needs``: the tables and columns the command reads or writes that an older schema lacks (``AUDIT_TRAIL``...);
+    a database without them is refused before any work, with the upgrade that adds them."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
@@ -132,14 +138,17 @@ def open_database(settings: Settings, audited: bool = False):
         first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         raise fail(f"cannot read the Neuron tables in {shown}: {first}; check the URL (--db or NEURON_DATABASE_URL) "
                    f"and that the server is up, then run `neuron db upgrade --db URL`", EXIT_SETUP) from None
-    if audited:
+    lacking = []
+    for table, column in needs:
         try:
             with database.engine.connect() as conn:
-                conn.execute(text("select count(*) from audit")).scalar_one()
+                conn.execute(text(f"select count({column}) from {table}")).scalar_one()
         except SQLAlchemyError:
-            database.dispose()
-            raise fail(f"{shown} has an older schema without the audit trail this command records itself in: run "
-                       f"`neuron db upgrade` with the same --db/--out once, then run it again", EXIT_SETUP) from None
+            lacking.append(f"the {table} table" if column == "*" else f"{table}.{column}")
+    if lacking:
+        database.dispose()
+        raise fail(f"{shown} has an older schema without {' or '.join(lacking)}, which this command reads or records "
+                   f"in: run `neuron db upgrade` with the same --db/--out once, then run it again", EXIT_SETUP)
     return database
 
 

@@ -12,6 +12,7 @@ from rich.panel import Panel
 
 from neuron.errors import NeuronError
 from neuron_cli.common import (
+    AUDIT_TRAIL,
     EXIT_OK,
     EXIT_SETUP,
     EXIT_USAGE,
@@ -42,7 +43,7 @@ def purge(
 
     settings = settings_from_env(database_url=db, out_dir=out)
     chosen = selection(settings, study, None, folder, model, weights_id)
-    database = open_database(settings, audited=True)
+    database = open_database(settings, needs=AUDIT_TRAIL)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing deleted")
@@ -71,8 +72,6 @@ def review(
     loopback; recording verdicts needs the token in NEURON_REVIEW_TOKEN (unset: read-only), and so does reading on
     any other address."""
     import uvicorn
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
 
     from review.app import create_app, is_loopback
 
@@ -83,15 +82,7 @@ def review(
         raise fail(f"--host {host} lets other machines reach the findings, so reading needs a token too and "
                     "NEURON_REVIEW_TOKEN is unset: set it to a long random value (python3 -c 'import secrets; "
                     "print(secrets.token_urlsafe(24))') and give it to the reviewers, or bind 127.0.0.1", EXIT_SETUP)
-    database = open_database(settings)
-    try:
-        with database.engine.connect() as conn:
-            conn.execute(text("select count(*) from heatmap_folders")).scalar_one()
-            conn.execute(text("select count(*) from audit")).scalar_one()
-    except SQLAlchemyError:
-        database.dispose()
-        raise fail("this database has an older schema (no heatmap_folders or audit table): run `neuron db upgrade` "
-                   "with the same --db/--out once, then start the review again", EXIT_SETUP) from None
+    database = open_database(settings, needs=(("heatmap_folders", "*"), *AUDIT_TRAIL))
     if private:
         console.print(Panel(f"binding {host}: other machines reach this page; every page needs the review token "
                             "(sign-in), and the token crosses the network in clear text without TLS: put a reverse "
@@ -135,7 +126,7 @@ def export(
     from db import audit
 
     settings = settings_from_env(database_url=db, out_dir=out)
-    database = open_database(settings, audited=True)
+    database = open_database(settings, needs=AUDIT_TRAIL)
     try:
         try:
             rows = export_view(settings.resolved_database_url, view, where, output)

@@ -18,6 +18,7 @@ from neuron.errors import NeuronError
 from neuron.settings import apply_cache_environment
 from neuron.work import Route
 from neuron_cli.common import (
+    AUDIT_TRAIL,
     EXIT_OK,
     EXIT_SETUP,
     EXIT_SOME_FAILED,
@@ -33,23 +34,6 @@ from neuron_cli.common import (
     warn_untrained,
 )
 from neuron_cli.options import screening_options
-
-
-def _open_current(settings):
-    """The database, or exit 4 when its schema predates the safety columns (a database from an older Neuron)."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
-
-    database = open_database(settings)
-    try:
-        with database.engine.connect() as conn:
-            conn.execute(text("select count(*) from audit")).scalar_one()
-            conn.execute(text("select count(ood_score) from predictions")).scalar_one()
-    except SQLAlchemyError:
-        database.dispose()
-        raise fail("this database has an older schema (no audit table, no ood_score): run `neuron db upgrade` with "
-                   "the same --db/--out once, then run this command again", EXIT_SETUP) from None
-    return database
 
 
 def _day(value: str, option: str) -> date:
@@ -144,7 +128,7 @@ def monitor(
 
     settings = settings_from_env(database_url=db, out_dir=out)
     windows = {"reference": _range(reference, "--reference"), "recent": _range(recent, "--recent")}
-    database = _open_current(settings)
+    database = open_database(settings, needs=(*AUDIT_TRAIL, ("predictions", "ood_score")))
     try:
         report = run_monitor(database, recent_days=recent_days, reference_days=reference_days, alpha=alpha,
                              psi_floor=psi_floor, **windows)
@@ -212,7 +196,7 @@ def audit(
     if fmt not in ("csv", "json"):
         raise fail(f"--format {fmt!r} is not csv or json (json: a FHIR R4 Bundle of AuditEvent resources)", EXIT_USAGE)
     settings = settings_from_env(database_url=db, out_dir=out)
-    database = _open_current(settings)
+    database = open_database(settings, needs=(*AUDIT_TRAIL, ("predictions", "ood_score")))
     try:
         if prune_before is not None:
             cut = _instant(prune_before, "--prune-before")

@@ -19,6 +19,7 @@ from neuron.routes import PopulationPolicy
 from neuron.settings import Settings, apply_cache_environment
 from neuron.work import POSITIVE, Route
 from neuron_cli.common import (
+    AUDIT_TRAIL,
     EXIT_OK,
     EXIT_SETUP,
     EXIT_SOME_FAILED,
@@ -195,7 +196,7 @@ def rescreen(
 
     settings = settings_from_env(database_url=db, out_dir=out, **screening)
     chosen = selection(settings, study, series, folder, model, weights_id, reason)
-    database = open_database(settings, audited=True)
+    database = open_database(settings, needs=AUDIT_TRAIL)
     uids = select_instances(database, chosen)
     if not uids:
         console.print("nothing matches the selection; nothing changed")
