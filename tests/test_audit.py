@@ -215,5 +215,5 @@ def test_a_command_that_records_itself_refuses_a_database_without_an_audit_trail
     db.dispose()
     res = neuron("export", "--db", url, "-o", str(tmp_path / "out.csv"))
     said = " ".join(res.stderr.split())
-    assert res.returncode == 4 and "older schema without the audit trail" in said and "neuron db upgrade" in said
+    assert res.returncode == 4 and "older schema without the audit table" in said and "neuron db upgrade" in said
     assert not (tmp_path / "out.csv").exists()
