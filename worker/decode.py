@@ -394,7 +394,9 @@ def _read_native(fp: BinaryIO, ds: pydicom.Dataset, h: _Header, indices: Sequenc
                                   f"file ends after {got:,}; the file is truncated: re-export or copy it again")
             got += n
     shift = h.bits_allocated - h.bits_stored
-    if shift:
+    if shift and out.dtype.kind == "u":  # one pass over the frame: clear the unused high bits
+        np.bitwise_and(out, (1 << h.bits_stored) - 1, out=out)
+    elif shift:  # signed: sign-extend from the stored high bit
         np.left_shift(out, shift, out=out)
         np.right_shift(out, shift, out=out)
     if planar:  # planar RGB is rare: its frames are interleaved in numpy's own memory
