@@ -22,6 +22,7 @@ from pathlib import Path
 
 from neuron import synthetic
 from neuron.settings import Settings
+from neuron.work import Route
 from worker.bench_host import primed_job
 from worker.embedded import ProgressHooks, run_folder
 from worker.models import Models, default_batch_size
@@ -72,7 +73,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env(out_dir=Path(tmp) / "out", weights="untrained", device=args.device,
                                      tta=args.tta)
-        models = Models.from_settings(settings, lazy=True)
+        # the archive is chest CR: host-only primes that route, a real run loads it with its first file
+        models = Models.from_settings(settings, only=[Route.CHEST_XRAY]) if args.host_only else \
+            Models.from_settings(settings, lazy=True)
         batch = settings.batch_size or default_batch_size(models.device)
         job = primed_job(models, batch, archive.files[0]) if args.host_only else None
         with Pipeline(models, settings, job=job) as pipeline:
