@@ -173,7 +173,7 @@ class Settings:
     heatmap_top_k: int = 1
     max_frames: int = 16
     max_pixels: int = 8192 * 8192
-    readers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # reader processes (worker.readers)
+    readers: int | None = None  # reader processes (worker.readers); None: by device (worker.models.default_readers)
     seed: int = 0
     model_dir: Path | None = None
     mc_dropout: int = 0
@@ -242,7 +242,7 @@ class Settings:
             raise ConfigError(f"heatmap top-k {self.heatmap_top_k} must be 0 (no heatmaps) or more")
         if self.max_frames < 1:
             raise ConfigError(f"max frames {self.max_frames} must be at least 1")
-        if self.readers < 1:
+        if self.readers is not None and self.readers < 1:
             raise ConfigError(f"readers {self.readers} must be at least 1: files are parsed and decoded in reader "
                               f"processes")
         if self.clahe_grid < 1 or self.clahe_size < self.clahe_grid * 2:

@@ -68,7 +68,7 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
     ScreeningOption("max_frames", "max_frames", int, "Frames screened per multi-frame instance (evenly spaced)",
                     _env("NEURON_MAX_FRAMES")),
     ScreeningOption("readers", "readers", int, "Reader processes: files parsed and decoded into shared memory",
-                    _env("NEURON_READERS"), default_text="the cores, at most 8"),
+                    _env("NEURON_READERS"), default_text="with a GPU the cores, at most 8; on the CPU one per 4 cores"),
     ScreeningOption("max_pixels", "max_pixels", int, "Refuse frames with more pixels than this",
                     _env("NEURON_MAX_PIXELS")),
     ScreeningOption("mc_dropout", "mc_dropout", int, "MC-dropout samples per view for models with dropout (0: off)",

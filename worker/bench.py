@@ -65,7 +65,7 @@ from worker.bench_host import HostProbe, ShmWatch, primed_job
 from worker.decode import decode_instance
 from worker.device import DeviceJob
 from worker.embedded import run_folder
-from worker.models import Models
+from worker.models import Models, default_readers
 from worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,8 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
            "COLUMNS": "200"}
     if cfg.dicom_out:
         env["NEURON_DICOM_OUT"] = str(run_dir / "dicom")
+    if pipeline.settings.readers is not None:
+        env["NEURON_READERS"] = str(pipeline.settings.readers)
     neuron = [sys.executable, "-m", "neuron"]
     worker_cmd = [*neuron, "worker", "--device", str(pipeline.device), "--weights", "untrained", "--batch-size",
                   str(pipeline.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO", "--precision",
@@ -407,7 +409,10 @@ def _round(x: float | None, digits: int = 3) -> float | None:
 def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str], None] = print) -> list[dict]:
     """Generate (or reuse) the archives, measure every requested (mode, archive), write the JSON and, if asked, the
     BENCHMARKS.md rows. ``models`` may be already loaded untrained models (tests); they are reused."""
-    base = Settings(weights="untrained", device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision)
+    # host-only stands in for a GPU box's host, whose cores are all the readers' (worker.models.default_readers)
+    readers = default_readers(torch.device("cuda")) if cfg.host_only else None
+    base = Settings(weights="untrained", device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision,
+                    readers=readers)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     run_root = cfg.workdir / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     run_root.mkdir(parents=True)
@@ -434,7 +439,8 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
             say("celery mode skipped: redis-server and PostgreSQL (initdb, pg_ctl) must both be installed")
         runs: list[tuple[Mode, str, EndToEnd, datetime]] = []
         common: dict[str, Any] = {"device": name, "device_type": pipeline.device.type,
-                  "batch_size": pipeline.batch_size, "precision": cfg.precision, "precision_applied": True,
+                  "batch_size": pipeline.batch_size, "readers": pipeline.readers_n, "precision": cfg.precision,
+                  "precision_applied": True,
                   "model_only_images_per_s": _round(model, 2),
                   "image_size": cfg.size, "seed": cfg.seed, "weights": "untrained", "tta": pipeline.settings.tta,
                   "heatmap_top_k": pipeline.settings.heatmap_top_k,

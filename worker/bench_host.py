@@ -101,8 +101,8 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system seconds of ``root`` and every live process below it."""
+def tree_cpu_seconds(root: int, exclude: Sequence[int] = ()) -> float:
+    """User + system seconds of ``root`` and every live process below it, but for ``exclude`` (the sampler)."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
@@ -110,7 +110,7 @@ def tree_cpu_seconds(root: int) -> float:
     total, todo = 0.0, [root]
     while todo:
         pid = todo.pop()
-        if pid in stats:
+        if pid in stats and pid not in exclude:
             total += stats[pid][1]
             todo += [child for child, (parent, _) in stats.items() if parent == pid]
     return total
@@ -150,7 +150,8 @@ class HostProbe:
     _out: Path | None = None
 
     def _cpu_now(self) -> float:
-        cpu = tree_cpu_seconds(self.driver)
+        # py-spy is a child of this process in the embedded mode: its own sampling is not the run's CPU
+        cpu = tree_cpu_seconds(self.driver, exclude=() if self._spy is None else (self._spy.pid,))
         if self.driver == os.getpid():
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu += children.ru_utime + children.ru_stime

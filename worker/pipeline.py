@@ -39,7 +39,7 @@ from worker.admission import Admission, Admit
 from worker.batching import Batch, BatchPolicy
 from worker.decode import decode_instance
 from worker.device import DeviceJob
-from worker.models import Models, default_batch_size
+from worker.models import Models, default_batch_size, default_readers
 from worker.readers import IndexItem, ReaderConfig, ReaderPool, ReadHook
 from worker.results import ResultShaper, Transient, failure_category, failure_outcome, write_png
 from worker.slots import SlotPool
@@ -124,7 +124,7 @@ class Pipeline:
         self.png_writer = png_writer  # likewise for the heatmap writes (a full disk where no tmpfs can be mounted)
         # the time to the first batch counts from ``clock_from`` (default: the models' creation, loading included)
         self.stats = PipelineStats(self.batch_size, created_at=models.created_at if clock_from is None else clock_from)
-        self.readers_n = max(1, self.settings.readers)
+        self.readers_n = self.settings.readers or default_readers(self.device)
         self.ahead = max(2 * self.batch_size, 4 * self.readers_n)  # files read ahead of the batcher
         self._readers: ReaderPool | None = None
         self._slots: SlotPool | None = None
@@ -176,7 +176,7 @@ class Pipeline:
         run, no model. Returns the number of frames."""
         frames_total = 0
         items = [i for i in items if i.route in self.models.routes]
-        with ThreadPoolExecutor(max(1, self.settings.readers), thread_name_prefix="read") as readers:
+        with ThreadPoolExecutor(self.readers_n, thread_name_prefix="read") as readers:
             batch: dict[Route, list[DecodedFrame]] = {}
             for item, future in zip(items, [readers.submit(read_item, self, i) for i in items], strict=True):
                 try:
