@@ -61,7 +61,8 @@ def sql(env, query: str, **params):
         engine.dispose()
 
 
-def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
+def wait_until(predicate, timeout: float, what: str, procs=(), poll: float = 0.5) -> None:
+    """Poll ``predicate`` every ``poll`` seconds (a process that exits early fails the wait at once)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -69,7 +70,7 @@ def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
         for p in procs:
             if p.poll() is not None and p.returncode not in (0, -9, -15):
                 raise AssertionError(f"{what}: a process exited with {p.returncode}")
-        time.sleep(0.5)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from datetime import datetime
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from pydicom.uid import (
 from neuron.errors import ConfigError
 from neuron.servers import free_port
 
+from . import test_distributed
 from .conftest import small_chest
 from .orthanc import ORTHANC, OrthancServer
 from .test_distributed import N_LABELS, stop
@@ -52,17 +54,7 @@ PROPOSE = {ExplicitVRLittleEndian: [], ImplicitVRLittleEndian: ["-xi"], Deflated
            RLELossless: ["-xr"], JPEG2000Lossless: ["-xv"], JPEGLSLossless: ["-xt"], JPEGLosslessSV1: ["-xs"]}
 
 
-def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
-    """Poll ``predicate`` every 0.1 s (a process that exits early fails the wait at once)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        for p in procs:
-            if p.poll() is not None and p.returncode not in (0, -9, -15):
-                raise AssertionError(f"{what}: a process exited with {p.returncode}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+wait_until = partial(test_distributed.wait_until, poll=0.1)  # listeners answer in milliseconds: poll closer
 
 
 def kill(proc: subprocess.Popen) -> None:
