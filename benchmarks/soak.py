@@ -23,7 +23,7 @@ from pathlib import Path
 from neuron import synthetic
 from neuron.settings import Settings
 from neuron.work import Route
-from worker.bench_host import primed_job
+from worker.bench_host import primed_job, tree_pids
 from worker.embedded import ProgressHooks, run_folder
 from worker.models import Models, default_batch_size
 from worker.pipeline import Pipeline
@@ -38,9 +38,8 @@ def rss_mb(pid: int | str = "self") -> float:
 
 
 def tree_rss_mb() -> float:
-    """This process and its children (the reader processes) together."""
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    return rss_mb() + sum(rss_mb(pid) for pid in children)
+    """This process and every process below it (the forkserver and the reader processes it starts) together."""
+    return sum(rss_mb(pid) for pid in tree_pids(os.getpid()))
 
 
 def shm_mb() -> float:

@@ -101,19 +101,29 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def tree_cpu_seconds(root: int, exclude: Sequence[int] = ()) -> float:
-    """User + system seconds of ``root`` and every live process below it, but for ``exclude`` (the sampler)."""
+def _tree_stats(root: int) -> dict[int, tuple[int, float]]:
+    """(parent, user + system seconds) of ``root`` and every live process below it (readers are grandchildren: the
+    forkserver starts them)."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
             stats[int(entry)] = st
-    total, todo = 0.0, [root]
+    tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        if pid in stats and pid not in exclude:
-            total += stats[pid][1]
+        if pid in stats:
+            tree[pid] = stats[pid]
             todo += [child for child, (parent, _) in stats.items() if parent == pid]
-    return total
+    return tree
+
+
+def tree_pids(root: int) -> list[int]:
+    return list(_tree_stats(root))
+
+
+def tree_cpu_seconds(root: int, exclude: Sequence[int] = ()) -> float:
+    """User + system seconds of ``root`` and every live process below it, but for ``exclude`` (the sampler)."""
+    return sum(cpu for pid, (_, cpu) in _tree_stats(root).items() if pid not in exclude)
 
 
 def stage_of(thread_name: str) -> str:
