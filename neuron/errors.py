@@ -4,7 +4,8 @@
     ├── SetupError              the run cannot start; nothing was processed. Exit code 4.
     │   ├── ConfigError         a setting is invalid (names the setting and the allowed values)
     │   ├── WeightsError        model weights missing, unverifiable or not matching their sha256
-    │   └── ModelUnavailable    a route has no trained checkpoint: its instances are skipped, the run goes on
+    │   ├── ModelUnavailable    a route has no trained checkpoint: its instances are skipped, the run goes on
+    │   └── RuntimeRefused      the network exported for ONNX Runtime does not compute what torch computes
     ├── RetryableError          transient: database or broker unreachable, CUDA out of memory; try again
     │   ├── TransientReadError  the storage failed to deliver a file's bytes (EIO, stale NFS handle, timeout, out of
     │   │                       memory): the file itself may be fine, so the instance is retried, never failed
@@ -48,6 +49,10 @@ class WeightsError(SetupError):
 
 class ModelUnavailable(SetupError):
     """A route's model has no checkpoint; the run goes on and that route's instances are skipped with this reason."""
+
+
+class RuntimeRefused(SetupError):
+    """The graph exported for another runtime differs from the torch module beyond the parity bound."""
 
 
 class RetryableError(NeuronError):

@@ -40,6 +40,8 @@ ENVIRONMENT = {
     "NEURON_VISIBILITY_TIMEOUT": "seconds before Redis re-delivers a message whose worker died (default: 3600)",
     "NEURON_MODEL_DIR": "folder of fine-tuned checkpoints (one sub-folder each) for the EfficientNet routes",
     "NEURON_PRECISION": "fp32 (exact: the same answer on CPU and GPU), fp16 or bf16 (fast, CUDA; default: fp32)",
+    "NEURON_RUNTIME": "what runs the networks' forward pass: auto (ONNX Runtime on a CPU, torch on CUDA), torch or "
+                      "onnxruntime (default: auto)",
     "NEURON_FOLLOW_LINKS": "1 to follow symbolic links that leave the scanned folder (loops are still cut), 0 not to "
                            "(default: 0)",
     # the screening options shared by run, worker, rescreen, listen and pull (neuron_cli/options.py)
@@ -88,6 +90,7 @@ FOREIGN_ENVIRONMENT = {
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -181,6 +184,7 @@ class Settings:
     route_override: Route | None = None
     follow_links: bool = False  # symbolic links in a scanned folder (producer.scan.iter_files)
     precision: str = "fp32"
+    runtime: str = "auto"  # what runs the networks (neuron_models.runtime): auto, torch, onnxruntime
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
     metrics_port: int | None = None  # Prometheus /metrics; None: off
@@ -252,6 +256,9 @@ class Settings:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}; fp32 is exact, "
                               f"fp16/bf16 trade a documented tolerance for speed on CUDA")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}; auto runs the networks "
+                              f"on ONNX Runtime on a CPU and on torch on CUDA (--runtime, NEURON_RUNTIME)")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         self._check_network()
@@ -325,6 +332,8 @@ class Settings:
             values["path_map"] = parse_path_map(env["NEURON_PATH_MAP"])
         if "NEURON_PRECISION" in env:
             values["precision"] = env["NEURON_PRECISION"].strip().lower()
+        if "NEURON_RUNTIME" in env:
+            values["runtime"] = env["NEURON_RUNTIME"].strip().lower()
         for name, (key, parse) in _SCREENING_ENV.items():
             if name in env:
                 values[key] = parse(name, env[name])

@@ -57,6 +57,8 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
                     _env("NEURON_BATCH_SIZE"), default_text="16 on CPU, 128 on CUDA"),
     ScreeningOption("precision", "precision", str, "fp32 (exact: CPU and GPU agree) or fp16/bf16 (fast, CUDA; "
                     "probabilities within 0.01 of fp32)", _env("NEURON_PRECISION")),
+    ScreeningOption("runtime", "runtime", str, "What runs the networks' forward pass: auto (ONNX Runtime on a CPU, "
+                    "torch on CUDA), torch or onnxruntime; exact to fp32 either way", _env("NEURON_RUNTIME")),
     ScreeningOption("tta", "tta", bool, "Test-time augmentation: 5 fixed views, their mean and spread",
                     _env("NEURON_TTA"), flag="--tta/--no-tta"),
     ScreeningOption("clahe", "clahe", bool, "CLAHE contrast equalisation before the model", _env("NEURON_CLAHE"),

@@ -124,6 +124,9 @@ class EnsembleModel(ScreeningModel):
     def forward(self, x):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
+    def leaves(self) -> list[ScreeningModel]:
+        return list(self.members)
+
 
 def load_checkpoint_model(config: ModelConfig, ckpt: Checkpoint) -> EfficientNetModel:
     net = create_net(len(ckpt.class_names), float(ckpt.meta.get("training", {}).get("drop_rate", 0.0)))

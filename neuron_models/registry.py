@@ -24,6 +24,8 @@ from neuron_models.preprocess import PreprocessConfig
 from neuron_models.tta import TTAPolicy, View
 
 UNTRAINED = "untrained"
+# what a model's network gives the device job: rectified final features, pooled features, logits
+Network = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class ScreeningModel(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Global average pool and linear head -> (B, K) logits."""
-        raise NotImplementedError
+        return self.classify(self.pooled(features))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -85,24 +87,42 @@ class ScreeningModel(nn.Module):
         """(B, C') pooled features -> (B, K) logits."""
         raise NotImplementedError
 
+    # The network run by another runtime (``neuron_models.runtime``: an ONNX Runtime session exported from this very
+    # module), or None: torch runs it. Set once when the model is loaded.
+    compiled: Callable[[torch.Tensor], Network] | None = None
+
+    def torch_network(self, x: torch.Tensor) -> Network:
+        """The part of the model that costs, in torch: input -> (rectified final features (N, C', h, w), pooled
+        features (N, C'), logits (N, K)). The graph another runtime runs is exported from this method."""
+        features = self.forward_features(x)
+        pooled = self.pooled(features)
+        return features, pooled, self.classify(pooled)
+
+    def network(self, x: torch.Tensor) -> Network:
+        return self.torch_network(x) if self.compiled is None else self.compiled(x)
+
     def predict(self, x: torch.Tensor, mc_samples: int = 0, seed: int = 0, keys: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> probabilities (S, N, K) with S = max(1, mc_samples), features for CAM (N, C', h, w), head weights.
         With ``mc_samples`` and dropout in the head, the head runs S times on masked pooled features. The masks come
         from ``keys`` (one per row of ``x``, see ``neuron_models.dropout``): the same for an image alone or in any
         batch, on any device. Without keys, rows are keyed by position (repeatable, not batch-invariant)."""
-        features = self.forward_features(x)
+        features, pooled, logits = self.network(x)
         if mc_samples > 0 and self.has_dropout():
             if keys is None:
                 keys = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
-            pooled, p = self.pooled(features), self.dropout_rate()
+            p = self.dropout_rate()
             probs = torch.stack([
                 self.probabilities(self.classify(
                     pooled * dropout.keep_mask(keys, s, pooled.shape[1], p, seed).to(pooled.dtype) / (1 - p)))
                 for s in range(mc_samples)])
         else:
-            probs = self.probabilities(self.forward_head(features)).unsqueeze(0)
+            probs = self.probabilities(logits).unsqueeze(0)
         return probs, features, self.cam_weight()
+
+    def leaves(self) -> list[ScreeningModel]:
+        """The models that run a network of their own (an ensemble's members; else this model)."""
+        return [self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(self.forward_head(self.forward_features(x)))
@@ -121,6 +141,7 @@ class PipelineSpec:
     members: tuple[dict, ...] = ()
     precision: str = "fp32"
     reference: dict | None = None  # the out-of-distribution reference scored against (neuron_models.ood)
+    runtime: dict | None = None  # what ran the network (neuron_models.runtime.Runtime.identity)
 
     def as_dict(self) -> dict:
         out = {"model": self.model, "weights": self.weights, "preprocess": self.preprocess.as_dict(),
@@ -128,6 +149,8 @@ class PipelineSpec:
                "members": list(self.members), "precision": self.precision}
         if self.reference is not None:  # only then: results without a reference keep the hash they had
             out["reference"] = self.reference
+        if self.runtime is not None:
+            out["runtime"] = self.runtime
         return out
 
     @functools.cached_property
@@ -188,5 +211,5 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ModelConfig", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "preprocess_config",
+__all__ = ["ModelConfig", "Network", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "preprocess_config",
            "register_model", "registered", "registered_configs", "sha256_file", "tta_policy"]

@@ -71,8 +71,10 @@ class XRVDenseNet(ScreeningModel):
         # every consumer sees the same on CPU and GPU (an in-place op aliases the stored activation on the CPU only).
         return F.relu(self.net.features(x))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(features, (1, 1)).flatten(1)
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(features, (1, 1)).flatten(1)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net.classifier(pooled)[:, self.keep]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

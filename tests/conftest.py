@@ -152,10 +152,10 @@ def servers():
 
 
 def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
-    """The untrained model's calibration, computed once per test session (the ``models`` fixture), is linked into
-    each output folder so no process spends ~30 s of CPU recomputing it (two workers starting together: 40 s); the
-    cache is checked by its sha256, and a process replaces a cache file by renaming, never by writing into it."""
-    cache = untrained_settings.resolved_cache_dir / "untrained"
+    """The untrained model's calibration and its ONNX graph, computed once per test session (the ``models``
+    fixture), are linked into each output folder so no process spends ~30 s of CPU recomputing the one (two workers
+    starting together: 40 s) or seconds exporting the other; both caches are checked by their sha256, and a process
+    replaces a cache file by renaming, never by writing into it."""
 
     def link(src: str, dst: str) -> None:
         if not os.path.exists(dst):
@@ -165,7 +165,10 @@ def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
                 shutil.copy2(src, dst)
 
     for out in outs:
-        shutil.copytree(cache, out / ".cache" / "untrained", dirs_exist_ok=True, copy_function=link)
+        for name in ("untrained", "onnx"):
+            cache = untrained_settings.resolved_cache_dir / name
+            if cache.is_dir():
+                shutil.copytree(cache, out / ".cache" / name, dirs_exist_ok=True, copy_function=link)
 
 
 @pytest.fixture

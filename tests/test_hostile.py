@@ -32,6 +32,7 @@ from producer.scan import iter_files
 from worker.decode import decode_instance
 
 from . import fuzz
+from .conftest import seed_untrained_cache
 
 pytestmark = pytest.mark.timeout(600)
 EXIT_SOME_FAILED = 3  # neuron run's exit status when some instances failed (neuron_cli/common.py)
@@ -74,7 +75,7 @@ def out_dir(tmp_path, models, untrained_settings) -> Path:
     """An output folder holding the calibrated untrained chest model the session's engine already built, so a
     `neuron run` starts in seconds."""
     out = tmp_path / "out"
-    shutil.copytree(untrained_settings.resolved_cache_dir / "untrained", out / ".cache" / "untrained")
+    seed_untrained_cache(untrained_settings, out)
     return out
 
 

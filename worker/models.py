@@ -28,8 +28,11 @@ from neuron_models import ood
 from neuron_models.effnet import members_of
 from neuron_models.factory import create_model, models_for_route, unavailable_reason
 from neuron_models.ood import Reference
-from neuron_models.preprocess import PreprocessConfig
+from neuron_models.preprocess import PreprocessConfig, normalize
 from neuron_models.registry import PipelineSpec, ScreeningModel, preprocess_config, tta_policy
+from neuron_models.runtime import Runtime, RuntimeRefused, Threads, attach_onnxruntime
+from neuron_models.runtime import identity as runtime_identity
+from neuron_models.runtime import resolve as resolve_runtime
 from neuron_models.tta import TTAPolicy
 from worker.decode import decoder_versions
 from worker.gpu_decode import nvimgcodec_version
@@ -55,10 +58,53 @@ def default_batch_size(device: torch.device) -> int:
 
 def default_readers(device: torch.device) -> int:
     """Reader processes when --readers is not given. With a GPU the cores are free for reading: one reader per core,
-    at most 8. On the CPU torch's threads already run the model on every core, and readers beside them oversubscribe
-    it (2 cores, neuron bench --n 64: 2.26 img/s end to end with one reader, 1.74 with two): one per four cores."""
+    at most 8. On the CPU the model's threads already run on every core (``model_threads``), and readers beside
+    them oversubscribe it (2 cores, neuron bench --n 64: 2.26 img/s end to end with one reader, 1.74 with two): one
+    per four cores."""
     cores = os.cpu_count() or 1
     return min(8, cores) if device.type == "cuda" else max(1, cores // 4)
+
+
+def model_threads(device: torch.device) -> Threads:
+    """How the model shares the CPU's cores, one rule for both runtimes: torch's intra-op pool (preprocessing, CAM
+    maps, overlays; the network too with --runtime torch) and ONNX Runtime's (the network) each get every core
+    torch would use, because they take turns on the device stage's one thread and never run at once; ONNX Runtime's
+    threads sleep instead of spinning between operators and batches, so the reader processes (``default_readers``)
+    and the PNG writer get a core whenever the model does not use it. On CUDA the network runs on the GPU and one
+    host thread feeds it."""
+    return Threads(intra_op=torch.get_num_threads() if device.type == "cpu" else 1, spin=False)
+
+
+def probe_batch(preprocess: PreprocessConfig, device: torch.device, n: int = 2) -> torch.Tensor:
+    """A fixed batch of the model's normalised input (seeded uniform images): what an exported graph is checked
+    against the torch module on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, preprocess.channels, preprocess.input_size, preprocess.input_size, generator=g)
+    return normalize(x, preprocess).to(device)
+
+
+def attach_runtime(model: ScreeningModel, settings: Settings, device: torch.device,
+                   preprocess: PreprocessConfig) -> tuple[dict, dict]:
+    """Put the model's networks on the runtime the settings ask for; -> (the runtime's identity for the results'
+    provenance, its start-up costs). With ``auto``, a graph that ONNX Runtime cannot match torch on is logged and
+    the model stays on torch; asked for by name, it stops the run."""
+    runtime = resolve_runtime(settings.runtime, device)
+    if runtime is Runtime.TORCH:
+        return runtime_identity(runtime, device, settings.precision), {}
+    try:
+        loaded = attach_onnxruntime(model, probe_batch(preprocess, device), device, settings.precision,
+                                    model_threads(device), settings.resolved_cache_dir)
+    except RuntimeRefused as exc:
+        if Runtime(settings.runtime) is not Runtime.AUTO:
+            raise
+        log.warning("%s; running the network on torch instead", exc)
+        for leaf in model.leaves():
+            leaf.compiled = None
+        return runtime_identity(Runtime.TORCH, device, settings.precision), {}
+    startup = {"exported": any(x.exported for x in loaded), "export_s": round(sum(x.export_s for x in loaded), 3),
+               "session_s": round(sum(x.session_s for x in loaded), 3),
+               "check_s": round(sum(x.check_s for x in loaded), 3)}
+    return runtime_identity(runtime, device, settings.precision, [x.provider for x in loaded]), startup
 
 
 @dataclass
@@ -66,6 +112,7 @@ class LoadedRoute:
     model: ScreeningModel
     spec: PipelineSpec
     reference: Reference | None = None  # out-of-distribution statistics on the model's device (neuron reference)
+    startup: dict | None = None  # seconds spent loading: the whole route, and exporting / opening the runtime's graph
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -81,6 +128,7 @@ def load_route(route: Route, settings: Settings, device: torch.device, reference
     precision the model is kept channels-last, the layout autocast convolutions run fastest in on CUDA. With
     ``references`` the route's out-of-distribution reference is loaded with it (``neuron reference`` builds one
     without)."""
+    started = time.perf_counter()
     model = create_model(models_for_route(route)[0].name, settings).to(device)
     cfg = model.config
     if settings.mc_dropout and not model.has_dropout():
@@ -91,6 +139,7 @@ def load_route(route: Route, settings: Settings, device: torch.device, reference
     decoder = {"cpu": "native, imagecodecs, pydicom+pylibjpeg fallback",
                "device": None if gpu == "missing" else f"nvimgcodec-{gpu}", "versions": decoder_versions()}
     preprocess = preprocess_config(cfg, settings)
+    runtime, startup = attach_runtime(model, settings, device, preprocess)
     # a mismatch or a corrupt file stops the run
     reference = ood.load(settings.resolved_reference_dir, route) if references else None
     if reference is not None:
@@ -101,8 +150,9 @@ def load_route(route: Route, settings: Settings, device: torch.device, reference
     spec = PipelineSpec(cfg.name, model.weights_id, preprocess, tta_policy(cfg, settings),
                         decoder, mc_dropout=settings.mc_dropout if model.has_dropout() else 0,
                         members=members_of(model), precision=settings.precision,
-                        reference=reference.identity() if reference is not None else None)
-    return LoadedRoute(model, spec, reference)
+                        reference=reference.identity() if reference is not None else None, runtime=runtime)
+    startup["load_s"] = round(time.perf_counter() - started, 3)
+    return LoadedRoute(model, spec, reference, startup)
 
 
 class Models:
