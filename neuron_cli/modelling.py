@@ -163,6 +163,9 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Images per model batch (default: 16 CPU, 128 CUDA).")] = None,
     precision: Annotated[str, typer.Option(help="fp32 (exact) or a fast mode (bf16, fp16) where the build has it.")
                          ] = "fp32",
+    runtime: Annotated[str, typer.Option(help="What runs the network: auto (ONNX Runtime on a CPU, torch on CUDA), "
+                                              "torch or onnxruntime; the model-only bound is measured on the others "
+                                              "too.")] = "auto",
     archives: Annotated[str, typer.Option(help="Comma-separated: uncompressed, jpeg2000.")] = "uncompressed,jpeg2000",
     modes: Annotated[str, typer.Option(help="Comma-separated: embedded, celery (celery needs redis-server and "
                                             "PostgreSQL installed; it starts throwaway ones).")] = "embedded,celery",
@@ -197,7 +200,7 @@ def bench(
         return tuple(p.strip() for p in text.split(",") if p.strip())
 
     try:
-        cfg = BenchConfig(n=n, size=size, device=device, batch_size=batch_size, precision=precision,
+        cfg = BenchConfig(n=n, size=size, device=device, batch_size=batch_size, precision=precision, runtime=runtime,
                           archives=split(archives), modes=split(modes), out=out, workdir=workdir,
                           append=not no_append, seed=seed, concurrency=concurrency, keep=keep, host_only=host_only,
                           dicom_out=dicom_out)
@@ -208,11 +211,12 @@ def bench(
     except NeuronError as exc:
         raise fail(str(exc), EXIT_SETUP) from None
     table = Table(title=f"neuron bench: {results[0]['device'] if results else cfg.device}")
-    for col in ("mode", "archive", "images", "model-only img/s", "decode img/s", "end-to-end img/s", "ratio",
-                "batch fill", "CPU ms/img", "GIL ms/img"):
+    for col in ("mode", "archive", "images", "runtime", "model-only img/s", "decode img/s", "end-to-end img/s",
+                "ratio", "batch fill", "CPU ms/img", "GIL ms/img"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r["mode"], r["archive"], str(r["n_images"]), str(r["model_only_images_per_s"]),
+        table.add_row(r["mode"], r["archive"], str(r["n_images"]), r["runtime"]["name"],
+                      str(r["model_only_images_per_s"]),
                       str(r["decode_images_per_s"]), str(r["end_to_end_images_per_s"]), str(r["ratio"]),
                       str(r["batch_fill"]), str(r.get("cpu_ms_per_image")), str(r.get("gil_ms_per_image")))
     Console().print(table)

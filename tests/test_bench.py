@@ -152,6 +152,11 @@ def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(models, tmp
         assert 0 < r["batch_fill"] <= 1
         assert r["peak_rss_mb"] > 50 and r["peak_gpu_mb"] == 0
         assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"]
+        # the run's runtime (auto: ONNX Runtime on a CPU) and the model-only bound on each runtime
+        assert r["runtime"]["name"] == "onnxruntime" and r["runtime"]["provider"] == "CPUExecutionProvider"
+        assert set(r["model_only_by_runtime"]) == {"torch", "onnxruntime"}
+        assert all(v > 0 for v in r["model_only_by_runtime"].values())
+        assert r["model_only_by_runtime"]["onnxruntime"] == r["model_only_images_per_s"]
     assert not md.exists()
     assert not list((tmp_path / "work" / "runs").iterdir())  # scratch removed; archives kept for the next run
 

@@ -56,7 +56,7 @@ import torch
 from db.store import Database
 from neuron import servers, synthetic
 from neuron.errors import ConfigError, SetupError
-from neuron.settings import Settings, foreign_environment
+from neuron.settings import RUNTIMES, Settings, foreign_environment
 from neuron.synthetic import default_workdir
 from neuron.work import Route, WorkItem
 from neuron_models.image import DecodedFrame
@@ -75,12 +75,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 REQUIRED_KEYS = ("device", "mode", "archive", "n_images", "batch_size", "precision", "model_only_images_per_s",
                  "decode_images_per_s", "end_to_end_images_per_s", "ratio", "batch_fill", "time_to_first_batch_s",
                  "peak_rss_mb", "peak_gpu_mb")
-TABLE_HEADING = "## `neuron bench` results"
+TABLE_HEADING = "## `neuron bench` results, by runtime"
 TABLE_INTRO = ["Rows appended by `neuron bench` (synthetic CR archive, untrained weights, 5 TTA views, top-1 heatmap,",
-               "rows committed). Ratio = end to end / model-only bound; every field in `benchmarks/results/*.json`."]
-TABLE_COLUMNS = ("date", "device", "mode", "archive", "images", "size", "batch", "precision", "model-only img/s",
-                 "decode img/s", "end-to-end img/s", "ratio", "batch fill", "first batch s", "peak RSS MB",
-                 "peak GPU MB")
+               "rows committed). Ratio = end to end / model-only bound of the run's runtime; the other runtimes' "
+               "bounds on the same batch after it; every field in `benchmarks/results/*.json`."]
+TABLE_COLUMNS = ("date", "device", "mode", "archive", "images", "size", "batch", "precision", "runtime",
+                 "model-only img/s", "other runtimes' bounds", "decode img/s", "end-to-end img/s", "ratio",
+                 "batch fill", "first batch s", "load s", "peak RSS MB", "peak GPU MB")
 HOST_TABLE_HEADING = "## `neuron bench --host-only` results"
 HOST_TABLE_INTRO = ["Rows appended by `neuron bench --host-only`: the real pipeline with a device stage that answers "
                     "at once (`worker/bench_host.py`).", "CPU: user + system of every Neuron process of the run per "
@@ -106,6 +107,7 @@ class BenchConfig:
     device: str = "auto"
     batch_size: int | None = None
     precision: str = "fp32"
+    runtime: str = "auto"  # what runs the network (neuron_models.runtime); the bound is also measured on the others
     archives: tuple[str, ...] = synthetic.FLAVOURS
     modes: tuple[Mode, ...] = (Mode.EMBEDDED, Mode.CELERY)
     out: Path = Path("benchmarks/results")
@@ -129,6 +131,8 @@ class BenchConfig:
             raise ConfigError(f"--size {self.size}: use 64 or more (real CRs are about 2000)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         bad = [a for a in self.archives if a not in synthetic.FLAVOURS]
         if bad or not self.archives:
             raise ConfigError(f"--archives {','.join(self.archives)!r}: choose from {','.join(synthetic.FLAVOURS)}")
@@ -210,6 +214,25 @@ def model_only_bound(pipeline: Pipeline, frames: Sequence[DecodedFrame]) -> floa
     """The model job alone, on a batch prepared and left on the device beforehand."""
     x = prepare_batch(frames, pipeline.models.routes[ROUTE].preprocess, pipeline.device)[0]
     return _best_rate(lambda: pipeline.job.model_job(ROUTE, x), x.shape[0], pipeline.device)
+
+
+def other_runtime_bounds(models: Models, pipeline: Pipeline, frames: Sequence[DecodedFrame], measured: str,
+                         say: Callable[[str], None]) -> dict[str, float | None]:
+    """The model-only bound of the same batch on each runtime the run did not use (torch eager beside ONNX Runtime
+    and the other way round), each loaded the way screening would load it."""
+    out: dict[str, float | None] = {}
+    for name in ("torch", "onnxruntime"):
+        if name == measured:
+            continue
+        try:
+            other = Models.from_settings(models.settings.with_(runtime=name), only=[ROUTE])
+        except SetupError as exc:  # onnxruntime without its CUDA provider, say
+            say(f"model-only bound on {name}: not measured ({exc})")
+            out[name] = None
+            continue
+        out[name] = _round(model_only_bound(Pipeline(other, pipeline.settings), frames), 2)
+        say(f"model-only bound on {name}: {out[name]} img/s")
+    return out
 
 
 def decode_bound(pipeline: Pipeline, archive: synthetic.Archive) -> tuple[float, int]:
@@ -343,7 +366,7 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
     neuron = [sys.executable, "-m", "neuron"]
     worker_cmd = [*neuron, "worker", "--device", str(pipeline.device), "--weights", "untrained", "--batch-size",
                   str(pipeline.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO", "--precision",
-                  cfg.precision]
+                  cfg.precision, "--runtime", cfg.runtime]
     if cfg.host_only:  # a neuron worker whose device stage answers at once: the benchmark's own entry point
         worker_cmd = [sys.executable, "-m", "worker.bench_host", "--prime", str(archive.files[0]), "--device",
                       str(pipeline.device), "--batch-size", str(pipeline.batch_size), "--queues", ROUTE.value]
@@ -412,7 +435,7 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
     # host-only stands in for a GPU box's host, whose cores are all the readers' (worker.models.default_readers)
     readers = default_readers(torch.device("cuda")) if cfg.host_only else None
     base = Settings(weights="untrained", device=cfg.device, batch_size=cfg.batch_size, precision=cfg.precision,
-                    readers=readers)
+                    readers=readers, runtime=cfg.runtime)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     run_root = cfg.workdir / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     run_root.mkdir(parents=True)
@@ -432,8 +455,10 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
         name = device_name(pipeline.device)
         first = archives[cfg.archives[0]]
         job = primed_job(models, pipeline.batch_size, first.files[0]) if cfg.host_only else None
-        model = model_only_bound(pipeline, _sample_frames(pipeline, first))
-        say(f"model-only bound: {model:.1f} img/s")
+        sample = _sample_frames(pipeline, first)
+        model = model_only_bound(pipeline, sample)
+        runtime = models.routes[ROUTE].spec.runtime or {"name": "torch"}
+        say(f"model-only bound: {model:.1f} img/s ({runtime['name']})")
         celery_ok = Mode.CELERY in cfg.modes and servers.redis_available() and servers.postgres_available()
         if Mode.CELERY in cfg.modes and not celery_ok:
             say("celery mode skipped: redis-server and PostgreSQL (initdb, pg_ctl) must both be installed")
@@ -441,7 +466,8 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
         common: dict[str, Any] = {"device": name, "device_type": pipeline.device.type,
                   "batch_size": pipeline.batch_size, "readers": pipeline.readers_n, "precision": cfg.precision,
                   "precision_applied": True,
-                  "model_only_images_per_s": _round(model, 2),
+                  "model_only_images_per_s": _round(model, 2), "runtime": runtime,
+                  "runtime_startup": models.routes[ROUTE].startup,
                   "image_size": cfg.size, "seed": cfg.seed, "weights": "untrained", "tta": pipeline.settings.tta,
                   "heatmap_top_k": pipeline.settings.heatmap_top_k,
                   "model_load_s": _round(load_s, 2), "machine": machine_info(pipeline.device)}
@@ -467,9 +493,11 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                 say(f"{mode.value}, {flavour}: {e2e.images_per_s:.2f} img/s end to end ({e2e.done}/"
                     f"{archive.n_images} done in {e2e.elapsed_s:.1f} s)")
                 runs.append((mode, flavour, e2e, datetime.now().astimezone()))
-        model = max(model, model_only_bound(pipeline, _sample_frames(pipeline, first)))
+        model = max(model, model_only_bound(pipeline, sample))
         say(f"model-only bound, best of before and after: {model:.1f} img/s")
         common["model_only_images_per_s"] = _round(model, 2)
+        common["model_only_by_runtime"] = {runtime["name"]: _round(model, 2),
+                                           **other_runtime_bounds(models, pipeline, sample, runtime["name"], say)}
         results = []
         for mode, flavour, e2e, now in runs:
             archive = archives[flavour]
@@ -516,9 +544,12 @@ def _cell(value: Any) -> str:
 
 
 def table_row(r: dict) -> str:
+    runtime = (r.get("runtime") or {}).get("name", "torch")
+    others = ", ".join(f"{k} {_cell(v)}" for k, v in (r.get("model_only_by_runtime") or {}).items() if k != runtime)
     cells = [r["date"], r["device"], r["mode"], r["archive"], r["n_images"], r["image_size"], r["batch_size"],
-             r["precision"], r["model_only_images_per_s"], r["decode_images_per_s"], r["end_to_end_images_per_s"],
-             r["ratio"], r["batch_fill"], r["time_to_first_batch_s"], r["peak_rss_mb"], r["peak_gpu_mb"]]
+             r["precision"], runtime, r["model_only_images_per_s"], others or None, r["decode_images_per_s"],
+             r["end_to_end_images_per_s"], r["ratio"], r["batch_fill"], r["time_to_first_batch_s"],
+             r.get("model_load_s"), r["peak_rss_mb"], r["peak_gpu_mb"]]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
