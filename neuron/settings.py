@@ -396,6 +396,15 @@ def foreign_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
 
 
+def disable_vendor_telemetry() -> None:
+    """ONNX Runtime's Linux packages (since its "Add POSIX telemetry" change, microsoft/onnxruntime pull request
+    27379) send usage events to Microsoft when the library initialises, and keep a device id under
+    ~/.cache/Microsoft and a session file in the temp folder. ``ORT_DISABLE_TELEMETRY=1`` set before onnxruntime is
+    first imported turns all of it off (no uploader, no device id, no offline cache). A screening host sends nothing
+    anywhere and writes nothing outside its output folder, so it is set unless the operator set it."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def apply_cache_environment(cache: Path) -> None:
     """Nothing is written outside the output folder: importing timm makes torch create its compiler cache folder in
     the system temp folder (TORCHINDUCTOR_CACHE_DIR), and matplotlib (training curves) keeps a font cache in the home
@@ -404,3 +413,4 @@ def apply_cache_environment(cache: Path) -> None:
     cache = Path(cache).resolve()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torch"))
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    disable_vendor_telemetry()

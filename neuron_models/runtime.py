@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from neuron.errors import ConfigError, RuntimeRefused
+from neuron.settings import disable_vendor_telemetry
 from neuron_models.registry import Network, ScreeningModel
 
 log = logging.getLogger(__name__)
+disable_vendor_telemetry()  # before anything imports onnxruntime
 
 OPSET = 17
 OUTPUTS = ("features", "pooled", "logits")
