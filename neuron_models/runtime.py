@@ -18,6 +18,8 @@ keeps torch on CUDA, where no GPU measurement has yet said otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -47,6 +49,20 @@ OUTPUTS = ("features", "pooled", "logits")
 # exactness contract of the results (README "Precision": probabilities within 1e-5 of torch's), features relative to
 # their largest magnitude; in fp16 (CUDA) the fast precisions' documented tolerance.
 PARITY = {"fp32": {"probability": 1e-5, "relative": 1e-4}, "fp16": {"probability": 1e-2, "relative": 5e-2}}
+
+
+@contextlib.contextmanager
+def float32_mode(exact: bool):
+    """TF32 rounds fp32 convolutions and matrix products to a 10-bit mantissa on Ampere and newer GPUs (cuDNN allows it
+    for convolutions by default: torch.backends.cudnn.allow_tf32, PyTorch's "TensorFloat-32 (TF32) on Ampere (and
+    later) devices" note): exact mode switches it off around the device job, so a GPU computes what the CPU
+    computes, whatever another job in the process asked for."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not exact
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class Runtime(str, Enum):
@@ -130,8 +146,6 @@ def export_bytes(model: ScreeningModel, spec: GraphSpec) -> bytes:
     module = _Graph(model).eval()
     dtype = torch.float16 if spec.precision == "fp16" else torch.float32
     if spec.precision == "fp16":
-        import copy
-
         module = copy.deepcopy(module).half()
     dummy = torch.zeros(2, spec.channels, spec.size, spec.size, dtype=dtype, device=next(model.parameters()).device)
     buf = io.BytesIO()
@@ -272,7 +286,7 @@ def _parity(model: ScreeningModel, run: Callable[[torch.Tensor], Network], probe
     """None when the graph's outputs on the probe batch are within the parity bound of the torch module's; else
     what differs, by how much."""
     bound = PARITY[precision]
-    with torch.no_grad():
+    with torch.no_grad(), float32_mode(exact=True):  # the reference is torch's exact fp32, on any device
         ref = model.torch_network(probe)
         got = run(probe)
     problems = []
@@ -348,6 +362,6 @@ def identity(runtime: Runtime, device: torch.device, precision: str, providers: 
     return {"name": "torch", "version": torch.__version__}
 
 
-__all__ = ["GraphSpec", "Loaded", "OnnxNetwork", "PARITY", "Runtime", "RuntimeRefused", "Threads",
+__all__ = ["GraphSpec", "Loaded", "OnnxNetwork", "PARITY", "Runtime", "RuntimeRefused", "Threads", "float32_mode",
            "attach_onnxruntime", "export_bytes", "identity", "onnxruntime_version", "read_verified", "resolve",
            "weights_digest"]

@@ -30,6 +30,7 @@ from neuron.errors import BrokerUnavailable, OutputUnwritable
 from neuron.servers import RedisServer, free_port
 from worker.embedded import run_folder
 
+from .conftest import seed_untrained_cache
 from .test_distributed import (
     N_LABELS,
     count_done,
@@ -300,10 +301,12 @@ def _neuron_run(folder: Path, out: Path, db_url: str, heat: Path) -> subprocess.
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_read_only_database_stops_neuron_run_with_the_fix_and_a_rerun_finishes(tmp_path, chest_small):
+def test_a_read_only_database_stops_neuron_run_with_the_fix_and_a_rerun_finishes(tmp_path, chest_small,
+                                                                                untrained_settings, models):
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=2)
     dbdir, out, heat = tmp_path / "db", tmp_path / "out", tmp_path / "heat"
+    seed_untrained_cache(untrained_settings, out)
     with tmpfs(dbdir, "8m") as mounted:
         db_file = dbdir / "neuron.db"
         url = f"sqlite:///{db_file}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -146,8 +147,14 @@ def test_the_runtime_is_in_every_results_provenance_and_settings_hash(chest_jobs
     assert ort_spec.as_dict()["runtime"] == ort_spec.runtime
 
 
+def fresh_out(untrained_settings, out):
+    """An output folder with the session's calibrated untrained weights and no ONNX graph yet."""
+    seed_untrained_cache(untrained_settings, out)
+    shutil.rmtree(out / ".cache" / "onnx", ignore_errors=True)  # links to the session's graph: never write into them
+
+
 def test_a_second_start_opens_the_cached_graph_without_exporting(untrained_settings, models, tmp_path):
-    seed_untrained_cache(untrained_settings, tmp_path)
+    fresh_out(untrained_settings, tmp_path)
     settings = untrained_settings.with_(out_dir=tmp_path, runtime="onnxruntime")
     first = Models.from_settings(settings, only=[Route.CHEST_XRAY]).routes[Route.CHEST_XRAY]
     second = Models.from_settings(settings, only=[Route.CHEST_XRAY]).routes[Route.CHEST_XRAY]
@@ -166,7 +173,7 @@ def test_a_second_start_opens_the_cached_graph_without_exporting(untrained_setti
 
 
 def test_a_cached_graph_that_fails_its_sha256_is_exported_again(untrained_settings, models, tmp_path, caplog):
-    seed_untrained_cache(untrained_settings, tmp_path)
+    fresh_out(untrained_settings, tmp_path)
     settings = untrained_settings.with_(out_dir=tmp_path, runtime="onnxruntime")
     Models.from_settings(settings, only=[Route.CHEST_XRAY])
     (graph,) = (tmp_path / ".cache" / "onnx").glob("*.onnx")
@@ -285,8 +292,6 @@ def test_neuron_run_on_either_runtime_records_the_same_findings(tmp_path, untrai
     """Two real `neuron run` processes on the same films, SQLite: the same rows within 1e-5, each run's settings
     naming its runtime. (The distributed mode on PostgreSQL runs the default, ONNX Runtime on a CPU, and equals
     `neuron run` row for row in test_distributed.)"""
-    import shutil
-
     from sqlalchemy import create_engine, text
 
     films = tmp_path / "films"

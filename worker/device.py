@@ -25,24 +25,11 @@ from neuron.work import Route
 from neuron_models import cam, dropout, ood
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import Prepared, Preprocessor, normalize
+from neuron_models.runtime import float32_mode
 from neuron_models.staging import StagedBatch
 from worker.models import AUTOCAST, Models
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def float32_mode(exact: bool):
-    """TF32 rounds fp32 convolutions and matrix products to a 10-bit mantissa on Ampere and newer GPUs (cuDNN allows it
-    for convolutions by default: torch.backends.cudnn.allow_tf32, PyTorch's "TensorFloat-32 (TF32) on Ampere (and
-    later) devices" note): exact mode switches it off around the device job, so a GPU computes what the CPU
-    computes, whatever another job in the process asked for."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not exact
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @dataclass(frozen=True)
