@@ -12,6 +12,7 @@ The resize is exact area averaging, the same as OpenCV's ``INTER_AREA`` when shr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -277,16 +278,30 @@ class Preprocessor:
         return out
 
     def resize(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        """Exact area resize of a (..., h, w) batch to (..., size, size) with cached operators."""
+        """Exact area resize of a (..., h, w) batch to (..., size, size) with cached operators. On CUDA two dense
+        matrix products. On a CPU the operators are sparse: each output pixel averages a handful of input pixels, so
+        a dense product spends almost all its multiplications on zeros (a 2k radiograph to 512: 54 ms of 2 cores
+        dense, 18 ms sparse). Both sum the same weights; they differ only by float rounding (2e-7 on [0, 1])."""
         h, w = x.shape[-2:]
         if (h, w) == (size, size):
             return x
-        return self._operator(h, size) @ x @ self._operator(w, size).transpose(0, 1)
+        if self.device.type != "cpu":
+            return self._operator(h, size) @ x @ self._operator(w, size).transpose(0, 1)
+        lead, flat = x.shape[:-2], x.reshape(-1, h, w)
+        n = flat.shape[0]
+        rows = torch.sparse.mm(self._operator(h, size), flat.permute(1, 0, 2).reshape(h, n * w))  # (size, n*w)
+        cols = torch.sparse.mm(self._operator(w, size), rows.view(size, n, w).permute(2, 1, 0).reshape(w, -1))
+        return cols.view(size, n, size).permute(1, 2, 0).reshape(*lead, size, size)
 
     def _operator(self, n_in: int, n_out: int) -> torch.Tensor:
         key = (n_in, n_out)
         if key not in self._resize:
-            self._resize[key] = resize_matrix(n_in, n_out, self.device)
+            m = resize_matrix(n_in, n_out, self.device)
+            if self.device.type == "cpu":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "sparse CSR support is in beta": used only for sparse.mm
+                    m = m.to_sparse_csr()
+            self._resize[key] = m
         return self._resize[key]
 
     def run(self, staged: StagedBatch, flat: torch.Tensor) -> Prepared:
@@ -298,21 +313,23 @@ class Preprocessor:
         rejected = torch.zeros(n, dtype=torch.bool, device=self.device)
         saturation = torch.zeros(n, device=self.device)
         for _, idx, unit in self.unit_groups(staged, flat, crop=True):
-            # A hostile header can still overflow float32 (a LUT, a slope the decoder let through): such a frame is
-            # rejected with its reason (saturation NaN marks it), and zeros stand in so the batch's CLAHE runs.
-            broken = ~torch.isfinite(unit).flatten(1).all(dim=1)
-            rejected[idx] |= broken
-            saturation[idx] = torch.where(broken, torch.nan, saturation[idx])
-            unit = torch.nan_to_num(unit, nan=0.0, posinf=0.0, neginf=0.0)
             if unit.shape[1] != cfg.channels:
                 if cfg.channels == 3:
                     unit = unit.expand(-1, 3, -1, -1)
                 else:
                     sat = mean_saturation(unit)
-                    saturation[idx] = torch.where(broken, torch.nan, sat)
+                    saturation[idx] = sat
                     rejected[idx] |= sat > cfg.grayscale_max_saturation
                     unit = _luminance(unit)
-            x[idx] = self.resize(center_square(unit), work)
+            small = self.resize(center_square(unit), work)
+            # A hostile header can still overflow float32 (a LUT, a slope the decoder let through): such a frame is
+            # rejected with its reason (saturation NaN marks it), and zeros stand in so the batch's CLAHE runs. It is
+            # found after the resize, where every display value has reached an output pixel with a positive weight
+            # (a non-finite value stays non-finite through the weighted sums) at a sixteenth of the full size's cost.
+            broken = ~torch.isfinite(small).flatten(1).all(dim=1)
+            rejected[idx] |= broken
+            saturation[idx] = torch.where(broken, torch.nan, saturation[idx])
+            x[idx] = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
         if cfg.clahe:
             x = self.resize(clahe(x, cfg.clahe_clip_limit, cfg.clahe_grid), cfg.input_size)
         return Prepared(x.clamp(0.0, 1.0), rejected, saturation, staged.photometric)
