@@ -1,0 +1,369 @@
+"""Several hosts, and faults across the network between them (tests/hosts.py builds the hosts).
+
+Layout: a "db" host runs redis-server (append-only) and PostgreSQL on its own address; a "producer" host runs
+`neuron scan`; "worker1", "worker2" (and "worker3", a replacement) run `neuron worker`. Each host mounts the archive
+and the heatmap folder under its own local path and translates with NEURON_PATH_MAP, so the database holds the
+shared names /archive and /heatmaps only. A fault is a link set down on the switch (a partition: no reset, no close)
+or every process of a host SIGKILLed. Each test ends with every instance done exactly once in the results, no
+duplicate row, the findings of `neuron run` on the same files, and nothing left queued or unacknowledged.
+
+Each test prints a `cost:` line (`pytest -s`): seconds from the fault until every study was done, and the instances
+screened twice (claimed more than once); RELIABILITY.md records them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import seed_untrained_cache
+from .hosts import Host, Network, unavailable
+from .test_distributed import N_LABELS, make_archive
+
+REASON = unavailable()
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"multi-host tests: {REASON}"),
+              pytest.mark.timeout(300)]
+
+VISIBILITY = 8
+REDIS_PASSWORD = "multihost-test"
+STUDIES = 6
+SHARED_ARCHIVE, SHARED_HEATMAPS = "/archive", "/heatmaps"
+PG_BIN = next((d for d in (Path("/usr/lib/postgresql") / v / "bin" for v in ("17", "16", "15", "14", "13"))
+               if (d / "pg_ctl").exists()), None)
+
+
+@dataclass
+class Cluster:
+    net: Network
+    root: Path
+    archive: Path  # the shared folders, as the NAS holds them
+    heatmaps: Path
+    db: Host
+    producer: Host
+    workers: dict[str, Host]
+    reference: dict  # (sop, frame, label) -> (probability, rank) from `neuron run` on the archive
+    n: int
+    broker_url: str
+    database_url: str
+
+    def env(self, host: Host) -> dict[str, str]:
+        """The environment of a Neuron process on ``host``: its own output folder (the session's calibrated untrained
+        model linked in), its local paths of the shared folders."""
+        local = {shared: local for local, shared in host.mounts.items()}
+        out = self.root / host.name / "out"
+        env = {**os.environ, "NEURON_BROKER_URL": self.broker_url, "NEURON_DATABASE_URL": self.database_url,
+               "NEURON_OUT": str(out), "NEURON_VISIBILITY_TIMEOUT": str(VISIBILITY), "COLUMNS": "200",
+               "PYTHONUNBUFFERED": "1",
+               "NEURON_PATH_MAP": ";".join(f"{name}={local[folder]}" for name, folder in
+                                           ((SHARED_ARCHIVE, self.archive), (SHARED_HEATMAPS, self.heatmaps))
+                                           if folder in local)}
+        if self.heatmaps in local:
+            env["NEURON_HEATMAP_DIR"] = str(local[self.heatmaps])
+        return env
+
+    def local_archive(self, host: Host) -> Path:
+        return next(local for local, shared in host.mounts.items() if shared == self.archive)
+
+    def sql(self, query: str, **params) -> list:
+        """A query from the db host itself (its own address stays reachable while its link is down)."""
+        def run():
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.pool import NullPool
+
+            engine = create_engine(self.database_url, poolclass=NullPool)
+            try:
+                with engine.connect() as conn:
+                    return [tuple(r) for r in conn.execute(text(query), params).all()]
+            finally:
+                engine.dispose()
+
+        return self.db.call(run)
+
+    def redis(self, *command):
+        def run():
+            import redis
+
+            client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
+            try:
+                return client.execute_command(*command)
+            finally:
+                client.close()
+
+        return self.db.call(run)
+
+    def count_done(self) -> int:
+        return self.sql("select count(*) from instances where status = 'done'")[0][0]
+
+    def scan(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        res = self.producer.run([sys.executable, "-m", "neuron", "scan", str(self.local_archive(self.producer)),
+                                 *args], self.env(self.producer), timeout=timeout)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    def start_worker(self, host: Host) -> subprocess.Popen:
+        return host.spawn([sys.executable, "-m", "neuron", "worker", "--device", "cpu", "--weights", "untrained",
+                           "--batch-size", "2", "--concurrency", "2", "--max-wait-ms", "100", "--loglevel", "INFO"],
+                          self.env(host), self.log(host))
+
+    def log(self, host: Host) -> Path:
+        return self.root / host.name / "log"
+
+
+def wait_until(predicate, timeout: float, what: str, procs=(), poll: float = 0.25) -> float:
+    """Poll ``predicate``; return the seconds it took. A process that exits early fails the wait at once."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: a process exited with {p.returncode}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_postgres(db: Host, workdir: Path) -> str:
+    import pwd
+
+    pw = pwd.getpwnam("postgres")
+    os.chown(workdir, pw.pw_uid, pw.pw_gid)
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(workdir / "data"), "-U", "neuron",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    with open(workdir / "data" / "pg_hba.conf", "a") as hba:  # the hosts' subnet, nothing wider
+        hba.write(f"host all all {db.addr.rsplit('.', 1)[0]}.0/24 trust\n")
+    res = db.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(workdir / "data"), "-l", str(workdir / "log"),
+                  "-w", "-o", f"-p 5432 -k {workdir} -c listen_addresses={db.addr} -c fsync=off", "start"],
+                 dict(os.environ))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = db.run([*as_postgres, str(PG_BIN / "createdb"), "-h", db.addr, "-U", "neuron", "neuron"], dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    return f"postgresql+psycopg2://neuron@{db.addr}:5432/neuron"
+
+
+def stop_postgres(db: Host, workdir: Path) -> None:
+    db.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(workdir / "data"), "-m",
+            "immediate", "-w", "stop"], dict(os.environ), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(untrained_settings, models, chest_small):
+    if PG_BIN is None or shutil.which("redis-server") is None:
+        pytest.fail("redis-server and PostgreSQL are needed; run `bash .ci/run` once as root")
+    # under the system temp folder, not pytest's (mode 0700): the postgres user must enter it
+    root = Path(tempfile.mkdtemp(prefix="neuron-hosts-"))
+    root.chmod(0o755)
+    archive, heatmaps = root / "nas" / "archive", root / "nas" / "heatmaps"
+    heatmaps.mkdir(parents=True)
+    n = make_archive(archive, chest_small, studies=STUDIES)
+    net = Network(root)
+    pg_dir = root / "db" / "pg"
+    try:
+        db = net.add("db")
+        producer = net.add("producer", {root / "producer" / "srv" / "dicom": archive})
+        workers = {name: net.add(name, {root / name / "mnt" / f"nas-{name}" / "studies": archive,
+                                        root / name / "mnt" / f"nas-{name}" / "maps": heatmaps})
+                   for name in ("worker1", "worker2", "worker3")}
+        for host in (producer, *workers.values()):
+            out = root / host.name / "out"
+            out.mkdir(parents=True)
+            seed_untrained_cache(untrained_settings, out)
+        pg_dir.mkdir(parents=True)
+        database_url = start_postgres(db, pg_dir)
+        (root / "db" / "redis").mkdir()
+        # a password, as a broker other hosts reach must have (protected mode refuses them without one)
+        db.spawn(["redis-server", "--port", "6379", "--bind", db.addr, "--requirepass", REDIS_PASSWORD,
+                  "--save", "", "--appendonly", "yes",
+                  "--appendfsync", "always", "--dir", str(root / "db" / "redis")], dict(os.environ),
+                 root / "db" / "redis.log")
+        db.wait_for_port(db.addr, 6379)
+        reference = neuron_run(archive, untrained_settings.with_(out_dir=root / "embedded"), models)
+        yield Cluster(net, root, archive, heatmaps, db, producer, workers, reference, n,
+                      f"redis://:{REDIS_PASSWORD}@{db.addr}:6379/0", database_url)
+    finally:
+        try:
+            if pg_dir.exists() and db.ns in [h.ns for h in net.hosts.values()]:
+                stop_postgres(db, pg_dir)
+        finally:
+            net.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def neuron_run(folder: Path, settings, models) -> dict:
+    """What `neuron run` finds on the same files (the embedded engine, in this process, on SQLite)."""
+    import sqlite3
+
+    from worker.embedded import run_folder
+    from worker.pipeline import Pipeline
+
+    run_folder(folder, settings, pipeline=Pipeline(models, settings))
+    with sqlite3.connect(settings.out_dir / "neuron.db") as conn:
+        return {(r[0], r[1], r[2]): (r[3], r[4]) for r in conn.execute(
+            "select sop_instance_uid, frame, label, probability, rank from findings")}
+
+
+@pytest.fixture
+def fresh(cluster):
+    """An empty database and broker and no heatmaps; afterwards every link is up again and every process on the
+    producer and worker hosts is gone, whatever the test's outcome."""
+    from .services import reset_postgres
+
+    cluster.db.call(reset_postgres, cluster.database_url)
+    cluster.redis("FLUSHALL")
+    shutil.rmtree(cluster.heatmaps)
+    cluster.heatmaps.mkdir()
+    for host in (cluster.producer, *cluster.workers.values()):
+        cluster.log(host).unlink(missing_ok=True)
+    try:
+        yield cluster
+    finally:
+        for host in cluster.net.hosts.values():
+            host.heal()
+        for host in (cluster.producer, *cluster.workers.values()):
+            host.kill_all()
+
+
+def settled(c: Cluster) -> bool:
+    """Nothing waits in the queue or is delivered and unacknowledged."""
+    return c.redis("LLEN", "chest-xray") == 0 and c.redis("HLEN", "unacked") == 0
+
+
+def assert_exactly_once(c: Cluster) -> None:
+    """Every instance done, once; the findings of `neuron run`; shared names only; nothing left in the broker."""
+    assert {r[0] for r in c.sql("select status from instances")} == {"done"}
+    assert c.count_done() == c.n
+    assert c.sql("select count(*) from predictions")[0][0] == c.n * N_LABELS
+    dupes = c.sql("select sop_instance_uid, frame, model, weights, label from predictions "
+                  "group by sop_instance_uid, frame, model, weights, label having count(*) > 1")
+    assert dupes == []
+    found = {(r[0], r[1], r[2]): (r[3], r[4]) for r in c.sql(
+        "select sop_instance_uid, frame, label, probability, rank from findings")}
+    assert found.keys() == c.reference.keys()
+    for key, (p, rank) in c.reference.items():
+        assert abs(found[key][0] - p) < 1e-5 and found[key][1] == rank, key
+    assert all(r[0].startswith(SHARED_ARCHIVE + "/") for r in c.sql("select file_path from ingest_status"))
+    heatmaps = [r[0] for r in c.sql("select heatmap_path from findings where heatmap_path is not null")]
+    assert len(heatmaps) == c.n
+    for path in heatmaps:
+        assert path.startswith(SHARED_HEATMAPS + "/"), path
+        assert (c.heatmaps / path[len(SHARED_HEATMAPS) + 1:]).is_file(), path
+    wait_until(lambda: settled(c), 60, "an empty queue and no unacknowledged message")
+
+
+def tasks_open(log: Path) -> set[str]:
+    """Task ids a worker's log shows received and not yet ended (succeeded, retried or failed)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    received = set(re.findall(r"Task neuron\.screen_study\[([0-9a-f-]+)\] received", text))
+    ended = set(re.findall(r"Task neuron\.screen_study\[([0-9a-f-]+)\] (?:succeeded|retry|raised)", text))
+    return received - ended
+
+
+def ready(c: Cluster, host: Host) -> bool:
+    log = c.log(host)
+    return log.exists() and " ready." in log.read_text(errors="replace")
+
+
+def snapshot(c: Cluster) -> list:
+    return c.sql("select sop_instance_uid, frame, label, probability, rank, heatmap_path, needs_review "
+                 "from findings order by 1, 2, 3")
+
+
+def screened_twice(c: Cluster) -> int:
+    return c.sql("select count(*) from instances where attempts > 1")[0][0]
+
+
+def worker_done(c: Cluster, host: Host) -> int:
+    return c.sql("select count(distinct sop_instance_uid) from findings where worker like :w",
+                 w=f"{host.name}/%")[0][0]
+
+
+def test_hosts_see_the_archive_under_their_own_paths_and_the_database_holds_shared_names(fresh):
+    """The layout itself: two workers on their own mounts screen a scan from a third mount; nothing is screened
+    twice; a local path seen from outside its host's mount namespace is an empty folder."""
+    c = fresh
+    w1, w2 = c.workers["worker1"], c.workers["worker2"]
+    assert not any(c.local_archive(w1).iterdir())  # the mount exists only inside the host's processes
+    res = c.scan()
+    assert f"enqueued {STUDIES} study tasks" in res.stderr, res.stderr[-2000:]
+    procs = [c.start_worker(w1), c.start_worker(w2)]
+    wait_until(lambda: c.count_done() == c.n, 180, "every study screened", procs)
+    assert_exactly_once(c)
+    assert screened_twice(c) == 0
+    names = {r[0].split("/")[0] for r in c.sql("select distinct worker from findings")}
+    assert names <= {"worker1", "worker2"}, names
+
+
+def test_a_worker_cut_off_past_the_visibility_timeout_is_redone_by_the_other_and_its_late_commit_changes_nothing(
+        fresh):
+    c = fresh
+    w1, w2 = c.workers["worker1"], c.workers["worker2"]
+    procs = [c.start_worker(w1)]
+    wait_until(lambda: ready(c, w1), 180, "worker1 ready", procs)
+    procs.append(c.start_worker(w2))  # starts while worker1 takes the first studies (a batch of 2 at a time)
+    c.scan()
+    wait_until(lambda: tasks_open(c.log(w1)) and worker_done(c, w1) >= 1, 180,
+               "worker1's first results while it holds more", procs, poll=0.1)
+    w1.cut()
+    cut_at = time.monotonic()
+    held = tasks_open(c.log(w1))
+    redone = wait_until(lambda: c.count_done() == c.n, 120,
+                        "worker2 to finish every study while worker1 is cut off", procs[1:])
+    # the partition outlasts the visibility timeout whatever the redo took
+    time.sleep(max(0.0, VISIBILITY + 4 - (time.monotonic() - cut_at)))
+    before = snapshot(c)
+    cut_for = time.monotonic() - cut_at
+    w1.heal()
+    late = wait_until(lambda: not (tasks_open(c.log(w1)) & held), 150, "worker1's studies to end after the heal",
+                      procs)
+    assert snapshot(c) == before, "the cut-off worker's late commit changed the findings"
+    assert_exactly_once(c)
+    twice = screened_twice(c)
+    print(f"\ncost: worker cut off {cut_for:.0f} s holding {len(held)} tasks: every study done {redone:.1f} s after "
+          f"the cut; {twice} of {c.n} instances screened twice; worker1's tasks ended {late:.1f} s after the heal")
+
+
+def test_a_worker_host_killed_whole_is_replaced_and_loses_nothing(fresh):
+    c = fresh
+    w1, w3 = c.workers["worker1"], c.workers["worker3"]
+    c.scan()
+    first = c.start_worker(w1)
+    wait_until(lambda: c.count_done() >= 1, 180, "worker1's first results", [first])
+    w1.kill_all()
+    assert c.count_done() < c.n, "worker1 finished before it could be killed; make the archive larger"
+    replacement = c.start_worker(w3)
+    redone = wait_until(lambda: c.count_done() == c.n, 180, "the new worker host to finish every study",
+                        [replacement])
+    assert_exactly_once(c)
+    print(f"\ncost: worker host killed: every study done {redone:.1f} s after the kill (a new host started at "
+          f"once); {screened_twice(c)} of {c.n} instances screened twice")
+
+
+DB_CUT_SECONDS = 20
+
+
+def test_the_database_host_cut_off_while_both_workers_commit_is_ridden_out(fresh):
+    """PostgreSQL and Redis both go with the db host: every worker's claims, commits, acknowledgements and fetches
+    hang (no reset, no close) until the link is back."""
+    c = fresh
+    w1, w2 = c.workers["worker1"], c.workers["worker2"]
+    c.scan()
+    procs = [c.start_worker(w1), c.start_worker(w2)]
+    wait_until(lambda: worker_done(c, w1) >= 1 and worker_done(c, w2) >= 1, 180, "results from both workers", procs)
+    done_at_cut = c.count_done()
+    c.db.cut()
+    time.sleep(DB_CUT_SECONDS)
+    assert all(p.poll() is None for p in procs), "a worker died while the database host was cut off"
+    c.db.heal()
+    healed = wait_until(lambda: c.count_done() == c.n, 180, "every study after the database host is back", procs)
+    assert_exactly_once(c)
+    print(f"\ncost: db host cut off {DB_CUT_SECONDS} s with {done_at_cut} of {c.n} done: every study done "
+          f"{healed:.1f} s after the heal; {screened_twice(c)} of {c.n} instances screened twice")
