@@ -367,3 +367,61 @@ def test_the_database_host_cut_off_while_both_workers_commit_is_ridden_out(fresh
     assert_exactly_once(c)
     print(f"\ncost: db host cut off {DB_CUT_SECONDS} s with {done_at_cut} of {c.n} done: every study done "
           f"{healed:.1f} s after the heal; {screened_twice(c)} of {c.n} instances screened twice")
+
+
+BULK_N = 3000  # instances, 4 to a study: a scan that commits in 12 batches of 256
+
+
+def queued_messages(c: Cluster) -> list[list[str]]:
+    """The SOP Instance UIDs of each study task waiting in the broker (kombu's Redis list, Celery's message body)."""
+    import base64
+    import json
+
+    bodies = [json.loads(m) for m in c.redis("LRANGE", "chest-xray", 0, -1)]
+    return [json.loads(base64.b64decode(b["body"]))[1]["sop_instance_uids"] for b in bodies]
+
+
+def test_a_producer_cut_off_during_a_large_scan_is_completed_by_a_rerun_and_nothing_is_enqueued_twice(fresh):
+    """The scan commits its index in batches and enqueues at the end: cut off mid-index, it waits on its database
+    (no reset reaches it); the host is then stopped (SIGKILL, as an operator or a reboot would) and healed. The
+    re-run skips what was committed, indexes the rest, and sends every instance in exactly one task."""
+    from .test_load import PER_STUDY, make_load_archive
+
+    c = fresh
+    bulk = c.root / "nas" / "bulk"
+    local = c.root / "producer" / "srv" / "bulk"
+    local.mkdir(parents=True, exist_ok=True)
+    c.producer.mounts[local] = bulk
+    try:
+        studies = make_load_archive(bulk, BULK_N, run=22)
+        env = c.env(c.producer)
+        env["NEURON_PATH_MAP"] += f";/bulk={local}"
+        assert c.producer.run([sys.executable, "-m", "neuron", "db", "upgrade"], env).returncode == 0
+        scan = c.producer.spawn([sys.executable, "-m", "neuron", "scan", str(local)], env, c.log(c.producer))
+        files = lambda: c.sql("select count(*) from files")[0][0]  # noqa: E731
+        wait_until(lambda: files() >= 256, 120, "the scan's first committed batch", [scan], poll=0.1)
+        c.producer.cut()
+        time.sleep(3)
+        at_cut = files()
+        assert at_cut < BULK_N, "the scan finished before the cut; make the folder larger"
+        assert scan.poll() is None and c.redis("LLEN", "chest-xray") == 0
+        c.producer.kill_all()
+        c.producer.heal()
+        started = time.monotonic()
+        res = c.producer.run([sys.executable, "-m", "neuron", "scan", str(local)], env, timeout=180)
+        rerun = time.monotonic() - started
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"({at_cut} unchanged)" in res.stderr and f"enqueued {studies} study tasks" in res.stderr, \
+            res.stderr[-2000:]
+        assert c.sql("select count(*), count(distinct sop_instance_uid) from files") == [(BULK_N, BULK_N)]
+        assert c.sql("select status, count(*) from instances group by status") == [("queued", BULK_N)]
+        assert all(p.startswith("/bulk/") for (p,) in c.sql("select path from files"))
+        messages = queued_messages(c)
+        uids = [u for m in messages for u in m]
+        assert len(messages) == studies and len(uids) == len(set(uids)) == BULK_N
+        assert max(len(m) for m in messages) == PER_STUDY
+    finally:
+        del c.producer.mounts[local]
+        shutil.rmtree(bulk, ignore_errors=True)
+    print(f"\ncost: producer cut off after {at_cut} of {BULK_N} files were indexed, then stopped: the re-run indexed "
+          f"the other {BULK_N - at_cut} and enqueued {studies} tasks, each instance once, in {rerun:.1f} s")
