@@ -104,12 +104,16 @@ class Host:
         self.procs: list[subprocess.Popen] = []
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         ip("netns", "add", self.ns)
-        ip("link", "add", self.port, "netns", network.switch, "type", "veth", "peer", "name", "eth0", "netns",
-           self.ns)
-        ip("-n", network.switch, "link", "set", self.port, "master", "br0", "up")
-        ip("-n", self.ns, "addr", "add", f"{self.addr}/24", "dev", "eth0")
-        ip("-n", self.ns, "link", "set", "eth0", "up")
-        ip("-n", self.ns, "link", "set", "lo", "up")
+        try:
+            ip("link", "add", self.port, "netns", network.switch, "type", "veth", "peer", "name", "eth0", "netns",
+               self.ns)
+            ip("-n", network.switch, "link", "set", self.port, "master", "br0", "up")
+            ip("-n", self.ns, "addr", "add", f"{self.addr}/24", "dev", "eth0")
+            ip("-n", self.ns, "link", "set", "eth0", "up")
+            ip("-n", self.ns, "link", "set", "lo", "up")
+        except RuntimeError:
+            ip("netns", "del", self.ns, check=False)  # its veth goes with it
+            raise
         for local in mounts:
             local.mkdir(parents=True, exist_ok=True)
 
@@ -137,6 +141,22 @@ class Host:
 
     def heal(self) -> None:
         ip("-n", self.network.switch, "link", "set", self.port, "up")
+
+    def block(self, port: int) -> None:
+        """Drop every packet to or from TCP ``port`` on this host's link (an nftables table in its namespace): that
+        server is unreachable from the other hosts, as if on a host of its own that was cut off, while the host's
+        other servers stay reachable and its own processes still reach it."""
+        rules = (f"table inet neuron_cut_{port} {{\n"
+                 f"  chain i {{ type filter hook input priority 0; iifname \"eth0\" tcp dport {port} drop; }}\n"
+                 f"  chain o {{ type filter hook output priority 0; oifname \"eth0\" tcp sport {port} drop; }}\n}}\n")
+        res = subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input=rules, capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nft in {self.ns}: {res.stderr.strip()}")
+
+    def unblock(self, port: int) -> None:
+        subprocess.run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", f"neuron_cut_{port}"],
+                       capture_output=True)
 
     def kill_all(self) -> None:
         """SIGKILL every process of the host, as a power cut would."""
@@ -194,8 +214,12 @@ class Network:
         self.switch = f"{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
         ip("netns", "add", self.switch)
-        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", self.switch, "link", "set", "br0", "up")
+        try:
+            ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            ip("-n", self.switch, "link", "set", "br0", "up")
+        except RuntimeError:
+            ip("netns", "del", self.switch, check=False)
+            raise
 
     def add(self, name: str, mounts: dict[Path, Path] | None = None) -> Host:
         host = Host(self, name, len(self.hosts) + 2, mounts or {})
