@@ -136,6 +136,21 @@ def _upsert_sql(values: str) -> str:
             + ", ".join(f"{c} = excluded.{c}" for c in updated))
 
 
+def _finished_elsewhere(conn: Connection, uids: Iterable[str], replace: list[str]) -> set[str]:
+    """Of these instances, those already ``done`` that ``replace`` does not name. Every one is locked until the commit
+    (in UID order, so two writers never wait on each other in a circle), so of two workers committing the same
+    instance the second sees the first one's ``done``. A claim skips finished instances, so only a worker whose claim
+    outlived a partition or the visibility timeout, while another redid the study, gets here: its results (equal
+    within float32 rounding, from another batch) must not overwrite findings already reported, nor its failure
+    undo them. A rescreen names what it replaces."""
+    keep, found = set(replace), set()
+    for chunk in chunks(sorted(set(uids) - keep)):
+        found.update(uid for uid, status in conn.execute(
+            select(Instance.sop_instance_uid, Instance.status).where(Instance.sop_instance_uid.in_(chunk))
+            .order_by(Instance.sop_instance_uid).with_for_update()) if status == Status.DONE.value)
+    return found
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
@@ -444,6 +459,10 @@ class Database:
             for chunk in chunks(replace):
                 stale |= heatmaps_of(conn, chunk)
                 conn.execute(delete(Prediction).where(Prediction.sop_instance_uid.in_(chunk)))
+            finished = _finished_elsewhere(conn, (o.sop_instance_uid for o in outcomes), replace)
+            if finished:
+                rows = {key: row for key, row in rows.items() if key[0] not in finished}
+                groups = {g: kept for g, uids in groups.items() if (kept := [u for u in uids if u not in finished])}
             if rows:
                 self._write_predictions(conn, list(rows.values()))
             for (status, reason), uids in groups.items():

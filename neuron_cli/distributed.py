@@ -145,7 +145,7 @@ def scan(
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
                               on_file=lambda n: progress.update(task, completed=n),
                               follow_links=settings.follow_links, patient_secret=settings.patient_key,
-                              policy=settings.population_policy)
+                              policy=settings.population_policy, to_shared=settings.to_shared)
     again = 0
     if requeue:
         again += len(database.requeue(Requeue.AWAITING_MODEL, routes=MODEL_ROUTES))

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from multiprocessing import get_context
 from pathlib import Path
@@ -565,9 +565,9 @@ class ScanResult:
 
 def changed_files(root: Path, known: dict[str, tuple[int, int]], exclude: Iterable[Path] = (),
                   follow_links: bool = False, on_file: Callable[[int], None] | None = None,
-                  result: ScanResult | None = None) -> Iterator[Path]:
-    """The files below ``root`` that are new or changed since they were indexed (``known``: path -> size, mtime), in
-    walk order, counted in ``result``; ``on_file`` gets the number of files seen so far."""
+                  result: ScanResult | None = None, to_shared: Callable[[str], str] = str) -> Iterator[Path]:
+    """The files below ``root`` that are new or changed since they were indexed (``known``: shared path -> size,
+    mtime), in walk order, counted in ``result``; ``on_file`` gets the number of files seen so far."""
     result = result if result is not None else ScanResult()
     for path in iter_files(root, exclude, follow_links=follow_links):
         result.seen += 1
@@ -577,7 +577,7 @@ def changed_files(root: Path, known: dict[str, tuple[int, int]], exclude: Iterab
             continue  # vanished between listing and stat
         except OSError:
             st = None  # index_entry records why it cannot be read
-        if st is not None and known.get(str(path.resolve())) == (st.st_size, st.st_mtime_ns):
+        if st is not None and known.get(to_shared(str(path.resolve()))) == (st.st_size, st.st_mtime_ns):
             result.unchanged += 1
         else:
             result.indexed += 1
@@ -590,13 +590,16 @@ def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: 
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
                  on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
                  follow_links: bool = False, patient_secret: str | None = None,
-                 policy: PopulationPolicy | str = PopulationPolicy.FLAG) -> ScanResult:
+                 policy: PopulationPolicy | str = PopulationPolicy.FLAG,
+                 to_shared: Callable[[str], str] = str) -> ScanResult:
     """Index every file below root into the database. Files already indexed with the same size and mtime are
     skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
     committed batch. ``workers``: header-parsing processes once the scan has read PARSE_POOL_AFTER files (default:
     one per CPU, at most 8; 0 or 1 reads every header in this process). ``patient_secret``: keep a keyed hash of each
     study's Patient ID (--patient-key). ``policy``: what happens to a film outside its route's trained population
-    (--population-policy)."""
+    (--population-policy). ``to_shared``: this host's path -> the name every host shares (``Settings.to_shared``,
+    NEURON_PATH_MAP): the database holds shared names, so a worker that mounts the archive elsewhere finds the file
+    and a re-scan from any host recognises it."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
@@ -605,20 +608,28 @@ def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: 
     reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers,
                            patient_secret=patient_secret, policy=PopulationPolicy(policy))
     try:
-        for path in changed_files(root, db.file_index(), exclude, follow_links, on_file, result):
+        for path in changed_files(root, db.file_index(), exclude, follow_links, on_file, result, to_shared):
             pending += reader.add(path)
             if len(pending) >= batch:
-                _commit(db, pending, on_indexed)
+                _commit(db, pending, on_indexed, to_shared)
         pending += reader.finish()
     finally:
         reader.close()
-    _commit(db, pending, on_indexed)
+    _commit(db, pending, on_indexed, to_shared)
     log.info("scanned %d files: %d indexed, %d unchanged", result.seen, result.indexed, result.unchanged)
     return result
 
 
-def _commit(db: Database, entries: list[FileEntry], on_indexed: Callable[[list[str]], None] | None) -> None:
-    db.add_files(entries)
-    if on_indexed is not None and entries:
-        on_indexed([e.path for e in entries])
+def _commit(db: Database, entries: list[FileEntry], on_indexed: Callable[[list[str]], None] | None,
+            to_shared: Callable[[str], str] = str) -> None:
+    shared = [shared_entry(e, to_shared) for e in entries]
+    db.add_files(shared)
+    if on_indexed is not None and shared:
+        on_indexed([e.path for e in shared])
     entries.clear()
+
+
+def shared_entry(entry: FileEntry, to_shared: Callable[[str], str]) -> FileEntry:
+    """The entry under the path's shared name (NEURON_PATH_MAP), as the database records it."""
+    path = to_shared(entry.path)
+    return entry if path == entry.path else replace(entry, path=path)

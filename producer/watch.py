@@ -23,7 +23,7 @@ from db.store import Database
 from neuron.settings import Settings
 from neuron.work import Route
 from producer.enqueue import enqueue_pending
-from producer.scan import index_entry, iter_files
+from producer.scan import index_entry, iter_files, shared_entry
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class FolderWatcher:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            if known.get(str(path.resolve())) != (st.st_size, st.st_mtime_ns):
+            if known.get(self.settings.to_shared(str(path.resolve()))) != (st.st_size, st.st_mtime_ns):
                 self.candidates[path] = (st.st_size, st.st_mtime_ns, now)
         enqueue_pending(self.db, self.app)  # indexed earlier but never queued (e.g. the producer was stopped)
 
@@ -109,8 +109,8 @@ class FolderWatcher:
                 self.candidates[path] = (st.st_size, st.st_mtime_ns, now)
             elif now - since >= self.settings.watch_stable_seconds:
                 del self.candidates[path]
-                indexed.append(index_entry(path, self.route, self.settings.patient_key,
-                                           self.settings.population_policy))
+                indexed.append(shared_entry(index_entry(path, self.route, self.settings.patient_key,
+                                                        self.settings.population_policy), self.settings.to_shared))
         if indexed:
             self.db.add_files(indexed)
             for entry in indexed:

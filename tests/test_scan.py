@@ -266,3 +266,22 @@ def test_valid_uids_with_padding_are_kept_whole(tmp_path, chest_small):
     path = clone_with(chest_small, tmp_path / "f.dcm", SOPInstanceUID=UID64, StudyInstanceUID="1.2.3.0.45")
     header = index_entry(path).instance.header
     assert header.sop_instance_uid == UID64 and header.study_instance_uid == "1.2.3.0.45"
+
+
+def test_a_scan_records_the_shared_name_of_a_path_the_host_mounts_elsewhere(tmp_path, chest_small):
+    """A producer that mounts the archive under its own path (NEURON_PATH_MAP) records the shared name, which every
+    worker translates to its own mount, and a re-scan recognises the files by it (it stored its local path, so a
+    worker on another host could not find the file)."""
+    from neuron.settings import Settings
+
+    local = tmp_path / "mnt" / "archive"
+    small_chest(chest_small, local / "s1" / "a.dcm")
+    settings = Settings.from_env({"NEURON_PATH_MAP": f"/archive={local}"})
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create()
+    first = index_folder(local, db, to_shared=settings.to_shared)
+    assert first.indexed == 1
+    assert list(db.file_index()) == ["/archive/s1/a.dcm"]
+    again = index_folder(local, db, to_shared=settings.to_shared)
+    assert (again.indexed, again.unchanged) == (0, 1)
+    db.dispose()

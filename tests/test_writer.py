@@ -52,17 +52,33 @@ def rows(db: Database, query: str) -> list[tuple]:
         return conn.execute(query).fetchall()
 
 
+def test_a_late_commit_for_an_instance_already_done_changes_nothing_and_a_replace_does(db):
+    """A worker cut off past the visibility timeout commits after another worker redid its study
+    (tests/test_multihost.py): the findings already reported stay, row for row; a rescreen's ``replace`` still
+    writes; outcomes of one instance twice in one commit (a redelivery in the same group) keep the last; a late
+    failure does not undo a done instance."""
+    (a, b) = index(db, 2)
+    db.record_outcomes([done(a, 0.2), done(b, 0.1), done(b, 0.3)])
+    before = rows(db, "select * from predictions order by sop_instance_uid, label")
+    assert rows(db, f"select probability from predictions where sop_instance_uid = '{b}' and rank = 1") == [(0.3,)]
+    db.record_outcomes([done(a, 0.5, worker="late/cpu"), Outcome(b, Status.FAILED, "late")])
+    assert rows(db, "select * from predictions order by sop_instance_uid, label") == before
+    assert dict(rows(db, "select sop_instance_uid, status from instances")) == {a: "done", b: "done"}
+    db.record_outcomes([done(a, 0.6, worker="rescreen/cpu")], replace=[a])
+    assert rows(db, f"select probability, worker from predictions where sop_instance_uid = '{a}' and rank = 1") == [
+        (0.6, "rescreen/cpu")]
+    assert rows(db, "select count(*) from predictions") == [(2 * len(LABELS),)]
+
+
 def test_record_outcomes_upserts_on_the_natural_key_and_sets_both_statuses(db):
     a, b, c = index(db, 3)
     db.record_outcomes([done(a, 0.2, frames=2), done(b, 0.3), Outcome(c, Status.FAILED, "decode failed")])
     assert rows(db, "select count(*) from predictions") == [(3 * len(LABELS),)]
-    db.record_outcomes([done(a, 0.5, frames=2, worker="other/cuda:0")])  # a redelivery: same keys, new values
     got = rows(db, "select frame, label, probability, rank, heatmap_path, needs_review, worker from predictions "
                    f"where sop_instance_uid = '{a}' order by frame, label")
     assert len(got) == 2 * len(LABELS)
-    assert got[0] == (0, "Atelectasis", 0.5, 1, "/heat/0.png", 0, "other/cuda:0")
-    assert got[1][2] == pytest.approx(0.6) and got[2][5] == 1
-    assert rows(db, "select count(*) from predictions") == [(3 * len(LABELS),)]  # updated, not added
+    assert got[0] == (0, "Atelectasis", 0.2, 1, "/heat/0.png", 0, "host/cpu")
+    assert got[1][2] == pytest.approx(0.3) and got[2][5] == 1
     assert dict(rows(db, "select sop_instance_uid, status from instances")) == {a: "done", b: "done", c: "failed"}
     assert rows(db, f"select status, reason from files where sop_instance_uid = '{c}'") == [("failed",
                                                                                               "decode failed")]
@@ -84,7 +100,7 @@ def test_record_outcomes_keeps_the_last_of_repeated_keys_in_one_call(db):
 
 
 def test_record_outcomes_compiles_each_statement_once(db):
-    uids = index(db, 30)
+    uids = index(db, 31)
     compiled = set()
 
     def seen(conn, cursor, statement, parameters, context, executemany):
@@ -95,11 +111,12 @@ def test_record_outcomes_compiles_each_statement_once(db):
     db.record_outcomes([done(u) for u in uids[:5]])
     first = len(compiled)
     db.record_outcomes([done(u, frames=2) for u in uids[5:20]])
-    db.record_outcomes([done(u) for u in uids[20:]] + [Outcome(uids[0], Status.FAILED, "x")])
-    # two status updates and the studies summary's three (db.studies.refresh_studies: the commit's studies, their
-    # aggregate, the update), each compiled once (the findings upsert is a plain DBAPI statement: never compiled); a
-    # failure adds the look-up of a duplicate copy to screen it from (db.store._rescue_from_copies), compiled once too
-    assert first == 5 and len(compiled) == first + 1
+    db.record_outcomes([done(u) for u in uids[20:30]] + [Outcome(uids[30], Status.FAILED, "x")])
+    # the look-up that locks the outcomes' instances (db.store._finished_elsewhere), two status updates and the
+    # studies summary's three (db.studies.refresh_studies: the commit's studies, their aggregate, the update), each
+    # compiled once (the findings upsert is a plain DBAPI statement: never compiled); a failure adds the look-up of a
+    # duplicate copy to screen it from (db.store._rescue_from_copies), compiled once too
+    assert first == 6 and len(compiled) == first + 1
     db.record_outcomes([Outcome(uids[1], Status.FAILED, "y"), Outcome(uids[2], Status.FAILED, "z")])
     assert len(compiled) == first + 1
 
