@@ -27,20 +27,13 @@ from neuron.work import Route
 from neuron_models import ood, runtime
 from neuron_models.registry import ModelConfig, ScreeningModel
 from neuron_models.tta import CHEST_XRAY_VIEWS
-from worker.decode import decode_instance
 from worker.device import DeviceJob
 from worker.models import Models, model_threads, probe_batch
 
 from .conftest import MODEL, monochrome2_twin, seed_untrained_cache, small_chest
+from .test_model import frames_of
 
 CPU = torch.device("cpu")
-
-
-def frames_of(*paths):
-    out = []
-    for p in paths:
-        out += decode_instance(p, str(p), 16, 8192 * 8192)
-    return out
 
 
 def assert_same_answers(a, b, ood_scores: bool = False) -> None:
@@ -327,34 +320,31 @@ def test_neuron_run_on_either_runtime_records_the_same_findings(tmp_path, untrai
     assert top == top_ort
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_onnxruntime_on_cuda_gives_torchs_answers_in_fp32(untrained_settings, chest_corpus):
-    pytest.importorskip("onnxruntime")
+def cuda_jobs(untrained_settings, precision: str) -> tuple[DeviceJob, DeviceJob]:
+    """The chest route on CUDA with torch (fp32, the reference) and with ONNX Runtime at ``precision``; skips where
+    CUDA or onnxruntime-gpu's CUDA provider is missing."""
     import onnxruntime
 
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed (pip install 'neuron-screening[gpu]')")
+    on_cuda = untrained_settings.with_(device="cuda")
+    return (DeviceJob(Models.from_settings(on_cuda.with_(runtime="torch"), only=[Route.CHEST_XRAY])),
+            DeviceJob(Models.from_settings(on_cuda.with_(runtime="onnxruntime", precision=precision),
+                                           only=[Route.CHEST_XRAY])))
+
+
+def test_onnxruntime_on_cuda_gives_torchs_answers_in_fp32(untrained_settings, chest_corpus):
+    ref, ort_job = cuda_jobs(untrained_settings, "fp32")
     frames = frames_of(*chest_corpus)
-    ref = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", runtime="torch"),
-                                         only=[Route.CHEST_XRAY]))
-    ort_job = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", runtime="onnxruntime"),
-                                             only=[Route.CHEST_XRAY]))
     assert_same_answers(ref.infer(Route.CHEST_XRAY, frames), ort_job.infer(Route.CHEST_XRAY, frames))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_onnxruntime_on_cuda_in_fp16_stays_within_the_fast_tolerance(untrained_settings, chest_corpus):
-    pytest.importorskip("onnxruntime")
-    import onnxruntime
-
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime-gpu is not installed (pip install 'neuron-screening[gpu]')")
+    ref, fast = cuda_jobs(untrained_settings, "fp16")
     frames = frames_of(*chest_corpus)
-    ref = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", runtime="torch"),
-                                         only=[Route.CHEST_XRAY])).infer(Route.CHEST_XRAY, frames)
-    fast = DeviceJob(Models.from_settings(untrained_settings.with_(device="cuda", runtime="onnxruntime",
-                                                                   precision="fp16"), only=[Route.CHEST_XRAY]))
     assert fast.models.routes[Route.CHEST_XRAY].spec.runtime["graph"] == "fp16"
-    for a, b in zip(ref, fast.infer(Route.CHEST_XRAY, frames), strict=True):
+    for a, b in zip(ref.infer(Route.CHEST_XRAY, frames), fast.infer(Route.CHEST_XRAY, frames), strict=True):
         np.testing.assert_allclose(b.probabilities, a.probabilities, atol=0.01, rtol=0)
         assert a.order[0] == b.order[0]
