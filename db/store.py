@@ -137,17 +137,18 @@ def _upsert_sql(values: str) -> str:
 
 
 def _finished_elsewhere(conn: Connection, uids: Iterable[str], replace: list[str]) -> set[str]:
-    """Of these instances, those already ``done`` that ``replace`` does not name. Every one is locked until the commit
-    (in UID order, so two writers never wait on each other in a circle), so of two workers committing the same
-    instance the second sees the first one's ``done``. A claim skips finished instances, so only a worker whose claim
-    outlived a partition or the visibility timeout, while another redid the study, gets here: its results (equal
-    within float32 rounding, from another batch) must not overwrite findings already reported, nor its failure
-    undo them. A rescreen names what it replaces."""
+    """Of these instances, those already ``done`` that ``replace`` does not name. A claim skips finished instances, so
+    only a worker whose claim outlived a partition or the visibility timeout, while another redid the study, gets
+    here: its results (equal within float32 rounding, from another batch) must not overwrite findings already
+    reported, nor its failure undo them. A rescreen names what it replaces. The rows are read, not locked: locking
+    them (SELECT ... FOR UPDATE) left a worker's commit waiting for good behind a SIGKILLed worker's transaction
+    (test_a_worker_killed_mid_batch_loses_nothing); two commits of one instance at the same moment still write one
+    row each per key (the upsert), the later one's."""
     keep, found = set(replace), set()
     for chunk in chunks(sorted(set(uids) - keep)):
         found.update(uid for uid, status in conn.execute(
-            select(Instance.sop_instance_uid, Instance.status).where(Instance.sop_instance_uid.in_(chunk))
-            .order_by(Instance.sop_instance_uid).with_for_update()) if status == Status.DONE.value)
+            select(Instance.sop_instance_uid, Instance.status).where(Instance.sop_instance_uid.in_(chunk)))
+            if status == Status.DONE.value)
     return found
 
 
