@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,5 +213,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_with_digest(path: Path, data: bytes) -> None:
+    """A cache file and its sha256 beside it (``NAME.sha256``), each written under a temporary name and renamed:
+    processes writing the same file at once write the same bytes, and a reader never sees half a file (a digest that
+    does not match makes the reader build it again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
+    digest = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
+    for target, content in ((path, data), (path.with_name(path.name + ".sha256"), digest)):
+        tmp = target.with_name(target.name + suffix)
+        tmp.write_bytes(content)
+        tmp.replace(target)
+
+
+def read_with_digest(path: Path) -> tuple[bytes | None, bool]:
+    """-> (the file's bytes if they match the sha256 written beside them, else None; whether the file was there but
+    did not match). Hashed and returned from the same bytes."""
+    digest_file = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest_file.is_file():
+        return None, False
+    data = path.read_bytes()
+    expected = digest_file.read_text().split()[0].strip().lower() if digest_file.stat().st_size else ""
+    if hashlib.sha256(data).hexdigest() != expected:
+        return None, True
+    return data, False
+
+
 __all__ = ["ModelConfig", "Network", "PipelineSpec", "ScreeningModel", "UNTRAINED", "WeightsMode", "preprocess_config",
-           "register_model", "registered", "registered_configs", "sha256_file", "tta_policy"]
+           "read_with_digest", "register_model", "registered", "registered_configs", "sha256_file", "tta_policy",
+           "write_with_digest"]

@@ -24,8 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +36,7 @@ from torch import nn
 
 from neuron.errors import ConfigError, RuntimeRefused
 from neuron.settings import disable_vendor_telemetry
-from neuron_models.registry import Network, ScreeningModel
+from neuron_models.registry import Network, ScreeningModel, read_with_digest, write_with_digest
 
 log = logging.getLogger(__name__)
 disable_vendor_telemetry()  # before anything imports onnxruntime
@@ -157,28 +155,11 @@ def export_bytes(model: ScreeningModel, spec: GraphSpec) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """File then digest, each written under a temporary name and renamed: two processes exporting at once write the
-    same graph, and a reader never sees half a file (a digest that does not match makes it export again)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
-    digest = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
-    for target, content in ((path, data), (path.with_name(path.name + ".sha256"), digest)):
-        tmp = target.with_name(target.name + suffix)
-        tmp.write_bytes(content)
-        tmp.replace(target)
-
-
 def read_verified(path: Path) -> bytes | None:
     """The graph's bytes if they match the digest written beside them; None (export again) otherwise."""
-    digest_file = path.with_name(path.name + ".sha256")
-    if not path.is_file() or not digest_file.is_file():
-        return None
-    data = path.read_bytes()  # hashed and opened from the same bytes
-    expected = digest_file.read_text().split()[0].strip().lower() if digest_file.stat().st_size else ""
-    if hashlib.sha256(data).hexdigest() != expected:
+    data, mismatched = read_with_digest(path)
+    if mismatched:
         log.warning("%s does not match its sha256; exporting the graph again", path)
-        return None
     return data
 
 
@@ -342,7 +323,7 @@ def attach_onnxruntime(model: ScreeningModel, probe: torch.Tensor, device: torch
                     f"{onnxruntime_version()}) does not compute what torch computes on the probe batch: {problem}; "
                     f"run with --runtime torch (NEURON_RUNTIME=torch) and report the versions")
             try:
-                _write_atomically(path, data)
+                write_with_digest(path, data)
             except OSError as exc:  # a read-only cache costs an export at every start, not the run
                 log.warning("could not cache the ONNX graph in %s: %s", path.parent, exc)
         leaf.compiled = network

@@ -11,8 +11,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import threading
 from pathlib import Path
 
 import safetensors.torch
@@ -24,7 +22,15 @@ from neuron.errors import WeightsError
 from neuron.routes import CHEST_POPULATION
 from neuron.settings import Settings, WeightsMode
 from neuron.work import Route
-from neuron_models.registry import UNTRAINED, ModelConfig, ScreeningModel, register_model, sha256_file
+from neuron_models.registry import (
+    UNTRAINED,
+    ModelConfig,
+    ScreeningModel,
+    read_with_digest,
+    register_model,
+    sha256_file,
+    write_with_digest,
+)
 from neuron_models.tta import CHEST_XRAY_VIEWS
 
 log = logging.getLogger(__name__)
@@ -214,12 +220,10 @@ def untrained_cache_file(cache_dir: Path, seed: int) -> Path:
 def _load_calibrated(net: xrv.models.DenseNet, cache_dir: Path, seed: int) -> bool:
     """Load the cached calibration into ``net``; False (rebuild) when there is none or it fails its sha256."""
     path = untrained_cache_file(cache_dir, seed)
-    digest_file = path.with_name(path.name + ".sha256")
-    if not path.is_file() or not digest_file.is_file():
-        return False
-    data = path.read_bytes()  # hashed and parsed from the same bytes
-    if hashlib.sha256(data).hexdigest() != digest_file.read_text().split()[0].strip().lower():
+    data, mismatched = read_with_digest(path)
+    if mismatched:
         log.warning("%s does not match its sha256; calibrating the untrained weights again", path)
+    if data is None:
         return False
     try:
         net.load_state_dict(safetensors.torch.load(data), strict=True)
@@ -234,14 +238,7 @@ def _save_calibrated(net: xrv.models.DenseNet, cache_dir: Path, seed: int) -> No
     the same bytes, and a reader never sees half a file."""
     path = untrained_cache_file(cache_dir, seed)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()})
-        suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
-        for target, content in ((path, data), (path.with_name(path.name + ".sha256"),
-                                               f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())):
-            tmp = target.with_name(target.name + suffix)
-            tmp.write_bytes(content)
-            tmp.replace(target)
+        write_with_digest(path, safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()}))
     except OSError as exc:  # a read-only output folder costs start-up time, not the run
         log.warning("could not cache the untrained weights in %s: %s", path.parent, exc)
 
