@@ -357,9 +357,11 @@ class Database:
                     _set_status(conn, [uid], Status.FAILED, reason)
                     poisoned.append(uid)
                     continue
-                conn.execute(update(Instance).where(Instance.sop_instance_uid == uid)
-                             .values(attempts=Instance.attempts + 1, updated_at=utcnow()))
                 items.append(WorkItem(uid, path, route, frames))
+            now = utcnow()
+            for chunk in chunks([item.sop_instance_uid for item in items]):  # one statement per chunk, not per row
+                conn.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk))
+                             .values(attempts=Instance.attempts + 1, updated_at=now))
             if poisoned:
                 _rescue_from_copies(conn, poisoned)  # another copy of the file gets its own attempts
         return items

@@ -229,3 +229,100 @@ def held_by_no_live_worker(before, after, held, visibility_timeout: int) -> dict
     return {"studies": len(orphans), "instances": sum(n for n, _ in orphans),
             "oldest_s": None if oldest is None else round(oldest, 1),
             "redelivered_in_s": None if oldest is None else round(max(0.0, visibility_timeout - oldest), 1)}
+
+
+# -- heartbeats: who is consuming, seen by `neuron status` even when a worker cannot answer -----------------------
+WORKERS_KEY = "neuron:workers"  # a Redis hash: worker name -> its last heartbeat (JSON)
+HEARTBEAT_S = 5.0
+STOPPED_AFTER_S = 3 * HEARTBEAT_S  # three missed beats: the worker is dead, or cut off from the broker
+FORGET_AFTER_S = 24 * 3600.0  # a stopped worker's record is dropped by the next worker that starts after this
+
+
+def _redis(settings: Settings):
+    import redis
+
+    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+
+
+class Heartbeat:
+    """A worker's record in the broker's Redis, written every ``HEARTBEAT_S``: its host, node, device, queues and the
+    task ids of the studies it holds. Celery's own heartbeats are events that only a listener at that moment sees;
+    this record stays, so ``neuron status`` can name a worker that stopped beating (killed, or partitioned from the
+    broker) and the studies it held, which Redis delivers again once they are ``visibility_timeout`` old. A clean
+    stop removes the record."""
+
+    def __init__(self, settings: Settings, name: str, describe, every: float = HEARTBEAT_S):
+        import threading
+
+        self.settings, self.name, self.describe, self.every = settings, name, describe, every
+        self._client = _redis(settings)  # connects on first use, and again after the broker was away
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._forget_old()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        import json
+
+        record = {**self.describe(), "host": socket.gethostname(), "pid": os.getpid(), "seen": time.time()}
+        self._client.hset(WORKERS_KEY, self.name, json.dumps(record))
+
+    def _loop(self) -> None:
+        import redis
+
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except redis.RedisError:  # the broker is away: the missed beats are what status reports
+                pass
+            self._stop.wait(self.every)
+
+    def _forget_old(self) -> None:
+        import json
+
+        import redis
+
+        try:
+            for name, raw in self._client.hgetall(WORKERS_KEY).items():
+                if time.time() - json.loads(raw).get("seen", 0) > FORGET_AFTER_S:
+                    self._client.hdel(WORKERS_KEY, name)
+        except (redis.RedisError, ValueError):
+            pass
+
+    def stop(self) -> None:
+        import redis
+
+        self._stop.set()
+        self._thread.join(timeout=self.every + 5)
+        try:
+            self._client.hdel(WORKERS_KEY, self.name)
+        except redis.RedisError:
+            pass
+        self._client.close()
+
+
+def worker_records(settings: Settings, now: float | None = None) -> dict[str, dict] | None:
+    """Every worker's last heartbeat, with ``stopped`` (no beat for ``STOPPED_AFTER_S``) and ``silent_s``; None when
+    the broker cannot be read."""
+    import json
+
+    import redis
+
+    try:
+        raw = _redis(settings).hgetall(WORKERS_KEY)
+    except redis.RedisError:
+        return None
+    now = time.time() if now is None else now
+    out = {}
+    for name, value in sorted(raw.items()):
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue
+        silent = max(0.0, now - float(record.get("seen", 0)))
+        out[name.decode(errors="replace")] = {**record, "silent_s": round(silent, 1),
+                                              "stopped": silent > STOPPED_AFTER_S}
+    return out

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Annotated
 
 import typer
@@ -32,6 +33,7 @@ def gather(settings: Settings, database) -> dict:
         mask_url,
         tasks_held_by_live_workers,
         unacknowledged_tasks,
+        worker_records,
     )
 
     st = db_status(database)
@@ -41,7 +43,11 @@ def gather(settings: Settings, database) -> dict:
         asked = pool.submit(broker_status, settings, sorted(r.value for r in MODEL_ROUTES))
         held = tasks_held_by_live_workers(settings, timeout=1.5) if before else set()
         broker = asked.result()
-    orphans = held_by_no_live_worker(before, unacknowledged_tasks(settings), held, settings.visibility_timeout)
+    if held is not None:  # the lean path's studies in flight are in no Celery request list: each worker names them
+        held |= {t for w in broker.workers.values() for t in w.get("held") or ()}
+    after = unacknowledged_tasks(settings)
+    orphans = held_by_no_live_worker(before, after, held, settings.visibility_timeout)
+    hosts = workers_by_host(worker_records(settings), broker.workers, after, settings.visibility_timeout)
     worker_rate = sum(w.get("images_per_s") or 0.0 for w in broker.workers.values())
     per_s = worker_rate or rate.per_second
     eta = st.remaining_instances / per_s if per_s and st.remaining_instances else None
@@ -50,7 +56,7 @@ def gather(settings: Settings, database) -> dict:
         "broker": broker.url, "broker_error": broker.error,
         "queues": broker.waiting, "unacknowledged": broker.unacknowledged,
         "oldest_unacknowledged_s": broker.oldest_unacknowledged_s, "visibility_timeout_s": settings.visibility_timeout,
-        "workers": broker.workers, "held_by_no_live_worker": orphans,
+        "workers": broker.workers, "held_by_no_live_worker": orphans, "hosts": hosts,
         "studies": st.studies, "instances": st.instances, "files": st.files,
         "in_flight": {"studies": st.in_flight_studies, "instances": st.in_flight_instances},
         "remaining_instances": st.remaining_instances,
@@ -59,6 +65,25 @@ def gather(settings: Settings, database) -> dict:
         "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
         "network": network_status(database),
     }
+
+
+def workers_by_host(records: dict | None, answering: dict, unacked: dict | None, visibility_timeout: int) -> dict:
+    """host -> its workers by their heartbeats: beating or stopped (dead, or cut off from the broker), whether it
+    answered this status's question, and the studies it held at its last beat that are still unacknowledged (a
+    stopped worker's are delivered again once ``visibility_timeout`` old)."""
+    out: dict[str, list[dict]] = {}
+    for name, r in (records or {}).items():
+        still = [t for t in r.get("held") or () if unacked is not None and t in unacked]
+        oldest = max((time.time() - unacked[t][1] for t in still), default=None)
+        out.setdefault(r.get("host") or "?", []).append({
+            "worker": name, "node": r.get("node"), "device": r.get("device"), "queues": r.get("queues"),
+            "state": "heartbeat stopped" if r["stopped"] else "beating", "silent_s": r["silent_s"],
+            "answered": r.get("node") in answering, "images": r.get("images"),
+            "held_studies": len(still), "held_instances": sum(unacked[t][0] for t in still),
+            "held_tasks": still,
+            "redelivered_in_s": None if oldest is None or not r["stopped"] else round(
+                max(0.0, visibility_timeout - oldest), 1)})
+    return dict(sorted(out.items()))
 
 
 def render(data: dict):
@@ -105,13 +130,21 @@ def render(data: dict):
     for node, w in data["workers"].items():
         workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
                         str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
+    hosts = Table(title="workers by host (their heartbeats in the broker)", show_header=True)
+    for col in ("host", "worker", "state", "studies held", "instances held", "redelivered in"):
+        hosts.add_column(col)
+    for host, ws in (data.get("hosts") or {}).items():
+        for w in ws:
+            state = w["state"] if w["state"] == "beating" else f"{w['state']} {w['silent_s']:.0f} s ago"
+            again = "" if w["redelivered_in_s"] is None else f"{w['redelivered_in_s']:.0f} s"
+            hosts.add_row(host, w["worker"], state, str(w["held_studies"]), str(w["held_instances"]), again)
     _network_rows(table, data.get("network"))
     failures = Table(title="latest failures by reason", show_header=True)
     failures.add_column("instances", justify="right")
     failures.add_column("reason")
     for f in data["failures_by_reason"]:
         failures.add_row(str(f["instances"]), f["reason"])
-    return Group(table, workers, failures)
+    return Group(table, workers, hosts, failures)
 
 
 STATUS_ORDER = tuple(s.value for s in Status)
@@ -150,7 +183,6 @@ def status(
     queued, done, failed, skipped, duplicate), images/s, ETA, the latest failures by reason, and the DICOM network:
     what was received in the last hour, pulls and deliveries by status."""
     import json
-    import time
 
     settings = settings_from_env(database_url=db, out_dir=out)
     database = open_database(settings)

@@ -195,6 +195,33 @@ def test_a_worker_killed_mid_batch_loses_nothing(env, tmp_path, chest_small):
     assert {r[0] for r in sql(env, "select status from instances")} == {"done"}
 
 
+def test_a_worker_stopped_by_sigterm_commits_and_acknowledges_the_studies_it_holds(env, tmp_path, chest_small):
+    """A warm shutdown (SIGTERM, as systemd or Kubernetes stop a service) waits for the studies in flight: their
+    results are committed and their messages acknowledged before the connection closes, so the next worker screens
+    none of them again."""
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=12)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    broker = redis.Redis.from_url(env["NEURON_BROKER_URL"])
+    first = start_worker(env, tmp_path, "stopped", "--batch-size", "2", "--concurrency", "6")
+    try:
+        wait_until(lambda: count_done(env) >= 2 and broker.hlen("unacked") >= 2, 180, "results, and studies held",
+                   [first])
+    finally:
+        stop(first)
+    assert first.returncode == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    assert broker.hlen("unacked") == 0, "the stopped worker left messages unacknowledged"
+    claimed = sql(env, "select count(*) from instances where attempts > 0")[0][0]
+    assert count_done(env) == claimed < n, "every study it claimed is committed, and some were left for the next"
+    second = start_worker(env, tmp_path, "next")
+    try:
+        wait_until(lambda: count_done(env) == n, 240, "every study after the restart", [second])
+    finally:
+        stop(second)
+    assert {r[0] for r in sql(env, "select attempts from instances")} == {1}  # nobody screened anything twice
+    assert no_duplicate_rows(env)
+
+
 def write_slowly(src: Path, dest: Path, chunks: int = 6, pause: float = 0.5) -> None:
     data = src.read_bytes()
     step = len(data) // chunks + 1

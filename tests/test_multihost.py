@@ -14,7 +14,6 @@ screened twice (claimed more than once); RELIABILITY.md records them.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -266,12 +265,20 @@ def assert_exactly_once(c: Cluster) -> None:
     wait_until(lambda: settled(c), 60, "an empty queue and no unacknowledged message")
 
 
-def tasks_open(log: Path) -> set[str]:
-    """Task ids a worker's log shows received and not yet ended (succeeded, retried or failed)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    received = set(re.findall(r"Task neuron\.screen_study\[([0-9a-f-]+)\] received", text))
-    ended = set(re.findall(r"Task neuron\.screen_study\[([0-9a-f-]+)\] (?:succeeded|retry|raised)", text))
-    return received - ended
+def held_at_last_beat(c: Cluster, host: Host) -> set[str]:
+    """Task ids of the studies a host's worker held at its last heartbeat (neuron.queue.Heartbeat's record)."""
+    import json
+
+    records = [json.loads(v) for v in (c.redis("HGETALL", "neuron:workers") or {}).values()]
+    return {t for r in records if r.get("host") == host.name for t in r.get("held") or ()}
+
+
+def status_of(c: Cluster, from_host: Host) -> dict:
+    res = from_host.run([sys.executable, "-m", "neuron", "status", "--json"], c.env(from_host), timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    return json.loads(res.stdout)
 
 
 def ready(c: Cluster, host: Host) -> bool:
@@ -304,19 +311,30 @@ def test_a_worker_cut_off_past_the_visibility_timeout_is_redone_by_the_other_and
     wait_until(lambda: ready(c, w1), 180, "worker1 ready", procs)
     procs.append(c.start_worker(w2))  # starts while worker1 takes the first studies (a batch of 2 at a time)
     c.scan()
-    wait_until(lambda: tasks_open(c.log(w1)) and worker_done(c, w1) >= 1, 180,
+    wait_until(lambda: held_at_last_beat(c, w1) and worker_done(c, w1) >= 1, 180,
                "worker1's first results while it holds more", procs, poll=0.1)
     w1.cut()
     cut_at = time.monotonic()
-    held = tasks_open(c.log(w1))
+    held = held_at_last_beat(c, w1)
     redone = wait_until(lambda: c.count_done() == c.n, 120,
                         "worker2 to finish every study while worker1 is cut off", procs[1:])
+    # `neuron status` on another host names the cut-off worker by its host, its heartbeat stopped, what it held
+    seen: dict = {}
+
+    def stopped() -> bool:
+        seen.update(status_of(c, c.producer))
+        mine = seen["hosts"].get("worker1", [])
+        return bool(mine) and all(w["state"] == "heartbeat stopped" and not w["answered"] for w in mine)
+
+    noticed = wait_until(stopped, 60, "status to see worker1's heartbeat stopped", procs[1:], poll=1)
+    assert [w["state"] for w in seen["hosts"]["worker2"]] == ["beating"] and seen["hosts"]["worker2"][0]["answered"]
+    assert set(seen["hosts"]["worker1"][0]["held_tasks"]) <= held
     # the partition outlasts the visibility timeout whatever the redo took
     time.sleep(max(0.0, VISIBILITY + 4 - (time.monotonic() - cut_at)))
     before = snapshot(c)
     cut_for = time.monotonic() - cut_at
     w1.heal()
-    late = wait_until(lambda: not (tasks_open(c.log(w1)) & held), 150, "worker1's studies to end after the heal",
+    late = wait_until(lambda: not (held_at_last_beat(c, w1) & held), 150, "worker1's studies to end after the heal",
                       procs)
     assert snapshot(c) == before, "the cut-off worker's late commit changed the findings"
     assert_exactly_once(c)
@@ -324,7 +342,8 @@ def test_a_worker_cut_off_past_the_visibility_timeout_is_redone_by_the_other_and
     assert names == {"worker1", "worker2"}, names
     twice = screened_twice(c)
     print(f"\ncost: worker cut off {cut_for:.0f} s holding {len(held)} tasks: every study done {redone:.1f} s after "
-          f"the cut; {twice} of {c.n} instances screened twice; worker1's tasks ended {late:.1f} s after the heal")
+          f"the cut; {twice} of {c.n} instances screened twice; worker1's tasks ended {late:.1f} s after the heal; "
+          f"status named its heartbeat stopped {noticed + redone:.0f} s after the cut")
 
 
 def test_a_worker_host_killed_whole_is_replaced_and_loses_nothing(fresh):

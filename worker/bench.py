@@ -383,7 +383,7 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
                   log_path, poll=0.5)
         ready_s = time.perf_counter() - t_worker
         scan_started, scan_started_local = datetime.now(UTC), datetime.now()
-        with HostProbe(proc.pid) as probe, ShmWatch() as shm:
+        with HostProbe(proc.pid, main="celery") as probe, ShmWatch() as shm:
             start = time.perf_counter()
             scan = subprocess.run([*neuron, "scan", str(archive.root)], env=env, capture_output=True, text=True,
                                   timeout=3600)

@@ -85,9 +85,11 @@ def primed_job(models: Models, batch_size: int, sample: Path, route: Route = Rou
 # -- measuring ----------------------------------------------------------------------------------------------------
 _TICKS = os.sysconf("SC_CLK_TCK")
 # py-spy --threads prefixes each stack with "thread (ID): NAME"; the pipeline names its stage threads
+# (a worker runs the pipeline's own loop on the StudyBatcher's "engine" thread, and Celery's consumer on MainThread)
 _STAGES = (("engine-feed", "feed"), ("engine-batch", "batcher"), ("engine-stage", "stager"),
-           ("engine-device", "device"), ("engine-results", "results"), ("read", "readers"), ("png", "png"),
-           ("result-writer", "writer"), ("indexer", "indexing"), ("MainThread", "sink"))
+           ("engine-device", "device"), ("engine-results", "results"), ("engine", "sink"), ("flow", "claims"),
+           ("read", "readers"), ("png", "png"), ("result-writer", "writer"), ("indexer", "indexing"),
+           ("MainThread", "sink"))
 _LINE = re.compile(r"^thread \(\d+\): ([^;]*);.* (\d+)$")
 
 
@@ -126,19 +128,20 @@ def tree_cpu_seconds(root: int, exclude: Sequence[int] = ()) -> float:
     return sum(cpu for pid, (_, cpu) in _tree_stats(root).items() if pid not in exclude)
 
 
-def stage_of(thread_name: str) -> str:
+def stage_of(thread_name: str, main: str = "sink") -> str:
     for prefix, stage in _STAGES:
         if thread_name.startswith(prefix):
-            return stage
+            return main if prefix == "MainThread" else stage
     return "other"
 
 
-def parse_gil_samples(raw: str) -> Counter[str]:
-    """Samples per pipeline stage in py-spy's raw (collapsed) output recorded with ``--threads``."""
+def parse_gil_samples(raw: str, main: str = "sink") -> Counter[str]:
+    """Samples per pipeline stage in py-spy's raw (collapsed) output recorded with ``--threads``; ``main`` names
+    what the main thread does (the embedded run's sink; a worker's Celery consumer)."""
     counts: Counter[str] = Counter()
     for line in raw.splitlines():
         if m := _LINE.match(line.strip()):
-            counts[stage_of(m[1])] += int(m[2])
+            counts[stage_of(m[1], main)] += int(m[2])
     return counts
 
 
@@ -151,6 +154,7 @@ class HostProbe:
     ended and were waited for inside the window. ``extra_pids``: other processes of the run whose CPU counts too."""
 
     driver: int
+    main: str = "sink"  # what the driver's main thread is: the embedded run's sink, or a worker's Celery consumer
     rate: int = SAMPLE_RATE_HZ
     cpu_s: float = 0.0
     gil_s: float | None = None
@@ -197,7 +201,7 @@ class HostProbe:
         if not raw.strip():
             self.note = f"py-spy recorded nothing ({(err or '').strip()[-300:]})"
             return
-        by_stage = parse_gil_samples(raw)
+        by_stage = parse_gil_samples(raw, self.main)
         self.gil_by_stage = {k: v / self.rate for k, v in sorted(by_stage.items())}
         self.gil_s = sum(self.gil_by_stage.values())
 

@@ -1,20 +1,20 @@
-"""The distributed worker: a Celery worker whose thin tasks hand studies to one shared pipeline.
+"""The distributed worker: a Celery worker whose studies are handed to one shared pipeline without a thread each.
 
-    Celery thread pool (N studies in flight) ──submit(items)──► StudyBatcher queue ──► Pipeline.run (one thread)
-           ▲                                                                           │ frames of all studies
-           │                                      Future[list[Outcome]] per study ◄────┘ batched together
-           └── return, then ack ◄── Future (after the commit) ◄── ResultWriter: one thread, group commits
+    Celery consumer ──(worker.flow.screening_strategy)──► StudyFlow: claims ──► StudyBatcher queue ──► Pipeline.run
+           ▲                                                                  (one thread; frames of all studies
+           │                                                                   batched together)
+           └── ack ◄── commit callback ◄── ResultWriter: one thread, group commits ◄── Future per study ◄──┘
 
 Why not celery-batches: 0.11 pins celery<5.7 and acknowledges messages when they are buffered, so a crash loses the
-buffered batch. Here each task waits for its own study's results, hands them to the process's ``ResultWriter`` and
-waits for the commit that contains them, and only then returns, so with ``acks_late`` a message is acknowledged after
-its rows are in the database; a killed worker's messages are redelivered.
+buffered batch. Here a study's message is acknowledged from the callback of the commit that holds its results
+(``worker.flow``), so a killed worker's messages are redelivered. A retried study runs the older way: a Celery pool
+thread (``ScreeningTask.screen``) waits for its results and its commit, then returns (``acks_late``).
 
-A task's thread only waits on futures, so threads are cheap and the pool is sized to fill batches: a batch of 128
-from 1-image studies needs 128 studies in flight, and twice that keeps the next batch filling while one runs
-(``default_concurrency``). The thread pool never forks, so CUDA is safe; the models are loaded once per process,
-before the worker consumes. The task is module-level (``screen_study``) and thin; its payload is named and versioned
-(``neuron.queue.ScreenStudy``); the process's caches live on the task instance (``ScreeningTask``).
+Studies in flight are sized to fill batches: a batch of 128 from 1-image studies needs 128 studies in flight, and
+several batches' worth keeps the next batch filling while one runs (``default_concurrency``); Celery's prefetch
+follows it. The models are loaded once per process, before the worker consumes; nothing forks, so CUDA is safe. The
+task is module-level (``screen_study``) and thin; its payload is named and versioned (``neuron.queue.ScreenStudy``);
+the process's caches live on the task instance (``ScreeningTask``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from db.writer import ResultWriter
 from neuron.errors import RetryableError
 from neuron.queue import (
     SCREEN_STUDY,
+    Heartbeat,
     ScreenStudy,
     default_worker_name,
     make_app,
@@ -47,6 +48,7 @@ from neuron.settings import Settings
 from neuron.work import Outcome, Route, Status, WorkItem
 from worker import metrics
 from worker.device import DeviceJob
+from worker.flow import DrainStudies, StudyFlow
 from worker.models import Models
 from worker.pipeline import IDLE, Pipeline
 from worker.results import prepare_database
@@ -58,10 +60,10 @@ FILL_REPORT_SECONDS = 60.0
 
 
 def default_concurrency(batch_size: int) -> int:
-    """Studies in flight (Celery threads) so that batches fill even from 1-image studies. A study holds its thread
-    from claim to commit: while one batch runs on the device and the next fills, the studies of the batch before wait
+    """Studies in flight (Celery's prefetch) so that batches fill even from 1-image studies. A study is in flight from
+    delivery to commit: while one batch runs on the device and the next fills, the studies of the batch before wait
     for their group commit (up to 0.2 s), so four batches' worth keeps the device fed (Little's law: studies in
-    flight = rate x time each one holds a thread)."""
+    flight = rate x time each one is in flight). No thread waits per study (``worker.flow``)."""
     return max(8, 4 * batch_size)
 
 
@@ -176,10 +178,13 @@ class WorkerRuntime:
     db: Database
     batcher: StudyBatcher
     writer: ResultWriter
+    flow: StudyFlow
     outputs: object | None = None  # worker.dicom_out.BackgroundOutputs
 
     def close(self) -> None:
-        """The pool has stopped: every task has returned, so nothing waits on these any more."""
+        """The pool has stopped and the flow drained: nothing waits on these any more. The flow stops retrying first,
+        so what the engine or the writer still ends meanwhile is left to Redis's redelivery."""
+        self.flow.close()
         self.writer.close()
         self.batcher.close()
         if self.outputs is not None:  # the outputs of every committed result, then the processes stop
@@ -189,9 +194,12 @@ class WorkerRuntime:
 class ScreeningTask(Task):
     """The task's base: Celery instantiates a task class once per worker process ("Tasks" > "Instantiation" in the
     Celery user guide), so the instance holds that process's caches. ``start`` builds them (the models are loaded
-    before the worker consumes); ``close`` commits and releases them."""
+    before the worker consumes); ``close`` commits and releases them. A study's first delivery takes the lean path
+    (``worker.flow``: ``Strategy``); ``screen`` runs its retries on a pool thread."""
 
+    Strategy = "worker.flow:screening_strategy"
     runtime: WorkerRuntime | None = None
+    flow: StudyFlow | None = None
 
     def start(self, settings: Settings, pipeline: Pipeline, name: str) -> WorkerRuntime:
         db = Database(settings.resolved_database_url)
@@ -202,10 +210,18 @@ class ScreeningTask(Task):
             from worker.dicom_out import BackgroundOutputs
 
             outputs = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
-        self.runtime = WorkerRuntime(settings, name, db, StudyBatcher(pipeline), ResultWriter(db), outputs)
+        batcher, writer = StudyBatcher(pipeline), ResultWriter(db)
+        self.flow = StudyFlow(db, batcher, writer, settings.max_attempts, self._publish_retry,
+                              outputs.add if outputs is not None else None)
+        self.runtime = WorkerRuntime(settings, name, db, batcher, writer, self.flow, outputs)
         return self.runtime
 
+    def _publish_retry(self, payload: ScreenStudy, task_id: str, queue: str, retries: int, countdown: int) -> None:
+        """What ``Task.retry`` publishes: the same task id, ``retries`` counted, to the queue it came from."""
+        self.apply_async(kwargs=payload.kwargs(), task_id=task_id, queue=queue, retries=retries, countdown=countdown)
+
     def close(self) -> None:
+        self.flow = None
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
@@ -268,6 +284,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     served = metrics.start(settings, pipeline)  # /metrics with --metrics-port; ConfigError when the port is taken
     concurrency = concurrency or default_concurrency(pipeline.batch_size)
     app = make_app(settings)
+    app.steps["consumer"].add(DrainStudies)
     task: ScreeningTask = app.tasks[SCREEN_STUDY]
     task.start(settings, pipeline, name)
     register_info_command()
@@ -278,10 +295,14 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
         busy = time.monotonic() - (stats.first_batch_at or time.monotonic())
         return {"name": name, "device": str(pipeline.device), "batch_size": pipeline.batch_size,
                 "concurrency": concurrency, "queues": queues, "images": stats.frames,
+                "held": task.flow.held() if task.flow is not None else [],
                 "images_per_s": round(stats.frames / busy, 2) if busy > 0 else None,
                 "up_s": round(time.monotonic() - started, 1)}
 
     app.neuron_info = _info
+    heartbeat = Heartbeat(settings, name, lambda: {
+        "node": node_name(name), "device": str(pipeline.device), "queues": queues, "images": pipeline.stats.frames,
+        "held": task.flow.held() if task.flow is not None else []}).start()
     signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
 
     def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
@@ -297,4 +318,5 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
                          "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", node_name(name),
                          "--without-gossip", "--without-mingle"])
     finally:
+        heartbeat.stop()
         task.close()

@@ -1,0 +1,249 @@
+"""A Celery worker's studies in flight as callbacks, not threads: claim, screen, commit, then acknowledge.
+
+    Celery's consumer (its event-loop thread) ── ``screening_strategy``: a study's first delivery ──► StudyFlow.start
+        claim thread: the claims of every study waiting, in one transaction ──► StudyBatcher.submit per study
+        engine: the study's last outcome ──► ResultWriter.submit          (a callback on the engine's thread)
+        writer: the commit that holds them ──► outputs, then ``ack``      (a callback on the writer's thread)
+            ack: Celery's own acknowledgement promise, run on the consumer's event loop (Consumer.call_soon_ack)
+
+A message is acknowledged only after its study's results are committed, as with ``acks_late``; a worker killed before
+that leaves it unacknowledged and Redis delivers it again after the visibility timeout. No thread waits per study, so
+a worker keeps 4 x batch studies in flight (``default_concurrency``) with three threads of its own instead of one
+thread per study, and the claims of many studies share one database transaction.
+
+What this path does not take goes to Celery's default strategy (a pool thread runs ``ScreeningTask.screen``, which
+waits for the commit as before): a delivery that is a retry (its ``retries`` header, or an ETA), and a body the lean
+path cannot read (Celery then rejects it as it would). A study that must be retried (the database away, an instance
+unreadable for now) is published again with Celery's retry fields (same task id, ``retries`` + 1, a countdown of
+2^retries s) before its first delivery is acknowledged, so Celery's countdown, ``max_retries`` and ``neuron status``
+see it exactly as a task that called ``self.retry``.
+
+Celery lets a task choose how the worker handles its messages: ``Task.Strategy`` ("Task.Strategy" in the
+celery.app.task API; celery-batches uses the same hook), called on the consumer's thread for each delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from celery import bootsteps
+from celery.worker import state
+from celery.worker.strategy import default as default_strategy
+
+from db.store import Database
+from db.writer import ResultWriter
+from neuron.errors import RetryableError
+from neuron.queue import SCREEN_STUDY, ScreenStudy
+from neuron.work import Outcome, Status
+
+log = logging.getLogger(__name__)
+
+MAX_CLAIM_STUDIES = 256  # studies whose claims share one transaction
+DRAIN_S = 60.0
+
+
+@dataclass(eq=False)
+class Study:
+    """One delivered message on the lean path: the task id, what to screen and how to acknowledge it."""
+
+    task_id: str
+    payload: ScreenStudy
+    ack: Callable[[], object]
+    queue: str  # where it came from: a retry goes back there
+    todo: tuple[str, ...] = ()
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+class StudyFlow:
+    """The lean path (module docstring). ``retry(study, exc)`` publishes the study again as Celery's retry would;
+    ``outputs_add`` gets the SOP Instance UIDs of screened instances after their commit (DICOM outputs)."""
+
+    def __init__(self, db: Database, batcher, writer: ResultWriter, max_attempts: int,
+                 retry: Callable[[ScreenStudy, str, str, int, int], None],
+                 outputs_add: Callable[[list[str]], None] | None = None):
+        self.db, self.batcher, self.writer = db, batcher, writer
+        self.max_attempts = max_attempts
+        self._publish_retry = retry
+        self.outputs_add = outputs_add
+        self._claims: queue.Queue[Study | None] = queue.Queue()
+        self._in_flight: dict[str, Study] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self.finished = self.retried = 0
+        self._retries = ThreadPoolExecutor(1, thread_name_prefix="flow-retry")
+        self._claimer = threading.Thread(target=self._claim_loop, name="flow-claim", daemon=True)
+        self._claimer.start()
+
+    # -- the consumer's side ----------------------------------------------------------------------------------------
+    def start(self, task_id: str, payload: ScreenStudy, ack: Callable[[], object], routing_key: str) -> None:
+        study = Study(task_id, payload, ack, routing_key, payload.sop_instance_uids)
+        with self._lock:
+            self._in_flight[task_id] = study
+        self._claims.put(study)
+
+    def held(self) -> list[str]:
+        """The task ids of the studies in flight (``neuron status`` counts them as held by this worker)."""
+        with self._lock:
+            return list(self._in_flight)
+
+    # -- claim, screen, commit --------------------------------------------------------------------------------------
+    def _claim_loop(self) -> None:
+        while True:
+            first = self._claims.get()
+            if first is None or self._closed:
+                return
+            batch = [first]
+            while len(batch) < MAX_CLAIM_STUDIES:
+                try:
+                    more = self._claims.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._claims.put(None)
+                    break
+                batch.append(more)
+            self._claim(batch)
+
+    def _claim(self, batch: list[Study]) -> None:
+        try:
+            items = self.db.claim([uid for s in batch for uid in s.todo], self.max_attempts)
+        except Exception as exc:  # noqa: BLE001 - every study of the claim is retried, none is lost
+            for study in batch:
+                self._retry(study, exc)
+            return
+        by_uid = {item.sop_instance_uid: item for item in items}
+        for study in batch:
+            mine = [by_uid[uid] for uid in study.todo if uid in by_uid]
+            self.batcher.submit(mine).add_done_callback(partial(self._screened, study))
+
+    def _screened(self, study: Study, future: Future) -> None:
+        """On the engine's thread (or the claimer's, for a study with nothing left to screen): hand to the writer."""
+        if future.exception() is not None:
+            self._retry(study, future.exception())
+            return
+        outcomes = future.result()
+        for o in outcomes:
+            study.outcomes[o.sop_instance_uid] = o
+        try:
+            self.writer.submit(outcomes).add_done_callback(partial(self._committed, study, outcomes))
+        except Exception as exc:  # noqa: BLE001 - the writer is closing: retried by another delivery
+            self._retry(study, exc)
+
+    def _committed(self, study: Study, outcomes: list[Outcome], future: Future) -> None:
+        """On the writer's thread, after the commit that holds the study's outcomes (or its failure)."""
+        if future.exception() is not None:
+            self._retry(study, future.exception())
+            return
+        rescued = future.result().rescued
+        if self.outputs_add is not None:
+            done = [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames]
+            if done:
+                self.outputs_add(done)
+        if rescued:  # a corrupt first copy must not hide a good duplicate: screened again from that copy
+            study.todo = tuple(rescued)
+            self._claims.put(study)
+            return
+        transient = [o for o in study.outcomes.values() if o.status is Status.PENDING]
+        if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
+            self._retry(study, RetryableError(f"{len(transient)} instance(s) of the study could not be read for "
+                                              f"now: {transient[0].reason}"))
+            return
+        self._finish(study)
+
+    # -- the two endings --------------------------------------------------------------------------------------------
+    def _finish(self, study: Study) -> None:
+        study.ack()  # scheduled on Celery's event loop, which runs what is scheduled before it stops
+        with self._lock:
+            self._in_flight.pop(study.task_id, None)
+            self.finished += 1
+            self._lock.notify_all()
+
+    def _retry(self, study: Study, exc: BaseException) -> None:
+        if self._closed:  # stopping: left unacknowledged, Redis delivers it again (to this worker's successor)
+            return
+        countdown = 1  # Celery's countdown for the first retry: 2 ** 0 (worker.service.screen_study)
+        log.warning("study task retrying in %d s: %s", countdown, exc)
+        self._retries.submit(self._publish_then_ack, study, str(exc), countdown)
+
+    def _publish_then_ack(self, study: Study, why: str, countdown: int) -> None:
+        try:
+            self._publish_retry(study.payload, study.task_id, study.queue, 1, countdown)
+        except Exception as exc:  # noqa: BLE001 - unacknowledged, Redis delivers it again after the visibility timeout
+            log.error("could not publish the retry of a study (%s: %s); its message stays unacknowledged and is "
+                      "delivered again after the visibility timeout", type(exc).__name__, exc)
+            with self._lock:
+                self._in_flight.pop(study.task_id, None)
+                self._lock.notify_all()
+            return
+        with self._lock:
+            self.retried += 1
+        self._finish(study)
+
+    # -- stopping ---------------------------------------------------------------------------------------------------
+    def drain(self, timeout: float = DRAIN_S) -> int:
+        """Wait (at most ``timeout`` s) until the studies in flight are committed and their acknowledgements
+        scheduled. Returns how many were still in flight after it."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._in_flight:
+                log.info("waiting for %d studies in flight to be committed", len(self._in_flight))
+            while self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._lock.wait(left)
+            return len(self._in_flight)
+
+    def close(self) -> None:
+        """After the engine and the writer stopped: what is still in flight stays unacknowledged."""
+        self._closed = True
+        self._claims.put(None)
+        self._claimer.join(timeout=10)
+        self._retries.shutdown(wait=True)
+
+
+def screening_strategy(task, app, consumer, **kwargs):
+    """``ScreeningTask.Strategy``: a study's first delivery goes to the process's ``StudyFlow``; everything else to
+    Celery's default strategy (module docstring)."""
+    fallback = default_strategy(task, app, consumer, **kwargs)
+    connection_errors = consumer.connection_errors
+
+    def handle(message, body, ack, reject, callbacks, **kw):
+        flow = task.flow
+        headers = message.headers or {}
+        if flow is None or headers.get("retries") or headers.get("eta"):
+            return fallback(message, body, ack, reject, callbacks, **kw)
+        try:
+            payload = ScreenStudy.from_body(message.decode())
+        except Exception:  # noqa: BLE001 - Celery's own path rejects it with its reason
+            return fallback(message, body, ack, reject, callbacks, **kw)
+        came_from = (message.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+        # what Celery's Request.acknowledge passes to the promise: Message.ack_log_error(logger, errors)
+        flow.start(headers["id"], payload, partial(ack, log, connection_errors), came_from)
+
+    return handle
+
+
+class DrainStudies(bootsteps.StartStopStep):
+    """A consumer step: at a warm shutdown the lean path's studies in flight are committed before Celery's event loop
+    stops (it runs the acknowledgements scheduled on it as it stops, while the broker connection is still open). The
+    consumer's steps stop before the worker's event loop (celery.worker.components: Hub, Pool, Consumer); they also
+    stop when the broker connection is lost and the consumer restarts, and then there is nothing to wait for."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c) -> None:
+        if (state.should_stop is None or state.should_stop is False) and (
+                state.should_terminate is None or state.should_terminate is False):  # a warm stop sets 0 (EX_OK)
+            return  # the consumer restarts after a lost connection: the studies go on
+        flow = getattr(c.app.tasks.get(SCREEN_STUDY), "flow", None)
+        if flow is not None:
+            left = flow.drain()
+            if left:
+                log.warning("%d studies were still in flight at shutdown; Redis delivers them again after the "
+                            "visibility timeout", left)
