@@ -110,7 +110,12 @@ class StudyFlow:
                     self._claims.put(None)
                     break
                 batch.append(more)
-            self._claim(batch)
+            try:
+                self._claim(batch)
+            except Exception as exc:  # noqa: BLE001 - the claim thread must outlive any one batch
+                log.exception("handing %d studies to the engine failed; they are retried", len(batch))
+                for study in batch:
+                    self._retry(study, exc)
 
     def _claim(self, batch: list[Study]) -> None:
         try:
