@@ -49,11 +49,11 @@ from neuron.dicomnet import (
     status_text,
     why_no_association,
 )
-from neuron.errors import ConfigError, PeerUnavailable
+from neuron.errors import ConfigError, FailedInput, PeerUnavailable
 from neuron.settings import Settings
 from neuron.work import FoundStudy, PullStatus
 from producer.receive import Admission, Receiver, store_status
-from producer.scan import parse_da
+from producer.scan import checked_uid, parse_da
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -309,6 +309,20 @@ def storage_contexts(sop_classes: Sequence[str], room: int) -> list[tuple[str, t
     return contexts
 
 
+def check_listed(source: str, study_uid: str, instances: Sequence[tuple[str, str, str]] = ()) -> None:
+    """FailedInput when the PACS lists the study or one of its instances under an invalid UID (a Study
+    Instance UID such as '../../x' that an archive's REST upload accepted): the receiver would refuse every instance
+    it brought, so nothing is asked for and the pull says why."""
+    try:
+        checked_uid(study_uid, "Study Instance UID", "(0020,000D)", required=True)
+        for series, sop, _ in instances:
+            checked_uid(series, "Series Instance UID", "(0020,000E)", required=False)
+            checked_uid(sop, "SOP Instance UID", "(0008,0018)", required=True)
+    except FailedInput as exc:
+        raise FailedInput(f"{source}: the study was refused, nothing retrieved: the PACS lists it under an "
+                          f"invalid UID: {exc}") from None
+
+
 class Puller:
     """Retrieves the studies a query found (module docstring). ``on_retrieved(study_uid)`` is called after each
     study is retrieved (in process: screen it; distributed: enqueue it); ``receiver`` keeps what a C-GET brings."""
@@ -366,6 +380,10 @@ class Puller:
             mark_pull(self.db, self.source, uid, PullStatus.RETRIEVING, attempt=True)
             try:
                 kind, n = self._retrieve(uid)
+            except FailedInput as exc:  # no later try can change it: failed at once, with the reason
+                mark_pull(self.db, self.source, uid, PullStatus.FAILED, error=str(exc))
+                log.error("a study was refused (its row in `pulls` names it): %s", exc)
+                return "failed", str(exc)
             except PeerUnavailable as exc:
                 error = str(exc)
                 last = attempt == self.config.attempts
@@ -388,7 +406,9 @@ class Puller:
 
     def _retrieve(self, study_uid: str) -> tuple[str, int]:
         """One try: what the study holds, what is missing here, and a C-GET or C-MOVE of that."""
+        check_listed(self.source, study_uid)
         instances = find_instances(self.config, study_uid)
+        check_listed(self.source, study_uid, instances)
         held = held_instances(self.db, [sop for _, sop, _ in instances])
         missing = [(series, sop, cls) for series, sop, cls in instances if sop not in held]
         if not missing:
