@@ -66,8 +66,8 @@ ENVIRONMENT = {
     "NEURON_REVIEW_TOKEN": "token that `neuron review` requires for writing verdicts (unset: read-only)",
     # DICOM networking: neuron listen, neuron pull, --send-to (neuron/dicomnet.py)
     "NEURON_AE_TITLE": "Neuron's own AE title: the listener's, and the calling AE of pull and send (default: NEURON)",
-    "NEURON_SEND_TO": "AE@HOST:PORT[,AE@HOST:PORT]: send each screened study's SR and secondary captures there by "
-                      "C-STORE (unset: not sent)",
+    "NEURON_SEND_TO": "AE@HOST:PORT or https://HOST/dicom-web, comma-separated: send each screened study's SR and "
+                      "secondary captures there by C-STORE or STOW-RS (unset: not sent)",
     "NEURON_SEND_ATTEMPTS": "tries per DICOM output and destination before its delivery is failed (default: 5)",
     "NEURON_SEND_RETRY_SECONDS": "wait before the first retry of a delivery, doubled each try up to 300 (default: 2)",
     "NEURON_TLS_CERT": "PEM certificate for DICOM TLS (listen, pull, send); unset: no TLS",

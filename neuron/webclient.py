@@ -38,9 +38,9 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # between two bytes of a response, not the whole transfer (requests' read timeout)
 BUSY_TRIES = 5  # answers 429 / 503 taken before the request fails (the caller's own retries come on top)
 RETRY_AFTER_MAX_S = 300.0  # a longer Retry-After is waited this long, then tried
-TOKEN_MARGIN_S = 60.0  # an OAuth2 token is renewed this long before it expires
+TOKEN_MARGIN_S = 60.0  # an OAuth2 token is renewed this long (at most a quarter of its life) before it expires
 PAGE_SIZE = 1000  # QIDO-RS limit asked for; a server may answer fewer (its own cap)
-CHUNK = 1 << 20
+URL_MAX = 200  # the width of pulls.source and deliveries.destination
 
 
 def is_web(text: str) -> bool:
@@ -75,8 +75,11 @@ class WebPeer:
             raise ConfigError(f"{what} {raw!r} has a query or fragment; give the service's base URL only, e.g. "
                               "https://pacs.example/dicom-web")
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        netloc = host + (f":{port}" if port else "")
-        return cls(f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}")
+        url = f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path.rstrip('/')}"
+        if len(url) > URL_MAX:
+            raise ConfigError(f"{what}: a base URL of {len(url)} characters is over the {URL_MAX} that the pulls "
+                              "and deliveries tables record; use a shorter host alias")
+        return cls(url)
 
     @property
     def tls(self) -> bool:
@@ -217,9 +220,10 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 # -- tokens ------------------------------------------------------------------------------------------------------------
 class TokenSource:
     """The Authorization header of the next request. OAuth2 client credentials (RFC 6749 4.4, the client
-    authenticated by HTTP basic as 2.3.1 prefers): a token is fetched at first use and again ``TOKEN_MARGIN_S`` before
-    its ``expires_in`` runs out (or at once after the peer answered 401), so a night's pull never runs on an expired
-    one. A token file is read again whenever it changes (a sidecar that rotates it is followed)."""
+    authenticated by HTTP basic as 2.3.1 prefers): a token is fetched at first use and again ``TOKEN_MARGIN_S`` (at
+    most a quarter of its life) before its ``expires_in`` runs out, and at once after the peer answered 401, so a
+    night's pull never runs on an expired one. A token file is read again whenever it changes (a sidecar that
+    rotates it is followed)."""
 
     def __init__(self, access: WebAccess, clock: Callable[[], float] = time.monotonic):
         self.access, self.clock = access, clock
@@ -227,6 +231,7 @@ class TokenSource:
         self._token: str | None = None
         self._expires = 0.0
         self._file_mtime: float | None = None
+        self._margin = TOKEN_MARGIN_S
         self.fetched = 0  # tokens fetched from the token endpoint
 
     def header(self) -> dict[str, str]:
@@ -260,7 +265,7 @@ class TokenSource:
     def _oauth(self) -> str:
         a = self.access
         with self._lock:
-            if self._token is not None and self.clock() < self._expires - TOKEN_MARGIN_S:
+            if self._token is not None and self.clock() < self._expires - self._margin:
                 return self._token
             import requests
 
@@ -282,6 +287,7 @@ class TokenSource:
                 raise PeerUnavailable(f"OAuth2 token endpoint {a.oauth_url} answered without an access_token "
                                       "(RFC 6749 5.1)") from None
             self._token, self._expires = token, self.clock() + lifetime
+            self._margin = min(TOKEN_MARGIN_S, lifetime / 4)  # a short-lived token is still used for most of its life
             self.fetched += 1
             log.info("OAuth2 token for client %s fetched from %s (valid %.0f s)", a.client_id, a.oauth_url,
                      lifetime)
@@ -428,14 +434,13 @@ def iter_parts(chunks: Iterable[bytes], boundary: bytes, max_part: int) -> Itera
                 headers[name.strip().lower()] = value.strip()
         del buf[:end + 4]
         start = 0
-        while (at := buf.find(delimiter, start)) < 0:
-            if len(buf) > max_part + len(delimiter):
-                raise PeerUnavailable(f"a part is larger than {max_part} bytes; raise the limit or retrieve less "
-                                      "at once")
+        while (at := buf.find(delimiter, start)) < 0 and len(buf) <= max_part + len(delimiter):
             start = max(0, len(buf) - len(delimiter) + 1)
             if not more():
                 raise PeerUnavailable("the multipart answer ended inside a part (truncated: the connection was "
                                       "cut or the service stopped)")
+        if at < 0 or at > max_part:
+            raise PeerUnavailable(f"a part is larger than {max_part} bytes; raise the limit or retrieve less at once")
         body, buf = buf, bytearray(buf[at + len(delimiter):])
         del body[at:]
         yield headers, body
@@ -456,11 +461,21 @@ def client_for(settings: Any, peer: WebPeer, sleep: Callable[[float], None] = ti
     return WebClient(peer, access_for(peer, default, peers), sleep)
 
 
-def peer_description(settings: Any, url: str) -> str:
-    """'https://host/dicom-web (basic authentication as neuron)': for status and logs, never a secret."""
+def described_peers(settings: Any) -> dict[str, str]:
+    """The DICOMweb peers the settings name (--send-to URLs and the peers file) and how each is reached, for
+    `neuron status`: 'basic authentication as neuron', never a password or a token; a setting that cannot be used
+    is shown as its error."""
     try:
-        peer = WebPeer.parse(url)
         default, peers = environment_access(settings)
-        return f"{peer} ({access_for(peer, default, peers).describe()})"
-    except ConfigError:
-        return url
+    except ConfigError as exc:
+        return {"settings": str(exc)}
+    urls = [u for u in settings.send_to if is_web(u)] + [u for u in peers if u not in settings.send_to]
+    out = {}
+    for url in urls:
+        try:
+            out[url] = access_for(WebPeer.parse(url), default, peers).describe()
+        except ConfigError as exc:
+            out[url] = str(exc)
+    if not out and default.mode != "none":
+        out["any DICOMweb peer"] = default.describe()
+    return out

@@ -255,7 +255,8 @@ def pull(
 def send(
     failed: Annotated[bool, typer.Option("--failed", help="Also try the failed deliveries again, with a fresh count "
                                                           "of tries.")] = False,
-    to: Annotated[list[str], typer.Option("--to", help="Only deliveries to this AE@HOST:PORT (repeatable). "
+    to: Annotated[list[str], typer.Option("--to", help="Only deliveries to this AE@HOST:PORT or DICOMweb URL "
+                                                       "(repeatable). "
                                                        "[default: every destination]", show_default=False)] = None,
     wait: Annotated[float, typer.Option(help="Give up after this many seconds; what is left stays pending.")
                     ] = 300.0,
@@ -270,16 +271,18 @@ def send(
     out: OutOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each round (INFO).")] = False,
 ) -> None:
-    """Deliver the DICOM outputs still waiting (pending), and with --failed the failed ones too, by C-STORE; exit 3
-    when some could not be delivered."""
+    """Deliver the DICOM outputs still waiting (pending), and with --failed the failed ones too, by C-STORE or
+    STOW-RS; exit 3 when some could not be delivered."""
     from neuron.dicomnet import Peer
+    from neuron.webclient import WebPeer, is_web
     from worker.send import send_again
 
     _logging(verbose)
     settings = settings_from_env(database_url=db, out_dir=out, ae_title=ae_title, tls_cert=tls_cert, tls_key=tls_key,
                                  tls_ca=tls_ca)
     try:
-        destinations = [str(Peer.parse(t, "--to")) for t in to] if to else None
+        destinations = [str(WebPeer.parse(t, "--to") if is_web(t) else Peer.parse(t, "--to")) for t in to] \
+            if to else None
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     open_database(settings).dispose()

@@ -33,6 +33,7 @@ def gather(settings: Settings, database) -> dict:
         tasks_held_by_live_workers,
         unacknowledged_tasks,
     )
+    from neuron.webclient import described_peers
 
     st = db_status(database)
     rate = throughput(database)
@@ -58,6 +59,7 @@ def gather(settings: Settings, database) -> dict:
         "eta_s": eta,
         "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
         "network": network_status(database),
+        "dicomweb": described_peers(settings),
     }
 
 
@@ -106,6 +108,8 @@ def render(data: dict):
         workers.add_row(node, str(w.get("device")), str(w.get("batch_size")), str(w.get("images")),
                         str(w.get("images_per_s")), f"{w.get('up_s', 0):.0f} s")
     _network_rows(table, data.get("network"))
+    for url, how in (data.get("dicomweb") or {}).items():
+        table.add_row(f"DICOMweb {url}", how)
     failures = Table(title="latest failures by reason", show_header=True)
     failures.add_column("instances", justify="right")
     failures.add_column("reason")

@@ -29,6 +29,7 @@ from io import BytesIO
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from db.network import held_instances
 from neuron.errors import ConfigError, PeerUnavailable
 from neuron.webclient import WebClient, WebPeer, boundary_of, iter_parts
 from neuron.work import FoundStudy
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
 STUDY_DATE, ACCESSION, MODALITIES, N_INSTANCES = "00080020", "00080050", "00080061", "00201208"
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+CHUNK = 64 * 1024  # bytes read from the stream at a time
 MAX_INSTANCE_BYTES = 2 * 1024**3  # a part larger than this is refused before it is read in full
 EARLIEST = date(1900, 1, 1)  # where an open date range starts when it has to be split
 
@@ -226,8 +228,13 @@ class DicomWebTransport:
         refusals: list[str] = []
         for path in paths:
             refusals += self._fetch(path)
-        if refusals:
-            raise PeerUnavailable(f"{self.source}: WADO-RS: {len(refusals)} part(s) not kept: {refusals[0]}")
+        if refusals:  # a part not kept matters when an instance is missing for it
+            got = len(held_instances(self.receiver.db, [sop for _, sop, _ in missing]))
+            if got < len(missing):
+                raise PeerUnavailable(f"{self.source}: WADO-RS brought {got} of {len(missing)} instances; "
+                                      f"{len(refusals)} part(s) not kept: {refusals[0]}")
+            log.warning("%s: WADO-RS: %d part(s) beside the study's instances not kept: %s", self.source,
+                        len(refusals), refusals[0])
         return None
 
     def _fetch(self, path: str) -> list[str]:
@@ -236,7 +243,7 @@ class DicomWebTransport:
         refusals = []
         try:
             boundary = boundary_of(rsp.headers.get("Content-Type", ""))
-            chunks = rsp.iter_content(chunk_size=1 << 20)
+            chunks = rsp.iter_content(chunk_size=CHUNK)  # a cut answer loses at most this much
             for n, (headers, body) in enumerate(iter_parts(chunks, boundary, MAX_INSTANCE_BYTES), 1):
                 refusal = self._keep(n, headers, body)
                 if refusal:

@@ -149,12 +149,6 @@ class ListenerProcess:
 
 
 @pytest.fixture(scope="module")
-def cache(models, untrained_settings) -> Path:
-    """The untrained model's calibration, built once by the session's models and shared by every process."""
-    return untrained_settings.resolved_cache_dir
-
-
-@pytest.fixture(scope="module")
 def peers(tmp_path_factory, cache):
     """The module's listener and the PACS, started side by side (Orthanc is up while the listener imports). The PACS
     knows the listener as NEURON (for C-MOVE) and accepts Neuron's C-FIND/C-GET/C-STORE."""
