@@ -85,8 +85,9 @@ def main() -> None:
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
+                env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **MALLOC}
                 res = subprocess.run([sys.executable, "-c", CHILD, transport, source, str(out)], capture_output=True,
-                                     text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **MALLOC})
+                                     text=True, cwd=ROOT, env=env)
                 if res.returncode != 0:
                     raise RuntimeError(res.stderr[-3000:])
                 row = json.loads(res.stdout.strip().splitlines()[-1])

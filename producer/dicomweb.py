@@ -33,7 +33,7 @@ from db.network import held_instances
 from neuron.errors import ConfigError, PeerUnavailable
 from neuron.webclient import WebClient, WebPeer, boundary_of, iter_parts
 from neuron.work import FoundStudy
-from producer.pullspec import PullConfig, PullQuery, date_range_text
+from producer.pullspec import PullConfig, PullQuery, check_listed, date_range_text
 from producer.receive import Receiver
 from producer.scan import parse_da
 
@@ -215,9 +215,12 @@ class DicomWebTransport:
             offset += len(page)
 
     def find_instances(self, study_uid: str) -> list[tuple[str, str, str]]:
+        """The study's instances; a series listed under an invalid UID is refused before its UID goes into a URL
+        (a value such as '../..' would name another resource of the server, asked with Neuron's credentials)."""
         out = []
         for series in self._all(f"studies/{study_uid}/series", SERIES_UID):
             series_uid = _value(series, SERIES_UID)
+            check_listed(self.source, study_uid, [(series_uid, "1", "")])
             for item in self._all(f"studies/{study_uid}/series/{series_uid}/instances", SOP_UID, SOP_CLASS):
                 out.append((series_uid, _value(item, SOP_UID), _value(item, SOP_CLASS) or ""))
         return out

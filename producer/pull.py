@@ -50,9 +50,9 @@ from neuron.dicomnet import (
 from neuron.errors import ConfigError, FailedInput, PeerUnavailable
 from neuron.settings import Settings
 from neuron.work import FoundStudy, PullStatus
-from producer.pullspec import PullConfig, PullQuery, date_range_text  # noqa: F401 - the puller's vocabulary
+from producer.pullspec import PullConfig, PullQuery, check_listed  # noqa: F401 - PullConfig: the puller's vocabulary
 from producer.receive import Admission, Receiver, store_status
-from producer.scan import checked_uid, parse_da
+from producer.scan import parse_da
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -198,20 +198,6 @@ def storage_contexts(sop_classes: Sequence[str], room: int) -> list[tuple[str, t
                 return contexts
             contexts.append((c, (ts,)))
     return contexts
-
-
-def check_listed(source: str, study_uid: str, instances: Sequence[tuple[str, str, str]] = ()) -> None:
-    """FailedInput when the PACS lists the study or one of its instances under an invalid UID (a Study
-    Instance UID such as '../../x' that an archive's REST upload accepted): the receiver would refuse every instance
-    it brought, so nothing is asked for and the pull says why."""
-    try:
-        checked_uid(study_uid, "Study Instance UID", "(0020,000D)", required=True)
-        for series, sop, _ in instances:
-            checked_uid(series, "Series Instance UID", "(0020,000E)", required=False)
-            checked_uid(sop, "SOP Instance UID", "(0008,0018)", required=True)
-    except FailedInput as exc:
-        raise FailedInput(f"{source}: the study was refused, nothing retrieved: the PACS lists it under an "
-                          f"invalid UID: {exc}") from None
 
 
 class Transport(Protocol):

@@ -4,6 +4,7 @@ retries, in-flight limit, window, pace, and a DICOMweb source's access)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -11,10 +12,10 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from neuron.dicomnet import Peer, TimeWindow, TlsFiles, check_ae_title
-from neuron.errors import ConfigError
+from neuron.errors import ConfigError, FailedInput
 from neuron.webclient import WebAccess, WebPeer
 from neuron.work import FoundStudy
-from producer.scan import parse_da
+from producer.scan import checked_uid, parse_da
 
 
 def date_range_text(low: date | None, high: date | None) -> str:
@@ -134,3 +135,17 @@ class PullConfig:
             raise ConfigError(f"--in-flight {self.in_flight} must be at least 1 (studies retrieved at once)")
         if self.attempts < 1:
             raise ConfigError(f"--attempts {self.attempts} must be at least 1")
+
+
+def check_listed(source: str, study_uid: str, instances: Sequence[tuple[str, str, str]] = ()) -> None:
+    """FailedInput when the PACS lists the study or one of its instances under an invalid UID (a Study
+    Instance UID such as '../../x' that an archive's REST upload accepted): the receiver would refuse every instance
+    it brought, so nothing is asked for and the pull says why."""
+    try:
+        checked_uid(study_uid, "Study Instance UID", "(0020,000D)", required=True)
+        for series, sop, _ in instances:
+            checked_uid(series, "Series Instance UID", "(0020,000E)", required=False)
+            checked_uid(sop, "SOP Instance UID", "(0008,0018)", required=True)
+    except FailedInput as exc:
+        raise FailedInput(f"{source}: the study was refused, nothing retrieved: the PACS lists it under an "
+                          f"invalid UID: {exc}") from None

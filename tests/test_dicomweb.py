@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -243,6 +244,45 @@ def test_busy_answers_wait_for_retry_after_and_an_expiring_oauth2_token_is_renew
     assert transport.client.tokens.fetched >= 2 and len(proxy.tokens) == transport.client.tokens.fetched
     assert took > 1.2  # the first token expired during the pull, and no request went out with it afterwards
     assert 401 not in answered
+    # a token the archive revokes before it expires: refused once (401), a new one fetched, the request answered
+    from neuron.webclient import WebClient, WebPeer
+
+    client = WebClient(WebPeer.parse(proxy.dicomweb_url), replace(access, read_timeout=30))
+    client.request("GET", "studies", params={"limit": 1}).close()
+    proxy.tokens.clear()
+    assert client.request("GET", "studies", params={"StudyDate": "19970501"}).json()
+    assert client.tokens.fetched == 2
+    assert [s for _, p, s in proxy.seen if p.startswith("/dicom-web")][-2:] == [401, 200]
+    proxy.oauth["client"] = ("neuron-client", "another-secret")  # the client's secret was rotated at the server
+    proxy.tokens.clear()
+    with pytest.raises(PeerUnavailable, match="answered 401 for client neuron-client") as refused:
+        client.request("GET", "studies")
+    assert "client-secret-93b1" not in str(refused.value)
+
+
+def test_a_bearer_token_file_is_read_again_when_it_changes(tmp_path):
+    from neuron.webclient import TokenSource, WebAccess
+
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    source = TokenSource(WebAccess(token_file=token))
+    assert source.header() == {"Authorization": "Bearer first-token"}
+    token.write_text("second-token-rotated\n")
+    os.utime(token, (time.time() + 5, time.time() + 5))
+    assert source.header() == {"Authorization": "Bearer second-token-rotated"}
+    assert WebAccess(token_file=token).describe() == f"bearer token from {token}"
+
+
+def test_a_study_listed_under_an_invalid_uid_is_refused_over_dicomweb_before_any_url_holds_it(
+        archive, proxy, rg1, tmp_path):
+    hostile = "../../neuron_escape_study"
+    archive.upload(chest(rg1, tmp_path / "h.dcm", 8, hostile, generate_uid(), "19940303"))
+    db = tmp_path / "neuron.db"
+    report, _ = pull(proxy.dicomweb_url, db, tmp_path / "out", "19940303")
+    ((uid, error),) = report.failed
+    assert uid == hostile and "invalid UID" in error and "refused, nothing retrieved" in error, error
+    assert query(db, "select status, attempts from pulls") == [("failed", 1)]
+    assert not [p for _, p, _ in proxy.seen if "neuron_escape" in p or "/../" in p]
 
 
 def test_a_part_that_is_not_dicom_is_not_stored_and_the_study_is_failed_with_the_reason(archive, proxy, rg1, tmp_path):
