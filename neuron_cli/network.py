@@ -249,6 +249,9 @@ def pull(
                   f"{len(report.failed)} failed" + (f"; {left} instances still to screen (stopped)" if left else ""))
     for _, error in report.failed[:10]:
         console.print(f"[red]failed[/] {error}")
+    for where in report.unlisted[:10]:
+        console.print(f"[yellow]possibly incomplete[/] the source answered as many studies on {where} as it answers "
+                      "to any search and cannot be asked for more; search that day by --modality or --accessions")
     raise typer.Exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
 
 

@@ -179,7 +179,7 @@ class DicomWebTransport:
         self.client = client or WebClient(peer, config.web)
         self.receiver, self.page_size = receiver, config.web.page_size
         self.source = str(peer)
-        self.search: StudySearch | None = None
+        self.unlisted: list[str] = []
         self.refused_parts = 0
 
     def check(self) -> None:
@@ -191,10 +191,11 @@ class DicomWebTransport:
         self.client.close()
 
     def find_studies(self, query: PullQuery) -> list[FoundStudy]:
-        self.search = StudySearch(self.client, self.page_size)
-        studies = self.search.run(query)
-        log.info("%s: %d QIDO-RS searches listed %d studies%s", self.source, self.search.searches, len(studies),
-                 "; the server caps its answers: the date range was split" if self.search.capping else "")
+        search = StudySearch(self.client, self.page_size)
+        studies = search.run(query)
+        self.unlisted = search.possibly_incomplete
+        log.info("%s: %d QIDO-RS searches listed %d studies%s", self.source, search.searches, len(studies),
+                 "; the server caps its answers: the date range was split" if search.capping else "")
         return studies
 
     def _all(self, path: str, key: str, includefield: str | None = None) -> list[dict]:

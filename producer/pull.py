@@ -67,6 +67,7 @@ class PullReport:
     retrieved_studies: int = 0
     retrieved_instances: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (study UID, last error)
+    unlisted: list[str] = field(default_factory=list)  # searches the source may have answered only in part
 
 
 def _associate(config: PullConfig, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str] = (),
@@ -206,6 +207,7 @@ class Transport(Protocol):
 
     source: str  # the source as recorded in ``pulls``
     verb: str  # what a retrieval is called in messages: "C-GET", "WADO-RS"
+    unlisted: list[str]  # after find_studies: the searches the source may have answered only in part
 
     def check(self) -> None: ...
 
@@ -227,6 +229,7 @@ class DimseTransport:
     verb = "C-GET"
 
     def __init__(self, config: PullConfig, receiver: Receiver | None, need_receiver: bool = True):
+        self.unlisted: list[str] = []  # C-FIND answers every match (PS3.4 C.4.1.3): nothing is cut
         if config.move_to is None and receiver is None and need_receiver:
             raise ConfigError("a C-GET pull needs a receiver for the instances it brings")
         self.config, self.receiver = config, receiver
@@ -332,7 +335,7 @@ class Puller:
         try:
             studies = self.transport.find_studies(query)
             record_found(self.db, self.source, studies)
-            report.found = len(studies)
+            report.found, report.unlisted = len(studies), list(self.transport.unlisted)
             log.info("%s: %d studies match (%s)", self.source, len(studies), query)
             with ThreadPoolExecutor(self.config.in_flight, thread_name_prefix="pull") as pool:
                 for study, outcome in zip(studies, pool.map(lambda s: self._study(s, stop), studies), strict=True):

@@ -14,6 +14,7 @@ import re
 import stat
 import time
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pydicom
@@ -244,6 +245,8 @@ def test_busy_answers_wait_for_retry_after_and_an_expiring_oauth2_token_is_renew
     assert transport.client.tokens.fetched >= 2 and len(proxy.tokens) == transport.client.tokens.fetched
     assert took > 1.2  # the first token expired during the pull, and no request went out with it afterwards
     assert 401 not in answered
+    starts = [t for t, path in proxy.arrived if re.search(r"/studies/[^/]+/series\?", path)]  # each study's first
+    assert len(starts) == 3 and all(b - a >= 0.55 for a, b in pairwise(starts))  # --max-studies-per-hour
     # a token the archive revokes before it expires: refused once (401), a new one fetched, the request answered
     from neuron.webclient import WebClient, WebPeer
 

@@ -39,6 +39,7 @@ class FaultProxy:
         self.tokens: dict[str, float] = {}  # token -> when it expires
         self.seen: list[tuple[str, str, int]] = []  # (method, path, status answered)
         self.authorizations: list[str] = []
+        self.arrived: list[tuple[float, str]] = []  # (time.monotonic, path) of every request
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.server.daemon_threads = True
@@ -96,6 +97,8 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         path = h.path
+        with self.lock:
+            self.arrived.append((time.monotonic(), path))
         if path.startswith("/token"):
             return self._token(h, body)
         if self.oauth is not None:
