@@ -148,6 +148,23 @@ def test_a_multipart_answer_is_read_part_by_part_whatever_the_chunking_and_a_cut
         list(iter_parts([data], boundary, max_part=1000))
 
 
+def test_the_commands_refuse_unusable_dicomweb_settings_before_any_model_loads(tmp_path):
+    from neuron.servers import free_port
+
+    env = quiet_env()
+    res = neuron(env, "pull", "https://neuron:hunter2-in-url@pacs.example/dicom-web", "--out", str(tmp_path))
+    assert res.returncode == 2 and "credentials in the URL are refused" in res.stderr, res.stderr
+    assert "hunter2" not in res.stdout + res.stderr
+    res = neuron(env | {"NEURON_DICOMWEB_USERNAME": "neuron"}, "run", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--send-to", "https://pacs.example/dicom-web")
+    assert res.returncode == 2 and "without NEURON_DICOMWEB_PASSWORD" in res.stderr, res.stderr
+    res = neuron(env, "pull", f"http://127.0.0.1:{free_port()}/dicom-web", "--move-to", "NEURON", "--out",
+                 str(tmp_path))
+    assert res.returncode == 2 and "--move-to asks a DIMSE PACS" in res.stderr, res.stderr
+    res = neuron(env, "pull", f"http://127.0.0.1:{free_port()}/dicom-web", "--out", str(tmp_path))
+    assert res.returncode == 4 and "is the service up" in res.stderr, res.stderr
+
+
 # -- against Orthanc ---------------------------------------------------------------------------------------------------
 def test_a_pull_over_dicomweb_lists_every_study_past_the_servers_cap_screens_like_run_and_stores_back_by_stow(
         archive, rg1, tmp_path, cache, models, untrained_settings):

@@ -72,6 +72,8 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._clients: dict = {}  # a DICOMweb destination's WebClient (its session and OAuth2 token kept)
+        for destination in destinations or ():  # a DICOMweb setting that cannot be used stops the start, not a round
+            self._client(destination)
         self.delivered = self.failed = 0
 
     # -- the thread -----------------------------------------------------------------------------------------------
@@ -153,16 +155,21 @@ class Sender:
 
     def _send_web(self, destination: str, jobs: list[DeliveryJob]) -> None:
         """STOW-RS, one request per study (worker.stow)."""
-        from neuron.webclient import WebPeer, client_for
         from worker.stow import store_study
 
-        if destination not in self._clients:
-            self._clients[destination] = client_for(self.settings, WebPeer.parse(destination, "destination"))
         by_study: dict[str, list[tuple[DeliveryJob, Path]]] = {}
         for job, path, _, _ in self._ready(jobs):
             by_study.setdefault(job.study_instance_uid, []).append((job, path))
         for study, ready in by_study.items():
-            self.delivered += store_study(self._clients[destination], self.db, study, ready, self._retry_or_fail)
+            self.delivered += store_study(self._client(destination), self.db, study, ready, self._retry_or_fail)
+
+    def _client(self, destination: str):
+        """The WebClient of a DICOMweb destination (None for AE@HOST:PORT), made once: its session and token kept."""
+        from neuron.webclient import WebPeer, client_for, is_web
+
+        if is_web(destination) and destination not in self._clients:
+            self._clients[destination] = client_for(self.settings, WebPeer.parse(destination, "destination"))
+        return self._clients.get(destination)
 
     def _send(self, destination: str, jobs: list[DeliveryJob]) -> None:
         from pynetdicom import AE
