@@ -4,10 +4,10 @@ Configured by a JSON file written into its own temporary folder (storage and ind
 with no plugins (or, with ``dicomweb=True``, Debian's ``orthanc-dicomweb`` plugin at ``dicomweb_url``; its packaged
 dicomweb.json is not read, so no "Host" key makes the URLs it returns lose their port; ``users`` enforces HTTP basic
 authentication, which the REST helpers here send too); the system's Orthanc (if the package started one on 4242/8042)
-is never touched. REST on ``url`` loads studies into it and reads back what Neuron sent (Orthanc's REST API: https://orthanc.uclouvain.be/book/
-users/rest.html). ``crash``/``start`` keep the storage, so a test can take the PACS away and bring it back: a SIGKILL
-(Orthanc's index is SQLite, which survives a killed process) costs nothing, where its graceful shutdown takes about
-3.5 s.
+is never touched. REST on ``url`` loads studies into it and reads back what Neuron sent (Orthanc's REST API:
+https://orthanc.uclouvain.be/book/users/rest.html). ``crash``/``start`` keep the storage, so a test can take the PACS
+away and bring it back: a SIGKILL (Orthanc's index is SQLite, which survives a killed process) costs nothing, where
+its graceful shutdown takes about 3.5 s.
 """
 
 from __future__ import annotations
