@@ -32,6 +32,7 @@ from .test_network import (
     assert_same_findings,
     chest,
     findings,
+    make_ca,
     neuron,
     query,
     quiet_env,
@@ -303,6 +304,26 @@ def test_a_study_listed_under_an_invalid_uid_is_refused_over_dicomweb_before_any
     assert uid == hostile and "invalid UID" in error and "refused, nothing retrieved" in error, error
     assert query(db, "select status, attempts from pulls") == [("failed", 1)]
     assert not [p for _, p, _ in proxy.seen if "neuron_escape" in p or "/../" in p]
+
+
+def test_an_https_archive_is_verified_against_the_ca_and_given_the_client_certificate(archive, rg1, tmp_path):
+    from neuron.dicomnet import TlsFiles
+
+    _need("openssl")
+    pem = make_ca(tmp_path / "ca")
+    server = TlsFiles(pem["server.crt"], pem["server.key"], pem["ca.crt"]).server_context()  # mutual TLS
+    https = FaultProxy(archive.url, (USER, PASSWORD), tls=server).start()
+    try:
+        archive.upload(chest(rg1, tmp_path / "t.dcm", 8, generate_uid(), generate_uid(), "19930303"))
+        mutual = replace(basic(), ca=pem["ca.crt"], cert=pem["client.crt"], key=pem["client.key"])
+        report, _ = pull(https.dicomweb_url, tmp_path / "neuron.db", tmp_path / "out", "19930303", mutual)
+        assert (report.found, report.retrieved_studies, report.failed) == (1, 1, [])
+        for access, says in ((replace(basic(), ca=pem["ca.crt"]), r"\((SSLError|ConnectionError)"),  # no client cert
+                             (replace(mutual, ca=None), "CERTIFICATE_VERIFY_FAILED")):  # the system's CAs
+            with pytest.raises(PeerUnavailable, match=says):
+                pull(https.dicomweb_url, tmp_path / "again.db", tmp_path / "again", "19930303", access)
+    finally:
+        https.close()
 
 
 def test_a_part_that_is_not_dicom_is_not_stored_and_the_study_is_failed_with_the_reason(archive, proxy, rg1, tmp_path):

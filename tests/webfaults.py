@@ -23,10 +23,11 @@ from neuron.servers import free_port
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, upstream_auth: tuple[str, str] | None = None):
+    def __init__(self, upstream: str, upstream_auth: tuple[str, str] | None = None, tls=None):
+        """``tls``: an ``ssl.SSLContext`` (server side) to answer over https instead of http."""
         self.upstream, self.upstream_auth = upstream.rstrip("/"), upstream_auth
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.lock = threading.Lock()
         # faults, each armed by a test
         self.busy: list[tuple[str, int, str]] = []  # (path fragment, status, Retry-After) answered once each
@@ -43,6 +44,8 @@ class FaultProxy:
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> FaultProxy:
