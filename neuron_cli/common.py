@@ -19,6 +19,7 @@ from rich.progress import TextColumn
 
 from neuron.errors import NeuronError, SetupError
 from neuron.settings import Settings, WeightsMode
+from neuron.webclient import WebPeer, access_for, environment_access, is_web
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
 
@@ -37,9 +38,16 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def settings_from_env(code: int = EXIT_USAGE, **overrides) -> Settings:
-    """Settings from the flags and the environment, or the command's exit with the setting's message."""
+    """Settings from the flags and the environment, or the command's exit with the setting's message. The access to
+    each DICOMweb destination (credentials, peers file, certificates) is checked here too, before any model loads."""
     try:
-        return Settings.from_env(**overrides)
+        settings = Settings.from_env(**overrides)
+        if any(is_web(d) for d in settings.send_to):
+            default, peers = environment_access(settings)
+            for destination in settings.send_to:
+                if is_web(destination):
+                    access_for(WebPeer.parse(destination, "--send-to"), default, peers)
+        return settings
     except NeuronError as exc:
         raise fail(str(exc), code) from None
 
