@@ -66,6 +66,7 @@ import neuron
 from db.schema import chunks
 from db.store import Database
 from db.studies import study_of
+from neuron.codes import study_key
 from neuron.errors import ConfigError
 from neuron.settings import Settings
 from worker.dicom_templates import (
@@ -297,7 +298,7 @@ class DicomWriter:
         self._templates_lock = threading.Lock()
 
     def study_dir(self, study_uid: str) -> Path:
-        return self.root / _digest("study", study_uid)[:32]
+        return self.root / study_key(study_uid)
 
     def _lock(self, study_uid: str) -> threading.Lock:
         """One of a fixed set of locks (striped by the study's hash): bounded memory in a long-lived worker."""

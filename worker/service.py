@@ -48,6 +48,7 @@ from neuron.work import Outcome, Route, Status, WorkItem
 from worker import metrics
 from worker.device import DeviceJob
 from worker.models import Models
+from worker.outputs import Outputs, open_outputs
 from worker.pipeline import IDLE, Pipeline
 from worker.results import prepare_database
 from worker.stats import PipelineStats
@@ -176,7 +177,7 @@ class WorkerRuntime:
     db: Database
     batcher: StudyBatcher
     writer: ResultWriter
-    outputs: object | None = None  # worker.dicom_out.BackgroundOutputs
+    outputs: Outputs | None = None  # --dicom-out, --fhir-out
 
     def close(self) -> None:
         """The pool has stopped: every task has returned, so nothing waits on these any more."""
@@ -197,11 +198,7 @@ class ScreeningTask(Task):
         db = Database(settings.resolved_database_url)
         db.create()
         prepare_database(db, pipeline.models, settings, pipeline.heatmap_dir)
-        outputs = None
-        if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
-            from worker.dicom_out import BackgroundOutputs
-
-            outputs = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
+        outputs = open_outputs(settings, "worker", complete_only=False, flush_after_s=1.0)
         self.runtime = WorkerRuntime(settings, name, db, StudyBatcher(pipeline), ResultWriter(db), outputs)
         return self.runtime
 
