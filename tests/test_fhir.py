@@ -107,7 +107,8 @@ def test_fhir_out_writes_one_valid_bundle_per_screened_study_that_no_one_can_mis
     seen = set()
     for name, study in studies.items():
         text = (folder / f"{study_key(study)}.json").read_text()
-        assert PATIENT_NAME.split("^")[0] not in text and PATIENT_ID not in text  # nobody is named
+        for who in (PATIENT_NAME.split("^")[0], PATIENT_ID, "CompressedSamples", "9RG1"):  # A's, and B's (RG1's)
+            assert who not in text  # nobody is named
         resources = bundle_resources(json.loads(text))
         urls = {f"urn:uuid:{r['id']}" for r in resources}
         for r in resources:
@@ -223,3 +224,28 @@ def test_a_purge_leaves_the_bundles_already_written_and_their_audit(fhir_run, tm
     assert result.exit_code == 0, result.output
     after = bundle_resources(json.loads((tmp_path / "after.json").read_text()))
     assert [r["identifier"][0]["value"] for r in by_type(after, "ImagingStudy")] == [f"urn:oid:{studies['b']}"]
+
+
+def test_a_rescreen_rewrites_the_study_bundle_with_the_new_results(fhir_run, tmp_path, untrained_settings, models):
+    from worker.embedded import rescreen
+    from worker.pipeline import Pipeline
+
+    out, folder, studies = fhir_run
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "neuron.db", copy / "neuron.db")
+    settings = untrained_settings.with_(out_dir=copy, fhir_out=tmp_path / "fhir")
+    (b,) = db_rows(copy, "SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?", studies["b"])
+    report = rescreen([b[0]], settings, Pipeline(models, settings))
+    assert report.screened == 1 and report.fhir_written == 1 and report.fhir_failed == 0
+    (written,) = (tmp_path / "fhir").iterdir()
+    assert written.name == f"{study_key(studies['b'])}.json"
+    new = {r["id"]: r for r in bundle_resources(json.loads(written.read_text()))}
+    old = {r["id"]: r for r in bundle_resources(json.loads((folder / written.name).read_text()))}
+    assert new.keys() == old.keys()  # the same findings of the same study: the same resources, screened anew
+    for rid, resource in new.items():
+        if resource["resourceType"] == "Observation":
+            assert resource["issued"] > old[rid]["issued"]
+            assert abs(resource["valueQuantity"]["value"] - old[rid]["valueQuantity"]["value"]) < 1e-5
+    assert db_rows(copy, "SELECT address, target FROM audit WHERE action = 'export' AND study_instance_uid = ? "
+                         "ORDER BY id DESC LIMIT 1", studies["b"])[0][0].startswith("rescreen@")

@@ -297,10 +297,15 @@ def rescreen(uids: list[str], settings: Settings, pipeline: Pipeline) -> Rescree
             written = outputs.write_for_instances(done)
             report.dicom_written, report.dicom_failed = len(written.written), len(written.failed)
         if fhir is not None and done:  # and their studies' Bundles (same files)
-            with db.engine.connect() as conn:
-                studies = set(study_of(conn, done).values())
-            bundles, _ = fhir.write(studies)
-            report.fhir_written, report.fhir_failed = len(bundles.written), len(bundles.failed)
+            try:
+                with db.engine.connect() as conn:
+                    studies = set(study_of(conn, done).values())
+                bundles, _ = fhir.write(studies)
+                report.fhir_written, report.fhir_failed = len(bundles.written), len(bundles.failed)
+            except Exception as exc:  # the new results are committed; only the files are missing
+                log.warning("FHIR Bundles of the rescreened studies not written: %s; `neuron export --format fhir` "
+                            "writes them from the database", exc)
+                report.fhir_failed = 1
         return report
     finally:
         db.dispose()

@@ -118,6 +118,7 @@ class FhirOutputs:
         self.waiting: list[str] = []
         self.open: set[str] = set()  # complete_only: studies seen with instances still to screen
         self.report = FhirReport()
+        self.failing = False
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._flush_every, args=(flush_after_s,), name="fhir-outputs",
                                        daemon=True)
@@ -148,7 +149,11 @@ class FhirOutputs:
                 log.warning("FHIR outputs of %d instance(s) not written: %s; their results are committed, and "
                             "`neuron export --format fhir` writes them from the database", len(sops), _reason(exc))
                 self.report.failed.append(_reason(exc))
+            elif not self.failing:  # once per outage, not every second
+                log.warning("FHIR outputs wait: %s; tried again every second", _reason(exc))
+            self.failing = True
             return
+        self.failing = False
         self.open = left
         self.report.written += done.written
         self.report.failed += done.failed
