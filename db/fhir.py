@@ -43,6 +43,7 @@ are ``urn:uuid:<id>``, resolved by each entry's fullUrl; in NDJSON, where there 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -105,6 +106,7 @@ class FhirRefused(ExportRefused):
     """A FHIR export that cannot run as asked (format, view); the message says what to change. Exit code 2."""
 
 
+@functools.lru_cache(maxsize=4096)  # a study's and a model's ids are asked for once per finding
 def resource_id(*parts: object) -> str:
     """The id of the resource that stands for ``parts``: the same parts, the same id."""
     return str(uuid.uuid5(NAMESPACE, "|".join(map(str, parts))))
