@@ -236,8 +236,10 @@ def read_studies(conn: Connection, study_uids: Iterable[str], where: str | None 
                  ref: Reference = bundle_reference) -> Iterator[StudyResources]:
     """The resources of each of these studies that has screened instances, ``STUDY_CHUNK`` studies per query, in
     the order given: an ImagingStudy, its Devices and an Observation per positive finding that ``where`` (an SQL
-    condition over the ``findings`` view, already checked) selects."""
-    for chunk in chunks(study_uids, STUDY_CHUNK):
+    condition over the ``findings`` view, already checked) selects. Instances indexed without a Study Instance UID
+    (``producer.scan`` keeps them: the SOP Instance UID identifies them) belong to no study an EHR knows, so they
+    have none of these resources (``unplaced`` counts their findings in an export)."""
+    for chunk in chunks((uid for uid in study_uids if uid), STUDY_CHUNK):
         contexts = _contexts(conn, chunk)
         rows: dict[str, list[FindingRow]] = {}
         for row in _positive_rows(conn, chunk, where):
@@ -298,8 +300,9 @@ def imaging_study(ctx: StudyContext, ref: Reference) -> dict:
     """The study as R4 ImagingStudy: identified by its UID (the way the DICOM SR IG links every resource to it) and
     its accession number, with the instances Neuron screened."""
     series: dict[str, list[InstanceRow]] = {}
-    for inst in ctx.instances:
-        series.setdefault(inst.series_uid, []).append(inst)
+    for inst in ctx.instances:  # an instance indexed without a Series Instance UID has no series to be listed in
+        if inst.series_uid:
+            series.setdefault(inst.series_uid, []).append(inst)
     modalities = sorted({(i.modality or "OT").strip() or "OT" for i in ctx.instances})
     identifiers = [{"system": DICOM_UID, "value": f"urn:oid:{ctx.uid}"}]
     if ctx.accession:
@@ -312,8 +315,9 @@ def imaging_study(ctx: StudyContext, ref: Reference) -> dict:
     if started:
         study["started"] = started
     study["numberOfSeries"] = len(series)
-    study["numberOfInstances"] = len(ctx.instances)
-    study["series"] = []
+    study["numberOfInstances"] = sum(len(i) for i in series.values())
+    if series:
+        study["series"] = []
     for uid, instances in series.items():
         entry = {"uid": uid, "modality": _modality(instances[0].modality), "numberOfInstances": len(instances)}
         coding, _ = _body_site(instances[0])
@@ -354,9 +358,10 @@ def observation(row: FindingRow, ctx: StudyContext, ref: Reference) -> dict:
     resource = {"resourceType": "Observation", "id": resource_id("finding", tracking)}
     if row.untrained:
         resource["meta"] = {"tag": [UNTRAINED_TAG]}
+    source = [{"url": "seriesUid", "valueId": row.series_uid}] if row.series_uid else []
     resource["extension"] = [{"url": SOURCE_IMAGE, "extension": [
-        {"url": "seriesUid", "valueId": row.series_uid}, {"url": "sopInstanceUid", "valueId": row.sop_uid},
-        {"url": "frameNumber", "valuePositiveInt": row.frame + 1}]}]
+        *source, {"url": "sopInstanceUid", "valueId": row.sop_uid}, {"url": "frameNumber",
+                                                                     "valuePositiveInt": row.frame + 1}]}]
     resource.update({
         "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{tracking}"}],
         "status": "final" if final else "preliminary",
@@ -433,6 +438,7 @@ class ExportReport:
     observations: int = 0
     devices: int = 0
     resources: int = 0
+    unplaced: int = 0  # positive findings of instances indexed without a Study Instance UID: left out
 
 
 def output_kind(path: Path) -> str:
@@ -473,6 +479,9 @@ def _export(conn: Connection, where: str | None, output: Path, kind: str) -> Exp
     studies = [r[0] for r in conn.execute(sa.text(
         f"SELECT DISTINCT x.study_instance_uid FROM {_where_sql(where)} x WHERE x.positive = 1 ORDER BY 1"))]
     report = ExportReport()
+    if "" in studies:
+        report.unplaced = conn.execute(sa.text(f"SELECT COUNT(*) FROM {_where_sql(where)} x WHERE x.positive = 1 "
+                                               f"AND x.study_instance_uid = ''")).scalar_one()
     ref = bundle_reference if kind == "bundle" else relative_reference
     seen_devices: set[str] = set()
 

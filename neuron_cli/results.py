@@ -139,6 +139,10 @@ def export(
                 report = fhir_export.export(settings.resolved_database_url, where, output, view)
                 said = (f"{report.resources} FHIR resources ({report.observations} observations of "
                         f"{report.studies} studies, {report.devices} devices)")
+                if report.unplaced:
+                    console.print(f"[yellow]{report.unplaced} positive findings of instances indexed without a "
+                                  f"Study Instance UID left out[/]: FHIR places a finding in its study; fix the "
+                                  f"headers at the source and rescan to include them")
             else:
                 said = f"{export_view(settings.resolved_database_url, view, where, output)} rows of {view}"
         except ExportRefused as exc:

@@ -249,3 +249,28 @@ def test_a_rescreen_rewrites_the_study_bundle_with_the_new_results(fhir_run, tmp
             assert abs(resource["valueQuantity"]["value"] - old[rid]["valueQuantity"]["value"]) < 1e-5
     assert db_rows(copy, "SELECT address, target FROM audit WHERE action = 'export' AND study_instance_uid = ? "
                          "ORDER BY id DESC LIMIT 1", studies["b"])[0][0].startswith("rescreen@")
+
+
+def test_instances_indexed_without_a_study_or_series_uid_are_left_out_or_unlisted_and_the_export_says_so(
+        fhir_run, tmp_path):
+    out, _, studies = fhir_run
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "neuron.db", copy / "neuron.db")
+    with sqlite3.connect(copy / "neuron.db") as conn:  # as producer.scan indexes a header without them
+        conn.execute("UPDATE instances SET study_instance_uid = '' WHERE study_instance_uid = ?", (studies["b"],))
+        (a1,) = conn.execute("SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ? "
+                             "ORDER BY sop_instance_uid LIMIT 1", (studies["a"],)).fetchone()
+        conn.execute("UPDATE instances SET series_instance_uid = '' WHERE sop_instance_uid = ?", (a1,))
+    (unplaced,) = db_rows(copy, "SELECT COUNT(*) FROM findings WHERE positive = 1 AND study_instance_uid = ''")[0]
+    result = cli("export", "--out", str(copy), "-o", str(tmp_path / "x.json"))
+    assert result.exit_code == 0, result.output
+    assert unplaced > 0 and f"{unplaced} positive findings of instances indexed without a Study Instance UID left " \
+                              f"out" in result.said
+    resources = bundle_resources(json.loads((tmp_path / "x.json").read_text()))
+    (imaging,) = by_type(resources, "ImagingStudy")
+    assert imaging["identifier"][0]["value"] == f"urn:oid:{studies['a']}" and imaging["numberOfInstances"] == 1
+    assert a1 not in {i["uid"] for s in imaging["series"] for i in s["instance"]}
+    from_a1 = [o for o in by_type(resources, "Observation") if a1 in o["derivedFrom"][0]["display"]]
+    assert from_a1 and all([e["url"] for e in o["extension"][0]["extension"]] == ["sopInstanceUid", "frameNumber"]
+                           for o in from_a1)
