@@ -417,7 +417,7 @@ def bundle(resources: Iterable[dict]) -> dict:
 def atomic_write(path: Path, chunks_of_text: Iterable[str]) -> None:
     """The file appears under its name only once complete (a temporary name beside it, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial")  # hosts share DIR
     try:
         with open(partial, "w", encoding="utf-8") as fh:
             for text in chunks_of_text:
