@@ -118,7 +118,7 @@ def export(
     """Export a view's rows that match --where to CSV or Parquet: the same rows as `SELECT * FROM VIEW WHERE (...)`,
     streamed, read-only (the condition cannot write), typed (floats, UTC timestamps, booleans). With --format fhir
     (or a .json / .ndjson file): the positive findings among those rows as FHIR R4 Observations, with an
-    ImagingStudy per study and a Device per model (README "FHIR")."""
+    ImagingStudy per study and a Device per model (README "Findings as FHIR")."""
     from db.export import ExportRefused, check_condition, export_format
     from db.export import export as export_view
 

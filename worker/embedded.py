@@ -117,9 +117,9 @@ class _Sink:
     that stops the run: what was committed stays, and a re-run screens the rest. Collects the instances a commit put
     back in line from a duplicate copy (``rescued``) and, for a rescreen, the heatmaps nothing references any more."""
 
-    def __init__(self, writer: ResultWriter, dicom=None, replace: bool = False):
+    def __init__(self, writer: ResultWriter, outputs=None, replace: bool = False):
         self.writer, self.count, self._futures = writer, 0, []
-        self.dicom = dicom  # worker.outputs.Outputs: told of each committed result (--dicom-out, --fhir-out)
+        self.outputs = outputs  # worker.outputs.Outputs: told of each committed result (--dicom-out, --fhir-out)
         self.replace = replace
         self.rescued: list[str] = []
         self.stale_heatmaps: set[str] = set()
@@ -132,10 +132,10 @@ class _Sink:
         self.count += len(outcomes)
         future = self.writer.submit(outcomes, replace=self.replace)
         future.add_done_callback(self._committed)
-        if self.dicom is not None:
+        if self.outputs is not None:
             done = [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames]
             if done:
-                future.add_done_callback(lambda f: f.exception() is None and self.dicom.add(done))
+                future.add_done_callback(lambda f: f.exception() is None and self.outputs.add(done))
         self._futures.append(future)
         if len(self._futures) >= 64:
             self.check(wait=False)
@@ -222,7 +222,7 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
     db = Database(settings.resolved_database_url)
     try:
         db.create()
-        dicom = open_outputs(settings, "run")  # before screening: an unwritable --dicom-out/--fhir-out stops it
+        outputs = open_outputs(settings, "run")  # before screening: an unwritable --dicom-out/--fhir-out stops it
         own = pipeline is None  # a pipeline made here is closed here (its reader processes and slots)
         pipeline = pipeline or Pipeline(Models.from_settings(settings, lazy=True), settings)
         models = pipeline.models
@@ -236,12 +236,12 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
         walk = _Walk(Path(folder), db, settings, routes, hooks)
         try:
             with ResultWriter(db) as writer:
-                sink = _Sink(writer, dicom)
+                sink = _Sink(writer, outputs)
                 _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk
         finally:
-            if dicom is not None:  # the outputs of what was committed, also when the run stopped early
-                dicom.close()
+            if outputs is not None:  # the outputs of what was committed, also when the run stopped early
+                outputs.close()
             if own:
                 pipeline.close()
         return RunReport(walk.result, sink.count, started, db.summary(since=started))
@@ -266,7 +266,8 @@ class RescreenReport:
 def rescreen(uids: list[str], settings: Settings, pipeline: Pipeline) -> RescreenReport:
     """Screen these instances again in this process: each instance's results are replaced in one transaction through
     the result writer (``replace``), and the heatmaps nothing references any more are removed after the commit.
-    Instances unreadable for now keep their old results. DICOM outputs are rewritten when ``--dicom-out`` is set."""
+    Instances unreadable for now keep their old results. DICOM outputs are rewritten when ``--dicom-out`` is set, the
+    studies' FHIR Bundles when ``--fhir-out`` is."""
     db = Database(settings.resolved_database_url)
     try:
         outputs = None
