@@ -5,10 +5,10 @@ already committed (``db.fhir`` decides what the resources say; this module decid
         the instances' studies ─► db.fhir.read_studies ─► Bundle (type collection) ─► DIR/<hash>.json.<pid>.partial
         ─► rename ─► one audit row per Bundle (DCM 110106 "Export", the study's UID, the file)
 
-``neuron run`` (``complete_only``): a study's Bundle is written once none of its instances waits to be screened, and
-``close`` writes the studies still open as they stand (their Observations ``preliminary``). ``neuron worker``,
-``listen`` and ``pull``: each commit's studies are (re)written as they stand, so the Bundle of a study grows with
-its tasks. A file name is the hash ``neuron.codes.study_key`` gives the study, the same as its DICOM output folder's
+``neuron run``, ``listen`` and ``pull`` (``complete_only``): a study's Bundle is written once none of its instances
+waits to be screened, and ``close`` writes the studies still open as they stand (their Observations
+``preliminary``). ``neuron worker``: each commit's studies are (re)written as they stand, so the Bundle of a study
+grows with its tasks. A file name is the hash ``neuron.codes.study_key`` gives the study, the same as its DICOM output folder's
 (``worker.dicom_out``): nothing from a header reaches a path. A rewrite replaces the file whole (rename), so a
 reader never sees half a Bundle.
 
