@@ -8,9 +8,9 @@ already committed (``db.fhir`` decides what the resources say; this module decid
 ``neuron run``, ``listen`` and ``pull`` (``complete_only``): a study's Bundle is written once none of its instances
 waits to be screened, and ``close`` writes the studies still open as they stand (their Observations
 ``preliminary``). ``neuron worker``: each commit's studies are (re)written as they stand, so the Bundle of a study
-grows with its tasks. A file name is the hash ``neuron.codes.study_key`` gives the study, the same as its DICOM output folder's
-(``worker.dicom_out``): nothing from a header reaches a path. A rewrite replaces the file whole (rename), so a
-reader never sees half a Bundle.
+grows with its tasks. A file name is the hash ``neuron.codes.study_key`` gives the study, the same as its DICOM
+output folder's (``worker.dicom_out``): nothing from a header reaches a path. A rewrite replaces the file whole
+(rename), so a reader never sees half a Bundle.
 
 A Bundle costs a few queries and a few kilobytes of JSON per study (no pixels, no highdicom): a thread of the
 process that commits is enough, unlike the DICOM outputs' processes. A failure (the folder became unwritable, the
