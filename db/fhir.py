@@ -60,6 +60,7 @@ from sqlalchemy.pool import NullPool
 import neuron
 from db.export import ExportRefused, check_condition, condition_refused, read_only, view_columns
 from db.schema import chunks, utcnow
+from db.studies import WAITING
 from neuron.codes import SYSTEM, finding_uid, label_code, study_key
 from neuron.work import POSITIVE
 
@@ -221,7 +222,7 @@ def _contexts(conn: Connection, studies: Sequence[str]) -> dict[str, StudyContex
     args = {"studies": list(studies)}
     for uid, series, sop, sop_class, modality, body_part, route, status, screened in conn.execute(_INSTANCES, args):
         ctx = found[uid]
-        ctx.open = ctx.open or status in ("pending", "queued")
+        ctx.open = ctx.open or status in WAITING
         if screened:
             ctx.instances.append(InstanceRow(series, sop, sop_class, modality, body_part, route))
     for uid, study_date, accession, patient_key in conn.execute(_STUDIES, args):

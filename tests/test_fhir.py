@@ -274,3 +274,27 @@ def test_instances_indexed_without_a_study_or_series_uid_are_left_out_or_unliste
     from_a1 = [o for o in by_type(resources, "Observation") if a1 in o["derivedFrom"][0]["display"]]
     assert from_a1 and all([e["url"] for e in o["extension"][0]["extension"]] == ["sopInstanceUid", "frameNumber"]
                            for o in from_a1)
+
+
+def test_a_study_with_an_instance_still_to_screen_waits_for_it_unless_asked_as_it_stands(fhir_run, tmp_path,
+                                                                                        untrained_settings):
+    from db.store import Database
+    from worker.fhir_out import FhirWriter
+
+    out, _, studies = fhir_run
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(out / "neuron.db", copy / "neuron.db")
+    with sqlite3.connect(copy / "neuron.db") as conn:  # as a run finds it while the study's second image waits
+        conn.execute("UPDATE instances SET status = 'pending' WHERE sop_instance_uid = (SELECT MIN(sop_instance_uid) "
+                     "FROM instances WHERE study_instance_uid = ?)", (studies["a"],))
+    settings = untrained_settings.with_(out_dir=copy, fhir_out=tmp_path / "fhir")
+    db = Database(settings.resolved_database_url)
+    try:
+        writer = FhirWriter(settings, db, "run")
+        report, left = writer.write(studies.values(), complete_only=True)  # neuron run, listen, pull
+        assert left == {studies["a"]} and [p.name for p in report.written] == [f"{study_key(studies['b'])}.json"]
+        report, left = writer.write([studies["a"]])  # neuron worker; and the run's close for what is left
+        assert not left and [p.name for p in report.written] == [f"{study_key(studies['a'])}.json"]
+    finally:
+        db.dispose()

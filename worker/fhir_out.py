@@ -33,7 +33,7 @@ from db import audit
 from db.fhir import atomic_write, bundle, read_studies, study_bundle_path
 from db.schema import chunks
 from db.store import Database
-from db.studies import study_of
+from db.studies import open_studies, study_of
 from neuron.errors import ConfigError
 from neuron.settings import Settings
 
@@ -86,10 +86,11 @@ class FhirWriter:
         events = []
         with self.db.engine.connect() as conn:
             for chunk in chunks(sorted(set(study_uids))):
+                if complete_only:  # asked before any resource is built: a study may wait long for its last image
+                    waiting = open_studies(conn, chunk)
+                    left |= waiting
+                    chunk = [uid for uid in chunk if uid not in waiting]
                 for study in read_studies(conn, chunk):
-                    if complete_only and study.open:
-                        left.add(study.uid)
-                        continue
                     path = study_bundle_path(self.root, study.uid)
                     try:
                         atomic_write(path, [json.dumps(bundle(study.resources()), indent=1), "\n"])
