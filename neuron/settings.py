@@ -59,6 +59,8 @@ ENVIRONMENT = {
     "NEURON_CACHE_DIR": "folder for caches (calibrated untrained model, torch, matplotlib; default: <out>/.cache)",
     "NEURON_DICOM_OUT": "folder for DICOM outputs (secondary capture with the heatmap, structured report per study); "
                         "unset: none are written",
+    "NEURON_FHIR_OUT": "folder for FHIR outputs: one R4 Bundle per screened study (ImagingStudy, Device, an "
+                       "Observation per positive finding); unset: none are written",
     "NEURON_METRICS_PORT": "port of the Prometheus /metrics endpoint of `neuron run` and `neuron worker` (unset: off)",
     "NEURON_METRICS_HOST": "address the /metrics endpoint listens on (default: 127.0.0.1; 0.0.0.0 in a container)",
     "NEURON_PATIENT_KEY": "secret for --patient-key: the Patient ID is stored only as HMAC-SHA256(secret, ID), so "
@@ -141,6 +143,7 @@ _SCREENING_ENV = {
     "NEURON_REVIEW_THRESHOLD": ("review_threshold", _parse_float),
     "NEURON_CACHE_DIR": ("cache_dir", lambda _name, v: Path(v)),
     "NEURON_DICOM_OUT": ("dicom_out", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_FHIR_OUT": ("fhir_out", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_METRICS_PORT": ("metrics_port", lambda name, v: _parse_int(name, v) if v.strip() else None),
     "NEURON_SEND_TO": ("send_to", lambda _name, v: tuple(p.strip() for p in v.split(",") if p.strip())),
     "NEURON_TLS_CERT": ("tls_cert", lambda _name, v: Path(v) if v.strip() else None),
@@ -208,6 +211,7 @@ class Settings:
     runtime: str = "auto"  # what runs the networks (neuron_models.runtime): auto, torch, onnxruntime
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
+    fhir_out: Path | None = None  # a FHIR Bundle per screened study (worker.fhir_out); None: off
     metrics_port: int | None = None  # Prometheus /metrics; None: off
     population_policy: PopulationPolicy = PopulationPolicy.FLAG  # indexing: films outside a trained population
     reference_dir: Path | None = None  # out-of-distribution references; None: <out>/references

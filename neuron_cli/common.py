@@ -7,7 +7,6 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -60,18 +59,10 @@ def warn_untrained(settings: Settings) -> None:
 
 
 def cli_actor():
-    """Who runs this command, for the audit trail: the operating-system account (from the process's user ID, not
-    from the environment, which anyone can set) on this host."""
-    import pwd
-    import socket
+    """Who runs this command, for the audit trail (``db.audit.process_actor``)."""
+    from db.audit import process_actor
 
-    from db.audit import Actor
-
-    try:
-        who = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:  # a container's UID with no passwd entry
-        who = f"uid {os.getuid()}"
-    return Actor(who, f"cli@{socket.gethostname()}")
+    return process_actor("cli")
 
 
 def load_models(settings: Settings, only=None, lazy: bool = False, references: bool = True):

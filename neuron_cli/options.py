@@ -88,6 +88,9 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
     ScreeningOption("dicom_out", "dicom_out", Path, "Also write DICOM objects for PACS here: per image a secondary "
                     "capture with the heatmap burned in, per study a structured report", _env("NEURON_DICOM_OUT"),
                     default_text="none"),
+    ScreeningOption("fhir_out", "fhir_out", Path, "Also write FHIR R4 here: per screened study a Bundle of its "
+                    "ImagingStudy, the models as Devices and an Observation per positive finding",
+                    _env("NEURON_FHIR_OUT"), default_text="none"),
     ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
                     _env("NEURON_METRICS_PORT"), default_text="off"),
     ScreeningOption("send_to", "send_to", list[str], "Send each screened study's structured report and secondary "
