@@ -3,7 +3,8 @@ app and the command line (``record``), an export as CSV or as FHIR AuditEvent re
 (``prune``).
 
     review app (study page, heatmap, verdict, sign-in) ─┐
-    neuron export / purge / rescreen / audit ───────────┴─► record(db, Event) ─► INSERT INTO audit
+    neuron export / purge / rescreen / audit ───────────┤
+    --fhir-out (a study's Bundle written) ──────────────┴─► record(db, Event) ─► INSERT INTO audit
 
 Append-only by construction and by the database: nothing here updates a row, and triggers (migration 0007) refuse
 every UPDATE and every DELETE except the rows older than a cut-off that ``prune`` writes into ``audit_prune`` within
@@ -62,6 +63,21 @@ class Actor:
             raise ValueError("an audit actor needs a name: the reviewer, 'loopback' or the command's user")
         object.__setattr__(self, "who", who)
         object.__setattr__(self, "address", printable(self.address)[:128] if self.address else None)
+
+
+def process_actor(role: str) -> Actor:
+    """This process, for the audit trail: the operating-system account (from the process's user ID, not from the
+    environment, which anyone can set) and ``role@host`` (``cli`` for a command, ``run``, ``worker``... for what a
+    screening process writes on its own)."""
+    import os
+    import pwd
+    import socket
+
+    try:
+        who = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a container's UID with no passwd entry
+        who = f"uid {os.getuid()}"
+    return Actor(who, f"{role}@{socket.gethostname()}")
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,27 @@ def output_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ExportRefused(f"output {str(path)!r}: the format comes from the suffix, and {path.suffix or 'none'!r} "
-                            f"is not one of {', '.join(FORMATS)}; name the file e.g. effusion.parquet or "
-                            f"effusion.csv")
+                            f"is not one of {', '.join(FORMATS)}, .json or .ndjson (FHIR); name the file e.g. "
+                            f"effusion.parquet, effusion.csv or effusion.json")
     return fmt
+
+
+def export_format(path: Path, fmt: str | None = None) -> str:
+    """'csv', 'parquet' or 'fhir' (``db.fhir``: a .json Bundle or .ndjson): from the suffix, and ``--format`` when
+    given must agree with it."""
+    fhir = path.suffix.lower() in (".json", ".ndjson")
+    if fmt is not None and fmt not in ("csv", "parquet", "fhir"):
+        raise ExportRefused(f"--format {fmt!r} is not csv, parquet or fhir")
+    if fhir and fmt in (None, "fhir"):
+        return "fhir"
+    if fmt == "fhir":
+        raise ExportRefused(f"--format fhir writes a FHIR Bundle (.json) or NDJSON (.ndjson), not {str(path)!r}; "
+                            f"name the file e.g. findings.json or findings.ndjson")
+    found = output_format(path) if not fhir else "fhir"
+    if fmt is not None and fmt != found:
+        raise ExportRefused(f"--format {fmt} and the file {str(path)!r} disagree: the file's suffix says "
+                            f"{found}; name it e.g. findings.{fmt}, or leave --format out")
+    return found
 
 
 def check_condition(where: str) -> str:
@@ -114,7 +132,7 @@ def view_columns(conn: Connection, view: str) -> list[Column]:
     return columns
 
 
-def _read_only(conn: Connection) -> None:
+def read_only(conn: Connection) -> None:
     """Before the user's condition runs, the connection can no longer write."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("PRAGMA query_only = ON")
@@ -122,6 +140,15 @@ def _read_only(conn: Connection) -> None:
         conn.exec_driver_sql("SET TRANSACTION READ ONLY")
     else:  # pragma: no cover - Neuron runs on these two
         raise ExportRefused(f"exports run on SQLite and PostgreSQL, not {conn.dialect.name}")
+
+
+def condition_refused(where: str | None, view: str, columns: Sequence[Column], exc: DBAPIError) -> ExportRefused:
+    """The database refused the query of ``where``: one message with what it said and the columns the condition may
+    use."""
+    first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    names = ", ".join(c.name for c in columns)
+    return ExportRefused(f"--where {where!r} does not run on the view {view} ({first}); an export only reads, and "
+                         f"the condition may use these columns: {names}; e.g. --where \"{EXAMPLE}\"")
 
 
 def _query(view: str, columns: Sequence[Column], where: str | None) -> sa.Select:
@@ -243,7 +270,7 @@ def export(url: str, view: str, where: str | None, output: Path, chunk_rows: int
 
 
 def _export(conn: Connection, view: str, where: str | None, output: Path, fmt: str, chunk_rows: int) -> int:
-    _read_only(conn)  # first: PostgreSQL takes the mode only before the transaction's first query
+    read_only(conn)  # first: PostgreSQL takes the mode only before the transaction's first query
     columns = view_columns(conn, view)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
@@ -257,11 +284,7 @@ def _export(conn: Connection, view: str, where: str | None, output: Path, fmt: s
         sink.close()
         partial.replace(output)  # the file appears under its name only once complete
     except DBAPIError as exc:
-        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        names = ", ".join(c.name for c in columns)
-        raise ExportRefused(f"--where {where!r} does not run on the view {view} ({first}); an export only reads, "
-                            f"and the condition may use these columns: {names}; e.g. --where \"{EXAMPLE}\""
-                            ) from None
+        raise condition_refused(where, view, columns, exc) from None
     finally:
         rows_in_chunks.close()  # the cursor, also when a chunk failed half way
         sink.discard()

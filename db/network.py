@@ -176,7 +176,7 @@ def claim_deliveries(db: Database, limit: int = 64, lease_s: float = 120.0,
     due = or_((DeliveryRecord.status == DeliveryStatus.PENDING.value) & (DeliveryRecord.next_attempt_at <= now),
               (DeliveryRecord.status == DeliveryStatus.SENDING.value) & (DeliveryRecord.lease_until < now))
     q = (select(DeliveryRecord.id, DeliveryRecord.destination, DeliveryRecord.sop_instance_uid, DeliveryRecord.path,
-                DeliveryRecord.attempts)
+                DeliveryRecord.attempts, DeliveryRecord.study_instance_uid)
          .where(due).order_by(DeliveryRecord.next_attempt_at, DeliveryRecord.id).limit(limit))
     if destinations is not None:
         q = q.where(DeliveryRecord.destination.in_(list(destinations)))
@@ -187,7 +187,8 @@ def claim_deliveries(db: Database, limit: int = 64, lease_s: float = 120.0,
             done = conn.execute(sql_update(DeliveryRecord).where(DeliveryRecord.id == row.id, due).values(
                 status=DeliveryStatus.SENDING.value, lease_until=lease, updated_at=now))
             if done.rowcount == 1:
-                taken.append(DeliveryJob(row.id, row.destination, row.sop_instance_uid, row.path, row.attempts))
+                taken.append(DeliveryJob(row.id, row.destination, row.sop_instance_uid, row.path, row.attempts,
+                                         row.study_instance_uid))
     return taken
 
 

@@ -16,7 +16,9 @@ from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.engine import Connection
 
 from db.schema import Instance, Prediction, Study, chunks, needs_review_clause, utcnow
-from neuron.work import POSITIVE
+from neuron.work import POSITIVE, Status
+
+WAITING = (Status.PENDING.value, Status.QUEUED.value)  # an instance still to be screened
 
 
 def study_of(conn: Connection, sop_uids: Iterable[str]) -> dict[str, str]:
@@ -25,6 +27,16 @@ def study_of(conn: Connection, sop_uids: Iterable[str]) -> dict[str, str]:
     for chunk in chunks(sop_uids):
         found.update(conn.execute(select(Instance.sop_instance_uid, Instance.study_instance_uid)
                                   .where(Instance.sop_instance_uid.in_(chunk))).all())
+    return found
+
+
+def open_studies(conn: Connection, study_uids: Iterable[str]) -> set[str]:
+    """Those of these studies with instances still to be screened (pending or queued), asked in chunks: a report
+    written for one of them is partial."""
+    found: set[str] = set()
+    for chunk in chunks(study_uids):
+        found.update(conn.execute(select(Instance.study_instance_uid).distinct().where(
+            Instance.study_instance_uid.in_(chunk), Instance.status.in_(WAITING))).scalars())
     return found
 
 

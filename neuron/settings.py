@@ -59,6 +59,8 @@ ENVIRONMENT = {
     "NEURON_CACHE_DIR": "folder for caches (calibrated untrained model, torch, matplotlib; default: <out>/.cache)",
     "NEURON_DICOM_OUT": "folder for DICOM outputs (secondary capture with the heatmap, structured report per study); "
                         "unset: none are written",
+    "NEURON_FHIR_OUT": "folder for FHIR outputs: one R4 Bundle per screened study (ImagingStudy, Device, an "
+                       "Observation per positive finding); unset: none are written",
     "NEURON_METRICS_PORT": "port of the Prometheus /metrics endpoint of `neuron run` and `neuron worker` (unset: off)",
     "NEURON_METRICS_HOST": "address the /metrics endpoint listens on (default: 127.0.0.1; 0.0.0.0 in a container)",
     "NEURON_PATIENT_KEY": "secret for --patient-key: the Patient ID is stored only as HMAC-SHA256(secret, ID), so "
@@ -66,14 +68,26 @@ ENVIRONMENT = {
     "NEURON_REVIEW_TOKEN": "token that `neuron review` requires for writing verdicts (unset: read-only)",
     # DICOM networking: neuron listen, neuron pull, --send-to (neuron/dicomnet.py)
     "NEURON_AE_TITLE": "Neuron's own AE title: the listener's, and the calling AE of pull and send (default: NEURON)",
-    "NEURON_SEND_TO": "AE@HOST:PORT[,AE@HOST:PORT]: send each screened study's SR and secondary captures there by "
-                      "C-STORE (unset: not sent)",
+    "NEURON_SEND_TO": "AE@HOST:PORT or https://HOST/dicom-web, comma-separated: send each screened study's SR and "
+                      "secondary captures there by C-STORE or STOW-RS (unset: not sent)",
     "NEURON_SEND_ATTEMPTS": "tries per DICOM output and destination before its delivery is failed (default: 5)",
     "NEURON_SEND_RETRY_SECONDS": "wait before the first retry of a delivery, doubled each try up to 300 (default: 2)",
     "NEURON_TLS_CERT": "PEM certificate for DICOM TLS (listen, pull, send); unset: no TLS",
     "NEURON_TLS_KEY": "PEM private key of NEURON_TLS_CERT",
     "NEURON_TLS_CA": "PEM certificates of the authorities that sign the peers' certificates (listen: callers "
                      "must present one)",
+    # DICOMweb peers (https://... in place of AE@HOST:PORT for pull and --send-to; neuron/webclient.py)
+    "NEURON_DICOMWEB_USERNAME": "user name for HTTP basic authentication to DICOMweb peers",
+    "NEURON_DICOMWEB_PASSWORD": "password of NEURON_DICOMWEB_USERNAME (never printed; masked in logs)",
+    "NEURON_DICOMWEB_TOKEN": "a static bearer token for DICOMweb peers (never printed; masked in logs)",
+    "NEURON_DICOMWEB_TOKEN_FILE": "a file holding the bearer token, read again whenever it changes (--token-file)",
+    "NEURON_DICOMWEB_OAUTH_URL": "OAuth2 token endpoint: client-credentials tokens for DICOMweb peers, renewed "
+                                 "before they expire",
+    "NEURON_DICOMWEB_CLIENT_ID": "OAuth2 client id of NEURON_DICOMWEB_OAUTH_URL",
+    "NEURON_DICOMWEB_CLIENT_SECRET": "OAuth2 client secret of NEURON_DICOMWEB_OAUTH_URL (never printed)",
+    "NEURON_DICOMWEB_SCOPE": "OAuth2 scope asked for with the client credentials (default: none)",
+    "NEURON_DICOMWEB_PEERS": "a JSON file of per-peer DICOMweb settings keyed by base URL (authentication, CA, "
+                             "timeouts, page size) for sites with several archives; chmod 600 when it holds secrets",
     "NEURON_POPULATION_POLICY": "flag or skip: what indexing does with a film outside its model's trained population "
                                 "(a child's film): screen it and flag every finding for review, or skip it "
                                 "(default: flag)",
@@ -129,12 +143,22 @@ _SCREENING_ENV = {
     "NEURON_REVIEW_THRESHOLD": ("review_threshold", _parse_float),
     "NEURON_CACHE_DIR": ("cache_dir", lambda _name, v: Path(v)),
     "NEURON_DICOM_OUT": ("dicom_out", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_FHIR_OUT": ("fhir_out", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_METRICS_PORT": ("metrics_port", lambda name, v: _parse_int(name, v) if v.strip() else None),
     "NEURON_SEND_TO": ("send_to", lambda _name, v: tuple(p.strip() for p in v.split(",") if p.strip())),
     "NEURON_TLS_CERT": ("tls_cert", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_TLS_KEY": ("tls_key", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_TLS_CA": ("tls_ca", lambda _name, v: Path(v) if v.strip() else None),
     "NEURON_REFERENCE_DIR": ("reference_dir", lambda _name, v: Path(v) if v.strip() else None),
+    "NEURON_DICOMWEB_TOKEN_FILE": ("dicomweb_token_file", lambda _name, v: Path(v) if v.strip() else None),
+}
+
+# DICOMweb credentials and endpoints: text, taken as given (an empty value is unset)
+_DICOMWEB_ENV = {
+    "NEURON_DICOMWEB_USERNAME": "dicomweb_username", "NEURON_DICOMWEB_PASSWORD": "dicomweb_password",
+    "NEURON_DICOMWEB_TOKEN": "dicomweb_token", "NEURON_DICOMWEB_OAUTH_URL": "dicomweb_oauth_url",
+    "NEURON_DICOMWEB_CLIENT_ID": "dicomweb_client_id", "NEURON_DICOMWEB_CLIENT_SECRET": "dicomweb_client_secret",
+    "NEURON_DICOMWEB_SCOPE": "dicomweb_scope", "NEURON_DICOMWEB_PEERS": "dicomweb_peers",
 }
 
 
@@ -187,6 +211,7 @@ class Settings:
     runtime: str = "auto"  # what runs the networks (neuron_models.runtime): auto, torch, onnxruntime
     cache_dir: Path | None = None  # None: <out>/.cache (resolved_cache_dir)
     dicom_out: Path | None = None  # DICOM secondary captures and structured reports (worker.dicom_out); None: off
+    fhir_out: Path | None = None  # a FHIR Bundle per screened study (worker.fhir_out); None: off
     metrics_port: int | None = None  # Prometheus /metrics; None: off
     population_policy: PopulationPolicy = PopulationPolicy.FLAG  # indexing: films outside a trained population
     reference_dir: Path | None = None  # out-of-distribution references; None: <out>/references
@@ -207,6 +232,16 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # DICOMweb peers (neuron/webclient.py): secrets never in repr, never on a command line
+    dicomweb_username: str | None = None
+    dicomweb_password: str | None = field(default=None, repr=False)
+    dicomweb_token: str | None = field(default=None, repr=False)
+    dicomweb_token_file: Path | None = None
+    dicomweb_oauth_url: str | None = None
+    dicomweb_client_id: str | None = None
+    dicomweb_client_secret: str | None = field(default=None, repr=False)
+    dicomweb_scope: str | None = None
+    dicomweb_peers: Path | None = None
     broker_given: bool = False  # NEURON_BROKER_URL was set: listen and pull enqueue instead of screening in process
     # distributed mode
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -265,9 +300,11 @@ class Settings:
 
     def _check_network(self) -> None:
         from neuron.dicomnet import Peer, check_ae_title
+        from neuron.webclient import WebPeer, is_web
 
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "NEURON_AE_TITLE"))
-        object.__setattr__(self, "send_to", tuple(str(Peer.parse(p, "--send-to")) for p in self.send_to))
+        object.__setattr__(self, "send_to", tuple(str(WebPeer.parse(p, "--send-to") if is_web(p) else
+                                                      Peer.parse(p, "--send-to")) for p in self.send_to))
         if self.send_attempts < 1:
             raise ConfigError(f"NEURON_SEND_ATTEMPTS={self.send_attempts} must be at least 1 (one try, no retry)")
         if self.send_retry_s < 0:
@@ -337,6 +374,9 @@ class Settings:
         for name, (key, parse) in _SCREENING_ENV.items():
             if name in env:
                 values[key] = parse(name, env[name])
+        for name, key in _DICOMWEB_ENV.items():
+            if env.get(name, "").strip():
+                values[key] = Path(env[name].strip()) if key == "dicomweb_peers" else env[name].strip()
         if env.get("NEURON_POPULATION_POLICY", "").strip():
             values["population_policy"] = env["NEURON_POPULATION_POLICY"].strip().lower()
         if "NEURON_FOLLOW_LINKS" in env:

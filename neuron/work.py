@@ -371,3 +371,4 @@ class DeliveryJob:
     sop_instance_uid: str
     path: str
     attempts: int
+    study_instance_uid: str = ""  # STOW-RS posts a study's objects together, to that study's resource

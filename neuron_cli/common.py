@@ -7,7 +7,6 @@ reasons are in ``ingest_status``); 4 the run could not start (weights, settings,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ from rich.progress import TextColumn
 
 from neuron.errors import NeuronError, SetupError
 from neuron.settings import Settings, WeightsMode
+from neuron.webclient import WebPeer, access_for, environment_access, is_web
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_SETUP = 0, 2, 3, 4
 
@@ -37,9 +37,16 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def settings_from_env(code: int = EXIT_USAGE, **overrides) -> Settings:
-    """Settings from the flags and the environment, or the command's exit with the setting's message."""
+    """Settings from the flags and the environment, or the command's exit with the setting's message. The access to
+    each DICOMweb destination (credentials, peers file, certificates) is checked here too, before any model loads."""
     try:
-        return Settings.from_env(**overrides)
+        settings = Settings.from_env(**overrides)
+        if any(is_web(d) for d in settings.send_to):
+            default, peers = environment_access(settings)
+            for destination in settings.send_to:
+                if is_web(destination):
+                    access_for(WebPeer.parse(destination, "--send-to"), default, peers)
+        return settings
     except NeuronError as exc:
         raise fail(str(exc), code) from None
 
@@ -52,18 +59,10 @@ def warn_untrained(settings: Settings) -> None:
 
 
 def cli_actor():
-    """Who runs this command, for the audit trail: the operating-system account (from the process's user ID, not
-    from the environment, which anyone can set) on this host."""
-    import pwd
-    import socket
+    """Who runs this command, for the audit trail (``db.audit.process_actor``)."""
+    from db.audit import process_actor
 
-    from db.audit import Actor
-
-    try:
-        who = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:  # a container's UID with no passwd entry
-        who = f"uid {os.getuid()}"
-    return Actor(who, f"cli@{socket.gethostname()}")
+    return process_actor("cli")
 
 
 def load_models(settings: Settings, only=None, lazy: bool = False, references: bool = True):

@@ -171,7 +171,9 @@ def listen(
 
 @screening_options
 def pull(
-    source: Annotated[str, typer.Argument(help="The PACS to pull from: AE@HOST:PORT, e.g. PACS@pacs.example:104.")],
+    source: Annotated[str, typer.Argument(help="The PACS to pull from: AE@HOST:PORT (DIMSE), e.g. "
+                                               "PACS@pacs.example:104, or a DICOMweb service's base URL, e.g. "
+                                               "https://pacs.example/dicom-web (QIDO-RS, WADO-RS).")],
     study_date: Annotated[str, typer.Option("--study-date", help="YYYYMMDD, YYYYMMDD-YYYYMMDD, or a range open at "
                                                                  "one end. [default: any date]",
                                             show_default=False)] = None,
@@ -183,7 +185,11 @@ def pull(
                                                            "PACS knows, sharing this database) instead of C-GET. "
                                                            "[default: C-GET, no PACS configuration needed]",
                                          show_default=False)] = None,
-    in_flight: Annotated[int, typer.Option(help="Studies retrieved at once.")] = 2,
+    in_flight: Annotated[int, typer.Option(help="Studies retrieved at once (so, with DICOMweb, requests at once).")
+                         ] = 2,
+    max_studies_per_hour: Annotated[float, typer.Option(help="Start at most this many study retrievals per hour, "
+                                                             "to spare the archive. [default: no limit]",
+                                                        show_default=False)] = None,
     window: Annotated[str, typer.Option(help="Retrieve only between these hours (local time), e.g. 20:00-06:00; "
                                              "paused outside. [default: any time]", show_default=False)] = None,
     attempts: Annotated[int, typer.Option(help="Tries per study before it is recorded as failed.")] = 4,
@@ -198,20 +204,24 @@ def pull(
     *,
     screening: dict,
 ) -> None:
-    """Query a PACS (C-FIND) and retrieve the matching studies (C-GET, or C-MOVE to a listener), then screen them (or,
-    with NEURON_BROKER_URL, enqueue them for the workers). Resumable: a second pull of the same query asks for
-    nothing that is here already. Exit 3 when some studies could not be retrieved (`neuron status`, table pulls)."""
+    """Query a PACS (C-FIND, or QIDO-RS) and retrieve the matching studies (C-GET, C-MOVE to a listener, or WADO-RS),
+    then screen them (or, with NEURON_BROKER_URL, enqueue them for the workers). Resumable: a second pull of the same
+    query asks for nothing that is here already. Exit 3 when some studies could not be retrieved (`neuron status`,
+    table pulls)."""
     from neuron.dicomnet import Peer, TimeWindow, TlsFiles
-    from producer.pull import PullConfig, PullQuery, echo
+    from neuron.webclient import WebAccess, WebPeer, access_for, environment_access, is_web
+    from producer.pull import PullConfig, PullQuery, transport_for
     from producer.receive import Admission
 
     _logging(verbose)
     settings = _settings(out, db, ae_title, patient_key, screening, population_policy)
     try:
         query = PullQuery.parse(study_date, modality, accessions)
-        config = PullConfig(Peer.parse(source, "SOURCE"), settings.ae_title,
-                            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca), move_to, in_flight,
-                            TimeWindow.parse(window) if window else None, attempts, retry_seconds)
+        peer = WebPeer.parse(source, "SOURCE") if is_web(source) else Peer.parse(source, "SOURCE")
+        web = access_for(peer, *environment_access(settings)) if isinstance(peer, WebPeer) else WebAccess()
+        config = PullConfig(peer, settings.ae_title, TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca),
+                            move_to, in_flight, TimeWindow.parse(window) if window else None, attempts,
+                            retry_seconds, max_studies_per_hour, web)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     admission = Admission(min_free_bytes=int(min_free_gb * 1e9))
@@ -220,7 +230,7 @@ def pull(
                       "NEURON_SEND_TO on them), with --move-to the listener does[/]")
     stop = _stop_on_signals()
     try:
-        echo(config)  # an unreachable source is said before any model loads
+        transport_for(config, None, check=True)  # an unreachable source is said before any model loads
         if settings.broker_given or move_to is not None:
             from producer.pull import pull_without_screening
 
@@ -234,18 +244,22 @@ def pull(
         raise fail(str(exc), EXIT_SETUP) from None
     done = ("enqueued for the workers" if settings.broker_given else
             f"sent to {move_to}" if move_to else "screened")
-    console.print(f"{report.found} studies found on {source}: {report.retrieved_studies} retrieved "
+    console.print(f"{report.found} studies found on {config.source}: {report.retrieved_studies} retrieved "
                   f"({report.retrieved_instances} instances, {done}), {report.held} held already, "
                   f"{len(report.failed)} failed" + (f"; {left} instances still to screen (stopped)" if left else ""))
     for _, error in report.failed[:10]:
         console.print(f"[red]failed[/] {error}")
+    for where in report.unlisted[:10]:
+        console.print(f"[yellow]possibly incomplete[/] the source answered as many studies on {where} as it answers "
+                      "to any search and cannot be asked for more; search that day by --modality or --accessions")
     raise typer.Exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)
 
 
 def send(
     failed: Annotated[bool, typer.Option("--failed", help="Also try the failed deliveries again, with a fresh count "
                                                           "of tries.")] = False,
-    to: Annotated[list[str], typer.Option("--to", help="Only deliveries to this AE@HOST:PORT (repeatable). "
+    to: Annotated[list[str], typer.Option("--to", help="Only deliveries to this AE@HOST:PORT or DICOMweb URL "
+                                                       "(repeatable). "
                                                        "[default: every destination]", show_default=False)] = None,
     wait: Annotated[float, typer.Option(help="Give up after this many seconds; what is left stays pending.")
                     ] = 300.0,
@@ -260,16 +274,18 @@ def send(
     out: OutOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each round (INFO).")] = False,
 ) -> None:
-    """Deliver the DICOM outputs still waiting (pending), and with --failed the failed ones too, by C-STORE; exit 3
-    when some could not be delivered."""
+    """Deliver the DICOM outputs still waiting (pending), and with --failed the failed ones too, by C-STORE or
+    STOW-RS; exit 3 when some could not be delivered."""
     from neuron.dicomnet import Peer
+    from neuron.webclient import WebPeer, is_web
     from worker.send import send_again
 
     _logging(verbose)
     settings = settings_from_env(database_url=db, out_dir=out, ae_title=ae_title, tls_cert=tls_cert, tls_key=tls_key,
                                  tls_ca=tls_ca)
     try:
-        destinations = [str(Peer.parse(t, "--to")) for t in to] if to else None
+        destinations = [str(WebPeer.parse(t, "--to") if is_web(t) else Peer.parse(t, "--to")) for t in to] \
+            if to else None
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     open_database(settings).dispose()

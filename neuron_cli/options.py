@@ -88,18 +88,26 @@ SCREENING_OPTIONS: tuple[ScreeningOption, ...] = (
     ScreeningOption("dicom_out", "dicom_out", Path, "Also write DICOM objects for PACS here: per image a secondary "
                     "capture with the heatmap burned in, per study a structured report", _env("NEURON_DICOM_OUT"),
                     default_text="none"),
+    ScreeningOption("fhir_out", "fhir_out", Path, "Also write FHIR R4 here: per screened study a Bundle of its "
+                    "ImagingStudy, the models as Devices and an Observation per positive finding",
+                    _env("NEURON_FHIR_OUT"), default_text="none"),
     ScreeningOption("metrics_port", "metrics_port", int, "Serve Prometheus metrics at http://HOST:PORT/metrics",
                     _env("NEURON_METRICS_PORT"), default_text="off"),
     ScreeningOption("send_to", "send_to", list[str], "Send each screened study's structured report and secondary "
-                    "captures by C-STORE to AE@HOST:PORT once its results are committed (repeat for several "
-                    "destinations; without --dicom-out they are written to OUT/dicom-out)", _env("NEURON_SEND_TO"),
-                    default_text="none"),
-    ScreeningOption("tls_cert", "tls_cert", Path, "PEM certificate for DICOM TLS (--send-to, listen, pull)",
+                    "captures once its results are committed: by C-STORE to AE@HOST:PORT, or by STOW-RS to a "
+                    "DICOMweb base URL https://HOST/PATH (repeat for several destinations; without --dicom-out they "
+                    "are written to OUT/dicom-out)", _env("NEURON_SEND_TO"), default_text="none"),
+    ScreeningOption("token_file", "dicomweb_token_file", Path, "File holding a bearer token for DICOMweb peers "
+                    "(pull, --send-to https://...), read again whenever it changes; never put a token on the command "
+                    "line", _env("NEURON_DICOMWEB_TOKEN_FILE"), default_text="none"),
+    ScreeningOption("tls_cert", "tls_cert", Path, "PEM certificate for DICOM TLS (--send-to, listen, pull), and the "
+                    "client certificate for https DICOMweb peers",
                     _env("NEURON_TLS_CERT"), default_text="no TLS"),
     ScreeningOption("tls_key", "tls_key", Path, "PEM private key of --tls-cert", _env("NEURON_TLS_KEY"),
                     default_text="none"),
     ScreeningOption("tls_ca", "tls_ca", Path, "PEM certificates of the authorities that sign the peers' "
-                    "certificates", _env("NEURON_TLS_CA"), default_text="the system's"),
+                    "certificates (DIMSE TLS and https DICOMweb peers)", _env("NEURON_TLS_CA"),
+                    default_text="the system's"),
     ScreeningOption("reference_dir", "reference_dir", Path, "Folder of the routes' out-of-distribution references "
                     "(neuron reference); a route with one gets an ood_score per image", _env("NEURON_REFERENCE_DIR"),
                     default_text="OUT/references"),

@@ -101,41 +101,55 @@ def review(
 
 
 def export(
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write; the format follows its suffix: .csv "
-                                                                "or .parquet.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write; the format follows its suffix: .csv, "
+                                                                ".parquet, .json (a FHIR Bundle) or .ndjson (FHIR "
+                                                                "resources, one a line).")],
     where: Annotated[str, typer.Option("--where", help="SQL condition over the view's columns, e.g. \"label = "
                                                        "'Effusion' and probability > 0.7\". [default: every row]",
                                        show_default=False)] = None,
-    view: Annotated[str, typer.Option("--view", help="findings, study_findings, ingest_status or reviews.")
-                    ] = "findings",
+    view: Annotated[str, typer.Option("--view", help="findings, study_findings, ingest_status or reviews (FHIR: "
+                                                     "findings).")] = "findings",
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or fhir; must agree with the suffix. "
+                                                      "[default: from the suffix]", show_default=False)] = None,
     db: DbOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder whose neuron.db to read. [default: ./results; "
                                                     "env NEURON_OUT]")] = None,
 ) -> None:
     """Export a view's rows that match --where to CSV or Parquet: the same rows as `SELECT * FROM VIEW WHERE (...)`,
-    streamed, read-only (the condition cannot write), typed (floats, UTC timestamps, booleans)."""
-    from db.export import ExportRefused, check_condition, output_format
+    streamed, read-only (the condition cannot write), typed (floats, UTC timestamps, booleans). With --format fhir
+    (or a .json / .ndjson file): the positive findings among those rows as FHIR R4 Observations, with an
+    ImagingStudy per study and a Device per model (README "Findings as FHIR")."""
+    from db.export import ExportRefused, check_condition, export_format
     from db.export import export as export_view
 
     try:
-        output_format(output)
+        chosen = export_format(output, fmt)
         if where is not None:
             check_condition(where)
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     from db import audit
+    from db import fhir as fhir_export
 
     settings = settings_from_env(database_url=db, out_dir=out)
     database = open_database(settings, needs=AUDIT_TRAIL)
     try:
         try:
-            rows = export_view(settings.resolved_database_url, view, where, output)
+            if chosen == "fhir":
+                report = fhir_export.export(settings.resolved_database_url, where, output, view)
+                said = (f"{report.resources} FHIR resources ({report.observations} observations of "
+                        f"{report.studies} studies, {report.devices} devices)")
+                if report.unplaced:
+                    console.print(f"[yellow]{report.unplaced} positive findings of instances indexed without a "
+                                  f"Study Instance UID left out[/]: FHIR places a finding in its study; fix the "
+                                  f"headers at the source and rescan to include them")
+            else:
+                said = f"{export_view(settings.resolved_database_url, view, where, output)} rows of {view}"
         except ExportRefused as exc:
             raise fail(str(exc), EXIT_USAGE) from None
-        audit.record(database, audit.Event(cli_actor(), audit.Action.EXPORT, target=f"view={view} where={where or ''}",
-                                           detail=f"{rows} rows to {output.resolve()}"))
+        audit.record(database, audit.Event(cli_actor(), audit.Action.EXPORT,
+                                           target=f"view={view} where={where or ''} format={chosen}",
+                                           detail=f"{said} to {output.resolve()}"))
     finally:
         database.dispose()
-    console.print(f"wrote {rows} rows of {view} to {output}")
-
-
+    console.print(f"wrote {said} to {output}")

@@ -236,4 +236,7 @@ def rescreen(
     if settings.dicom_out is not None:
         console.print(f"DICOM outputs: {report.dicom_written} written to {settings.dicom_out}, "
                       f"{report.dicom_failed} not written (reasons logged)")
+    if settings.fhir_out is not None:
+        console.print(f"FHIR outputs: {report.fhir_written} Bundles written to {settings.fhir_out}, "
+                      f"{report.fhir_failed} not written (reasons logged)")
     raise typer.Exit(EXIT_SOME_FAILED if report.failed else EXIT_OK)

@@ -35,6 +35,7 @@ def gather(settings: Settings, database) -> dict:
         unacknowledged_tasks,
         worker_records,
     )
+    from neuron.webclient import described_peers
 
     st = db_status(database)
     rate = throughput(database)
@@ -64,6 +65,7 @@ def gather(settings: Settings, database) -> dict:
         "eta_s": eta,
         "failures_by_reason": [{"reason": r, "instances": n} for r, n in st.failures_by_reason],
         "network": network_status(database),
+        "dicomweb": described_peers(settings),
     }
 
 
@@ -139,6 +141,8 @@ def render(data: dict):
             again = "" if w["redelivered_in_s"] is None else f"{w['redelivered_in_s']:.0f} s"
             hosts.add_row(host, w["worker"], state, str(w["held_studies"]), str(w["held_instances"]), again)
     _network_rows(table, data.get("network"))
+    for url, how in (data.get("dicomweb") or {}).items():
+        table.add_row(f"DICOMweb {url}", how)
     failures = Table(title="latest failures by reason", show_header=True)
     failures.add_column("instances", justify="right")
     failures.add_column("reason")

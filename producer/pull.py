@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from pathlib import Path
+from datetime import datetime
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -42,16 +43,14 @@ from neuron.dicomnet import (
     SUCCESS,
     UNCOMPRESSED_SYNTAXES,
     Peer,
-    TimeWindow,
-    TlsFiles,
-    check_ae_title,
     readable_transfer_syntaxes,
     status_text,
     why_no_association,
 )
-from neuron.errors import ConfigError, PeerUnavailable
+from neuron.errors import ConfigError, FailedInput, PeerUnavailable
 from neuron.settings import Settings
 from neuron.work import FoundStudy, PullStatus
+from producer.pullspec import PullConfig, PullQuery, check_listed  # noqa: F401 - PullConfig: the puller's vocabulary
 from producer.receive import Admission, Receiver, store_status
 from producer.scan import parse_da
 
@@ -61,114 +60,6 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2: odd context IDs 1-255)
 
 
-@dataclass(frozen=True)
-class PullQuery:
-    """What to pull: a study date range (either end open), modalities, accession numbers; empty means any."""
-
-    date_from: date | None = None
-    date_to: date | None = None
-    modalities: tuple[str, ...] = ()
-    accessions: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, study_date: str | None, modality: str | None, accession_file: Path | None) -> PullQuery:
-        start = end = None
-        if study_date:
-            first, sep, last = study_date.strip().partition("-")
-            start = parse_da(first) if first else None
-            end = (parse_da(last) if last else None) if sep else start
-            if (first and start is None) or (last and end is None) or not (first or last):
-                raise ConfigError(f"--study-date {study_date!r} is not a date or range of dates: write YYYYMMDD, "
-                                  "YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD (DICOM range matching, PS3.4 C.2.2.2.5)")
-            if start and end and start > end:
-                raise ConfigError(f"--study-date {study_date!r} ends before it starts; write the earlier date first")
-        modalities = tuple(m.strip().upper() for m in (modality or "").split(",") if m.strip())
-        for m in modalities:
-            if len(m) > 16 or not m.replace("_", "").isalnum():
-                raise ConfigError(f"--modality {m!r} is not a modality code (CS, e.g. CR, DX, MR); separate several "
-                                  "with commas: CR,DX")
-        accessions: tuple[str, ...] = ()
-        if accession_file is not None:
-            try:
-                lines = Path(accession_file).read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"--accessions {accession_file}: cannot be read ({exc.strerror}); give a text "
-                                  "file with one accession number per line") from exc
-            accessions = tuple(dict.fromkeys(a.strip() for a in lines if a.strip() and not a.startswith("#")))
-            long = [a for a in accessions if len(a) > 16 or "\\" in a]
-            if long:
-                raise ConfigError(f"--accessions {accession_file}: {long[0]!r} is not an accession number (SH: at "
-                                  "most 16 characters, no backslash)")
-            if not accessions:
-                raise ConfigError(f"--accessions {accession_file} holds no accession number; one per line")
-        return cls(start, end, modalities, accessions)
-
-    def _date_range(self) -> str:
-        if self.date_from is None and self.date_to is None:
-            return ""
-        if self.date_from == self.date_to:
-            return f"{self.date_from:%Y%m%d}"
-        low = f"{self.date_from:%Y%m%d}" if self.date_from else ""
-        high = f"{self.date_to:%Y%m%d}" if self.date_to else ""
-        return f"{low}-{high}"
-
-    def identifiers(self) -> list[Dataset]:
-        """The study-level C-FIND identifiers: one per accession number, or one. Return keys are those retrieval and
-        the worklist need; no patient attribute is asked for."""
-        out = []
-        for accession in self.accessions or ("",):
-            ds = Dataset()
-            ds.QueryRetrieveLevel = "STUDY"
-            ds.StudyInstanceUID = ""
-            ds.StudyDate = self._date_range()
-            ds.AccessionNumber = accession
-            ds.ModalitiesInStudy = "\\".join(self.modalities)
-            ds.NumberOfStudyRelatedInstances = ""
-            out.append(ds)
-        return out
-
-    def matches(self, found: FoundStudy) -> bool:
-        """The answer checked against the query again: a PACS may ignore a key it does not support."""
-        if self.date_from and (found.study_date is None or found.study_date < self.date_from):
-            return False
-        if self.date_to and (found.study_date is None or found.study_date > self.date_to):
-            return False
-        if self.modalities and found.modalities is not None and found.modalities.strip() and not (
-                set(found.modalities.split("\\")) & set(self.modalities)):
-            return False
-        return not (self.accessions and found.accession_number not in self.accessions)
-
-    def __str__(self) -> str:
-        parts = []
-        if self.date_from or self.date_to:
-            parts.append(f"study date {self.date_from or '...'} to {self.date_to or '...'}")
-        if self.modalities:
-            parts.append(f"modality {','.join(self.modalities)}")
-        if self.accessions:
-            parts.append(f"{len(self.accessions)} accession numbers")
-        return ", ".join(parts) or "every study"
-
-
-@dataclass(frozen=True)
-class PullConfig:
-    source: Peer
-    ae_title: str = "NEURON"
-    tls: TlsFiles = field(default_factory=TlsFiles)
-    move_to: str | None = None
-    in_flight: int = 2
-    window: TimeWindow | None = None
-    attempts: int = 4
-    retry_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.move_to is not None:
-            object.__setattr__(self, "move_to", check_ae_title(self.move_to, "--move-to"))
-        if self.in_flight < 1:
-            raise ConfigError(f"--in-flight {self.in_flight} must be at least 1 (studies retrieved at once)")
-        if self.attempts < 1:
-            raise ConfigError(f"--attempts {self.attempts} must be at least 1")
-
-
 @dataclass
 class PullReport:
     found: int = 0
@@ -176,6 +67,7 @@ class PullReport:
     retrieved_studies: int = 0
     retrieved_instances: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (study UID, last error)
+    unlisted: list[str] = field(default_factory=list)  # searches the source may have answered only in part
 
 
 def _associate(config: PullConfig, contexts: Sequence[tuple[str, Sequence[str]]], roles: Sequence[str] = (),
@@ -309,105 +201,61 @@ def storage_contexts(sop_classes: Sequence[str], room: int) -> list[tuple[str, t
     return contexts
 
 
-class Puller:
-    """Retrieves the studies a query found (module docstring). ``on_retrieved(study_uid)`` is called after each
-    study is retrieved (in process: screen it; distributed: enqueue it); ``receiver`` keeps what a C-GET brings."""
+class Transport(Protocol):
+    """How a pull talks to its source: DIMSE (``DimseTransport``) or DICOMweb (``producer.dicomweb``). The Puller
+    keeps the bookkeeping (pulls rows, what is held already, tries, the window, the pace); a transport only asks."""
 
-    def __init__(self, config: PullConfig, db: Database, receiver: Receiver | None,
-                 on_retrieved: Callable[[str], None], clock: Callable[[], datetime] = datetime.now):
-        if config.move_to is None and receiver is None:
+    source: str  # the source as recorded in ``pulls``
+    verb: str  # what a retrieval is called in messages: "C-GET", "WADO-RS"
+    unlisted: list[str]  # after find_studies: the searches the source may have answered only in part
+
+    def check(self) -> None: ...
+
+    def find_studies(self, query: PullQuery) -> list[FoundStudy]: ...
+
+    def find_instances(self, study_uid: str) -> list[tuple[str, str, str]]: ...
+
+    def retrieve(self, study_uid: str, missing: list[tuple[str, str, str]], whole: bool) -> int | None:
+        """Bring the missing instances (into the receiver, or to --move-to); the number the source reports completed
+        (C-MOVE), or None when the receiver's index is the count."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DimseTransport:
+    """C-ECHO, C-FIND, and C-GET into the receiver or C-MOVE to --move-to (module docstring)."""
+
+    verb = "C-GET"
+
+    def __init__(self, config: PullConfig, receiver: Receiver | None, need_receiver: bool = True):
+        self.unlisted: list[str] = []  # C-FIND answers every match (PS3.4 C.4.1.3): nothing is cut
+        if config.move_to is None and receiver is None and need_receiver:
             raise ConfigError("a C-GET pull needs a receiver for the instances it brings")
-        self.config, self.db, self.receiver, self.on_retrieved, self.clock = config, db, receiver, on_retrieved, clock
+        self.config, self.receiver = config, receiver
         self.source = str(config.source)
-        self._lock = threading.Lock()
-        self._waiting_logged = False
+        if config.move_to is not None:
+            self.verb = f"C-MOVE to {config.move_to}"
 
-    def run(self, query: PullQuery, stop: threading.Event | None = None) -> PullReport:
-        stop = stop or threading.Event()
-        report = PullReport()
-        studies = find_studies(self.config, query)
-        record_found(self.db, self.source, studies)
-        report.found = len(studies)
-        log.info("%s: %d studies match (%s)", self.source, len(studies), query)
-        with ThreadPoolExecutor(self.config.in_flight, thread_name_prefix="pull") as pool:
-            for study, outcome in zip(studies, pool.map(lambda s: self._study(s, stop), studies), strict=True):
-                kind, value = outcome
-                if kind == "held":
-                    report.held += 1
-                elif kind == "retrieved":
-                    report.retrieved_studies += 1
-                    report.retrieved_instances += value
-                elif kind == "failed":
-                    report.failed.append((study.study_instance_uid, value))
-        return report
+    def check(self) -> None:
+        echo(self.config)
 
-    def _wait_for_window(self, stop: threading.Event) -> bool:
-        window = self.config.window
-        while window is not None and not stop.is_set():
-            wait = window.seconds_until_open(self.clock())
-            if wait <= 0:
-                with self._lock:
-                    self._waiting_logged = False
-                return True
-            with self._lock:
-                if not self._waiting_logged:
-                    log.info("outside --window %s: retrieval paused for %.0f min (studies in flight finish)",
-                             window, wait / 60)
-                    self._waiting_logged = True
-            stop.wait(min(wait, 60.0))
-        return not stop.is_set()
+    def find_studies(self, query: PullQuery) -> list[FoundStudy]:
+        return find_studies(self.config, query)
 
-    def _study(self, study: FoundStudy, stop: threading.Event) -> tuple[str, object]:
-        uid = study.study_instance_uid
-        error = "stopped before it was retrieved"
-        for attempt in range(1, self.config.attempts + 1):
-            if not self._wait_for_window(stop):
-                return "stopped", error
-            mark_pull(self.db, self.source, uid, PullStatus.RETRIEVING, attempt=True)
-            try:
-                kind, n = self._retrieve(uid)
-            except PeerUnavailable as exc:
-                error = str(exc)
-                last = attempt == self.config.attempts
-                mark_pull(self.db, self.source, uid, PullStatus.FAILED if last else PullStatus.RETRIEVING,
-                          error=error)
-                if last:
-                    log.error("a study failed after %d tries (its row in `pulls` names it): %s", attempt, error)
-                    return "failed", error
-                delay = self.config.retry_s * 2 ** (attempt - 1)
-                log.warning("retrieval failed (try %d of %d): %s; next try in %.0f s", attempt, self.config.attempts,
-                            error, delay)
-                if stop.wait(delay):
-                    return "stopped", error
-                continue
-            mark_pull(self.db, self.source, uid, PullStatus.RETRIEVED, retrieved=n)
-            if kind == "retrieved":
-                self.on_retrieved(uid)
-            return kind, n
-        return "failed", error
+    def find_instances(self, study_uid: str) -> list[tuple[str, str, str]]:
+        return find_instances(self.config, study_uid)
 
-    def _retrieve(self, study_uid: str) -> tuple[str, int]:
-        """One try: what the study holds, what is missing here, and a C-GET or C-MOVE of that."""
-        instances = find_instances(self.config, study_uid)
-        held = held_instances(self.db, [sop for _, sop, _ in instances])
-        missing = [(series, sop, cls) for series, sop, cls in instances if sop not in held]
-        if not missing:
-            return "held", 0
-        whole = len(missing) == len(instances)
+    def close(self) -> None:
+        return None
+
+    def retrieve(self, study_uid: str, missing: list[tuple[str, str, str]], whole: bool) -> int | None:
         identifiers = [self._identifier(study_uid)] if whole else \
             [self._identifier(study_uid, series, sop) for series, sop, _ in missing]
         if self.config.move_to is not None:
-            done = self._move(identifiers)
-            if done < len(missing):
-                raise PeerUnavailable(f"{self.config.source}: C-MOVE to {self.config.move_to} completed {done} of "
-                                      f"{len(missing)} instances")
-            return "retrieved", done
+            return self._move(identifiers)
         self._get(identifiers, sorted({cls for _, _, cls in missing if cls}))
-        got = len(held_instances(self.db, [sop for _, sop, _ in missing]))
-        if got < len(missing):
-            raise PeerUnavailable(f"{self.config.source}: C-GET brought {got} of {len(missing)} instances (see the "
-                                  "listener's refusals in `neuron status`, or the PACS's log)")
-        return "retrieved", got
+        return None
 
     @staticmethod
     def _identifier(study: str, series: str | None = None, sop: str | None = None) -> Dataset:
@@ -461,6 +309,144 @@ class Puller:
             if assoc.is_established:
                 assoc.release()
         return completed
+
+
+
+
+class Puller:
+    """Retrieves the studies a query found (module docstring), whatever the transport. ``on_retrieved(study_uid)`` is
+    called after each study is retrieved (in process: screen it; distributed: enqueue it); ``receiver`` keeps what a
+    C-GET or WADO-RS brings. ``transport``: by default the one the source names (AE@HOST:PORT: DIMSE;
+    https://...: DICOMweb)."""
+
+    def __init__(self, config: PullConfig, db: Database, receiver: Receiver | None,
+                 on_retrieved: Callable[[str], None], clock: Callable[[], datetime] = datetime.now,
+                 transport: Transport | None = None):
+        self.transport = transport or transport_for(config, receiver)
+        self.config, self.db, self.receiver, self.on_retrieved, self.clock = config, db, receiver, on_retrieved, clock
+        self.source = self.transport.source
+        self._lock = threading.Lock()
+        self._waiting_logged = False
+        self._next_start = 0.0  # --max-studies-per-hour: monotonic time the next retrieval may start
+
+    def run(self, query: PullQuery, stop: threading.Event | None = None) -> PullReport:
+        stop = stop or threading.Event()
+        report = PullReport()
+        try:
+            studies = self.transport.find_studies(query)
+            record_found(self.db, self.source, studies)
+            report.found, report.unlisted = len(studies), list(self.transport.unlisted)
+            log.info("%s: %d studies match (%s)", self.source, len(studies), query)
+            with ThreadPoolExecutor(self.config.in_flight, thread_name_prefix="pull") as pool:
+                for study, outcome in zip(studies, pool.map(lambda s: self._study(s, stop), studies), strict=True):
+                    kind, value = outcome
+                    if kind == "held":
+                        report.held += 1
+                    elif kind == "retrieved":
+                        report.retrieved_studies += 1
+                        report.retrieved_instances += value
+                    elif kind == "failed":
+                        report.failed.append((study.study_instance_uid, value))
+        finally:
+            self.transport.close()
+        return report
+
+    def _pace(self, stop: threading.Event) -> bool:
+        """--max-studies-per-hour: retrievals start at least 3600 / N seconds apart (across the in-flight threads)."""
+        rate = self.config.max_per_hour
+        if rate is None:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + 3600.0 / rate
+        return not stop.wait(start - now) if start > now else not stop.is_set()
+
+    def _wait_for_window(self, stop: threading.Event) -> bool:
+        window = self.config.window
+        while window is not None and not stop.is_set():
+            wait = window.seconds_until_open(self.clock())
+            if wait <= 0:
+                with self._lock:
+                    self._waiting_logged = False
+                return True
+            with self._lock:
+                if not self._waiting_logged:
+                    log.info("outside --window %s: retrieval paused for %.0f min (studies in flight finish)",
+                             window, wait / 60)
+                    self._waiting_logged = True
+            stop.wait(min(wait, 60.0))
+        return not stop.is_set()
+
+    def _study(self, study: FoundStudy, stop: threading.Event) -> tuple[str, object]:
+        uid = study.study_instance_uid
+        error = "stopped before it was retrieved"
+        for attempt in range(1, self.config.attempts + 1):
+            if not self._wait_for_window(stop) or (attempt == 1 and not self._pace(stop)):
+                return "stopped", error
+            mark_pull(self.db, self.source, uid, PullStatus.RETRIEVING, attempt=True)
+            try:
+                kind, n = self._retrieve(uid)
+            except FailedInput as exc:  # no later try can change it: failed at once, with the reason
+                mark_pull(self.db, self.source, uid, PullStatus.FAILED, error=str(exc))
+                log.error("a study was refused (its row in `pulls` names it): %s", exc)
+                return "failed", str(exc)
+            except PeerUnavailable as exc:
+                error = str(exc)
+                last = attempt == self.config.attempts
+                mark_pull(self.db, self.source, uid, PullStatus.FAILED if last else PullStatus.RETRIEVING,
+                          error=error)
+                if last:
+                    log.error("a study failed after %d tries (its row in `pulls` names it): %s", attempt, error)
+                    return "failed", error
+                delay = self.config.retry_s * 2 ** (attempt - 1)
+                log.warning("retrieval failed (try %d of %d): %s; next try in %.0f s", attempt, self.config.attempts,
+                            error, delay)
+                if stop.wait(delay):
+                    return "stopped", error
+                continue
+            mark_pull(self.db, self.source, uid, PullStatus.RETRIEVED, retrieved=n)
+            if kind == "retrieved":
+                self.on_retrieved(uid)
+            return kind, n
+        return "failed", error
+
+    def _retrieve(self, study_uid: str) -> tuple[str, int]:
+        """One try: what the study holds, what is missing here, and a retrieval of that."""
+        check_listed(self.source, study_uid)
+        instances = self.transport.find_instances(study_uid)
+        check_listed(self.source, study_uid, instances)
+        held = held_instances(self.db, [sop for _, sop, _ in instances])
+        missing = [(series, sop, cls) for series, sop, cls in instances if sop not in held]
+        if not missing:
+            return "held", 0
+        done = self.transport.retrieve(study_uid, missing, len(missing) == len(instances))
+        if done is None:
+            done = len(held_instances(self.db, [sop for _, sop, _ in missing]))
+            why = "see the refusals in `neuron status` and the log, or the PACS's log"
+        else:
+            why = "see the PACS's log"
+        if done < len(missing):
+            raise PeerUnavailable(f"{self.source}: {self.transport.verb} brought {done} of {len(missing)} "
+                                  f"instances ({why})")
+        return "retrieved", done
+
+
+def transport_for(config: PullConfig, receiver: Receiver | None, check: bool = False) -> Transport:
+    """The transport the source names; with ``check``, only to check that the source answers (C-ECHO, or a QIDO-RS
+    search for nothing), then closed."""
+    if isinstance(config.source, Peer):
+        transport: Transport = DimseTransport(config, receiver, need_receiver=not check)
+    else:
+        from producer.dicomweb import DicomWebTransport
+
+        transport = DicomWebTransport(config, receiver, need_receiver=not check)
+    if check:
+        try:
+            transport.check()
+        finally:
+            transport.close()
+    return transport
 
 
 def pull_without_screening(settings: Settings, config: PullConfig, query: PullQuery, admission: Admission,

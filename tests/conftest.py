@@ -115,6 +115,13 @@ def untrained_settings(tmp_path_factory) -> Settings:
                     readers=2)
 
 
+@pytest.fixture(scope="module")
+def cache(models, untrained_settings) -> Path:
+    """The untrained model's calibration, built once by the session's models and shared by every process a test
+    starts (NEURON_CACHE_DIR)."""
+    return untrained_settings.resolved_cache_dir
+
+
 @pytest.fixture(scope="session")
 def models(untrained_settings):
     """Every route's untrained model on the CPU, loaded once for the session; pipelines with other run settings are

@@ -1,11 +1,13 @@
 """A throwaway Orthanc (Debian's ``orthanc`` package, /usr/sbin/Orthanc) as the PACS of the network tests.
 
 Configured by a JSON file written into its own temporary folder (storage and index there too), on free loopback ports,
-with no plugins; the system's Orthanc (if the package started one on 4242/8042) is never touched. REST on
-``url`` loads studies into it and reads back what Neuron sent (Orthanc's REST API: https://orthanc.uclouvain.be/book/
-users/rest.html). ``crash``/``start`` keep the storage, so a test can take the PACS away and bring it back: a SIGKILL
-(Orthanc's index is SQLite, which survives a killed process) costs nothing, where its graceful shutdown takes about
-3.5 s.
+with no plugins (or, with ``dicomweb=True``, Debian's ``orthanc-dicomweb`` plugin at ``dicomweb_url``; its packaged
+dicomweb.json is not read, so no "Host" key makes the URLs it returns lose their port; ``users`` enforces HTTP basic
+authentication, which the REST helpers here send too); the system's Orthanc (if the package started one on 4242/8042)
+is never touched. REST on ``url`` loads studies into it and reads back what Neuron sent (Orthanc's REST API:
+https://orthanc.uclouvain.be/book/users/rest.html). ``crash``/``start`` keep the storage, so a test can take the PACS
+away and bring it back: a SIGKILL (Orthanc's index is SQLite, which survives a killed process) costs nothing, where
+its graceful shutdown takes about 3.5 s.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import requests
 from neuron.servers import free_port, wait_for_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class OrthancServer:
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None, **extra):
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict | None = None, dicomweb: bool = False,
+                 users: dict[str, str] | None = None, **extra):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -33,13 +37,19 @@ class OrthancServer:
         self.config = {
             "Name": "neuron-test-pacs", "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"), "StorageCompression": False,
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "DicomServerEnabled": True, "DicomAet": aet, "DicomPort": self.dicom_port, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
             "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True, "DicomModalities": modalities or {},
-            "Plugins": [], "ConcurrentJobs": 2, "DicomScuTimeout": 10, "SaveJobs": False,
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [], "ConcurrentJobs": 2, "DicomScuTimeout": 10,
+            "SaveJobs": False,
             "UnknownSopClassAccepted": False, "DeidentifyLogs": True, "HttpTimeout": 30, "StableAge": 2, **extra,
         }
+        if dicomweb:
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False}
+        self.auth = next(iter(users.items())) if users else None
+        self.dicomweb_url = f"{self.url}/dicom-web"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -57,7 +67,7 @@ class OrthancServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{self.url}/system", timeout=2).ok:
+                if requests.get(f"{self.url}/system", auth=self.auth, timeout=2).ok:
                     return self
             except requests.RequestException:
                 pass
@@ -78,12 +88,12 @@ class OrthancServer:
 
     # -- REST ---------------------------------------------------------------------------------------------------------
     def upload(self, path: Path) -> dict:
-        rsp = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30)
+        rsp = requests.post(f"{self.url}/instances", data=Path(path).read_bytes(), auth=self.auth, timeout=30)
         rsp.raise_for_status()
         return rsp.json()
 
     def study_id(self, study_uid: str) -> str | None:
-        rsp = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=10)
+        rsp = requests.post(f"{self.url}/tools/lookup", data=study_uid, auth=self.auth, timeout=10)
         rsp.raise_for_status()
         found = [r["ID"] for r in rsp.json() if r["Type"] == "Study"]
         return found[0] if found else None
@@ -93,19 +103,19 @@ class OrthancServer:
         study = self.study_id(study_uid)
         if study is None:
             return []
-        rsp = requests.get(f"{self.url}/studies/{study}/instances", params={"expand": ""}, timeout=30)
+        rsp = requests.get(f"{self.url}/studies/{study}/instances", params={"expand": ""}, auth=self.auth, timeout=30)
         rsp.raise_for_status()
         out = []
         for inst in rsp.json():
-            tags = requests.get(f"{self.url}/instances/{inst['ID']}/simplified-tags", timeout=30).json()
+            tags = requests.get(f"{self.url}/instances/{inst['ID']}/simplified-tags", auth=self.auth, timeout=30).json()
             out.append({"id": inst["ID"], **tags})
         return out
 
     def download(self, instance_id: str, dest: Path) -> Path:
-        rsp = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        rsp = requests.get(f"{self.url}/instances/{instance_id}/file", auth=self.auth, timeout=30)
         rsp.raise_for_status()
         dest.write_bytes(rsp.content)
         return dest
 
     def count_instances(self) -> int:
-        return len(requests.get(f"{self.url}/instances", timeout=10).json())
+        return len(requests.get(f"{self.url}/instances", auth=self.auth, timeout=10).json())

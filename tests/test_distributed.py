@@ -6,6 +6,7 @@ results land in PostgreSQL. Servers start once per session on free loopback port
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -109,7 +110,8 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     res = neuron(env, "scan", str(folder))
     assert res.returncode == 0, res.stderr
     assert "enqueued 3 study tasks" in res.stderr
-    worker = start_worker({**env, "NEURON_DICOM_OUT": str(tmp_path / "dicom")}, tmp_path, "w1")
+    outputs = {"NEURON_DICOM_OUT": str(tmp_path / "dicom"), "NEURON_FHIR_OUT": str(tmp_path / "fhir")}
+    worker = start_worker({**env, **outputs}, tmp_path, "w1")
     try:
         wait_until(lambda: count_done(env) == n, 180, "all instances done", [worker])
     finally:
@@ -129,6 +131,16 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     assert {r.StudyInstanceUID for r in reports} == studies and len(reports) == 3
     assert all(r.CompletionFlag == "COMPLETE" for r in reports)
     assert len(list((tmp_path / "dicom").rglob("sc-*.dcm"))) == n
+    # and a FHIR Bundle per study, as the findings in PostgreSQL say (tests/test_fhir.py checks them in depth)
+    from fhir.resources.R4B.bundle import Bundle
+
+    bundles = [json.loads(p.read_text()) for p in (tmp_path / "fhir").glob("*.json")]
+    resources = [e["resource"] for b in bundles if Bundle.model_validate(b) for e in b.get("entry", [])]
+    assert sorted(r["identifier"][0]["value"] for r in resources if r["resourceType"] == "ImagingStudy") == sorted(
+        f"urn:oid:{s}" for s in studies) and len(bundles) == 3
+    assert all(r["numberOfInstances"] == 2 for r in resources if r["resourceType"] == "ImagingStudy")
+    positive = sql(env, "select count(*) from findings where positive = 1")[0][0]
+    assert sum(r["resourceType"] == "Observation" for r in resources) == positive > 0
 
     local = untrained_settings.with_(out_dir=tmp_path / "embedded")
     from worker.pipeline import Pipeline

@@ -4,6 +4,7 @@ PostgreSQL (tests/services.py), from the results of a real pipeline run; the fil
 from __future__ import annotations
 
 import csv
+import json
 from datetime import UTC, date, datetime
 
 import pytest
@@ -186,3 +187,20 @@ def test_the_other_views_export_and_a_wrong_suffix_or_view_is_refused(databases,
     assert result.exit_code == 2 and ".xlsx" in result.said and ".parquet" in result.said
     result = export("--db", url, "--view", "patients", "-o", str(tmp_path / "f.csv"))
     assert result.exit_code == 2 and "findings, study_findings, ingest_status, reviews" in result.said
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_fhir_export_holds_an_observation_per_positive_row_the_condition_selects(databases, dialect, tmp_path):
+    from fhir.resources.R4B.bundle import Bundle
+
+    url = databases[dialect]
+    names, raw = view_rows(url, WHERE)
+    positive = sorted(r[names.index("probability")] for r in raw if r[names.index("positive")] == 1)
+    assert positive
+    result = export("--db", url, "--where", WHERE, "-o", str(tmp_path / "f.json"))
+    assert result.exit_code == 0, result.output
+    bundle = json.loads((tmp_path / "f.json").read_text())
+    Bundle.model_validate(bundle)
+    values = sorted(e["resource"]["valueQuantity"]["value"] for e in bundle["entry"]
+                    if e["resource"]["resourceType"] == "Observation")
+    assert values == positive

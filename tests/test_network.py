@@ -149,12 +149,6 @@ class ListenerProcess:
 
 
 @pytest.fixture(scope="module")
-def cache(models, untrained_settings) -> Path:
-    """The untrained model's calibration, built once by the session's models and shared by every process."""
-    return untrained_settings.resolved_cache_dir
-
-
-@pytest.fixture(scope="module")
 def peers(tmp_path_factory, cache):
     """The module's listener and the PACS, started side by side (Orthanc is up while the listener imports). The PACS
     knows the listener as NEURON (for C-MOVE) and accepts Neuron's C-FIND/C-GET/C-STORE."""
@@ -854,3 +848,37 @@ def test_tls_the_listener_takes_storescu_with_a_certificate_of_its_ca_and_pull_a
     finally:
         pacs.close()
         db.dispose()
+
+
+def test_a_study_listed_under_an_invalid_study_uid_is_refused_and_the_pull_says_the_uid_is_invalid(
+        orthanc, rg1, tmp_path):
+    """Orthanc stores what its REST API is given, a Study Instance UID of path segments included; the pull refuses
+    the study without asking for it, and its row in `pulls` and the report say why (not "C-GET brought 0 of 1")."""
+    from db.store import Database
+    from neuron.dicomnet import Peer
+    from producer.pull import PullConfig, Puller, PullQuery
+    from producer.receive import open_receiver
+
+    hostile = "../../neuron_escape_study"
+    orthanc.upload(chest(rg1, tmp_path / "h.dcm", 8, hostile, generate_uid(), "19980808"))
+    good = generate_uid()
+    orthanc.upload(chest(rg1, tmp_path / "g.dcm", 8, good, generate_uid(), "19980808"))
+    db = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    db.create()
+    receiver = open_receiver(db, tmp_path / "out")
+    try:
+        report = Puller(PullConfig(Peer.parse(orthanc.peer), attempts=3, retry_s=0.1), db, receiver,
+                        lambda s: None).run(PullQuery.parse("19980808", None, None))
+    finally:
+        receiver.indexer.close()
+        db.dispose()
+    assert (report.found, report.retrieved_studies) == (2, 1)
+    ((uid, error),) = report.failed
+    assert uid == hostile and "not a valid DICOM UID" in error and "refused" in error and "C-GET" not in error, error
+    rows = dict((r[0], r[1:]) for r in query(tmp_path / "neuron.db", "select study_instance_uid, status, attempts, "
+                                                                     "last_error from pulls"))
+    assert rows[good][0] == "retrieved"
+    status, attempts, last_error = rows[hostile]
+    assert (status, attempts) == ("failed", 1) and last_error == error  # refused once, never retried
+    assert not list((tmp_path / "out" / "received").glob("??/*.dcm")) or \
+        query(tmp_path / "neuron.db", "select count(*) from files")[0][0] == 1  # nothing of it retrieved

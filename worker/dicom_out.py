@@ -65,7 +65,8 @@ from sqlalchemy import bindparam, text
 import neuron
 from db.schema import chunks
 from db.store import Database
-from db.studies import study_of
+from db.studies import open_studies, study_of
+from neuron.codes import study_key
 from neuron.errors import ConfigError
 from neuron.settings import Settings
 from worker.dicom_templates import (
@@ -111,8 +112,6 @@ _FINDINGS_SQL = text(
     "FROM findings WHERE study_instance_uid IN :studies "
     "ORDER BY study_instance_uid, sop_instance_uid, frame, model, rank").bindparams(bindparam("studies",
                                                                                          expanding=True))
-_OPEN_SQL = text("SELECT DISTINCT study_instance_uid FROM instances WHERE study_instance_uid IN :studies "
-                 "AND status IN ('pending', 'queued')").bindparams(bindparam("studies", expanding=True))
 
 
 @dataclass
@@ -297,7 +296,7 @@ class DicomWriter:
         self._templates_lock = threading.Lock()
 
     def study_dir(self, study_uid: str) -> Path:
-        return self.root / _digest("study", study_uid)[:32]
+        return self.root / study_key(study_uid)
 
     def _lock(self, study_uid: str) -> threading.Lock:
         """One of a fixed set of locks (striped by the study's hash): bounded memory in a long-lived worker."""
@@ -345,7 +344,7 @@ class DicomWriter:
     def _open_studies(self, study_uids: Sequence[str]) -> set[str]:
         """Studies with instances still to screen: their SR is marked PARTIAL."""
         with self.db.engine.connect() as conn:
-            return {r[0] for r in conn.execute(_OPEN_SQL, {"studies": list(study_uids)})}
+            return open_studies(conn, study_uids)
 
     def _header(self, f: Finding) -> Dataset:
         return pydicom.dcmread(self.settings.to_local(f.file_path), stop_before_pixels=True)

@@ -28,7 +28,6 @@ path.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import io
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,13 +45,12 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
-from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 import neuron
+from neuron.codes import SCHEME, digest, finding_uid, label_code, uid
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
-SCHEME = "99NEURON"  # private coding scheme for the labels; declared in the SR's CodingSchemeIdentificationSequence
 SC_SIZE = 512  # the overlay (the model's input size, e.g. 224) is enlarged to this so the burned-in text is legible
 BAND_LINE = 26  # pixels per line of burned-in text
 FINDING_LINE = 2  # the band's only line that changes from image to image (``band_lines``)
@@ -101,13 +99,7 @@ class Finding:
         return self.model, self.weights, self.config_hash, self.untrained
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
-
-
-def _uid(*parts: object) -> str:
-    """A UID that is the same for the same parts (pydicom's prefix + a hash of them)."""
-    return generate_uid(entropy_srcs=[str(p) for p in parts])
+_digest, _uid = digest, uid  # the names this module and worker.dicom_out have always used
 
 
 def _multiframe(src: Dataset) -> bool:
@@ -125,12 +117,12 @@ def _algorithm_parameters(f: Finding) -> list[str]:
 
 
 def _label_code(label: str) -> CodedConcept:
-    return CodedConcept(_digest("label", label)[:12].upper(), SCHEME, label[:64])
+    return CodedConcept(label_code(label), SCHEME, label[:64])
 
 
 def _tracking(f: Finding) -> tuple[str, str]:
     """The finding's tracking UID and identifier (TID 1501): the same finding keeps them across re-runs."""
-    return (_uid("neuron-finding", f.sop_uid, f.frame, f.model, f.weights, f.label),
+    return (finding_uid(f.sop_uid, f.frame, f.model, f.weights, f.label),
             f"{f.label} frame {f.frame + 1} {f.model}"[:64])
 
 

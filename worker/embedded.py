@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db.schema import utcnow
 from db.store import Database, Summary
+from db.studies import study_of
 from db.writer import ResultWriter
 from neuron.errors import OutputUnwritable
 from neuron.settings import Settings
@@ -32,6 +33,7 @@ from neuron.work import FileEntry, Outcome, Requeue, Route, Status, WorkItem
 from producer.scan import ScanResult, changed_files
 from worker.admission import Admit
 from worker.models import Models
+from worker.outputs import open_outputs
 from worker.pipeline import Pipeline
 from worker.readers import IndexItem
 from worker.results import prepare_database
@@ -115,9 +117,9 @@ class _Sink:
     that stops the run: what was committed stays, and a re-run screens the rest. Collects the instances a commit put
     back in line from a duplicate copy (``rescued``) and, for a rescreen, the heatmaps nothing references any more."""
 
-    def __init__(self, writer: ResultWriter, dicom=None, replace: bool = False):
+    def __init__(self, writer: ResultWriter, outputs=None, replace: bool = False):
         self.writer, self.count, self._futures = writer, 0, []
-        self.dicom = dicom  # worker.dicom_out.BackgroundOutputs: told of each committed result (--dicom-out)
+        self.outputs = outputs  # worker.outputs.Outputs: told of each committed result (--dicom-out, --fhir-out)
         self.replace = replace
         self.rescued: list[str] = []
         self.stale_heatmaps: set[str] = set()
@@ -130,10 +132,10 @@ class _Sink:
         self.count += len(outcomes)
         future = self.writer.submit(outcomes, replace=self.replace)
         future.add_done_callback(self._committed)
-        if self.dicom is not None:
+        if self.outputs is not None:
             done = [o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames]
             if done:
-                future.add_done_callback(lambda f: f.exception() is None and self.dicom.add(done))
+                future.add_done_callback(lambda f: f.exception() is None and self.outputs.add(done))
         self._futures.append(future)
         if len(self._futures) >= 64:
             self.check(wait=False)
@@ -186,15 +188,6 @@ def _unwritable(url: str, exc: DBAPIError) -> OutputUnwritable:
                             f"committed so far are kept: {fix}, then run the same command again to screen the rest")
 
 
-def _dicom_outputs(settings: Settings):
-    """The DICOM output processes when --dicom-out is set (highdicom is only imported then), else None."""
-    if settings.dicom_out is None:
-        return None
-    from worker.dicom_out import BackgroundOutputs
-
-    return BackgroundOutputs(settings)
-
-
 def run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None = None,
                hooks: ProgressHooks | None = None, retry_failed: bool = False) -> RunReport:
     """Index FOLDER while screening every instance still to do: new ones, ones skipped earlier because their route
@@ -229,7 +222,7 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
     db = Database(settings.resolved_database_url)
     try:
         db.create()
-        dicom = _dicom_outputs(settings)  # before screening: an unwritable --dicom-out stops the run early
+        outputs = open_outputs(settings, "run")  # before screening: an unwritable --dicom-out/--fhir-out stops it
         own = pipeline is None  # a pipeline made here is closed here (its reader processes and slots)
         pipeline = pipeline or Pipeline(Models.from_settings(settings, lazy=True), settings)
         models = pipeline.models
@@ -243,12 +236,12 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
         walk = _Walk(Path(folder), db, settings, routes, hooks)
         try:
             with ResultWriter(db) as writer:
-                sink = _Sink(writer, dicom)
+                sink = _Sink(writer, outputs)
                 _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk
         finally:
-            if dicom is not None:  # the outputs of what was committed, also when the run stopped early
-                dicom.close()
+            if outputs is not None:  # the outputs of what was committed, also when the run stopped early
+                outputs.close()
             if own:
                 pipeline.close()
         return RunReport(walk.result, sink.count, started, db.summary(since=started))
@@ -266,12 +259,15 @@ class RescreenReport:
     heatmaps_removed: int
     dicom_written: int = 0
     dicom_failed: int = 0
+    fhir_written: int = 0
+    fhir_failed: int = 0
 
 
 def rescreen(uids: list[str], settings: Settings, pipeline: Pipeline) -> RescreenReport:
     """Screen these instances again in this process: each instance's results are replaced in one transaction through
     the result writer (``replace``), and the heatmaps nothing references any more are removed after the commit.
-    Instances unreadable for now keep their old results. DICOM outputs are rewritten when ``--dicom-out`` is set."""
+    Instances unreadable for now keep their old results. DICOM outputs are rewritten when ``--dicom-out`` is set, the
+    studies' FHIR Bundles when ``--fhir-out`` is."""
     db = Database(settings.resolved_database_url)
     try:
         outputs = None
@@ -279,6 +275,11 @@ def rescreen(uids: list[str], settings: Settings, pipeline: Pipeline) -> Rescree
             from worker.dicom_out import DicomWriter
 
             outputs = DicomWriter(settings, db)
+        fhir = None
+        if settings.fhir_out is not None:  # likewise
+            from worker.fhir_out import FhirWriter
+
+            fhir = FhirWriter(settings, db, "rescreen")
         prepare_database(db, pipeline.models, pipeline.settings, pipeline.heatmap_dir)
         items = db.work_items(statuses=None, sop_uids=uids)
         outcomes: list[Outcome] = []
@@ -292,9 +293,20 @@ def rescreen(uids: list[str], settings: Settings, pipeline: Pipeline) -> Rescree
         removed = remove_heatmaps(settings, sink.stale_heatmaps)
         report = RescreenReport(len(uids), len(final), len(uids) - len(items), len(outcomes) - len(final),
                                 sum(1 for o in final if o.status is Status.FAILED), removed)
+        done = [o.sop_instance_uid for o in final if o.status is Status.DONE]
         if outputs is not None:  # the new results' DICOM outputs replace the old ones (same files, new UIDs)
-            written = outputs.write_for_instances([o.sop_instance_uid for o in final if o.status is Status.DONE])
+            written = outputs.write_for_instances(done)
             report.dicom_written, report.dicom_failed = len(written.written), len(written.failed)
+        if fhir is not None and done:  # and their studies' Bundles (same files)
+            try:
+                with db.engine.connect() as conn:
+                    studies = set(study_of(conn, done).values())
+                bundles, _ = fhir.write(studies)
+                report.fhir_written, report.fhir_failed = len(bundles.written), len(bundles.failed)
+            except Exception as exc:  # the new results are committed; only the files are missing
+                log.warning("FHIR Bundles of the rescreened studies not written: %s; `neuron export --format fhir` "
+                            "writes them from the database", exc)
+                report.fhir_failed = 1
         return report
     finally:
         db.dispose()

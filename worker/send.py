@@ -71,6 +71,9 @@ class Sender:
         self.tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._clients: dict = {}  # a DICOMweb destination's WebClient (its session and OAuth2 token kept)
+        for destination in destinations or ():  # a DICOMweb setting that cannot be used stops the start, not a round
+            self._client(destination)
         self.delivered = self.failed = 0
 
     # -- the thread -----------------------------------------------------------------------------------------------
@@ -131,10 +134,8 @@ class Sender:
         log.error("delivery to %s failed for good after %d tries: %s; `neuron send --failed` tries again",
                   job.destination, tries, error)
 
-    def _send(self, destination: str, jobs: list[DeliveryJob]) -> None:
-        from pynetdicom import AE
-
-        peer = Peer.parse(destination, "destination")
+    def _ready(self, jobs: list[DeliveryJob]) -> list[tuple[DeliveryJob, Path, str, str]]:
+        """The jobs whose file is there and still the version recorded: (job, path, SOP class, transfer syntax)."""
         ready: list[tuple[DeliveryJob, Path, str, str]] = []
         for job in jobs:
             path = Path(self.settings.to_local(job.path))
@@ -150,6 +151,36 @@ class Sender:
                 continue
             ready.append((job, path, str(meta.file_meta.MediaStorageSOPClassUID),
                           str(meta.file_meta.TransferSyntaxUID)))
+        return ready
+
+    def _send_web(self, destination: str, jobs: list[DeliveryJob]) -> None:
+        """STOW-RS, one request per study (worker.stow)."""
+        from worker.stow import store_study
+
+        by_study: dict[str, list[tuple[DeliveryJob, Path]]] = {}
+        for job, path, _, _ in self._ready(jobs):
+            by_study.setdefault(job.study_instance_uid, []).append((job, path))
+        for study, ready in by_study.items():
+            self.delivered += store_study(self._client(destination), self.db, study, ready, self._retry_or_fail)
+
+    def _client(self, destination: str):
+        """The WebClient of a DICOMweb destination (None for AE@HOST:PORT), made once: its session and token kept."""
+        from neuron.webclient import WebPeer, client_for, is_web
+
+        if is_web(destination) and destination not in self._clients:
+            self._clients[destination] = client_for(self.settings, WebPeer.parse(destination, "destination"))
+        return self._clients.get(destination)
+
+    def _send(self, destination: str, jobs: list[DeliveryJob]) -> None:
+        from pynetdicom import AE
+
+        from neuron.webclient import is_web
+
+        if is_web(destination):
+            self._send_web(destination, jobs)
+            return
+        peer = Peer.parse(destination, "destination")
+        ready = self._ready(jobs)
         if not ready:
             return
         ae = AE(ae_title=self.settings.ae_title)

@@ -50,6 +50,7 @@ from worker import metrics
 from worker.device import DeviceJob
 from worker.flow import DrainStudies, StudyFlow
 from worker.models import Models
+from worker.outputs import Outputs, open_outputs
 from worker.pipeline import IDLE, Pipeline
 from worker.results import prepare_database
 from worker.stats import PipelineStats
@@ -179,7 +180,7 @@ class WorkerRuntime:
     batcher: StudyBatcher
     writer: ResultWriter
     flow: StudyFlow
-    outputs: object | None = None  # worker.dicom_out.BackgroundOutputs
+    outputs: Outputs | None = None  # --dicom-out, --fhir-out
 
     def close(self) -> None:
         """The pool has stopped and the flow drained: nothing waits on these any more. The flow stops retrying first,
@@ -205,11 +206,7 @@ class ScreeningTask(Task):
         db = Database(settings.resolved_database_url)
         db.create()
         prepare_database(db, pipeline.models, settings, pipeline.heatmap_dir)
-        outputs = None
-        if settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
-            from worker.dicom_out import BackgroundOutputs
-
-            outputs = BackgroundOutputs(settings, complete_only=False, flush_after_s=1.0)
+        outputs = open_outputs(settings, "worker", complete_only=False, flush_after_s=1.0)
         batcher, writer = StudyBatcher(pipeline), ResultWriter(db)
         self.flow = StudyFlow(db, batcher, writer, settings.max_attempts, self._publish_retry,
                               outputs.add if outputs is not None else None)

@@ -4,7 +4,7 @@
     producer.pull   (a study retrieved)                    ├─► release(studies) ─► queue ─► feed: the studies'
                                                            ┘    pending instances, IDLE while nothing is released
         ─► Pipeline.run (the staged engine, batching across studies) ─► db.writer.ResultWriter (group commits)
-        ─► worker.dicom_out.BackgroundOutputs (--dicom-out / --send-to) ─► worker.send (deliveries)
+        ─► worker.outputs: BackgroundOutputs (--dicom-out / --send-to) ─► worker.send (deliveries), FhirOutputs
 
 ``screen`` is the one function that joins a feed to the pipeline and the result writer, as ``worker.embedded`` and
 ``worker.service`` do for theirs; everything else here is the feed. An instance a commit put back in line from a
@@ -32,6 +32,7 @@ from producer.arrivals import CompletenessRules
 from producer.listen import ListenConfig, Listener, serve
 from producer.pull import PullConfig, Puller, PullQuery, PullReport
 from producer.receive import Admission, open_receiver
+from worker.outputs import open_outputs
 from worker.pipeline import IDLE, Pipeline
 from worker.results import prepare_database
 from worker.send import sending
@@ -74,8 +75,9 @@ class InProcessScreening:
     """Released studies, screened by ``screen`` on a thread of their own (module docstring). ``release`` never waits;
     ``close`` screens what was released, then stops."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, db: Database):
+    def __init__(self, settings: Settings, pipeline: Pipeline, db: Database, role: str = "network"):
         self.settings, self.pipeline, self.db = settings, pipeline, db
+        self.role = role  # who wrote the FHIR outputs, in the audit trail: network@host (listen, pull)
         self._released: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="screening", daemon=True)
         self.outputs = None
@@ -83,10 +85,7 @@ class InProcessScreening:
 
     def __enter__(self) -> InProcessScreening:
         prepare_database(self.db, self.pipeline.models, self.pipeline.settings, self.pipeline.heatmap_dir)
-        if self.settings.dicom_out is not None:  # highdicom is only imported when DICOM outputs are asked for
-            from worker.dicom_out import BackgroundOutputs
-
-            self.outputs = BackgroundOutputs(self.settings, flush_after_s=1.0)
+        self.outputs = open_outputs(self.settings, self.role, flush_after_s=1.0)  # --dicom-out, --fhir-out
         self._thread.start()
         return self
 
