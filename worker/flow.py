@@ -164,8 +164,13 @@ class StudyFlow:
         self._finish(study)
 
     # -- the two endings --------------------------------------------------------------------------------------------
-    def _finish(self, study: Study) -> None:
+    def _finish(self, study: Study, retried: str | None = None) -> None:
         study.ack()  # scheduled on Celery's event loop, which runs what is scheduled before it stops
+        if retried is None:
+            log.info("Task %s[%s] succeeded in %.3fs: %d", SCREEN_STUDY, study.task_id,
+                     time.monotonic() - study.started, len(study.outcomes))
+        else:
+            log.info("Task %s[%s] retry: %s", SCREEN_STUDY, study.task_id, retried)
         with self._lock:
             self._in_flight.pop(study.task_id, None)
             self.finished += 1
@@ -190,7 +195,7 @@ class StudyFlow:
             return
         with self._lock:
             self.retried += 1
-        self._finish(study)
+        self._finish(study, f"Retry in {countdown}s: {why}")
 
     # -- stopping ---------------------------------------------------------------------------------------------------
     def drain(self, timeout: float = DRAIN_S) -> int:
@@ -227,6 +232,8 @@ def screening_strategy(task, app, consumer, **kwargs):
             payload = ScreenStudy.from_body(message.decode())
         except Exception:  # noqa: BLE001 - Celery's own path rejects it with its reason
             return fallback(message, body, ack, reject, callbacks, **kw)
+        # the line Celery logs for each task it receives, so a worker's log reads the same on either path
+        log.info("Task %s[%s] received", task.name, headers["id"])
         came_from = (message.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
         # what Celery's Request.acknowledge passes to the promise: Message.ack_log_error(logger, errors)
         flow.start(headers["id"], payload, partial(ack, log, connection_errors), came_from)
