@@ -75,8 +75,8 @@ def _sample_files() -> dict[str, list[Path]]:
 
 
 SAMPLES = _sample_files()
-NATIVE_FILES = [p for ts in NATIVE_LITTLE_ENDIAN for p in SAMPLES.get(str(ts), [])]
-CODEC_FILES = [p for ts in IMAGECODECS_SYNTAXES for p in SAMPLES.get(str(ts), [])]
+NATIVE_FILES = [p for ts in sorted(NATIVE_LITTLE_ENDIAN) for p in SAMPLES.get(str(ts), [])]
+CODEC_FILES = [p for ts in sorted(IMAGECODECS_SYNTAXES) for p in SAMPLES.get(str(ts), [])]
 ALL_FILES = [p for files in SAMPLES.values() for p in files]
 
 
