@@ -433,10 +433,11 @@ def test_with_a_broker_a_dicomweb_pull_enqueues_each_study_once_and_a_worker_scr
         assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == (2 if study == studies[0] else 1), classes
     assert sorted(imaging_studies(fhir)) == sorted(f"urn:oid:{s}" for s in studies)
     assert not (tmp_path / "not-here").exists()
-    # the password: in no log and in no row of any table
+    # the password and the patient: in no log and in no row of any table
     assert PASSWORD not in said + log and PATIENT_ID not in said + log
     tables = [r[0] for r in sql(env, "select table_name from information_schema.tables where table_schema = 'public' "
                                      "and table_type = 'BASE TABLE'")]
-    assert "deliveries" in tables
+    assert {"deliveries", "pulls", "instances"} <= set(tables)
     for table in tables:
-        assert not sql(env, f'select 1 from "{table}" t where t::text like :secret', secret=f"%{PASSWORD}%"), table
+        for secret in (PASSWORD, PATIENT_ID):
+            assert not sql(env, f'select 1 from "{table}" t where t::text like :s', s=f"%{secret}%"), table
