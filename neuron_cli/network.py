@@ -71,6 +71,18 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def _outputs_elsewhere(settings: Settings, who: str | None) -> None:
+    """A process that screens nothing writes no outputs: --send-to and --fhir-out given to it would be silently
+    ignored, so it says who writes them and where to set them instead."""
+    if who is None:
+        return
+    given = [name for name, value in (("--send-to / NEURON_SEND_TO", settings.send_to),
+                                      ("--fhir-out / NEURON_FHIR_OUT", settings.fhir_out)) if value]
+    if given:
+        console.print(f"[yellow]{' and '.join(given)}: nothing is written or sent from here; {who} screen and "
+                      "write the outputs, so set them there[/]")
+
+
 def _pipeline(settings: Settings):
     """The staged engine over lazily loaded models (a route's model loads with its first instance), with /metrics
     when --metrics-port is set."""
@@ -147,9 +159,7 @@ def listen(
         console.print(f"listening as {config.ae_title} on {config.host}:{listener.port} ({mode}; "
                       f"{'TLS' if tls.enabled else 'no TLS'}; Ctrl-C or SIGTERM stops)")
 
-    if settings.broker_given and settings.send_to:
-        console.print("[yellow]--send-to / NEURON_SEND_TO does nothing here with NEURON_BROKER_URL set: the workers "
-                      "screen and send; set NEURON_SEND_TO on them[/]")
+    _outputs_elsewhere(settings, "with NEURON_BROKER_URL the workers" if settings.broker_given else None)
     try:
         check_port_free(config.host, port)  # before the models load: a taken port is said at once
         if settings.broker_given:
@@ -225,9 +235,8 @@ def pull(
     except NeuronError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     admission = Admission(min_free_bytes=int(min_free_gb * 1e9))
-    if (settings.broker_given or move_to) and settings.send_to:
-        console.print("[yellow]--send-to does nothing here: with NEURON_BROKER_URL the workers send (set "
-                      "NEURON_SEND_TO on them), with --move-to the listener does[/]")
+    _outputs_elsewhere(settings, f"with --move-to the listener ({move_to}) or its workers" if move_to else
+                       "with NEURON_BROKER_URL the workers" if settings.broker_given else None)
     stop = _stop_on_signals()
     try:
         transport_for(config, None, check=True)  # an unreachable source is said before any model loads

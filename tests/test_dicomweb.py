@@ -93,6 +93,16 @@ def pull(url: str, db_path: Path, out: Path, dates: str, access=None, **config):
         db.dispose()
 
 
+def imaging_studies(fhir: Path) -> list[str]:
+    """The study identifier of each Bundle's ImagingStudy in a --fhir-out folder (tests/test_fhir.py checks the
+    Bundles in depth), one entry per Bundle."""
+    bundles = [json.loads(p.read_text()) for p in fhir.glob("*.json")]
+    studies = [[e["resource"]["identifier"][0]["value"] for e in b.get("entry", [])
+                if e["resource"]["resourceType"] == "ImagingStudy"] for b in bundles]
+    assert all(len(s) == 1 for s in studies), studies
+    return [s[0] for s in studies]
+
+
 # -- pure rules -------------------------------------------------------------------------------------------------------
 def test_urls_credentials_and_peer_files_are_parsed_or_refused_naming_the_rule_and_the_fix(tmp_path):
     from neuron.webclient import WebAccess, WebPeer, access_for, load_peers, mask, retry_after
@@ -182,7 +192,7 @@ def test_a_pull_over_dicomweb_lists_every_study_past_the_servers_cap_screens_lik
     env = quiet_env(NEURON_CACHE_DIR=str(cache), NEURON_DICOMWEB_USERNAME=USER, NEURON_DICOMWEB_PASSWORD=PASSWORD)
     res = neuron(env, "pull", archive.dicomweb_url, "--study-date", "20250101-20251231", "--modality", "CR,DX",
                  "--out", str(out), "--weights", "untrained", "--device", "cpu", "--batch-size", "8", "--send-to",
-                 archive.dicomweb_url, "-v")
+                 archive.dicomweb_url, "--fhir-out", str(tmp_path / "fhir"), "-v")
     said = res.stdout + res.stderr
     assert res.returncode == 0, said
     assert "5 studies found" in said and "5 retrieved (6 instances, screened)" in said, said
@@ -200,6 +210,7 @@ def test_a_pull_over_dicomweb_lists_every_study_past_the_servers_cap_screens_lik
     for study in studies:
         classes = [i["SOPClassUID"] for i in archive.instances_of(study)]
         assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == (2 if study == studies[0] else 1)
+    assert sorted(imaging_studies(tmp_path / "fhir")) == sorted(f"urn:oid:{s}" for s in studies)  # a Bundle each
     # a second pull asks for nothing: every study is held (Neuron's own outputs in them too)
     files_before = query(db, "select count(*) from files")[0][0]
     again, _ = pull(archive.dicomweb_url, db, out, "20250101-20251231")
@@ -371,3 +382,62 @@ def test_stow_records_each_object_by_what_the_answer_says_of_it_never_a_partial_
     assert (202 in [s for m, _, s in proxy.seen if m == "POST"])
     held = {i["SOPInstanceUID"] for i in archive.instances_of(study)}
     assert {sop_of(p) for p in files[:2]} <= held and stray not in held
+
+
+def test_with_a_broker_a_dicomweb_pull_enqueues_each_study_once_and_a_worker_screens_it_and_stores_back_by_stow(
+        archive, env, rg1, tmp_path, cache, models, untrained_settings):
+    """The distributed mode: `neuron pull https://...` with NEURON_BROKER_URL retrieves and enqueues, a `neuron
+    worker --send-to https://... --fhir-out` screens, stores the SR and SCs back by STOW-RS and writes the Bundles;
+    results, deliveries and pulls in PostgreSQL."""
+    from .test_distributed import N_LABELS, sql, start_worker, stop, wait_until
+
+    folder = tmp_path / "archive"
+    studies = [generate_uid() for _ in range(2)]
+    files = [chest(rg1, folder / f"b{i}.dcm", 6 + i, studies[i % 2], generate_uid(), "20210607") for i in range(3)]
+    for path in files:
+        archive.upload(path)
+    secrets = {"NEURON_DICOMWEB_USERNAME": USER, "NEURON_DICOMWEB_PASSWORD": PASSWORD, "NEURON_CACHE_DIR": str(cache)}
+    fhir = tmp_path / "fhir"
+    # the worker loads its models while the pull runs; credentials only in its environment
+    worker = start_worker({**env, **secrets}, tmp_path, "w", "--send-to", archive.dicomweb_url, "--fhir-out",
+                          str(fhir))
+    try:
+        res = neuron({**env, **secrets, "NEURON_FHIR_OUT": str(tmp_path / "not-here")}, "pull",
+                     archive.dicomweb_url, "--study-date", "20210607", "-v")
+        said = res.stdout + res.stderr
+        assert res.returncode == 0, said
+        assert "2 studies found" in said and "2 retrieved (3 instances, enqueued for the workers)" in said, said
+        assert "NEURON_FHIR_OUT: nothing is written or sent from here" in said, said  # the workers write them
+        wait_until(lambda: sql(env, "select count(*) from deliveries where status = 'delivered'")[0][0] == 5
+                   and len(list(fhir.glob("*.json"))) == 2, 120, "the worker's 2 SRs and 3 SCs delivered, 2 Bundles",
+                   [worker])
+    finally:
+        stop(worker)
+    log = (tmp_path / "w.log").read_text()
+    sops = [sop_of(p) for p in files]
+    assert sorted(sql(env, "select sop_instance_uid, status, attempts from instances")) == sorted(
+        (s, "done", 1) for s in sops)  # each screened once
+    assert sql(env, "select count(*), count(distinct (sop_instance_uid, label)) from predictions") == [
+        (3 * N_LABELS, 3 * N_LABELS)]
+    assert sorted(sql(env, "select study_instance_uid, status from pulls")) == sorted((s, "retrieved")
+                                                                                      for s in studies)
+    got = {(r[0], r[1], r[2]): (r[3], r[4]) for r in sql(
+        env, "select sop_instance_uid, frame, label, probability, rank from findings")}
+    assert_same_findings(got, findings(run_embedded(folder, tmp_path / "run", models, untrained_settings), sops))
+    deliveries = sql(env, "select destination, study_instance_uid, kind, status from deliveries")
+    assert sorted(deliveries) == sorted([(archive.dicomweb_url, studies[0], "sc", "delivered")] * 2
+                                        + [(archive.dicomweb_url, studies[1], "sc", "delivered")]
+                                        + [(archive.dicomweb_url, s, "sr", "delivered") for s in studies]), deliveries
+    for study in studies:
+        classes = [i["SOPClassUID"] for i in archive.instances_of(study)]
+        assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == (2 if study == studies[0] else 1), classes
+    assert sorted(imaging_studies(fhir)) == sorted(f"urn:oid:{s}" for s in studies)
+    assert not (tmp_path / "not-here").exists()
+    # the password and the patient: in no log and in no row of any table
+    assert PASSWORD not in said + log and PATIENT_ID not in said + log
+    tables = [r[0] for r in sql(env, "select table_name from information_schema.tables where table_schema = 'public' "
+                                     "and table_type = 'BASE TABLE'")]
+    assert {"deliveries", "pulls", "instances"} <= set(tables)
+    for table in tables:
+        for secret in (PASSWORD, PATIENT_ID):
+            assert not sql(env, f'select 1 from "{table}" t where t::text like :s', s=f"%{secret}%"), table
