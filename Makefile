@@ -27,7 +27,7 @@ check: setup
 	$(BIN)/lint-imports
 
 test: check
-	$(BIN)/pytest -q --durations=30 -n 2 --dist loadgroup
+	$(BIN)/pytest -q --durations=30
 
 # Small N for this CPU; on a GPU machine: neuron bench --device cuda --n 2048 (see BENCHMARKS.md).
 bench: setup

@@ -29,9 +29,8 @@ from .hosts import Host, Network, unavailable
 from .test_distributed import N_LABELS, make_archive
 
 REASON = unavailable()
-# one cluster at a time: under pytest-xdist (`make test` runs two test processes) the whole module goes to one of them
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"multi-host tests: {REASON}"),
-              pytest.mark.timeout(300), pytest.mark.xdist_group("multihost")]
+              pytest.mark.timeout(300)]
 
 VISIBILITY = 8
 REDIS_PASSWORD = "multihost-test"
