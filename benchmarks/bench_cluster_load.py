@@ -211,8 +211,11 @@ def measure(cfg: LoadConfig, say=print) -> dict:
                     snaps["worker"] = probes.snapshot()
                     say(f"worker measured: {busy_s:.1f} s from ready to the last acknowledgement")
                     network_note = ports.note
+                limits = {name: int(pgp.query(f"SHOW {name}")[0][0])
+                          for name in ("max_connections", "superuser_reserved_connections")}
             finally:
                 redis.close()
+                pgp.close()
             done, tables = _results(pg.url)
             if done != archive.n_images:
                 raise RuntimeError(f"{done} of {archive.n_images} instances are done after every study was "
@@ -228,10 +231,7 @@ def measure(cfg: LoadConfig, say=print) -> dict:
                 statements["worker_fixed"] = statement_delta(snaps["scanned_empty"], snaps["fixed"], top=8)
             say("measuring capacity: redis-benchmark, the result writer, fdatasync")
             capacity = {"redis": redis_capacity(broker.port, phases, message_bytes, cfg.redis_requests),
-                        "postgresql": pg_capacity(pg, cfg.writer_studies, cfg.fsync_s),
-                        "max_connections": int(pgp.query("SHOW max_connections")[0][0]),
-                        "superuser_reserved_connections": int(pgp.query("SHOW superuser_reserved_connections")[0][0])}
-            pgp.close()
+                        "postgresql": pg_capacity(pg, cfg.writer_studies, cfg.fsync_s), **limits}
     finally:
         if not cfg.keep:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -223,8 +223,9 @@ def test_the_cluster_load_benchmark_counts_what_a_scan_and_a_worker_ask_of_redis
     from .conftest import seed_untrained_cache
 
     seed_untrained_cache(untrained_settings, tmp_path / "out")  # no worker start recalibrates the untrained model
-    cfg = LoadConfig(n=16, size=64, batch_size=4, fixed=False, redis_requests=2000, writer_studies=8, fsync_s=0.2,
-                     workdir=tmp_path / "work", cache_dir=tmp_path / "out" / ".cache", out=tmp_path / "results")
+    cfg = LoadConfig(n=16, size=64, batch_size=4, fixed=False, quiet_s=1, redis_requests=2000, writer_studies=8,
+                     fsync_s=0.2, workdir=tmp_path / "work", cache_dir=tmp_path / "out" / ".cache",
+                     out=tmp_path / "results")
     r = run(cfg, say=lambda _: None)
     assert json.loads((tmp_path / "results" / f"{r['date']}-cluster-load.json").read_text()) == r
     assert r["instances_done"] == r["n_images"] == 16 and 4 <= r["studies"] <= 16
