@@ -7,6 +7,9 @@ untrained engine, so the test does not pay for loading the models a second time.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +22,7 @@ from typer.testing import CliRunner
 
 from neuron import synthetic
 from neuron.routes import RoutingFacts, route_for
+from neuron.servers import postgres_available, redis_available
 from neuron.work import Route
 
 
@@ -204,3 +208,54 @@ def test_bench_results_are_named_by_date_and_device(tmp_path):
     write_json(tmp_path, [{"a": 2}], "NVIDIA H100 80GB HBM3")
     assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}]
     assert Path(path).parent == tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (redis_available() and postgres_available()),
+                    reason="redis-server and PostgreSQL (initdb, pg_ctl) must both be installed")
+def test_the_cluster_load_benchmark_counts_what_a_scan_and_a_worker_ask_of_redis_and_postgresql(
+        models, untrained_settings, tmp_path):
+    """`benchmarks/bench_cluster_load.py` end to end on 16 images: a real `neuron scan` and a real host-only worker
+    against its own Redis and PostgreSQL (pg_stat_statements loaded), the counters split by phase, per image and per
+    study, the servers' capacity and the projection."""
+    from benchmarks.bench_cluster_load import NOT_SERVER_LIMITS, LoadConfig, run
+
+    from .conftest import seed_untrained_cache
+
+    seed_untrained_cache(untrained_settings, tmp_path / "out")  # no worker start recalibrates the untrained model
+    cfg = LoadConfig(n=16, size=64, batch_size=4, fixed=False, quiet_s=1, redis_requests=2000, writer_studies=8,
+                     fsync_s=0.2, workdir=tmp_path / "work", cache_dir=tmp_path / "out" / ".cache",
+                     out=tmp_path / "results")
+    r = run(cfg, say=lambda _: None)
+    assert json.loads((tmp_path / "results" / f"{r['date']}-cluster-load.json").read_text()) == r
+    assert r["instances_done"] == r["n_images"] == 16 and 4 <= r["studies"] <= 16
+    producer, worker = r["phases"]["producer"], r["phases"]["worker"]
+    assert producer["redis.calls.lpush"] == r["studies"]  # one task per study, nothing else pushed
+    assert worker["redis.calls.brpop"] >= 1 and worker["redis.calls.hdel"] >= r["studies"]  # every study acked
+    assert worker["pg.tup_inserted"] >= 16 * 18  # a findings row per label of the chest model, per image
+    for phase in (producer, worker):
+        assert phase["pg.xact_commit"] > 0 and phase["pg.statements"] > 0 and phase["pg.wal_bytes"] > 0
+        assert phase["redis.total_commands_processed"] > 0 and phase["redis.total_net_input_bytes"] > 0
+    for name, phase in (("producer", producer), ("worker", worker)):
+        per_image, per_study = r["per_image"][name], r["per_study"][name]
+        assert per_image["pg_commits"] == pytest.approx(phase["pg.xact_commit"] / 16, abs=1e-4)
+        assert per_image["redis_commands"] == pytest.approx(phase["redis.total_commands_processed"] / 16, abs=1e-4)
+        assert per_study["pg_wal_bytes"] == pytest.approx(phase["pg.wal_bytes"] / r["studies"], abs=1e-3)
+        assert r["statements"][name] and r["connections"][f"{name}.pg_backends"] >= 1
+    assert r["message_bytes"] > 100
+    rooted = os.geteuid() == 0 and shutil.which("nft") is not None
+    assert r["network"]["available"] is rooted
+    if rooted:
+        assert worker["net.pg_in_bytes"] > worker["pg.statements"] and worker["net.redis_in_packets"] > 0
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert "neuron_load_" not in tables  # the run's counters table is removed
+    cap = r["capacity"]
+    assert all(c["requests_per_s"] > 0 for c in cap["redis"]["commands"].values())
+    assert cap["postgresql"]["writer"]["images_per_s"] > 0 and cap["postgresql"]["fdatasync_per_s"] > 0
+    for rate in r["projection"]["by_worker_rate"].values():
+        limits = rate["workers_before_saturation"]
+        first = min(v for k, v in limits.items() if v is not None and k not in NOT_SERVER_LIMITS)
+        assert limits[rate["saturates_first"]] == first >= 0  # a 16-image run's start costs weigh on every image
+        assert rate["workers"] == (first if first < 1 else int(first))
+        assert rate["images_per_night"] == round(rate["workers"] * rate["images_per_s_per_worker"] * 36000)
+    assert not list((tmp_path / "work" / "runs").iterdir())  # the servers' folders removed

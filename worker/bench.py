@@ -324,7 +324,38 @@ def parse_worker_log(text: str) -> WorkerLog:
     return WorkerLog(batches, frames, batch_size, first, concurrency)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def celery_environment(run_dir: Path, broker_url: str, pg_url: str, readers: int | None = None,
+                       dicom_out: Path | None = None) -> dict[str, str]:
+    """The environment of the benchmark's ``neuron scan`` and worker processes: this one's without any stray
+    ``NEURON_*`` variable, the throwaway servers, and the run's own output and temporary folders."""
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {**foreign_environment(), "NEURON_BROKER_URL": broker_url, "NEURON_DATABASE_URL": pg_url,
+           "NEURON_OUT": str(run_dir / "out"), "TMPDIR": str(run_dir / "tmp"), "PYTHONUNBUFFERED": "1",
+           "COLUMNS": "200"}
+    if dicom_out is not None:
+        env["NEURON_DICOM_OUT"] = str(dicom_out)
+    if readers is not None:
+        env["NEURON_READERS"] = str(readers)
+    return env
+
+
+def host_only_worker_command(prime: Path, device: str, batch_size: int, concurrency: int | None = None,
+                             queues: str = ROUTE.value) -> list[str]:
+    """A ``neuron worker`` whose device stage answers at once (``worker.bench_host``'s own entry point)."""
+    cmd = [sys.executable, "-m", "worker.bench_host", "--prime", str(prime), "--device", device, "--batch-size",
+           str(batch_size), "--queues", queues]
+    return cmd + (["--concurrency", str(concurrency)] if concurrency is not None else [])
+
+
+def start_worker(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The worker in a session of its own (``stop_worker`` signals its whole group), its output to ``log_path``."""
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen(list(cmd), env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    """A warm shutdown (SIGTERM to the worker's group), SIGKILL after a minute."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -334,8 +365,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen, log_path: Path,
-              poll: float = 0.2) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen, log_path: Path,
+             poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -348,6 +379,12 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: su
     raise SetupError(f"timed out after {timeout:.0f} s waiting for {what}; see {log_path}")
 
 
+def wait_until_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 900) -> None:
+    """Until Celery logs `` ready.`` (models loaded, consuming)."""
+    wait_for(lambda: " ready." in log_path.read_text(errors="replace"), timeout, "the worker to be ready", proc,
+             log_path, poll=0.5)
+
+
 def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive, run_dir: Path, broker_url: str,
                pg_url: str) -> EndToEnd:
     import redis
@@ -355,32 +392,23 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
 
     servers.reset_postgres(pg_url)
     redis.Redis.from_url(broker_url).flushall()
-    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    env = {**foreign_environment(), "NEURON_BROKER_URL": broker_url, "NEURON_DATABASE_URL": pg_url,
-           "NEURON_OUT": str(run_dir / "out"), "TMPDIR": str(run_dir / "tmp"), "PYTHONUNBUFFERED": "1",
-           "COLUMNS": "200"}
-    if cfg.dicom_out:
-        env["NEURON_DICOM_OUT"] = str(run_dir / "dicom")
-    if pipeline.settings.readers is not None:
-        env["NEURON_READERS"] = str(pipeline.settings.readers)
+    env = celery_environment(run_dir, broker_url, pg_url, pipeline.settings.readers,
+                             run_dir / "dicom" if cfg.dicom_out else None)
     neuron = [sys.executable, "-m", "neuron"]
     worker_cmd = [*neuron, "worker", "--device", str(pipeline.device), "--weights", "untrained", "--batch-size",
                   str(pipeline.batch_size), "--queues", ROUTE.value, "--loglevel", "INFO", "--precision",
                   cfg.precision, "--runtime", cfg.runtime]
-    if cfg.host_only:  # a neuron worker whose device stage answers at once: the benchmark's own entry point
-        worker_cmd = [sys.executable, "-m", "worker.bench_host", "--prime", str(archive.files[0]), "--device",
-                      str(pipeline.device), "--batch-size", str(pipeline.batch_size), "--queues", ROUTE.value]
     if cfg.concurrency is not None:
         worker_cmd += ["--concurrency", str(cfg.concurrency)]
+    if cfg.host_only:
+        worker_cmd = host_only_worker_command(archive.files[0], str(pipeline.device), pipeline.batch_size,
+                                              cfg.concurrency)
     log_path = run_dir / "worker.log"
     db = Database(pg_url)
-    with open(log_path, "w") as log_file:
-        t_worker = time.perf_counter()
-        proc = subprocess.Popen(worker_cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    t_worker = time.perf_counter()
+    proc = start_worker(worker_cmd, env, log_path)
     try:
-        _wait_for(lambda: " ready." in log_path.read_text(errors="replace"), 900, "the worker to be ready", proc,
-                  log_path, poll=0.5)
+        wait_until_ready(proc, log_path)
         ready_s = time.perf_counter() - t_worker
         scan_started, scan_started_local = datetime.now(UTC), datetime.now()
         with HostProbe(proc.pid, main="celery") as probe, ShmWatch() as shm:
@@ -395,11 +423,11 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
                 counts = db.instance_statuses()
                 return sum(counts.get(s, 0) for s in ("done", "failed", "skipped")) >= archive.n_images
 
-            _wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
+            wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
             elapsed = time.perf_counter() - start
         rss = _proc_peak_rss_mb(proc.pid)
     finally:
-        _stop(proc)
+        stop_worker(proc)
     done = db.instance_statuses().get("done", 0)
     db.dispose()
     sa = create_engine(pg_url)
