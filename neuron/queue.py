@@ -148,7 +148,7 @@ def broker_status(settings: Settings, queues: list[str], timeout: float = 1.5) -
 
     out = BrokerStatus(mask_url(settings.broker_url))
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+        client = _redis(settings)
         for q in queues:
             out.waiting[q] = client.llen(q)
         out.unacknowledged = client.hlen("unacked")  # kombu's Redis transport keeps delivered messages here
@@ -178,7 +178,7 @@ def unacknowledged_tasks(settings: Settings) -> dict[str, tuple[int, float]] | N
     import redis
 
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=5)
+        client = _redis(settings)
         raw = client.hgetall("unacked")
         delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
     except redis.RedisError:

@@ -77,7 +77,6 @@ class StudyFlow:
         self._in_flight: dict[str, Study] = {}
         self._lock = threading.Condition()
         self._closed = False
-        self.finished = self.retried = 0
         self._retries = ThreadPoolExecutor(1, thread_name_prefix="flow-retry")
         self._claimer = threading.Thread(target=self._claim_loop, name="flow-claim", daemon=True)
         self._claimer.start()
@@ -112,18 +111,14 @@ class StudyFlow:
                 batch.append(more)
             try:
                 self._claim(batch)
-            except Exception as exc:  # noqa: BLE001 - the claim thread must outlive any one batch
-                log.exception("handing %d studies to the engine failed; they are retried", len(batch))
+            except Exception as exc:  # noqa: BLE001 - every study of the batch is retried; the thread goes on
+                if not isinstance(exc, RetryableError):  # the database away is expected; anything else is a bug
+                    log.exception("handing %d studies to the engine failed; they are retried", len(batch))
                 for study in batch:
                     self._retry(study, exc)
 
     def _claim(self, batch: list[Study]) -> None:
-        try:
-            items = self.db.claim([uid for s in batch for uid in s.todo], self.max_attempts)
-        except Exception as exc:  # noqa: BLE001 - every study of the claim is retried, none is lost
-            for study in batch:
-                self._retry(study, exc)
-            return
+        items = self.db.claim([uid for s in batch for uid in s.todo], self.max_attempts)
         by_uid = {item.sop_instance_uid: item for item in items}
         for study in batch:
             mine = [by_uid[uid] for uid in study.todo if uid in by_uid]
@@ -173,7 +168,6 @@ class StudyFlow:
             log.info("Task %s[%s] retry: %s", SCREEN_STUDY, study.task_id, retried)
         with self._lock:
             self._in_flight.pop(study.task_id, None)
-            self.finished += 1
             self._lock.notify_all()
 
     def _retry(self, study: Study, exc: BaseException) -> None:
@@ -193,8 +187,6 @@ class StudyFlow:
                 self._in_flight.pop(study.task_id, None)
                 self._lock.notify_all()
             return
-        with self._lock:
-            self.retried += 1
         self._finish(study, f"Retry in {countdown}s: {why}")
 
     # -- stopping ---------------------------------------------------------------------------------------------------
