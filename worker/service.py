@@ -200,7 +200,11 @@ class ScreeningTask(Task):
 
     Strategy = "worker.flow:screening_strategy"
     runtime: WorkerRuntime | None = None
-    flow: StudyFlow | None = None
+
+    @property
+    def flow(self) -> StudyFlow | None:
+        """The lean path of this process's runtime; None before ``start`` and after ``close``."""
+        return self.runtime.flow if self.runtime is not None else None
 
     def start(self, settings: Settings, pipeline: Pipeline, name: str) -> WorkerRuntime:
         db = Database(settings.resolved_database_url)
@@ -208,9 +212,9 @@ class ScreeningTask(Task):
         prepare_database(db, pipeline.models, settings, pipeline.heatmap_dir)
         outputs = open_outputs(settings, "worker", complete_only=False, flush_after_s=1.0)
         batcher, writer = StudyBatcher(pipeline), ResultWriter(db)
-        self.flow = StudyFlow(db, batcher, writer, settings.max_attempts, self._publish_retry,
-                              outputs.add if outputs is not None else None)
-        self.runtime = WorkerRuntime(settings, name, db, batcher, writer, self.flow, outputs)
+        flow = StudyFlow(db, batcher, writer, settings.max_attempts, self._publish_retry,
+                         outputs.add if outputs is not None else None)
+        self.runtime = WorkerRuntime(settings, name, db, batcher, writer, flow, outputs)
         return self.runtime
 
     def _publish_retry(self, payload: ScreenStudy, task_id: str, queue: str, retries: int, countdown: int) -> None:
@@ -218,10 +222,9 @@ class ScreeningTask(Task):
         self.apply_async(kwargs=payload.kwargs(), task_id=task_id, queue=queue, retries=retries, countdown=countdown)
 
     def close(self) -> None:
-        self.flow = None
-        if self.runtime is not None:
-            self.runtime.close()
-            self.runtime = None
+        runtime, self.runtime = self.runtime, None  # a late delivery goes to Celery's own path, not a closing flow
+        if runtime is not None:
+            runtime.close()
 
     def screen(self, payload: ScreenStudy) -> list[Outcome]:
         """Claim the instances, screen them with the other studies in flight, commit, and screen again from a
