@@ -341,9 +341,15 @@ def celery_environment(run_dir: Path, broker_url: str, pg_url: str, readers: int
 
 def host_only_worker_command(prime: Path, device: str, batch_size: int, concurrency: int | None = None,
                              queues: str = ROUTE.value) -> list[str]:
-    """A ``neuron worker`` whose device stage answers at once (``worker.bench_host``'s own entry point)."""
-    cmd = [sys.executable, "-m", "worker.bench_host", "--prime", str(prime), "--device", device, "--batch-size",
-           str(batch_size), "--queues", queues]
+    """A ``neuron worker`` whose device stage answers at once (``worker.bench_host``'s own entry point).
+
+    Started with ``-c``, not ``-m worker.bench_host``: a forkserver or spawn child first runs the parent's main module
+    again (multiprocessing.spawn.prepare: ``init_main_from_name``, skipped only for a ``__main__`` module, and
+    ``init_main_from_path``), so each reader process of a ``-m worker.bench_host`` worker imported torch and the whole
+    engine: seconds of CPU and of start-up per reader that ``neuron worker`` (its main is the ``neuron`` script) does
+    not pay. ``-c`` leaves the children nothing to import."""
+    cmd = [sys.executable, "-c", "import sys; from worker.bench_host import main; main(sys.argv[1:])", "--prime",
+           str(prime), "--device", device, "--batch-size", str(batch_size), "--queues", queues]
     return cmd + (["--concurrency", str(concurrency)] if concurrency is not None else [])
 
 
@@ -484,9 +490,12 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
         first = archives[cfg.archives[0]]
         job = primed_job(models, pipeline.batch_size, first.files[0]) if cfg.host_only else None
         sample = _sample_frames(pipeline, first)
-        model = model_only_bound(pipeline, sample)
         runtime = models.routes[ROUTE].spec.runtime or {"name": "torch"}
-        say(f"model-only bound: {model:.1f} img/s ({runtime['name']})")
+        # the host-only mode's device stage answers at once: a model bound (minutes at its batch size on a CPU) says
+        # nothing about it, and its ratio would compare the host with a network it does not run
+        model = None if cfg.host_only else model_only_bound(pipeline, sample)
+        if model is not None:
+            say(f"model-only bound: {model:.1f} img/s ({runtime['name']})")
         celery_ok = Mode.CELERY in cfg.modes and servers.redis_available() and servers.postgres_available()
         if Mode.CELERY in cfg.modes and not celery_ok:
             say("celery mode skipped: redis-server and PostgreSQL (initdb, pg_ctl) must both be installed")
@@ -521,13 +530,12 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                 say(f"{mode.value}, {flavour}: {e2e.images_per_s:.2f} img/s end to end ({e2e.done}/"
                     f"{archive.n_images} done in {e2e.elapsed_s:.1f} s)")
                 runs.append((mode, flavour, e2e, datetime.now().astimezone()))
-        model = max(model, model_only_bound(pipeline, sample))
-        say(f"model-only bound, best of before and after: {model:.1f} img/s")
-        common["model_only_images_per_s"] = _round(model, 2)
-        # the host-only mode's device stage answers at once: the other runtimes' bounds (minutes at its batch size on a
-        # CPU) say nothing about it
-        common["model_only_by_runtime"] = {runtime["name"]: _round(model, 2), **(
-            {} if cfg.host_only else other_runtime_bounds(models, pipeline, sample, runtime["name"], say))}
+        if model is not None:
+            model = max(model, model_only_bound(pipeline, sample))
+            say(f"model-only bound, best of before and after: {model:.1f} img/s")
+            common["model_only_images_per_s"] = _round(model, 2)
+            common["model_only_by_runtime"] = {runtime["name"]: _round(model, 2),
+                                               **other_runtime_bounds(models, pipeline, sample, runtime["name"], say)}
         results = []
         for mode, flavour, e2e, now in runs:
             archive = archives[flavour]
@@ -535,7 +543,8 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                 **common, "mode": mode.value, "archive": flavour, "n_images": archive.n_images,
                 "studies": archive.studies, "archive_encoder": archive.encoder,
                 "decode_images_per_s": _round(decode[flavour][0], 2), "decoded_frames": decode[flavour][1],
-                "end_to_end_images_per_s": _round(e2e.images_per_s, 3), "ratio": _round(e2e.images_per_s / model, 3),
+                "end_to_end_images_per_s": _round(e2e.images_per_s, 3),
+                "ratio": None if model is None else _round(e2e.images_per_s / model, 3),
                 "batch_fill": _round(e2e.batch_fill), "time_to_first_batch_s": _round(e2e.time_to_first_batch_s),
                 "stats_source": e2e.stats_source, "peak_rss_mb": e2e.peak_rss_mb, "peak_gpu_mb": e2e.peak_gpu_mb,
                 "instances_done": e2e.done, "heatmaps_written": e2e.heatmaps, "elapsed_s": _round(e2e.elapsed_s, 2),
