@@ -109,7 +109,7 @@ def scan(
     """Producer: index DICOM headers into the database and enqueue one task per study (IDs only)."""
     from db.store import Database
     from neuron.queue import make_app, mask_url
-    from producer.enqueue import enqueue_pending
+    from producer.enqueue import EnqueueAsIndexed, enqueue_pending
     from producer.scan import index_folder
     from producer.watch import FolderWatcher
 
@@ -142,8 +142,9 @@ def scan(
                         console=console)
     with progress:
         task = progress.add_task("indexing", total=None)
+        as_indexed = EnqueueAsIndexed(database, celery_app)
         result = index_folder(folder, database, exclude=[settings.out_dir], route_override=route,
-                              on_file=lambda n: progress.update(task, completed=n),
+                              on_file=lambda n: progress.update(task, completed=n), on_indexed=as_indexed,
                               follow_links=settings.follow_links, patient_secret=settings.patient_key,
                               policy=settings.population_policy, to_shared=settings.to_shared)
     again = 0
@@ -153,7 +154,7 @@ def scan(
     if retry_failed:
         again += len(database.requeue(Requeue.RETRY_FAILED, routes=MODEL_ROUTES))
     try:
-        sent = enqueue_pending(database, celery_app)
+        sent = as_indexed.sent + enqueue_pending(database, celery_app)
     except NeuronError as exc:  # the broker never came up: what was indexed stays pending for the next scan
         raise fail(str(exc), EXIT_SETUP) from None
     console.print(f"scanned {result.seen} files ({result.unchanged} unchanged), indexed {result.indexed}, "

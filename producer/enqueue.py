@@ -13,7 +13,7 @@ from db.store import Database
 from neuron.errors import BrokerUnavailable
 from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, ScreenStudy, queue_for
 from neuron.routes import MODEL_ROUTES
-from neuron.work import Requeue, Route
+from neuron.work import FileEntry, Requeue, Route
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,36 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
     if sent:
         log.info("enqueued %d tasks", sent)
     return sent
+
+
+class EnqueueAsIndexed:
+    """``neuron scan``'s sending while it indexes (``index_folder``'s ``on_indexed``): after each committed batch of
+    the index, the pending instances of the batch's studies go out, all but the study of the batch's last file, which
+    the walk may not have finished (it goes with the next batch, or with the scan's final ``enqueue_pending``). So the
+    workers start on the first batch instead of after the whole walk. A study whose files lie apart in the walk goes
+    out as more than one task, each instance in one. The broker unreachable mid-walk does not stop the index: sending
+    pauses until the end, where ``enqueue_pending`` waits for the broker as before."""
+
+    def __init__(self, db: Database, app: Celery):
+        self.db, self.app = db, app
+        self.sent = 0
+        self._held: set[str] = set()  # the study the walk may not have finished
+        self._paused = False
+
+    def __call__(self, entries: list[FileEntry]) -> None:
+        studies = [e.instance.header.study_instance_uid for e in entries if e.instance is not None]
+        if self._paused or not studies:
+            return
+        ready = (self._held | set(studies)) - {studies[-1]}
+        self._held = {studies[-1]}
+        if not ready:
+            return
+        try:
+            self.sent += enqueue_pending(self.db, self.app, study_uids=ready, broker_wait_s=0)
+        except BrokerUnavailable as exc:
+            self._paused = True
+            log.warning("broker %s could not be reached while indexing (%s): indexing goes on, and what it indexes "
+                        "is sent once the index is committed", broker_uri(self.app), exc.__cause__ or exc)
 
 
 SEND_BLOCK_INSTANCES = 2_000

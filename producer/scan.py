@@ -586,20 +586,25 @@ def changed_files(root: Path, known: dict[str, tuple[int, int]], exclude: Iterab
             on_file(result.seen)
 
 
+FIRST_COMMIT = 32  # files in the scan's first committed batch; each next one doubles, up to ``batch``
+
+
 def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: int = 256,
                  on_file: Callable[[int], None] | None = None, route_override: Route | None = None,
-                 on_indexed: Callable[[list[str]], None] | None = None, workers: int | None = None,
+                 on_indexed: Callable[[list[FileEntry]], None] | None = None, workers: int | None = None,
                  follow_links: bool = False, patient_secret: str | None = None,
                  policy: PopulationPolicy | str = PopulationPolicy.FLAG,
                  to_shared: Callable[[str], str] = str) -> ScanResult:
-    """Index every file below root into the database. Files already indexed with the same size and mtime are
-    skipped, so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the paths of each
-    committed batch. ``workers``: header-parsing processes once the scan has read PARSE_POOL_AFTER files (default:
-    one per CPU, at most 8; 0 or 1 reads every header in this process). ``patient_secret``: keep a keyed hash of each
-    study's Patient ID (--patient-key). ``policy``: what happens to a film outside its route's trained population
-    (--population-policy). ``to_shared``: this host's path -> the name every host shares (``Settings.to_shared``,
-    NEURON_PATH_MAP): the database holds shared names, so a worker that mounts the archive elsewhere finds the file
-    and a re-scan from any host recognises it."""
+    """Index every file below root into the database. Files already indexed with the same size and mtime are skipped,
+    so a re-scan of an unchanged archive reads no headers at all. ``on_indexed`` gets the entries of each committed
+    batch (under their shared paths), in walk order; the first batch holds FIRST_COMMIT files and each next one
+    twice as many, up to ``batch``, so what is sent as it is indexed (``producer.enqueue.EnqueueAsIndexed``) reaches
+    the workers within the first files. ``workers``: header-parsing processes once the scan has read
+    PARSE_POOL_AFTER files (default: one per CPU, at most 8; 0 or 1 reads every header in this process).
+    ``patient_secret``: keep a keyed hash of each study's Patient ID (--patient-key). ``policy``: what happens to a
+    film outside its route's trained population (--population-policy). ``to_shared``: this host's path -> the name
+    every host shares (``Settings.to_shared``, NEURON_PATH_MAP): the database holds shared names, so a worker that
+    mounts the archive elsewhere finds the file and a re-scan from any host recognises it."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
@@ -607,11 +612,13 @@ def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: 
     pending: list[FileEntry] = []
     reader = _HeaderReader(route_override, _parse_workers() if workers is None else workers,
                            patient_secret=patient_secret, policy=PopulationPolicy(policy))
+    limit = min(batch, FIRST_COMMIT)
     try:
         for path in changed_files(root, db.file_index(), exclude, follow_links, on_file, result, to_shared):
             pending += reader.add(path)
-            if len(pending) >= batch:
+            if len(pending) >= limit:
                 _commit(db, pending, on_indexed, to_shared)
+                limit = min(batch, 2 * limit)
         pending += reader.finish()
     finally:
         reader.close()
@@ -620,12 +627,12 @@ def index_folder(root: Path, db: Database, exclude: Iterable[Path] = (), batch: 
     return result
 
 
-def _commit(db: Database, entries: list[FileEntry], on_indexed: Callable[[list[str]], None] | None,
+def _commit(db: Database, entries: list[FileEntry], on_indexed: Callable[[list[FileEntry]], None] | None,
             to_shared: Callable[[str], str] = str) -> None:
     shared = [shared_entry(e, to_shared) for e in entries]
     db.add_files(shared)
     if on_indexed is not None and shared:
-        on_indexed([e.path for e in shared])
+        on_indexed(shared)
     entries.clear()
 
 

@@ -6,6 +6,7 @@ results land in PostgreSQL. Servers start once per session on free loopback port
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from neuron.routes import MODEL_ROUTES
+from neuron.servers import free_port
 from neuron.settings import Settings
 from worker.embedded import run_folder
 
@@ -461,6 +463,68 @@ def test_a_lost_queue_is_sent_again_with_requeue(env, tmp_path, chest_small):
     finally:
         stop(worker)
     assert no_duplicate_rows(env)
+
+
+def _copies(src: Path, root: Path, studies: int, per_study: int) -> None:
+    """``studies`` x ``per_study`` copies of one file, each with its own UIDs, a folder per study."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(src)
+    for s in range(studies):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        (root / f"study{s:03d}").mkdir(parents=True)
+        for i in range(per_study):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.save_as(root / f"study{s:03d}" / f"img{i}.dcm")
+
+
+def test_a_scan_sends_each_study_as_soon_as_its_files_are_committed(servers, tmp_path, chest_small):
+    """`neuron scan` sends while it indexes (producer.enqueue.EnqueueAsIndexed), so workers start on the first
+    committed batch, not after the whole walk: after the first 32 files the 10 studies they complete are in the
+    broker, the 11th (the walk was inside it) goes with the next batch; every instance goes out once and each study in
+    one task. A broker away mid-walk pauses the sending; the index goes on and the instances stay pending for the scan's
+    final send, which waits for the broker."""
+    from db.store import Database
+    from neuron.queue import make_app
+    from producer.enqueue import EnqueueAsIndexed, enqueue_pending
+    from producer.scan import FIRST_COMMIT, index_folder
+
+    from .services import reset_postgres
+
+    broker, pg = servers
+    folder = tmp_path / "archive"
+    _copies(chest_small, folder, studies=30, per_study=3)
+    r = redis.Redis.from_url(broker)
+    for reachable in (True, False):
+        reset_postgres(pg.url)
+        r.flushall()
+        db = Database(pg.url)
+        db.create()
+        url = broker if reachable else f"redis://127.0.0.1:{free_port()}/0"
+        app = make_app(Settings(broker_url=url, database_url=pg.url))
+        as_indexed = EnqueueAsIndexed(db, app)
+        seen: list[tuple[int, int]] = []
+
+        def on_indexed(entries, as_indexed=as_indexed, seen=seen):
+            as_indexed(entries)
+            seen.append((len(entries), r.llen("chest-xray")))
+
+        index_folder(folder, db, on_indexed=on_indexed, workers=0)
+        try:
+            if not reachable:
+                assert as_indexed.sent == 0 and [n for n, _ in seen] == [FIRST_COMMIT, 90 - FIRST_COMMIT]
+                assert db.instance_statuses() == {"pending": 90}
+                continue
+            assert seen == [(FIRST_COMMIT, 10), (90 - FIRST_COMMIT, 29)]
+            assert as_indexed.sent == 29 and enqueue_pending(db, app) == 1
+            bodies = [json.loads(m) for m in r.lrange("chest-xray", 0, -1)]  # kombu's list, Celery's message body
+            messages = [json.loads(base64.b64decode(b["body"]))[1]["sop_instance_uids"] for b in bodies]
+            uids = [u for m in messages for u in m]
+            assert len(messages) == 30 and len(uids) == len(set(uids)) == 90
+            assert all(len(m) == 3 for m in messages) and db.instance_statuses() == {"queued": 90}
+        finally:
+            db.dispose()
 
 
 def test_a_stream_of_small_studies_fills_the_batches_at_the_default_concurrency(env, tmp_path, chest_small):

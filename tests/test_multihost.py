@@ -399,7 +399,7 @@ def test_the_database_host_or_one_of_its_servers_unreachable_while_both_workers_
           f"{screened_twice(c)} of {c.n} instances screened twice")
 
 
-BULK_N = 3000  # instances, 4 to a study: a scan that commits in 12 batches of 256
+BULK_N = 3000  # instances, 4 to a study: a scan that commits batches of 32, 64, 128, then 256 (producer.scan)
 
 
 def queued_messages(c: Cluster) -> list[list[str]]:
@@ -412,9 +412,11 @@ def queued_messages(c: Cluster) -> list[list[str]]:
 
 
 def test_a_producer_cut_off_during_a_large_scan_is_completed_by_a_rerun_and_nothing_is_enqueued_twice(fresh):
-    """The scan commits its index in batches and enqueues at the end: cut off mid-index, it waits on its database
-    (no reset reaches it); the host is then stopped (SIGKILL, as an operator or a reboot would) and healed. The
-    re-run skips what was committed, indexes the rest, and sends every instance in exactly one task."""
+    """The scan commits its index in batches and sends each batch's finished studies after its commit: cut off
+    mid-index (between two batches: the last batch's studies sent, the next batch being read), it waits on its
+    database (no reset reaches it); the host is then stopped (SIGKILL, as an operator or a reboot would) and healed.
+    The re-run skips what was committed, indexes the rest, and sends what the first did not: every instance in
+    exactly one task."""
     from .test_load import PER_STUDY, make_load_archive
 
     c = fresh
@@ -429,20 +431,26 @@ def test_a_producer_cut_off_during_a_large_scan_is_completed_by_a_rerun_and_noth
         assert c.producer.run([sys.executable, "-m", "neuron", "db", "upgrade"], env).returncode == 0
         scan = c.producer.spawn([sys.executable, "-m", "neuron", "scan", str(local)], env, c.log(c.producer))
         files = lambda: c.sql("select count(*) from files")[0][0]  # noqa: E731
-        wait_until(lambda: files() >= 256, 120, "the scan's first committed batch", [scan], poll=0.1)
+
+        def between_batches() -> bool:  # a batch of >= 256 committed, its studies sent, the next one being read
+            (indexed, queued), = c.sql("select count(*), count(*) filter (where status = 'queued') from instances")
+            return indexed >= 480 and indexed - queued <= PER_STUDY and \
+                int(c.redis("LLEN", "chest-xray")) * PER_STUDY == queued
+
+        wait_until(between_batches, 120, "the scan's fourth committed and sent batch", [scan], poll=0.05)
         c.producer.cut()
         time.sleep(3)
-        at_cut = files()
+        at_cut, sent_at_cut = files(), int(c.redis("LLEN", "chest-xray"))
         assert at_cut < BULK_N, "the scan finished before the cut; make the folder larger"
-        assert scan.poll() is None and c.redis("LLEN", "chest-xray") == 0
+        assert scan.poll() is None and sent_at_cut * PER_STUDY >= at_cut - PER_STUDY
         c.producer.kill_all()
         c.producer.heal()
         started = time.monotonic()
         res = c.producer.run([sys.executable, "-m", "neuron", "scan", str(local)], env, timeout=180)
         rerun = time.monotonic() - started
         assert res.returncode == 0, res.stderr[-3000:]
-        assert f"({at_cut} unchanged)" in res.stderr and f"enqueued {studies} study tasks" in res.stderr, \
-            res.stderr[-2000:]
+        assert f"({at_cut} unchanged)" in res.stderr, res.stderr[-2000:]
+        assert f"enqueued {studies - sent_at_cut} study tasks" in res.stderr, res.stderr[-2000:]
         assert c.sql("select count(*), count(distinct sop_instance_uid) from files") == [(BULK_N, BULK_N)]
         assert c.sql("select status, count(*) from instances group by status") == [("queued", BULK_N)]
         assert all(p.startswith("/bulk/") for (p,) in c.sql("select path from files"))
@@ -453,5 +461,6 @@ def test_a_producer_cut_off_during_a_large_scan_is_completed_by_a_rerun_and_noth
     finally:
         del c.producer.mounts[local]
         shutil.rmtree(bulk, ignore_errors=True)
-    print(f"\ncost: producer cut off after {at_cut} of {BULK_N} files were indexed, then stopped: the re-run indexed "
-          f"the other {BULK_N - at_cut} and enqueued {studies} tasks, each instance once, in {rerun:.1f} s")
+    print(f"\ncost: producer cut off after {at_cut} of {BULK_N} files were indexed and {sent_at_cut} tasks sent, then "
+          f"stopped: the re-run indexed the other {BULK_N - at_cut} and sent the other {studies - sent_at_cut} "
+          f"tasks, each instance once, in {rerun:.1f} s")
