@@ -161,6 +161,7 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._outcome_stmts = None
         self._index_stmts = None
+        self._study_stmt = None
         self._stamp_processor = None
 
     def session(self) -> Session:
@@ -245,7 +246,12 @@ class Database:
 
     def _study_upsert(self):
         """A study's header facts: a value an instance of it has wins over one it lacks (instances of one study
-        normally agree; a later scan fills what an earlier one did not have)."""
+        normally agree; a later scan fills what an earlier one did not have). Built once per Database."""
+        if self._study_stmt is None:
+            self._study_stmt = self._build_study_upsert()
+        return self._study_stmt
+
+    def _build_study_upsert(self):
         studies = Study.__table__
         upsert = self._insert(studies)
         return upsert.on_conflict_do_update(
