@@ -11,12 +11,14 @@ that leaves it unacknowledged and Redis delivers it again after the visibility t
 a worker keeps 4 x batch studies in flight (``default_concurrency``) with three threads of its own instead of one
 thread per study, and the claims of many studies share one database transaction.
 
-What this path does not take goes to Celery's default strategy (a pool thread runs ``ScreeningTask.screen``, which
-waits for the commit as before): a delivery that is a retry (its ``retries`` header, or an ETA), and a body the lean
-path cannot read (Celery then rejects it as it would). A study that must be retried (the database away, an instance
-unreadable for now) is published again with Celery's retry fields (same task id, ``retries`` + 1, a countdown of
-2^retries s) before its first delivery is acknowledged, so Celery's countdown, ``max_retries`` and ``neuron status``
-see it exactly as a task that called ``self.retry``.
+What this path does not take goes to Celery's default strategy: a delivery that is a retry (its ``retries`` header,
+or an ETA), and a body the lean path cannot read (Celery then rejects it as it would). There a pool thread runs
+``ScreeningTask.screen``, which hands the study to the same flow (``StudyFlow.screen``) and waits for its end, so both
+paths claim, commit, rescue duplicate copies and decide a retry by the same code.
+
+A study that must be retried (the database away, an instance unreadable for now) is published again with Celery's
+retry fields (same task id, ``retries`` + 1, a countdown of 2^retries s) before its first delivery is acknowledged,
+so Celery's countdown, ``max_retries`` and ``neuron status`` see it exactly as a task that called ``self.retry``.
 
 Celery lets a task choose how the worker handles its messages: ``Task.Strategy`` ("Task.Strategy" in the
 celery.app.task API; celery-batches uses the same hook), called on the consumer's thread for each delivery.
@@ -51,15 +53,17 @@ DRAIN_S = 60.0
 
 @dataclass(eq=False)
 class Study:
-    """One delivered message on the lean path: the task id, what to screen and how to acknowledge it."""
+    """One delivered message: the task id, what to screen, and how it ends: acknowledged (the lean path: ``ack``),
+    or answered to a caller that waits (a retried delivery on Celery's pool thread: ``waiter``)."""
 
     task_id: str
     payload: ScreenStudy
-    ack: Callable[[], object]
+    ack: Callable[[], object] | None
     queue: str  # where it came from: a retry goes back there
     todo: tuple[str, ...] = ()
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    waiter: Future | None = None  # gets the outcomes, or the error its task is retried for
 
 
 class StudyFlow:
@@ -87,6 +91,15 @@ class StudyFlow:
         with self._lock:
             self._in_flight[task_id] = study
         self._claims.put(study)
+
+    def screen(self, payload: ScreenStudy) -> list[Outcome]:
+        """A retried delivery's path (``ScreeningTask.screen``, on Celery's pool thread): the same claim, screening,
+        commit and ending as a first delivery's, waited for. Returns the outcomes; raises what a first delivery would
+        be retried for (the database away, an instance unreadable for now: the rest is committed), for Celery's
+        retry to count."""
+        waiter: Future = Future()
+        self._claims.put(Study("", payload, None, "", payload.sop_instance_uids, waiter=waiter))
+        return waiter.result()
 
     def held(self) -> list[str]:
         """The task ids of the studies in flight (``neuron status`` counts them as held by this worker)."""
@@ -160,6 +173,9 @@ class StudyFlow:
 
     # -- the two endings --------------------------------------------------------------------------------------------
     def _finish(self, study: Study, retried: str | None = None) -> None:
+        if study.waiter is not None:
+            study.waiter.set_result(list(study.outcomes.values()))
+            return
         study.ack()  # scheduled on Celery's event loop, which runs what is scheduled before it stops
         if retried is None:
             log.info("Task %s[%s] succeeded in %.3fs: %d", SCREEN_STUDY, study.task_id,
@@ -171,6 +187,10 @@ class StudyFlow:
             self._lock.notify_all()
 
     def _retry(self, study: Study, exc: BaseException) -> None:
+        if study.waiter is not None:  # its task raises it, and Celery's retry publishes it again
+            if not study.waiter.done():
+                study.waiter.set_exception(exc)
+            return
         if self._closed:  # stopping: left unacknowledged, Redis delivers it again (to this worker's successor)
             return
         countdown = 1  # Celery's countdown for the first retry: 2 ** 0 (worker.service.screen_study)
@@ -206,6 +226,13 @@ class StudyFlow:
         self._closed = True
         self._claims.put(None)
         self._claimer.join(timeout=10)
+        while True:  # a caller still waiting on an unclaimed study is told, not left hanging
+            try:
+                study = self._claims.get_nowait()
+            except queue.Empty:
+                break
+            if study is not None:
+                self._retry(study, RetryableError("the worker is stopping"))
         self._retries.shutdown(wait=True)
 
 

@@ -45,7 +45,7 @@ from neuron.queue import (
     register_info_command,
 )
 from neuron.settings import Settings
-from neuron.work import Outcome, Route, Status, WorkItem
+from neuron.work import Outcome, Route, WorkItem
 from worker import metrics
 from worker.device import DeviceJob
 from worker.flow import DrainStudies, StudyFlow
@@ -227,28 +227,13 @@ class ScreeningTask(Task):
             runtime.close()
 
     def screen(self, payload: ScreenStudy) -> list[Outcome]:
-        """Claim the instances, screen them with the other studies in flight, commit, and screen again from a
-        duplicate copy what the commit rescued; returns the final outcomes. Raises RetryableError for what may work
-        later (a database outage, an instance unreadable for now: the rest is committed)."""
-        rt = self.runtime
-        if rt is None:
+        """A retried delivery (Celery's pool thread): claimed, screened with the other studies in flight, committed
+        and ended as a first delivery is (``StudyFlow.screen``); returns the final outcomes. Raises RetryableError
+        for what may work later (a database outage, an instance unreadable for now: the rest is committed)."""
+        flow = self.flow
+        if flow is None:
             raise RetryableError("this worker process has not started its engine yet")
-        limit = rt.settings.max_attempts
-        outcomes: list[Outcome] = rt.batcher.submit(rt.db.claim(payload.sop_instance_uids, limit)).result()
-        committed = rt.writer.submit(outcomes).result()  # group commit; returning acknowledges the message
-        while committed.rescued:  # a corrupt first copy must not hide a good duplicate: screened from that copy
-            again = rt.batcher.submit(rt.db.claim(committed.rescued, limit)).result()
-            committed_again = rt.writer.submit(again).result()
-            redone = {o.sop_instance_uid for o in again}
-            outcomes = [o for o in outcomes if o.sop_instance_uid not in redone] + again
-            committed = committed_again
-        if rt.outputs is not None:  # after the commit, written by other processes (never blocks)
-            rt.outputs.add([o.sop_instance_uid for o in outcomes if o.status is Status.DONE and o.frames])
-        transient = [o for o in outcomes if o.status is Status.PENDING]
-        if transient:  # a storage hiccup: the rest is committed, these are claimed again by the retry
-            raise RetryableError(f"{len(transient)} instance(s) of the study could not be read for now: "
-                                 f"{transient[0].reason}")
-        return outcomes
+        return flow.screen(payload)
 
 
 @shared_task(bind=True, base=ScreeningTask, name=SCREEN_STUDY, acks_late=True, reject_on_worker_lost=True,
