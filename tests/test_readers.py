@@ -194,3 +194,40 @@ def test_frames_read_by_the_reader_processes_equal_pydicom_bit_for_bit_in_every_
             pool.close()
     assert problems == []
     assert len(checked) == len(ALL_FILES) and any(in_slot for _, in_slot in checked)
+
+
+def test_reader_processes_outlive_a_stop_signal_sent_to_their_process_group(tmp_path, chest_small):
+    """SIGTERM and SIGINT reach every process of the group (Ctrl-C, systemd's KillMode=control-group, `kill -TERM
+    -PGID`); acting on them is the parent's business. The readers ignore both and go on answering, so a worker that
+    drains its studies at a warm shutdown still has them read; they end when the parent closes the pool."""
+    import threading
+
+    from worker.readers import ReaderConfig, ReaderPool
+
+    files = [small_chest(chest_small, tmp_path / f"{i}.dcm", step=4) for i in range(4)]
+    answers, lock = [], threading.Lock()
+    with SlotPool(4, 1 << 22) as slots:
+        pool = ReaderPool(2, ReaderConfig(1, 1 << 26, frozenset()), slots)
+
+        def done(item, slot, result, _seconds):
+            with lock:
+                answers.append(result)
+            slots.release(slot)
+
+        try:
+            pool.submit(_items(files[:1])[0], slots.acquire(timeout=60), done)
+            assert pool.wait_idle(timeout=60)
+            pids = [r.process.pid for r in pool._readers]  # noqa: SLF001 - the processes under test
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
+            time.sleep(0.5)
+            assert all(r.process.is_alive() for r in pool._readers) and pool.deaths == 0  # noqa: SLF001
+            for item in _items(files)[1:]:
+                pool.submit(item, slots.acquire(timeout=60), done)
+            assert pool.wait_idle(timeout=60)
+            assert [r.process.pid for r in pool._readers] == pids  # noqa: SLF001 - the same processes answered
+        finally:
+            pool.close()
+        assert not any(r.process.is_alive() for r in pool._readers)  # noqa: SLF001 - closing ends them
+    assert len(answers) == 4 and all(isinstance(a, list) and len(a) == 1 for a in answers), answers

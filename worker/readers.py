@@ -22,6 +22,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -160,6 +161,12 @@ def read_into_slot(cfg: ReaderConfig, item: WorkItem, region: np.ndarray, opened
 def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_bytes: int,
                  cfg: ReaderConfig) -> None:
     """A reader process: requests until None; each answered with frame records or the exception it raised."""
+    # A stop signal sent to the whole process group (Ctrl-C in a terminal, systemd's default KillMode=control-group,
+    # `kill -TERM -PGID`) is the parent's to act on: it finishes or hands back what is in flight, then closes the
+    # requests, which ends this loop (so does the parent's death: EOF). A reader that died of it left the studies a
+    # worker was draining at a warm shutdown unread, and the forkserver, signalled too, could not start another.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = attach(shm_name)
     array = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
     try:
@@ -191,7 +198,7 @@ def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_
             except Exception as exc:  # an exception that does not pickle: its type and text still travel
                 results.send((rid, ERROR, DecodeError(f"{type(exc).__name__} while reading: {answer[2]!r}"),
                               answer[3]))
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         pass
     finally:
         del array
