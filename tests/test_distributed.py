@@ -246,6 +246,29 @@ def write_slowly(src: Path, dest: Path, chunks: int = 6, pause: float = 0.5) -> 
             time.sleep(pause)
 
 
+def test_a_study_delivered_again_while_a_worker_still_screens_it_is_not_claimed_twice(env, tmp_path, chest_small):
+    """A worker holds more studies than it screens at once; with a visibility timeout shorter than their wait (2 s
+    here; an operator's short setting, or a long backlog in flight), Redis delivers them again. The worker that still
+    holds one acknowledges the second delivery with the first instead of claiming it again: one attempt each, no work
+    done twice, nothing left unacknowledged."""
+    env = {**env, "NEURON_VISIBILITY_TIMEOUT": "2"}
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=8)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    worker = start_worker(env, tmp_path, "w", "--batch-size", "1", "--concurrency", "16")
+    try:
+        wait_until(lambda: count_done(env) == n, 240, "every study", [worker])
+        broker = redis.Redis.from_url(env["NEURON_BROKER_URL"])
+        wait_until(lambda: broker.llen("chest-xray") == 0 and broker.hlen("unacked") == 0, 30,
+                   "an empty queue and no unacknowledged message", [worker])
+    finally:
+        stop(worker)
+    log = (tmp_path / "w.log").read_text()
+    assert sql(env, "select max(attempts) from instances")[0][0] == 1, log[-3000:]
+    assert "delivered again while in flight here" in log, log[-3000:]
+    assert no_duplicate_rows(env)
+
+
 def test_watch_folder_takes_complete_files_and_screens_without_a_scan(env, tmp_path, chest_small):
     incoming = tmp_path / "incoming"
     incoming.mkdir()

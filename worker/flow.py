@@ -53,12 +53,13 @@ DRAIN_S = 60.0
 
 @dataclass(eq=False)
 class Study:
-    """One delivered message: the task id, what to screen, and how it ends: acknowledged (the lean path: ``ack``),
-    or answered to a caller that waits (a retried delivery on Celery's pool thread: ``waiter``)."""
+    """One delivered message: the task id, what to screen, and how it ends: acknowledged (the lean path: ``acks``,
+    one per delivery of it; None once taken by its end), or answered to a caller that waits (a retried delivery on
+    Celery's pool thread: ``waiter``)."""
 
     task_id: str
     payload: ScreenStudy
-    ack: Callable[[], object] | None
+    acks: list[Callable[[], object]] | None
     queue: str  # where it came from: a retry goes back there
     todo: tuple[str, ...] = ()
     outcomes: dict[str, Outcome] = field(default_factory=dict)
@@ -87,8 +88,16 @@ class StudyFlow:
 
     # -- the consumer's side ----------------------------------------------------------------------------------------
     def start(self, task_id: str, payload: ScreenStudy, ack: Callable[[], object], routing_key: str) -> None:
-        study = Study(task_id, payload, ack, routing_key, payload.sop_instance_uids)
         with self._lock:
+            held = self._in_flight.get(task_id)
+            if held is not None and held.acks is not None:
+                # Redis delivered it again while this worker still screens it (held past the visibility timeout,
+                # behind a long queue in flight): acknowledged with it, not claimed and screened a second time
+                held.acks.append(ack)
+                log.info("Task %s[%s] delivered again while in flight here; acknowledged with the first delivery",
+                         SCREEN_STUDY, task_id)
+                return
+            study = Study(task_id, payload, [ack], routing_key, payload.sop_instance_uids)
             self._in_flight[task_id] = study
         self._claims.put(study)
 
@@ -176,14 +185,18 @@ class StudyFlow:
         if study.waiter is not None:
             study.waiter.set_result(list(study.outcomes.values()))
             return
-        study.ack()  # scheduled on Celery's event loop, which runs what is scheduled before it stops
+        with self._lock:
+            acks, study.acks = study.acks or [], None  # a delivery from now on is a new study
+        for ack in acks:
+            ack()  # scheduled on Celery's event loop, which runs what is scheduled before it stops
         if retried is None:
             log.info("Task %s[%s] succeeded in %.3fs: %d", SCREEN_STUDY, study.task_id,
                      time.monotonic() - study.started, len(study.outcomes))
         else:
             log.info("Task %s[%s] retry: %s", SCREEN_STUDY, study.task_id, retried)
         with self._lock:
-            self._in_flight.pop(study.task_id, None)
+            if self._in_flight.get(study.task_id) is study:
+                del self._in_flight[study.task_id]
             self._lock.notify_all()
 
     def _retry(self, study: Study, exc: BaseException) -> None:
@@ -204,7 +217,9 @@ class StudyFlow:
             log.error("could not publish the retry of a study (%s: %s); its message stays unacknowledged and is "
                       "delivered again after the visibility timeout", type(exc).__name__, exc)
             with self._lock:
-                self._in_flight.pop(study.task_id, None)
+                study.acks = None  # a delivery from now on is a new study
+                if self._in_flight.get(study.task_id) is study:
+                    del self._in_flight[study.task_id]
                 self._lock.notify_all()
             return
         self._finish(study, f"Retry in {countdown}s: {why}")
