@@ -198,8 +198,9 @@ def test_frames_read_by_the_reader_processes_equal_pydicom_bit_for_bit_in_every_
 
 def test_reader_processes_outlive_a_stop_signal_sent_to_their_process_group(tmp_path, chest_small):
     """SIGTERM and SIGINT reach every process of the group (Ctrl-C, systemd's KillMode=control-group, `kill -TERM
-    -PGID`); acting on them is the parent's business. The readers ignore both and go on answering, so a worker that
-    drains its studies at a warm shutdown still has them read; they end when the parent closes the pool."""
+    -PGID`); acting on them is the parent's business. The readers ignore both from their fork on (their forkserver
+    does, worker.reader_signals), even while still starting, and go on answering, so a worker that drains its
+    studies at a warm shutdown still has them read; they end when the parent closes the pool."""
     import threading
 
     from worker.readers import ReaderConfig, ReaderPool
@@ -214,13 +215,18 @@ def test_reader_processes_outlive_a_stop_signal_sent_to_their_process_group(tmp_
                 answers.append(result)
             slots.release(slot)
 
-        try:
-            pool.submit(_items(files[:1])[0], slots.acquire(timeout=60), done)
-            assert pool.wait_idle(timeout=60)
+        def stop_signals() -> list[int]:
             pids = [r.process.pid for r in pool._readers]  # noqa: SLF001 - the processes under test
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
                 os.kill(pid, signal.SIGINT)
+            return pids
+
+        try:
+            pids = stop_signals()  # at once: the readers are still starting
+            pool.submit(_items(files[:1])[0], slots.acquire(timeout=60), done)
+            assert pool.wait_idle(timeout=60)
+            assert stop_signals() == pids  # and again, idle
             time.sleep(0.5)
             assert all(r.process.is_alive() for r in pool._readers) and pool.deaths == 0  # noqa: SLF001
             for item in _items(files)[1:]:

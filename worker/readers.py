@@ -164,7 +164,8 @@ def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_
     # A stop signal sent to the whole process group (Ctrl-C in a terminal, systemd's default KillMode=control-group,
     # `kill -TERM -PGID`) is the parent's to act on: it finishes or hands back what is in flight, then closes the
     # requests, which ends this loop (so does the parent's death: EOF). A reader that died of it left the studies a
-    # worker was draining at a warm shutdown unread, and the forkserver, signalled too, could not start another.
+    # worker was draining at a warm shutdown unread. A forked reader has ignored both since its fork
+    # (worker.reader_signals); this is for a spawned one, which ignores them from here on.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = attach(shm_name)
@@ -260,7 +261,8 @@ class ReaderPool:
         self.cfg, self.slots = cfg, slots
         self.context = multiprocessing.get_context(start_method())
         if self.context.get_start_method() == "forkserver":
-            self.context.set_forkserver_preload(["worker.readers"])
+            # worker.reader_signals: the server and every reader it forks ignore a stop signal sent to the group
+            self.context.set_forkserver_preload(["worker.readers", "worker.reader_signals"])
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
