@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import subprocess
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,24 @@ from neuron.settings import Settings
 
 MODEL = "xrv-densenet121-res224-all"
 SCRATCH_CANDIDATES = ("/dev/shm",)
+
+
+def run_together(*calls: dict) -> list[subprocess.CompletedProcess]:
+    """``subprocess.run(**call)`` for each call, all at once; the results in the calls' order. For processes that do
+    not depend on each other: most of a `neuron` process's start is a single-threaded import of torch and timm, so on
+    two cores two of them start in the time of one."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: subprocess.run(**call), calls))
+
+
+def run_in_background(**call) -> Future:
+    """``subprocess.run(**call)`` on a thread of its own; ``.result()`` is its CompletedProcess. For work this process
+    does meanwhile that the command does not read (a reference run with the session's models, say)."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(subprocess.run, **call)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _free_gb(path: str) -> float:

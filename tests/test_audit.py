@@ -170,7 +170,7 @@ def test_neuron_audit_exports_csv_and_fhir_auditevents_and_is_audited_itself(tmp
     db.dispose()
 
 
-def test_a_rescreen_is_recorded_per_study_with_the_selection(tmp_path, chest_small, untrained_settings):
+def test_a_rescreen_is_recorded_per_study_with_the_selection(tmp_path, chest_small, untrained_settings, cache):
     from .conftest import small_chest
 
     folder = tmp_path / "archive"
@@ -184,7 +184,7 @@ def test_a_rescreen_is_recorded_per_study_with_the_selection(tmp_path, chest_sma
     index_folder(folder, db, workers=0)
     study = rows(db, "SELECT study_instance_uid FROM instances")[0][0]
     res = neuron("rescreen", "--study", study, "--out", str(settings.out_dir), "--weights", "untrained", "--device",
-                 "cpu", "--cache-dir", str(untrained_settings.resolved_cache_dir), timeout=200)
+                 "cpu", "--cache-dir", str(cache), timeout=200)
     assert res.returncode == 0, res.stderr
     assert rows(db, "SELECT actor, action, study_instance_uid, target, detail FROM audit") == [
         (ME, "rescreen", study, f"--study {study}", "1 instances screened here")]

@@ -166,11 +166,22 @@ def test_a_tiny_bench_run_writes_every_required_key_with_sane_values(models, tmp
 
 
 @pytest.mark.slow
-def test_host_only_runs_the_real_pipeline_in_both_modes_and_reports_cpu_and_gil_per_image(models, tmp_path):
+def test_host_only_runs_the_real_pipeline_in_both_modes_and_reports_cpu_and_gil_per_image(
+        models, untrained_settings, tmp_path, monkeypatch):
     """`neuron bench --host-only`: the embedded run and a real Celery worker (redis-server, PostgreSQL) screen every
     image with the instant device stage, write every heatmap and report the host's CPU and, through py-spy, the GIL
     held by the process that drives the device, split by stage."""
+    from worker import bench
     from worker.bench import BenchConfig, Mode, run_bench
+
+    from .conftest import seed_untrained_cache
+
+    # the worker's environment also names a cache holding the session's calibrated untrained model and its ONNX
+    # graph, as the cluster-load benchmark's does: without it the worker computed both again (about 40 s of CPU)
+    seed_untrained_cache(untrained_settings, tmp_path / "engine")
+    environment = bench.celery_environment
+    monkeypatch.setattr(bench, "celery_environment", lambda *args, **kwargs: {
+        **environment(*args, **kwargs), "NEURON_CACHE_DIR": str(tmp_path / "engine" / ".cache")})
 
     cfg = BenchConfig(n=6, size=256, batch_size=4, archives=("uncompressed",), modes=(Mode.EMBEDDED, Mode.CELERY),
                       out=tmp_path / "results", workdir=tmp_path / "work", append=True,

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from dataclasses import replace
 from itertools import pairwise
@@ -23,6 +24,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from neuron.errors import ConfigError, PeerUnavailable
 
+from .conftest import run_in_background
 from .orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer
 from .test_network import (
     PATIENT_ID,
@@ -190,9 +192,14 @@ def test_a_pull_over_dicomweb_lists_every_study_past_the_servers_cap_screens_lik
         archive.upload(path)
     out = tmp_path / "out"
     env = quiet_env(NEURON_CACHE_DIR=str(cache), NEURON_DICOMWEB_USERNAME=USER, NEURON_DICOMWEB_PASSWORD=PASSWORD)
-    res = neuron(env, "pull", archive.dicomweb_url, "--study-date", "20250101-20251231", "--modality", "CR,DX",
-                 "--out", str(out), "--weights", "untrained", "--device", "cpu", "--batch-size", "8", "--send-to",
-                 archive.dicomweb_url, "--fhir-out", str(tmp_path / "fhir"), "-v")
+    pulling = run_in_background(
+        args=[sys.executable, "-m", "neuron", "pull", archive.dicomweb_url, "--study-date", "20250101-20251231",
+              "--modality", "CR,DX", "--out", str(out), "--weights", "untrained", "--device", "cpu", "--batch-size",
+              "8", "--send-to", archive.dicomweb_url, "--fhir-out", str(tmp_path / "fhir"), "-v"],
+        env=env, capture_output=True, text=True, timeout=180)
+    # `neuron run`'s findings on the same files, in this process while the pull runs
+    reference = run_embedded(folder, tmp_path / "run", models, untrained_settings)
+    res = pulling.result()
     said = res.stdout + res.stderr
     assert res.returncode == 0, said
     assert "5 studies found" in said and "5 retrieved (6 instances, screened)" in said, said
@@ -201,7 +208,6 @@ def test_a_pull_over_dicomweb_lists_every_study_past_the_servers_cap_screens_lik
     assert sorted(query(db, "select study_instance_uid, status from pulls")) == sorted((s, "retrieved")
                                                                                         for s in studies)
     sops = [sop_of(p) for p in wanted]
-    reference = run_embedded(folder, tmp_path / "run", models, untrained_settings)
     assert_same_findings(findings(db, sops), findings(reference, sops))
     assert not query(db, "select 1 from instances where sop_instance_uid = ?", sop_of(outside))
     deliveries = query(db, "select study_instance_uid, kind, status from deliveries")

@@ -109,12 +109,16 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     shutil.copy(data_dir / "693_J2KR.dcm", folder / "ct.dcm")
     res = neuron(env, "db", "upgrade")
     assert res.returncode == 0, res.stderr
-    res = neuron(env, "scan", str(folder))
-    assert res.returncode == 0, res.stderr
-    assert "enqueued 3 study tasks" in res.stderr
     outputs = {"NEURON_DICOM_OUT": str(tmp_path / "dicom"), "NEURON_FHIR_OUT": str(tmp_path / "fhir")}
-    worker = start_worker({**env, **outputs}, tmp_path, "w1")
-    try:
+    worker = start_worker({**env, **outputs}, tmp_path, "w1")  # it loads its models while the embedded run and
+    try:  # the scan run here
+        local = untrained_settings.with_(out_dir=tmp_path / "embedded")
+        from worker.pipeline import Pipeline
+
+        run_folder(folder, local, pipeline=Pipeline(models, local))
+        res = neuron(env, "scan", str(folder))
+        assert res.returncode == 0, res.stderr
+        assert "enqueued 3 study tasks" in res.stderr
         wait_until(lambda: count_done(env) == n, 180, "all instances done", [worker])
     finally:
         stop(worker)
@@ -144,10 +148,6 @@ def test_worker_results_in_postgres_equal_the_embedded_run(env, tmp_path, chest_
     positive = sql(env, "select count(*) from findings where positive = 1")[0][0]
     assert sum(r["resourceType"] == "Observation" for r in resources) == positive > 0
 
-    local = untrained_settings.with_(out_dir=tmp_path / "embedded")
-    from worker.pipeline import Pipeline
-
-    run_folder(folder, local, pipeline=Pipeline(models, local))
     import sqlite3
 
     with sqlite3.connect(local.out_dir / "neuron.db") as conn:
@@ -176,9 +176,9 @@ def no_duplicate_rows(env) -> bool:
 def test_two_workers_do_every_study_exactly_once(env, tmp_path, chest_small):
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=8)
-    assert neuron(env, "scan", str(folder)).returncode == 0
-    workers = [start_worker(env, tmp_path, f"w{i}") for i in range(2)]
+    workers = [start_worker(env, tmp_path, f"w{i}") for i in range(2)]  # they load their models during the scan
     try:
+        assert neuron(env, "scan", str(folder)).returncode == 0
         wait_until(lambda: count_done(env) == n, 240, "all instances done", workers)
     finally:
         for w in workers:
@@ -191,9 +191,9 @@ def test_two_workers_do_every_study_exactly_once(env, tmp_path, chest_small):
 def test_a_worker_killed_mid_batch_loses_nothing(env, tmp_path, chest_small):
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=10)
-    assert neuron(env, "scan", str(folder)).returncode == 0
     first = start_worker(env, tmp_path, "victim", "--batch-size", "2", "--concurrency", "3")
     try:
+        assert neuron(env, "scan", str(folder)).returncode == 0  # while the worker loads its models
         wait_until(lambda: count_done(env) >= 1, 180, "the first results", [first])
     finally:
         stop(first, signal.SIGKILL)
@@ -215,10 +215,10 @@ def test_a_worker_stopped_by_sigterm_commits_and_acknowledges_the_studies_it_hol
     none of them again."""
     folder = tmp_path / "archive"
     n = make_archive(folder, chest_small, studies=12)
-    assert neuron(env, "scan", str(folder)).returncode == 0
     broker = redis.Redis.from_url(env["NEURON_BROKER_URL"])
     first = start_worker(env, tmp_path, "stopped", "--batch-size", "2", "--concurrency", "6")
     try:
+        assert neuron(env, "scan", str(folder)).returncode == 0  # while the worker loads its models
         wait_until(lambda: count_done(env) >= 2 and broker.hlen("unacked") >= 2, 180, "results, and studies held",
                    [first])
     finally:
@@ -423,12 +423,12 @@ def test_settings_path_map_translates_both_ways():
 
 def screen_through_an_outage(env, tmp_path, folder: Path, n: int, server, what: str, seconds: float = 6
                              ) -> tuple[int, str]:
-    """Scan, start a worker, take ``server`` down for ``seconds`` once results flow, bring it back: every study must
+    """Start a worker, scan, take ``server`` down for ``seconds`` once results flow, bring it back: every study must
     finish, once. Returns how many were done when the outage began, and the worker's log."""
-    assert neuron(env, "scan", str(folder)).returncode == 0
     worker = start_worker(env, tmp_path, "w", "--batch-size", "2", "--concurrency", "2")
     stopped = False
     try:
+        assert neuron(env, "scan", str(folder)).returncode == 0  # while the worker loads its models
         wait_until(lambda: count_done(env) >= 1, 180, "the first results", [worker])
         done_before = count_done(env)
         server.stop()
@@ -605,9 +605,13 @@ def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate_in_the_distributed_
     folder = tmp_path / "archive"
     corrupt, good = corrupt_first_copy(folder, chest_small)
     other = small_chest(chest_small, folder / "c_other.dcm", step=3)
-    assert neuron(env, "scan", str(folder)).returncode == 0
-    worker = start_worker(env, tmp_path, "w")
+    worker = start_worker(env, tmp_path, "w")  # it loads its models while `neuron run`'s engine and the scan run
     try:
+        local = untrained_settings.with_(out_dir=tmp_path / "embedded")
+        from worker.pipeline import Pipeline
+
+        run_folder(folder, local, pipeline=Pipeline(models, local))
+        assert neuron(env, "scan", str(folder)).returncode == 0
         wait_until(lambda: count_done(env) == 2, 180, "the radiograph screened from its good copy", [worker])
     finally:
         stop(worker)
@@ -619,10 +623,6 @@ def test_a_corrupt_first_copy_does_not_hide_a_good_duplicate_in_the_distributed_
     assert len(sql(env, "select label from findings where sop_instance_uid = :u", u=uid)) == N_LABELS
     assert no_duplicate_rows(env)
 
-    local = untrained_settings.with_(out_dir=tmp_path / "embedded")
-    from worker.pipeline import Pipeline
-
-    run_folder(folder, local, pipeline=Pipeline(models, local))
     with sqlite3.connect(local.out_dir / "neuron.db") as conn:
         embedded = {Path(p).name: (s, r) for p, s, r in conn.execute(
             "select file_path, status, reason from ingest_status")}

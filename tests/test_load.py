@@ -162,10 +162,11 @@ def _rss_mib(pid: int) -> tuple[float, float]:
 def test_a_worker_screening_a_stream_of_studies_keeps_its_memory_flat(env, tmp_path):
     root = tmp_path / "load" / "archive"
     make_load_archive(root, WORKER_N, run=os.getpid() % 1_000_000 + 1)
-    result = neuron(env, "scan", str(root))
-    assert result.returncode == 0, result.stdout + result.stderr
     worker = start_worker(env, tmp_path, "load-worker", "--batch-size", "8")
     try:
+        result = neuron(env, "scan", str(root))  # while the worker loads its models
+        assert result.returncode == 0, result.stdout + result.stderr
+
         def done() -> int:
             return sql(env, "select count(*) from instances where status = 'done'")[0][0]
 

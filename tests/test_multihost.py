@@ -349,8 +349,8 @@ def test_a_worker_cut_off_past_the_visibility_timeout_is_redone_by_the_other_and
 def test_a_worker_host_killed_whole_is_replaced_and_loses_nothing(fresh):
     c = fresh
     w1, w3 = c.workers["worker1"], c.workers["worker3"]
-    c.scan()
     first = c.start_worker(w1)
+    c.scan()  # while worker1 loads its models
     wait_until(lambda: c.count_done() >= 1, 180, "worker1's first results", [first])
     w1.kill_all()
     assert c.count_done() < c.n, "worker1 finished before it could be killed; make the archive larger"
@@ -376,8 +376,8 @@ def test_the_database_host_or_one_of_its_servers_unreachable_while_both_workers_
         pytest.skip("cutting one server off needs nft (nftables); .ci/run installs it")
     c = fresh
     w1, w2 = c.workers["worker1"], c.workers["worker2"]
-    c.scan()
     procs = [c.start_worker(w1), c.start_worker(w2)]
+    c.scan()  # while the workers load their models
     wait_until(lambda: worker_done(c, w1) >= 1 and worker_done(c, w2) >= 1, 180, "results from both workers", procs)
     done_at_cut = c.count_done()
     if port is None:

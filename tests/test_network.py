@@ -41,7 +41,7 @@ from neuron.errors import ConfigError
 from neuron.servers import free_port
 
 from . import test_distributed
-from .conftest import small_chest
+from .conftest import run_in_background, small_chest
 from .orthanc import ORTHANC, OrthancServer
 from .test_distributed import N_LABELS, stop
 
@@ -619,14 +619,17 @@ def test_a_pull_by_date_range_from_orthanc_screens_like_run_and_sends_the_sr_and
     env = quiet_env(NEURON_CACHE_DIR=str(cache))
     args = ["pull", orthanc.peer, "--study-date", "20250101-20251231", "--modality", "CR", "--out", str(out),
             "--weights", "untrained", "--device", "cpu", "--batch-size", "8", "--send-to", orthanc.peer]
-    res = neuron(env, *args)
+    pulling = run_in_background(args=[sys.executable, "-m", "neuron", *args], env=env, capture_output=True, text=True,
+                                timeout=180)
+    # `neuron run`'s findings on the same files, in this process while the pull runs
+    reference = run_embedded(archive, tmp_path / "run", models, untrained_settings)
+    res = pulling.result()
     assert res.returncode == 0, res.stderr
     assert "2 studies found" in res.stderr and "2 retrieved (3 instances" in res.stderr, res.stderr
     db = out / "neuron.db"
     assert sorted(query(db, "select study_instance_uid, status from pulls")) == sorted([(a, "retrieved"),
                                                                                          (b, "retrieved")])
     sops = [sop_of(p) for p in wanted]
-    reference = run_embedded(archive, tmp_path / "run", models, untrained_settings)
     assert_same_findings(findings(db, sops), findings(reference, sops))
     assert not query(db, "select 1 from instances where sop_instance_uid = ?", sop_of(outside))
     # the SR and one SC per image went back into each source study, and pass dciodvfy

@@ -47,7 +47,7 @@ def synthetic_chest(path, index: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, rg1, untrained_settings):
+def built(tmp_path_factory, rg1, cache):
     """`neuron reference` over 24 chest radiographs, as a process: (reference folder, its sidecar, what it said)."""
     root = tmp_path_factory.mktemp("reference-films")
     for step in REFERENCE_STEPS:
@@ -57,8 +57,7 @@ def built(tmp_path_factory, rg1, untrained_settings):
     (root / "notes.txt").write_text("not DICOM: left out and counted")
     out = tmp_path_factory.mktemp("reference-out")
     res = neuron("reference", "--data", str(root), "--route", "chest-xray", "--out", str(out), "--weights",
-                 "untrained", "--device", "cpu", "--batch-size", "8", "--cache-dir",
-                 str(untrained_settings.resolved_cache_dir))
+                 "untrained", "--device", "cpu", "--batch-size", "8", "--cache-dir", str(cache))
     assert res.returncode == 0, res.stderr
     folder = out / "references"
     return folder, json.loads((folder / "chest-xray.json").read_text()), " ".join(res.stderr.split())
@@ -257,11 +256,11 @@ def test_a_worker_scores_against_the_reference_on_postgresql(env, built, strange
         shutil.copy(strangers / name, folder / name)
     derive(strangers / "new_chest_rg1.dcm", folder / "child.dcm", step=1, PatientAge="007Y")
     env = {**env, "NEURON_REFERENCE_DIR": str(built[0])}
-    res = neuron("scan", str(folder), env=env)
-    assert res.returncode == 0, res.stderr
     db = Database(env["NEURON_DATABASE_URL"])
     worker = start_worker(env, tmp_path, "ood", "--cache-dir", str(untrained_settings.resolved_cache_dir))
     try:
+        res = neuron("scan", str(folder), env=env)  # while the worker loads its models
+        assert res.returncode == 0, res.stderr
         wait_until(lambda: rows(db, "SELECT COUNT(*) FROM instances WHERE status = 'done'")[0][0] == 3, 180,
                    "three instances screened", [worker])
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -30,7 +29,7 @@ from neuron_models.tta import CHEST_XRAY_VIEWS
 from worker.device import DeviceJob
 from worker.models import Models, model_threads, probe_batch
 
-from .conftest import MODEL, monochrome2_twin, seed_untrained_cache, small_chest
+from .conftest import MODEL, monochrome2_twin, run_together, seed_untrained_cache, small_chest
 from .test_model import frames_of
 
 CPU = torch.device("cpu")
@@ -284,7 +283,7 @@ def test_ood_scores_are_the_same_on_either_runtime(untrained_settings, models, c
 def test_neuron_run_on_either_runtime_records_the_same_findings(tmp_path, untrained_settings, models, chest_corpus):
     """Two real `neuron run` processes on the same films, SQLite: the same rows within 1e-5, each run's settings
     naming its runtime. (The distributed mode on PostgreSQL runs the default, ONNX Runtime on a CPU, and equals
-    `neuron run` row for row in test_distributed.)"""
+    `neuron run` row for row in test_distributed.) The two run at once: neither reads what the other writes."""
     from sqlalchemy import create_engine, text
 
     films = tmp_path / "films"
@@ -292,12 +291,14 @@ def test_neuron_run_on_either_runtime_records_the_same_findings(tmp_path, untrai
     for p in chest_corpus:
         shutil.copy(p, films / p.name)
     rows = {}
-    for name in ("torch", "onnxruntime"):
+    names = ("torch", "onnxruntime")
+    for name in names:
+        seed_untrained_cache(untrained_settings, tmp_path / name)
+    done = run_together(*({"args": [sys.executable, "-m", "neuron", "run", str(films), "--out", str(tmp_path / name),
+                                    "--weights", "untrained", "--device", "cpu", "--runtime", name],
+                           "capture_output": True, "text": True, "timeout": 300} for name in names))
+    for name, res in zip(names, done, strict=True):
         out = tmp_path / name
-        seed_untrained_cache(untrained_settings, out)
-        res = subprocess.run([sys.executable, "-m", "neuron", "run", str(films), "--out", str(out), "--weights",
-                              "untrained", "--device", "cpu", "--runtime", name], capture_output=True, text=True,
-                             timeout=300)
         assert res.returncode == 0, res.stderr
         engine = create_engine(f"sqlite:///{out / 'neuron.db'}")
         with engine.connect() as conn:

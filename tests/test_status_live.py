@@ -33,9 +33,9 @@ def test_status_shows_a_killed_workers_study_as_held_by_no_live_worker(env, tmp_
     env = {**env, "NEURON_VISIBILITY_TIMEOUT": "3600"}
     folder = tmp_path / "archive"
     make_archive(folder, chest_small, studies=1)
-    assert neuron(env, "scan", str(folder)).returncode == 0
     worker = start_worker(env, tmp_path, "holder", "--batch-size", "64", "--max-wait-ms", "600000")
     try:
+        assert neuron(env, "scan", str(folder)).returncode == 0  # while the worker loads its models
         wait_until(lambda: sql(env, "select attempts from instances")[0][0] == 1, 180, "the study claimed", [worker])
         live = _status(env)
         assert len(live["workers"]) == 1 and live["unacknowledged"] == 1

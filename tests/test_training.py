@@ -48,6 +48,8 @@ from worker.embedded import run_folder
 from worker.evaluation import evaluate_model
 from worker.models import Models
 
+from .conftest import run_together
+
 FAST = dict(epochs=6, batch_size=16, lr=1e-3, input_size=64, from_scratch=True, augment=False, clahe=False)
 
 
@@ -183,7 +185,6 @@ def test_cli_run_with_route_skin_needs_no_chest_weights_and_still_fails_fast_wit
     skin model is loaded, and the photos are screened. A route that has work and no weights still stops the run
     before anything is screened (exit 4)."""
     import os
-    import subprocess
     import sys
 
     model_dir = tmp_path / "models"
@@ -199,16 +200,19 @@ def test_cli_run_with_route_skin_needs_no_chest_weights_and_still_fails_fast_wit
     env = {**os.environ, "NEURON_ALLOW_DOWNLOAD": "0", "COLUMNS": "250"}
 
     def neuron(*args):
-        return subprocess.run([sys.executable, "-m", "neuron", "run", *args, "--weights", "pretrained",
-                               "--xrv-cache-dir", str(empty), "--device", "cpu", "--no-tta"],
-                              capture_output=True, text=True, env=env, timeout=300)
+        return {"args": [sys.executable, "-m", "neuron", "run", *args, "--weights", "pretrained", "--xrv-cache-dir",
+                         str(empty), "--device", "cpu", "--no-tta"],
+                "capture_output": True, "text": True, "env": env, "timeout": 300}
 
-    res = neuron(str(photos), "--route", "skin", "--model-dir", str(model_dir), "--out", str(tmp_path / "out"))
+    # the two runs at once: neither reads what the other writes
+    res, chest = run_together(
+        neuron(str(photos), "--route", "skin", "--model-dir", str(model_dir), "--out", str(tmp_path / "out")),
+        neuron(str(photos), "--route", "chest-xray", "--out", str(tmp_path / "out2")))
     assert res.returncode == 0, res.stderr
     with sqlite3.connect(tmp_path / "out" / "neuron.db") as conn:
         assert {s for (s,) in conn.execute("select status from ingest_status")} == {"done"}
         assert conn.execute("select count(distinct sop_instance_uid) from findings").fetchone()[0] == 2
-    res = neuron(str(photos), "--route", "chest-xray", "--out", str(tmp_path / "out2"))
+    res = chest
     assert res.returncode == 4 and "NEURON_XRV_CACHE_DIR" in res.stderr, res.stderr
     assert not (tmp_path / "out2" / "neuron.db").exists()  # stopped before indexing anything
 
@@ -218,7 +222,6 @@ def test_cli_run_loads_only_the_models_of_routes_with_work(tmp_path, data_dir, c
     screens without the chest X-ray weights on the machine; a folder that holds a radiograph stops with exit 4 and
     the fix, while what other routes finished stays committed."""
     import os
-    import subprocess
     import sys
 
     model_dir = tmp_path / "models"
@@ -226,23 +229,25 @@ def test_cli_run_loads_only_the_models_of_routes_with_work(tmp_path, data_dir, c
     save_checkpoint(model_dir / "mri-us-v1", net.state_dict(), {
         "model": MRI_US_CONFIG.name, "class_names": list(DEFAULT_CLASSES),
         "preprocessing": {"input_size": 64}, "training": {"drop_rate": 0.0}})
-    mr = tmp_path / "mr"
-    mr.mkdir()
-    shutil.copy(data_dir / "MR2_UNCR.dcm", mr / "mr.dcm")
+    mr, mixed = tmp_path / "mr", tmp_path / "mixed"
+    for folder in (mr, mixed):
+        folder.mkdir()
+        shutil.copy(data_dir / "MR2_UNCR.dcm", folder / "mr.dcm")
+    shutil.copy(chest_small, mixed / "chest.dcm")  # the same MR image, and a radiograph
     env = {**os.environ, "NEURON_ALLOW_DOWNLOAD": "0", "COLUMNS": "250"}
 
     def neuron(folder, out):
-        return subprocess.run([sys.executable, "-m", "neuron", "run", str(folder), "--out", str(out), "--weights",
-                               "pretrained", "--xrv-cache-dir", str(tmp_path / "no-xrv-weights"), "--model-dir",
-                               str(model_dir), "--device", "cpu", "--no-tta"],
-                              capture_output=True, text=True, env=env, timeout=300)
+        return {"args": [sys.executable, "-m", "neuron", "run", str(folder), "--out", str(out), "--weights",
+                         "pretrained", "--xrv-cache-dir", str(tmp_path / "no-xrv-weights"), "--model-dir",
+                         str(model_dir), "--device", "cpu", "--no-tta"],
+                "capture_output": True, "text": True, "env": env, "timeout": 300}
 
-    res = neuron(mr, tmp_path / "out")
+    # the two runs at once: neither reads what the other writes
+    res, chest = run_together(neuron(mr, tmp_path / "out"), neuron(mixed, tmp_path / "out2"))
     assert res.returncode == 0, res.stderr
     with sqlite3.connect(tmp_path / "out" / "neuron.db") as conn:
         assert conn.execute("select status from ingest_status").fetchall() == [("done",)]
-    shutil.copy(chest_small, mr / "chest.dcm")
-    res = neuron(mr, tmp_path / "out2")
+    res = chest
     assert res.returncode == 4 and "NEURON_XRV_CACHE_DIR" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
 
@@ -495,18 +500,22 @@ def test_the_cli_trains_lists_and_evaluates(tmp_path):
     env = {**os.environ, "COLUMNS": "400"}
 
     def neuron(*args):
-        res = subprocess.run([sys.executable, "-m", "neuron", *args], capture_output=True, text=True, env=env,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr
-        return res
+        return {"args": [sys.executable, "-m", "neuron", *args], "capture_output": True, "text": True, "env": env,
+                "timeout": 300}
 
-    res = neuron("train", "skin-efficientnet-b4", "--data", str(data), "--out", str(out), "--epochs", "1",
-                 "--from-scratch", "--input-size", "64", "--no-augment", "--no-clahe", "--device", "cpu")
+    res = subprocess.run(**neuron("train", "skin-efficientnet-b4", "--data", str(data), "--out", str(out), "--epochs",
+                                  "1", "--from-scratch", "--input-size", "64", "--no-augment", "--no-clahe", "--device",
+                                  "cpu"))
+    assert res.returncode == 0, res.stderr
     assert "best checkpoint" in res.stderr and (out / "model.safetensors").is_file()
-    res = neuron("models", "--model-dir", str(out.parent))
+    # listing and evaluating only read the checkpoint: the two at once
+    res, evaluated = run_together(
+        neuron("models", "--model-dir", str(out.parent)),
+        neuron("evaluate", "skin-efficientnet-b4", "--data", str(data), "--model-dir", str(out.parent), "--weights",
+               "untrained", "--device", "cpu", "--json", str(tmp_path / "m.json")))
+    assert res.returncode == 0, res.stderr
+    assert evaluated.returncode == 0, evaluated.stderr
     assert "skin-v1" in res.stdout and "disk, ring, stripes" in res.stdout
-    neuron("evaluate", "skin-efficientnet-b4", "--data", str(data), "--model-dir", str(out.parent), "--weights",
-           "untrained", "--device", "cpu", "--json", str(tmp_path / "m.json"))
     import json
 
     report = json.loads((tmp_path / "m.json").read_text())
