@@ -362,10 +362,12 @@ def test_a_worker_host_killed_whole_is_replaced_and_loses_nothing(fresh):
           f"once); {screened_twice(c)} of {c.n} instances screened twice")
 
 
-# Past the visibility timeout (8 s), so unacknowledged studies are redelivered meanwhile. A longer cut lengthens the
-# wait after the heal by TCP's retransmission backoff (30 s of the whole db host: 25 s), until TCP gives up after
-# minutes; 20 s and 15 s keep the file's wall time down.
-OUTAGES = {"host": (None, 20), "database": (5432, 15), "broker": (6379, 15)}
+# 30 s each: past the visibility timeout (8 s), so unacknowledged studies are redelivered meanwhile. A longer cut
+# lengthens the wait after the heal by TCP's retransmission backoff (after 30 s of the whole db host: about 25 s),
+# until TCP gives up after minutes.
+OUTAGES = {"host": (None, 30), "database": (5432, 30), "broker": (6379, 30)}
+
+
 @pytest.mark.parametrize("outage", list(OUTAGES))
 def test_the_database_host_or_one_of_its_servers_unreachable_while_both_workers_commit_is_ridden_out(fresh, outage):
     """host: the db host's link is down, PostgreSQL and Redis both gone; database or broker: only that server's port
