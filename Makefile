@@ -26,8 +26,11 @@ check: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# Two pytest processes, each taking whole test modules (a module's fixtures, servers and workers stay in one process),
+# the longest modules first (tests/conftest.py): most tests wait on servers, workers and timeouts for much of their
+# time, so two of them share the two cores of a CI machine.
 test: check
-	$(BIN)/pytest -q --durations=30
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # Small N for this CPU; on a GPU machine: neuron bench --device cuda --n 2048 (see BENCHMARKS.md).
 bench: setup
