@@ -82,6 +82,22 @@ def test_reclaiming_removes_the_segments_of_ended_processes_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"{PREFIX}{os.getpid()}-live"]
 
 
+def test_a_stop_signal_during_the_segments_creation_leaves_no_name_behind(monkeypatch):
+    """SIGTERM ends a run through SystemExit (``terminate_cleanly``), which can come while the segment is being
+    created: its name exists, nothing owns it yet. The pool unlinks it before the exception goes on (the resource
+    tracker would only when it notices the process is gone, after a check like this one)."""
+    from multiprocessing import resource_tracker
+
+    def stop(*_):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    before = set(os.listdir(SHM_DIR))
+    monkeypatch.setattr(resource_tracker, "register", stop)  # the last step of SharedMemory's creation
+    with pytest.raises(SystemExit):
+        SlotPool(2, 1 << 16)
+    assert [n for n in set(os.listdir(SHM_DIR)) - before if n.startswith(f"{PREFIX}{os.getpid()}-")] == []
+
+
 def test_a_pool_larger_than_dev_shm_is_refused_with_the_fix(tmp_path):
     from neuron.errors import ConfigError
 

@@ -90,8 +90,18 @@ class SlotPool:
                     f"--batch-size (the slots follow it), or give the container more shared memory (docker run "
                     f"--shm-size, compose shm_size)")
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        self.shm = shared_memory.SharedMemory(name=self.name, create=True, size=size)
-        self.array = np.ndarray((size,), dtype=np.uint8, buffer=self.shm.buf)
+        try:
+            self.shm = shared_memory.SharedMemory(name=self.name, create=True, size=size)
+            self.array = np.ndarray((size,), dtype=np.uint8, buffer=self.shm.buf)
+        except BaseException:
+            # SIGTERM is a SystemExit here (terminate_cleanly) and can land inside the creation, after the name
+            # exists and before anything owns it (the resource tracker's registration starts that process on first
+            # use): the name goes now, not when the tracker notices this process is gone
+            try:
+                (SHM_DIR / self.name).unlink()
+            except FileNotFoundError:
+                pass
+            raise
         self._free = deque(range(n))
         self._cond = threading.Condition()
         self._closed = False
