@@ -332,6 +332,18 @@ class Database:
                         for r in s.execute(q.where(Instance.study_instance_uid.in_(chunk))).all()]
         return [(study, Route(route), uid) for study, route, uid in rows]
 
+    @_mapped("the queued instances could not be read")
+    def queued_before(self, routes: Iterable[Route], before: datetime, limit: int
+                      ) -> dict[str, tuple[Route, str, datetime]]:
+        """SOP Instance UID -> (route, study, last change) of at most ``limit`` instances of these routes queued and
+        unchanged since ``before`` (neither sent nor claimed since): the candidates for a lost message."""
+        q = (select(Instance.sop_instance_uid, Instance.route, Instance.study_instance_uid, Instance.updated_at)
+             .where(Instance.status == Status.QUEUED.value, Instance.updated_at < before,
+                    Instance.route.in_([Route(r).value for r in routes]))
+             .order_by(Instance.updated_at).limit(limit))
+        with self.session() as s:
+            return {uid: (Route(route), study, at) for uid, route, study, at in s.execute(q).all()}
+
     @_mapped("the instances could not be marked queued")
     def mark_queued(self, uids: Sequence[str]) -> None:
         """Sent to the broker (committed before the message goes out: a crash between leaves them queued, and

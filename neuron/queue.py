@@ -172,7 +172,6 @@ def unacknowledged_tasks(settings: Settings) -> dict[str, tuple[int, float]] | N
     """Every message Redis delivered and has not seen acknowledged, read from kombu's Redis transport (the
     ``unacked`` hash and its ``unacked_index`` delivery times): task id -> (instances it carries, delivered at).
     None when the broker cannot be read (``broker_status`` says why)."""
-    import base64
     import json
 
     import redis
@@ -187,14 +186,70 @@ def unacknowledged_tasks(settings: Settings) -> dict[str, tuple[int, float]] | N
     for tag, value in raw.items():
         try:
             message = json.loads(value)[0]
-            body = message["body"]
-            if message.get("properties", {}).get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            payload = ScreenStudy.from_body(json.loads(body))
+            payload = _payload(message)
             out[message["headers"]["id"]] = (len(payload.sop_instance_uids), delivered.get(tag, 0.0))
         except (ValueError, KeyError, IndexError, TypeError):  # not a Neuron task: count it, it holds no instances
             out[tag.decode(errors="replace")] = (0, delivered.get(tag, 0.0))
     return out
+
+
+def _payload(message: dict) -> ScreenStudy:
+    """The ``ScreenStudy`` inside one of kombu's Redis messages (its JSON envelope, the body base64-encoded)."""
+    import base64
+    import json
+
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return ScreenStudy.from_body(json.loads(body))
+
+
+# kombu's Redis transport keeps a queue's messages in a list named after the queue, or, for a message sent with a
+# priority, in one list per priority step named queue + "\x06\x16" + step (kombu/transport/redis.py, ``_q_for_pri``,
+# default steps 0, 3, 6, 9); Neuron sends without a priority, and a lost-message check reads them all.
+_PRIORITY_SEP, _PRIORITY_STEPS = "\x06\x16", (3, 6, 9)
+
+
+@dataclass
+class BrokerMessages:
+    """The SOP Instance UIDs that some message in the broker still carries, read in one Redis transaction: those
+    waiting in the lists of ``queues``, and those delivered and not yet acknowledged (kombu's ``unacked`` hash).
+    A queue longer than the reading's limit is not read, and is not in ``queues``."""
+
+    queues: set[str]
+    uids: set[str]
+
+
+def messages_in_broker(settings: Settings, queues: list[str], limit: int) -> BrokerMessages:
+    """Read every message of the queues holding at most ``limit`` messages, and every unacknowledged one, in one
+    MULTI/EXEC, so a message that kombu moves between a list and the unacknowledged hash (a redelivery, all in one
+    transaction) is seen in one of the two. Raises redis.RedisError when the broker cannot be read."""
+    import json
+
+    client = _redis(settings)
+    try:
+        keys = {q: [q] + [f"{q}{_PRIORITY_SEP}{step}" for step in _PRIORITY_STEPS] for q in queues}
+        with client.pipeline(transaction=False) as pipe:
+            for q in queues:
+                for key in keys[q]:
+                    pipe.llen(key)
+            lengths = iter(pipe.execute())
+        short = [q for q in queues if sum(next(lengths) for _ in keys[q]) <= limit]
+        with client.pipeline(transaction=True) as pipe:
+            for q in short:
+                for key in keys[q]:
+                    pipe.lrange(key, 0, -1)
+            pipe.hvals("unacked")
+            replies = pipe.execute()
+    finally:
+        client.close()
+    uids: set[str] = set()
+    for raw in [m for reply in replies[:-1] for m in reply] + [json.loads(v)[0] for v in replies[-1]]:
+        try:
+            uids.update(_payload(json.loads(raw) if isinstance(raw, (bytes, str)) else raw).sop_instance_uids)
+        except (ValueError, KeyError, IndexError, TypeError):  # another application's message: no instance of ours
+            continue
+    return BrokerMessages(set(short), uids)
 
 
 def tasks_held_by_live_workers(settings: Settings, timeout: float) -> set[str] | None:
@@ -229,6 +284,16 @@ def held_by_no_live_worker(before, after, held, visibility_timeout: int) -> dict
     return {"studies": len(orphans), "instances": sum(n for n, _ in orphans),
             "oldest_s": None if oldest is None else round(oldest, 1),
             "redelivered_in_s": None if oldest is None else round(max(0.0, visibility_timeout - oldest), 1)}
+
+
+def take_turn(settings: Settings, job: str, holder: str, seconds: float) -> bool:
+    """True for one caller per ``seconds`` across the cluster (a Redis key set only if absent, expiring after
+    ``seconds``): the workers share a periodic job instead of each doing it. Raises redis.RedisError."""
+    client = _redis(settings)
+    try:
+        return bool(client.set(f"neuron:turn:{job}", holder, nx=True, px=max(1, int(seconds * 1000))))
+    finally:
+        client.close()
 
 
 # -- heartbeats: who is consuming, seen by `neuron status` even when a worker cannot answer -----------------------

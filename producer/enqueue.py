@@ -6,13 +6,16 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import timedelta
 
 from celery import Celery
 
+from db.schema import utcnow
 from db.store import Database
 from neuron.errors import BrokerUnavailable
-from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, ScreenStudy, queue_for
+from neuron.queue import MAX_INSTANCES_PER_TASK, SCREEN_STUDY, ScreenStudy, messages_in_broker, queue_for
 from neuron.routes import MODEL_ROUTES
+from neuron.settings import Settings
 from neuron.work import FileEntry, Requeue, Route
 
 log = logging.getLogger(__name__)
@@ -134,3 +137,60 @@ def _blocks(tasks: list[tuple[Route, str, list[str]]]) -> list[list[tuple[Route,
         blocks[-1].append(task)
         size += len(task[2])
     return [b for b in blocks if b]
+
+
+# -- messages the broker lost ----------------------------------------------------------------------------------------
+LOST_AFTER_S = 60.0  # queued this long, unchanged, and in no message: lost (a send follows its commit within seconds)
+LOST_CONFIRM_S = 5.0  # the broker is read twice this far apart: a message is out of both lists only if it is gone
+LOST_READ_LIMIT = 2_000  # a queue longer than this is not read (its lost messages are found once it is shorter)
+LOST_CANDIDATES = 20_000  # at most this many queued instances are checked at once (the oldest first)
+
+
+def send_lost(db: Database, app: Celery, settings: Settings, routes: list[Route], confirm_s: float = LOST_CONFIRM_S,
+              sleep: Callable[[float], object] = time.sleep) -> int:
+    """Send again the queued instances that no message in the broker carries. Returns how many were sent. ``sleep``
+    waits between the two readings; a true answer (a stop event's ``wait``: the caller is stopping) ends the look.
+
+    kombu's Redis transport takes a message off its list (BRPOP) and only in a second round trip records it as
+    unacknowledged (``QoS.append``): a worker killed between the two loses the message, and its instances would stay
+    ``queued`` until an operator ran ``neuron scan --requeue``. So do a producer killed after it committed ``queued``
+    and before it sent, and a broker restarted without its append-only file.
+
+    An instance is lost when it has been queued and unchanged (not claimed, not finished) for ``LOST_AFTER_S``, and
+    two readings of the broker ``confirm_s`` apart, each in one transaction (``neuron.queue.messages_in_broker``),
+    find it in no waiting and no unacknowledged message. A live worker's pop-then-record window is a round trip, so it
+    is not open at both readings. Its instances stay ``queued`` and go out in a new message. A false alarm (a worker
+    stalled inside that window for ``confirm_s``) costs a screening done twice, never a second row: a redelivered
+    study's finished instances are skipped at the claim, and a prediction is one row per instance, frame, model, weights
+    and label (``uq_prediction_natural_key``)."""
+    queues = {queue_for(r): Route(r) for r in routes}
+    first = messages_in_broker(settings, list(queues), LOST_READ_LIMIT)
+    readable = [queues[q] for q in first.queues]
+    if not readable:
+        return 0
+    candidates = db.queued_before(readable, utcnow() - timedelta(seconds=LOST_AFTER_S), LOST_CANDIDATES)
+    missing = {u for u in candidates if u not in first.uids}
+    if not missing:
+        return 0
+    if sleep(confirm_s):
+        return 0
+    second = messages_in_broker(settings, list(queues), LOST_READ_LIMIT)
+    still = db.queued_before(readable, utcnow() - timedelta(seconds=LOST_AFTER_S), LOST_CANDIDATES)
+    lost = sorted(u for u in missing if u not in second.uids and still.get(u) == candidates[u]
+                  and queue_for(candidates[u][0]) in second.queues)
+    if not lost:
+        return 0
+    groups: dict[tuple[Route, str], list[str]] = defaultdict(list)
+    for uid in lost:
+        route, study, _ = candidates[uid]
+        groups[(route, study)].append(uid)
+    with app.producer_or_acquire() as producer:
+        for (route, _study), uids in sorted(groups.items()):
+            for start in range(0, len(uids), MAX_INSTANCES_PER_TASK):
+                chunk = tuple(uids[start:start + MAX_INSTANCES_PER_TASK])
+                app.send_task(SCREEN_STUDY, kwargs=ScreenStudy(chunk).kwargs(), queue=queue_for(route),
+                              producer=producer)
+    log.warning("%d queued instances (%d studies) were in no message of the broker (lost: a worker killed between "
+                "taking a message and recording it, a producer stopped before it sent, or a broker restarted without "
+                "its data); sent again", len(lost), len(groups))
+    return len(lost)

@@ -488,6 +488,36 @@ def test_a_lost_queue_is_sent_again_with_requeue(env, tmp_path, chest_small):
     assert no_duplicate_rows(env)
 
 
+def test_a_message_the_broker_lost_is_sent_again_by_a_running_worker(env, tmp_path, chest_small):
+    """kombu's Redis transport takes a message off its list (BRPOP) before it records it as unacknowledged; a worker
+    SIGKILLed between the two loses it. Here one of three studies' messages is taken off the list, the state that pop
+    leaves, and the instances are made older than LOST_AFTER_S: a worker started on that queue finds the study in no
+    message, sends it again, and leaves the two studies whose messages wait in the list alone."""
+    from producer.enqueue import LOST_AFTER_S
+
+    folder = tmp_path / "archive"
+    n = make_archive(folder, chest_small, studies=3, per_study=2)
+    assert neuron(env, "scan", str(folder)).returncode == 0
+    broker = redis.Redis.from_url(env["NEURON_BROKER_URL"])
+    popped = json.loads(broker.rpop("chest-xray"))
+    lost = json.loads(base64.b64decode(popped["body"]))[1]["sop_instance_uids"]
+    engine = create_engine(env["NEURON_DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(text("update instances set updated_at = now() - make_interval(secs => :s)"),
+                     {"s": 2 * LOST_AFTER_S})
+    engine.dispose()
+    worker = start_worker(env, tmp_path, "w")
+    try:
+        wait_until(lambda: count_done(env) == n, 180, "every study", [worker])
+    finally:
+        stop(worker)
+    log = (tmp_path / "w.log").read_text()
+    assert f"{len(lost)} queued instances (1 studies) were in no message of the broker" in log, log[-3000:]
+    assert log.count("in no message of the broker") == 1
+    assert {r[0] for r in sql(env, "select attempts from instances")} == {1}
+    assert no_duplicate_rows(env)
+
+
 def _copies(src: Path, root: Path, studies: int, per_study: int) -> None:
     """``studies`` x ``per_study`` copies of one file, each with its own UIDs, a folder per study."""
     import pydicom

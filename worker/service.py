@@ -43,9 +43,11 @@ from neuron.queue import (
     node_name,
     queue_for,
     register_info_command,
+    take_turn,
 )
 from neuron.settings import Settings
 from neuron.work import Outcome, Route, WorkItem
+from producer.enqueue import send_lost
 from worker import metrics
 from worker.device import DeviceJob
 from worker.flow import DrainStudies, StudyFlow
@@ -250,6 +252,49 @@ def screen_study(self: ScreeningTask, **payload) -> int:
     return len(outcomes)
 
 
+LOST_SWEEP_S = 30.0
+
+
+class LostMessageSweep:
+    """Every ``LOST_SWEEP_S`` one worker of the cluster (``neuron.queue.take_turn``) sends again the queued instances
+    that no message in the broker carries (``producer.enqueue.send_lost``), for the routes this worker consumes; the
+    first look comes as the worker starts. A broker or database that cannot be reached skips the turn, said once."""
+
+    def __init__(self, settings: Settings, db: Database, name: str, routes: list[Route], every: float = LOST_SWEEP_S):
+        self.settings, self.db, self.name, self.routes, self.every = settings, db, name, routes, every
+        self.app = make_app(settings)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._loop, name="lost-messages", daemon=True)
+
+    def start(self) -> LostMessageSweep:
+        self._thread.start()
+        return self
+
+    def sweep(self) -> None:
+        if take_turn(self.settings, "lost-messages", self.name, self.every):
+            self.sent += send_lost(self.db, self.app, self.settings, self.routes, sleep=self._stop.wait)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sweep()
+                if self._failing:
+                    log.info("lost-message check: the broker and the database answer again")
+                self._failing = False
+            except Exception as exc:  # noqa: BLE001 - an outage skips a turn; the next one looks again
+                if not self._failing:
+                    log.warning("lost-message check skipped while the broker or the database cannot be reached "
+                                "(%s: %s); it looks again every %.0f s", type(exc).__name__, exc, self.every)
+                self._failing = True
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def _quiet_reconnect_warning(**_) -> None:
     """Celery warns on every broker reconnect that the default of worker_cancel_long_running_tasks_on_connection_loss
     will change; Neuron sets it on purpose (neuron/queue.py). Added after Celery's own logging setup, which turns
@@ -288,6 +333,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     heartbeat = Heartbeat(settings, name, lambda: {
         "node": node_name(name), "device": str(pipeline.device), "queues": queues, "images": pipeline.stats.frames,
         "held": task.flow.held() if task.flow is not None else []}).start()
+    sweep = LostMessageSweep(settings, task.runtime.db, name, [r for r in Route if queue_for(r) in queues]).start()
     signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
 
     def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
@@ -303,5 +349,6 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
                          "--prefetch-multiplier=1", "-E", f"--loglevel={loglevel}", "-n", node_name(name),
                          "--without-gossip", "--without-mingle"])
     finally:
+        sweep.stop()
         heartbeat.stop()
         task.close()
