@@ -260,9 +260,9 @@ class LostMessageSweep:
     that no message in the broker carries (``producer.enqueue.send_lost``), for the routes this worker consumes; the
     first look comes as the worker starts. A broker or database that cannot be reached skips the turn, said once."""
 
-    def __init__(self, settings: Settings, db: Database, name: str, routes: list[Route], every: float = LOST_SWEEP_S):
-        self.settings, self.db, self.name, self.routes, self.every = settings, db, name, routes, every
-        self.app = make_app(settings)
+    def __init__(self, settings: Settings, app, db: Database, name: str, routes: list[Route],
+                 every: float = LOST_SWEEP_S):
+        self.settings, self.app, self.db, self.name, self.routes, self.every = settings, app, db, name, routes, every
         self.sent = 0
         self._stop = threading.Event()
         self._failing = False
@@ -333,7 +333,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int | None = 
     heartbeat = Heartbeat(settings, name, lambda: {
         "node": node_name(name), "device": str(pipeline.device), "queues": queues, "images": pipeline.stats.frames,
         "held": task.flow.held() if task.flow is not None else []}).start()
-    sweep = LostMessageSweep(settings, task.runtime.db, name, [r for r in Route if queue_for(r) in queues]).start()
+    sweep = LostMessageSweep(settings, app, task.runtime.db, name, [r for r in Route if queue_for(r) in queues]).start()
     signals.celeryd_after_setup.connect(_quiet_reconnect_warning, weak=False)
 
     def _announce(**_) -> None:  # after Celery's logging setup, so the line reaches the worker's log
