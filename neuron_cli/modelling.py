@@ -176,8 +176,8 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Celery mode: studies in flight in the worker (default: the "
                                                   "worker's own).")] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep this run's scratch (databases, PNGs, worker log).")
-                    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep this run's scratch (databases, PNGs, worker log, "
+                                                      "py-spy's GIL samples).")] = False,
     host_only: Annotated[bool, typer.Option("--host-only", help="The host's side alone: the real pipeline with a "
                                                                 "device stage that answers at once; adds CPU and GIL "
                                                                 "milliseconds per image (py-spy).")] = False,

@@ -273,13 +273,14 @@ def _gpu_peak_mb(device: torch.device) -> float:
 
 
 def run_embedded(models: Models, settings: Settings, archive: synthetic.Archive,
-                 job: DeviceJob | None = None) -> EndToEnd:
+                 job: DeviceJob | None = None, samples: Path | None = None) -> EndToEnd:
     """``run_folder`` on a fresh SQLite database and output folder, with a new pipeline over the loaded models, so
     its stats (batch fill, time to first batch) count this run alone, from its start. ``job``: the device stage's
-    job (the host-only mode's); the CPU and GIL of the run are measured around it (``HostProbe``)."""
+    job (the host-only mode's); the CPU and GIL of the run are measured around it (``HostProbe``, its py-spy
+    samples kept at ``samples``)."""
     pipe = Pipeline(models, settings, clock_from=time.monotonic(), job=job)
     _gpu_peak_reset(pipe.device)
-    with HostProbe(os.getpid()) as probe, ShmWatch() as shm:
+    with HostProbe(os.getpid(), samples=samples) as probe, ShmWatch() as shm:
         start = time.perf_counter()
         report = run_folder(archive.root, settings, pipeline=pipe)
         _sync(pipe.device)
@@ -417,7 +418,8 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
         wait_until_ready(proc, log_path)
         ready_s = time.perf_counter() - t_worker
         scan_started, scan_started_local = datetime.now(UTC), datetime.now()
-        with HostProbe(proc.pid, main="celery") as probe, ShmWatch() as shm:
+        with HostProbe(proc.pid, main="celery", samples=run_dir / "gil-samples.txt" if cfg.keep else None) as probe, \
+                ShmWatch() as shm:
             start = time.perf_counter()
             scan = subprocess.run([*neuron, "scan", str(archive.root)], env=env, capture_output=True, text=True,
                                   timeout=3600)
@@ -523,7 +525,8 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                     settings = pipeline.settings.with_(out_dir=run_dir / "out", database_url=None,
                                                        batch_size=pipeline.batch_size,
                                                        dicom_out=run_dir / "dicom" if cfg.dicom_out else None)
-                    e2e = run_embedded(models, settings, archive, job)
+                    e2e = run_embedded(models, settings, archive, job,
+                                       samples=run_dir / "gil-samples.txt" if cfg.keep else None)
                 else:
                     assert broker is not None and pg is not None
                     e2e = run_celery(cfg, pipeline, archive, run_dir, broker.url, pg.url)

@@ -151,10 +151,12 @@ class HostProbe:
 
     ``driver``: the process that drives the device (this one for the embedded mode, the worker for Celery); its CPU
     and that of every process below it are read from /proc at both ends, plus (for this process) the children that
-    ended and were waited for inside the window. ``extra_pids``: other processes of the run whose CPU counts too."""
+    ended and were waited for inside the window. ``samples``: where to keep py-spy's raw samples (``neuron bench
+    --keep``), for a look at which functions hold the GIL (``py-spy``'s collapsed stacks, one per line)."""
 
     driver: int
     main: str = "sink"  # what the driver's main thread is: the embedded run's sink, or a worker's Celery consumer
+    samples: Path | None = None
     rate: int = SAMPLE_RATE_HZ
     cpu_s: float = 0.0
     gil_s: float | None = None
@@ -174,7 +176,7 @@ class HostProbe:
     def __enter__(self) -> HostProbe:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if Path(spy).exists():
-            self._out = Path(tempfile.mkstemp(prefix="neuron-gil-", suffix=".txt")[1])
+            self._out = self.samples or Path(tempfile.mkstemp(prefix="neuron-gil-", suffix=".txt")[1])
             self._spy = subprocess.Popen([spy, "record", "--pid", str(self.driver), "--gil", "--nonblocking",
                                           "--threads", "--rate", str(self.rate), "--format", "raw", "--output",
                                           str(self._out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -196,7 +198,7 @@ class HostProbe:
             self._spy.kill()
             _, err = self._spy.communicate()
         raw = self._out.read_text() if self._out and self._out.exists() else ""
-        if self._out:
+        if self._out and self.samples is None:
             self._out.unlink(missing_ok=True)
         if not raw.strip():
             self.note = f"py-spy recorded nothing ({(err or '').strip()[-300:]})"
