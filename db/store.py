@@ -116,6 +116,7 @@ PREDICTION_COLUMNS = ("sop_instance_uid", "frame", "model", "weights", "label", 
                       "heatmap_path", "config_hash", "untrained", "worker", "needs_review", "processed_at", "decoder",
                       "ood_score", "out_of_distribution")
 _NATURAL_KEY = ("sop_instance_uid", "frame", "model", "weights", "label")
+_HEATMAP, _WORKER, _DECODER = (PREDICTION_COLUMNS.index(c) for c in ("heatmap_path", "worker", "decoder"))
 
 
 def prediction_rows(outcomes: Sequence[Outcome], stamp: object) -> dict[tuple, tuple]:
@@ -134,6 +135,24 @@ def _upsert_sql(values: str) -> str:
     return (f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) VALUES {values} "
             f"ON CONFLICT ({', '.join(_NATURAL_KEY)}) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in updated))
+
+
+def _copy_predictions(dbapi_conn, rows: list[tuple]) -> None:
+    """Append predictions rows with PostgreSQL's COPY, as CSV written by the ``csv`` module: a row costs a third of
+    the interpreter time of ``execute_values``'s per-row ``mogrify`` (0.10 against 0.29 ms of CPU per image of 18
+    rows, measured on the bench's 2-core machine), and the server parses less. Floats go as ``repr``, which reads
+    back to the same double; None as an unquoted empty field, which COPY's CSV format reads as NULL (so would an
+    empty string: the caller upserts rows holding one). A row whose key exists fails the whole COPY
+    (``uq_prediction_natural_key``): the caller then upserts."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    buffer.seek(0)
+    with dbapi_conn.cursor() as cursor:
+        cursor.copy_expert(f"COPY predictions ({', '.join(PREDICTION_COLUMNS)}) FROM STDIN WITH (FORMAT csv)",
+                           buffer)
 
 
 def _finished_elsewhere(conn: Connection, uids: Iterable[str], replace: list[str]) -> set[str]:
@@ -510,13 +529,22 @@ class Database:
         return self._stamp_processor[0](now)
 
     def _write_predictions(self, conn: Connection, rows: list[tuple]) -> None:
-        """The predictions upsert as plain DBAPI tuples: one ``executemany`` of a prepared statement on SQLite, and
-        multi-VALUES pages on PostgreSQL (psycopg2's ``execute_values``, one round trip per page instead of per row).
-        Going past SQLAlchemy's per-row parameter processing takes ~0.25 ms of interpreter time per image (18 rows)
-        off the process that drives the device; the values are plain floats, ints, strings and booleans."""
+        """The predictions upsert as plain DBAPI tuples: one ``executemany`` of a prepared statement on SQLite; on
+        PostgreSQL a COPY (``_copy_predictions``), or where a row is already there the multi-VALUES upsert
+        (psycopg2's ``execute_values``, one round trip per page instead of per row). Going past SQLAlchemy's per-row
+        parameter processing takes ~0.25 ms of interpreter time per image (18 rows) off the process that drives the
+        device; the values are plain floats, ints, strings and booleans."""
         if self.engine.dialect.name == "postgresql":
+            from psycopg2 import IntegrityError
             from psycopg2.extras import execute_values
 
+            if not any("" in (r[_HEATMAP], r[_WORKER], r[_DECODER]) for r in rows):  # COPY would read "" as NULL
+                try:
+                    with conn.begin_nested():
+                        _copy_predictions(conn.connection.dbapi_connection, rows)
+                    return
+                except IntegrityError:  # a row of these keys exists (a redelivery, a rescreen): the upsert replaces it
+                    pass
             with conn.connection.dbapi_connection.cursor() as cursor:
                 execute_values(cursor, _upsert_sql("%s"), rows, page_size=1000)
             return

@@ -1,4 +1,5 @@
-"""Result writes on a real SQLite database: ``Database.record_outcomes`` and the group-committing ``ResultWriter``."""
+"""Result writes on a real SQLite database, and the upserts on a real PostgreSQL too: ``Database.record_outcomes``
+and the group-committing ``ResultWriter``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from db.store import Database
 from db.writer import CommitPolicy, ResultWriter
 from neuron.errors import RetryableError
-from neuron.work import FileEntry, FrameResult, InstanceEntry, InstanceHeader, LabelScore, Outcome, Status
+from neuron.work import FileEntry, FrameResult, InstanceEntry, InstanceHeader, LabelScore, Outcome, Requeue, Status
 
 pytestmark = pytest.mark.timeout(60)
 CONFIG_HASH = "c" * 64
@@ -27,6 +28,24 @@ def header(uid: str) -> InstanceHeader:
 @pytest.fixture
 def db(tmp_path) -> Database:
     database = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
+    database.create()
+    database.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path) -> Database:
+    """The same tests on both databases: PostgreSQL writes the findings with COPY, and upserts where a row exists."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'neuron.db'}"
+    else:
+        from .services import reset_postgres
+
+        _, pg = request.getfixturevalue("servers")
+        reset_postgres(pg.url)
+        url = pg.url
+    database = Database(url)
     database.create()
     database.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
     yield database
@@ -48,15 +67,20 @@ def done(uid: str, probability: float = 0.25, frames: int = 1, worker: str = "ho
 
 
 def rows(db: Database, query: str) -> list[tuple]:
-    with sqlite3.connect(db.engine.url.database) as conn:  # a separate connection sees only committed rows
-        return conn.execute(query).fetchall()
+    """What a separate connection reads: committed rows only."""
+    if db.engine.dialect.name == "sqlite":
+        with sqlite3.connect(db.engine.url.database) as conn:
+            return conn.execute(query).fetchall()
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(query))]
 
 
-def test_a_late_commit_for_an_instance_already_done_changes_nothing_and_a_replace_does(db):
+def test_a_late_commit_for_an_instance_already_done_changes_nothing_and_a_replace_does(any_db):
     """A worker cut off past the visibility timeout commits after another worker redid its study
     (tests/test_multihost.py): the findings already reported stay, row for row; a rescreen's ``replace`` still
     writes; outcomes of one instance twice in one commit (a redelivery in the same group) keep the last; a late
     failure does not undo a done instance."""
+    db = any_db
     (a, b) = index(db, 2)
     db.record_outcomes([done(a, 0.2), done(b, 0.1), done(b, 0.3)])
     before = rows(db, "select * from predictions order by sop_instance_uid, label")
@@ -70,7 +94,8 @@ def test_a_late_commit_for_an_instance_already_done_changes_nothing_and_a_replac
     assert rows(db, "select count(*) from predictions") == [(2 * len(LABELS),)]
 
 
-def test_record_outcomes_upserts_on_the_natural_key_and_sets_both_statuses(db):
+def test_record_outcomes_upserts_on_the_natural_key_and_sets_both_statuses(any_db):
+    db = any_db
     a, b, c = index(db, 3)
     db.record_outcomes([done(a, 0.2, frames=2), done(b, 0.3), Outcome(c, Status.FAILED, "decode failed")])
     assert rows(db, "select count(*) from predictions") == [(3 * len(LABELS),)]
@@ -84,6 +109,37 @@ def test_record_outcomes_upserts_on_the_natural_key_and_sets_both_statuses(db):
                                                                                               "decode failed")]
 
 
+def test_a_rescreen_committed_without_replace_overwrites_the_rows_it_finds(any_db):
+    """A study screened again through the queue (``neuron rescreen --enqueue``) keeps its findings until the new ones
+    are committed, and its worker commits without ``replace``: its rows' keys exist, so PostgreSQL's COPY is refused
+    and the upsert writes them, as on SQLite; a commit of fresh instances beside it goes in whole either way."""
+    db = any_db
+    a, b = index(db, 2)
+    db.record_outcomes([done(a, 0.2)])
+    assert db.requeue(Requeue.RESCREEN, sop_uids=[a]) == [a]
+    db.record_outcomes([done(a, 0.7, worker="again/cpu"), done(b, 0.4)])
+    got = rows(db, "select sop_instance_uid, probability, worker, heatmap_path from predictions where rank = 1 "
+                   "order by sop_instance_uid")
+    assert got == [(a, 0.7, "again/cpu", "/heat/0.png"), (b, 0.4, "host/cpu", "/heat/0.png")]
+    assert rows(db, "select count(*), count(heatmap_path) from predictions") == [(2 * len(LABELS), 2)]
+    assert dict(rows(db, "select sop_instance_uid, status from instances")) == {a: "done", b: "done"}
+
+
+def test_findings_read_back_exactly_what_was_committed(any_db):
+    """Every value of a predictions row as committed: doubles to the last bit (COPY's CSV carries ``repr``), NULLs as
+    NULL, and an empty worker name as an empty string, not NULL (the upsert writes a batch holding one)."""
+    db = any_db
+    a, b = index(db, 2)
+    tricky = 0.1 + 0.2  # 0.30000000000000004: a double whose shortest decimal form is long
+    db.record_outcomes([done(a, tricky, worker='host, "quoted"/cpu')])
+    db.record_outcomes([done(b, 1 / 3, worker="")])
+    got = dict(rows(db, "select sop_instance_uid || ':' || label, probability from predictions"))
+    assert got[f"{a}:Atelectasis"] == tricky and got[f"{b}:Effusion"] == 1 / 3 + 0.1
+    assert dict(rows(db, "select sop_instance_uid, worker from predictions where rank = 1")) == {
+        a: 'host, "quoted"/cpu', b: ""}
+    assert rows(db, "select count(*) from predictions where heatmap_path is null") == [(2 * (len(LABELS) - 1),)]
+
+
 def test_record_outcomes_leaves_duplicate_copies_of_a_file_alone(db):
     (a,) = index(db, 1)
     db.add_files([FileEntry("/archive/copy.dcm", 10, 1, Status.QUEUED, None, a,
@@ -93,7 +149,8 @@ def test_record_outcomes_leaves_duplicate_copies_of_a_file_alone(db):
                                                                 "/archive/copy.dcm": "duplicate"}
 
 
-def test_record_outcomes_keeps_the_last_of_repeated_keys_in_one_call(db):
+def test_record_outcomes_keeps_the_last_of_repeated_keys_in_one_call(any_db):
+    db = any_db
     (a,) = index(db, 1)
     db.record_outcomes([done(a, 0.1), done(a, 0.4)])
     assert rows(db, "select probability from predictions where label = 'Atelectasis'") == [(0.4,)]
