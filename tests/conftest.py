@@ -191,6 +191,18 @@ def servers():
         yield broker.url, pg
 
 
+def empty_database_url(request, tmp_path: Path, dialect: str) -> str:
+    """An empty database of ``dialect``: a new SQLite file in ``tmp_path``, or the session's PostgreSQL (``servers``)
+    with everything dropped. For fixtures parametrized over both databases."""
+    if dialect == "sqlite":
+        return f"sqlite:///{tmp_path / 'neuron.db'}"
+    from .services import reset_postgres
+
+    _, pg = request.getfixturevalue("servers")
+    reset_postgres(pg.url)
+    return pg.url
+
+
 def seed_untrained_cache(untrained_settings, *outs: Path) -> None:
     """The untrained model's calibration and its ONNX graph, computed once per test session (the ``models``
     fixture), are linked into each output folder so no process spends ~30 s of CPU recomputing the one (two workers

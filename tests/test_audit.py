@@ -30,6 +30,7 @@ from db.store import Database
 from neuron.settings import Settings
 from review.app import create_app
 
+from .conftest import empty_database_url
 from .test_review import TOKEN, _fill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +47,7 @@ def neuron(*args, timeout=120) -> subprocess.CompletedProcess:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def archive(request, tmp_path):
     """A screened archive of 6 studies with heatmaps (the review tests' generator), on each database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'neuron.db'}"
-    else:
-        from .services import reset_postgres
-
-        _, pg = request.getfixturevalue("servers")
-        reset_postgres(pg.url)
-        url = pg.url
+    url = empty_database_url(request, tmp_path, request.param)
     settings = Settings(out_dir=tmp_path, database_url=url)
     db = Database(url)
     _fill(db, settings.heatmap_dir, n=6)

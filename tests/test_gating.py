@@ -20,7 +20,7 @@ from neuron.routes import POPULATIONS, PopulationPolicy, ViewFact
 from neuron.work import Route, Status
 from producer.scan import age_at, index_entry, parse_as
 
-from .conftest import small_chest
+from .conftest import empty_database_url, small_chest
 
 
 @pytest.fixture(scope="module")
@@ -270,15 +270,7 @@ def test_an_older_database_gains_the_safety_columns_and_keeps_its_rows(dialect, 
     from db.migrate import current, upgrade
     from db.migrations.versions import __path__ as versions
 
-    if dialect == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.db'}"
-    else:
-        from .services import reset_postgres
-
-        _, pg = request.getfixturevalue("servers")
-        reset_postgres(pg.url)
-        url = pg.url
-    db = Database(url)
+    db = Database(empty_database_url(request, tmp_path, dialect))
     upgrade(db.engine, start)
     now = dt.datetime.now(dt.UTC)
     with db.engine.begin() as conn:

@@ -19,7 +19,7 @@ from db.store import Database
 from neuron.work import FrameResult, LabelScore, Outcome, Status
 from producer.scan import index_folder
 
-from .conftest import small_chest
+from .conftest import empty_database_url, small_chest
 
 pytestmark = pytest.mark.timeout(120)
 SECRET = "s" * 32
@@ -45,14 +45,7 @@ def archive(tmp_path_factory, rg1):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'neuron.db'}")
-    else:
-        from .services import reset_postgres
-
-        _, pg = request.getfixturevalue("servers")
-        reset_postgres(pg.url)
-        database = Database(pg.url)
+    database = Database(empty_database_url(request, tmp_path, request.param))
     database.create()
     database.ensure_config(CONFIG, MODEL, {"test": True})
     yield database

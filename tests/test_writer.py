@@ -16,6 +16,8 @@ from db.writer import CommitPolicy, ResultWriter
 from neuron.errors import RetryableError
 from neuron.work import FileEntry, FrameResult, InstanceEntry, InstanceHeader, LabelScore, Outcome, Requeue, Status
 
+from .conftest import empty_database_url
+
 pytestmark = pytest.mark.timeout(60)
 CONFIG_HASH = "c" * 64
 LABELS = ("Atelectasis", "Effusion", "Nodule")
@@ -37,15 +39,7 @@ def db(tmp_path) -> Database:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_db(request, tmp_path) -> Database:
     """The same tests on both databases: PostgreSQL writes the findings with COPY, and upserts where a row exists."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'neuron.db'}"
-    else:
-        from .services import reset_postgres
-
-        _, pg = request.getfixturevalue("servers")
-        reset_postgres(pg.url)
-        url = pg.url
-    database = Database(url)
+    database = Database(empty_database_url(request, tmp_path, request.param))
     database.create()
     database.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
     yield database
