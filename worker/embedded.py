@@ -32,10 +32,11 @@ from neuron.settings import Settings
 from neuron.work import FileEntry, Outcome, Requeue, Route, Status, WorkItem
 from producer.scan import ScanResult, changed_files
 from worker.admission import Admit
+from worker.ledger import IndexLedger
 from worker.models import Models
 from worker.outputs import open_outputs
 from worker.pipeline import Pipeline
-from worker.readers import IndexItem
+from worker.readers import IndexItem, process_context
 from worker.results import prepare_database
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class _Walk:
     result: ScanResult = field(default_factory=ScanResult)
     handed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> the file it was sent from
     found: int = 0
+    ledger: IndexLedger | None = None  # records the entries in a process of its own; None: this process does
 
     def items(self, backlog: list[WorkItem]) -> Iterator[WorkItem | IndexItem]:
         self._hand(backlog)
@@ -90,8 +92,11 @@ class _Walk:
         frames read with them. A file re-indexed during the run is not sent twice; an instance sent before and now
         pending from another file (a failed first copy, rescued when its copy was indexed) is."""
         entries = [e for _, e in batch]
-        self.db.add_files(entries)
-        pending = {w.file_path: w for w in self.db.work_items(routes=self.routes, paths=[e.path for e in entries])}
+        pending = self.ledger.admit(entries) if self.ledger is not None else None
+        if pending is None:
+            self.db.add_files(entries)
+            pending = {w.file_path: w for w in self.db.work_items(routes=self.routes,
+                                                                  paths=[e.path for e in entries])}
         decisions: list[WorkItem | None] = []
         fresh = []
         for _, e in batch:
@@ -233,13 +238,15 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
             db.requeue(Requeue.RETRY_FAILED, routes=routes)
         db.skip_routes_without_model(routes, models.unavailable)
         backlog = db.pending(routes=routes)
-        walk = _Walk(Path(folder), db, settings, routes, hooks)
+        walk = _Walk(Path(folder), db, settings, routes, hooks,
+                     ledger=IndexLedger(settings.resolved_database_url, routes, process_context()))
         try:
             with ResultWriter(db) as writer:
                 sink = _Sink(writer, outputs)
                 _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk
         finally:
+            walk.ledger.close()
             if outputs is not None:  # the outputs of what was committed, also when the run stopped early
                 outputs.close()
             if own:

@@ -253,6 +253,18 @@ def start_method() -> str:
     return "spawn"
 
 
+def process_context():
+    """The multiprocessing context of the reader processes and of the embedded run's index ledger
+    (``worker.ledger``): ``start_method``'s, and for a forkserver its preloads, set before anything starts the server
+    (it is one per process, and takes its preloads when it starts)."""
+    context = multiprocessing.get_context(start_method())
+    if context.get_start_method() == "forkserver":
+        # worker.reader_signals: the server and every process it forks ignore a stop signal sent to the group;
+        # worker.ledger (the database layer) imported once in the server, so a ledger starts answering at once
+        context.set_forkserver_preload(["worker.readers", "worker.reader_signals", "worker.ledger"])
+    return context
+
+
 class ReaderPool:
     """``n`` reader processes over one SlotPool. ``submit`` queues a file; each idle reader takes the next one; ``done(
     item, slot, frames | exception, seconds)`` is called on the pool's receiver thread. Frames are views of the slot,
@@ -260,10 +272,7 @@ class ReaderPool:
 
     def __init__(self, n: int, cfg: ReaderConfig, slots: SlotPool):
         self.cfg, self.slots = cfg, slots
-        self.context = multiprocessing.get_context(start_method())
-        if self.context.get_start_method() == "forkserver":
-            # worker.reader_signals: the server and every reader it forks ignore a stop signal sent to the group
-            self.context.set_forkserver_preload(["worker.readers", "worker.reader_signals"])
+        self.context = process_context()
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}

@@ -1,0 +1,100 @@
+"""The embedded run's index ledger (worker/ledger.py): a process of its own records the index entries, in walk order,
+and answers with the instances to screen, exactly as the run's own process would; when it cannot answer, the run
+records the rest itself and the database's own error, not the ledger's, stops it."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from db.store import Database
+from neuron.routes import MODEL_ROUTES
+from neuron.work import Route
+from producer.scan import index_entry
+from worker.ledger import IndexLedger
+from worker.readers import process_context
+
+from .conftest import small_chest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def entries(tmp_path, rg1):
+    """Three chest CRs and a copy of the first under another path (same SOP Instance UID: a duplicate)."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    paths = [small_chest(rg1, folder / f"cr{i}.dcm", step=16) for i in range(3)]
+    copy = folder / "zz-copy.dcm"
+    copy.write_bytes(paths[0].read_bytes())
+    return [index_entry(p) for p in [*paths, copy]]
+
+
+def fresh_db(tmp_path: Path, name: str) -> Database:
+    db = Database(f"sqlite:///{tmp_path / name}")
+    db.create()
+    return db
+
+
+def table(db: Database, query: str) -> list[tuple]:
+    with sqlite3.connect(db.engine.url.database) as conn:
+        return sorted(conn.execute(query).fetchall())
+
+
+def test_the_ledger_records_what_the_runs_own_process_would_and_answers_the_same_work(tmp_path, entries):
+    routes = list(MODEL_ROUTES)
+    here, there = fresh_db(tmp_path, "here.db"), fresh_db(tmp_path, "there.db")
+    ledger = IndexLedger(str(there.engine.url), routes, process_context())
+    try:
+        answered = [ledger.admit(entries[:2]), ledger.admit(entries[2:])]
+    finally:
+        ledger.close()
+    expected = []
+    for batch in (entries[:2], entries[2:]):
+        here.add_files(batch)
+        expected.append({w.file_path: w for w in here.work_items(routes=routes, paths=[e.path for e in batch])})
+    assert answered == expected and len(answered[0]) == 2 and answered[1].keys() == {entries[2].path}
+    query = "select path, status, reason, sop_instance_uid from files"
+    assert table(there, query) == table(here, query)
+    assert ("duplicate" in {r[1] for r in table(there, query)}) and ledger.stopped is None
+    assert table(there, "select sop_instance_uid, route, status from instances") == table(
+        here, "select sop_instance_uid, route, status from instances")
+
+
+def test_a_ledger_that_dies_or_is_refused_answers_none_and_says_why_without_the_rows_values(tmp_path, entries,
+                                                                                             caplog):
+    db = fresh_db(tmp_path, "neuron.db")
+    ledger = IndexLedger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
+    assert ledger.admit(entries[:1]) is not None
+    ledger._process.kill()
+    ledger._process.join(10)
+    assert ledger.admit(entries[1:2]) is None and "its process ended" in ledger.stopped
+    assert ledger.admit(entries[2:]) is None  # and stays stopped: the caller indexes the rest
+
+    read_only = f"sqlite:///file:{tmp_path / 'neuron.db'}?mode=ro&uri=true"  # the tests run as root: no chmod
+    refused = IndexLedger(read_only, [Route.CHEST_XRAY], process_context())
+    with caplog.at_level(logging.WARNING, logger="worker.ledger"):
+        assert refused.admit(entries[1:2]) is None
+    assert "refused a batch of the index there (RetryableError)" in refused.stopped
+    said = caplog.text + refused.stopped
+    assert entries[1].path not in said and entries[1].sop_instance_uid not in said
+    assert table(db, "select count(*) from files") == [(1,)]  # the refused batch is not half recorded
+
+
+def test_a_walk_whose_ledger_stopped_indexes_in_its_own_process(tmp_path, entries):
+    """``neuron run``'s admission with a ledger that died: the same decisions, recorded by the run's own process."""
+    from neuron.settings import Settings
+    from worker.embedded import ProgressHooks, _Walk
+    from worker.readers import IndexItem
+
+    db = fresh_db(tmp_path, "neuron.db")
+    ledger = IndexLedger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
+    ledger._process.kill()
+    ledger._process.join(10)
+    walk = _Walk(tmp_path, db, Settings(out_dir=tmp_path / "out"), [Route.CHEST_XRAY], ProgressHooks(), ledger=ledger)
+    decisions = walk.admit([(IndexItem(i, e.path), e) for i, e in enumerate(entries)])
+    assert [d.file_path if d else None for d in decisions] == [e.path for e in entries[:3]] + [None]
+    assert ledger.stopped is not None and len(table(db, "select path from files")) == 4
