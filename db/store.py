@@ -165,10 +165,13 @@ def _finished_elsewhere(conn: Connection, uids: Iterable[str], replace: list[str
     row each per key (the upsert), the later one's."""
     keep, found = set(replace), set()
     for chunk in chunks(sorted(set(uids) - keep)):
-        found.update(uid for uid, status in conn.execute(
-            select(Instance.sop_instance_uid, Instance.status).where(Instance.sop_instance_uid.in_(chunk)))
-            if status == Status.DONE.value)
+        found.update(uid for uid, status in conn.execute(_STATUS_OF, {"b_uids": chunk}) if status == Status.DONE.value)
     return found
+
+
+# built once: a statement built per commit was a fifth of the writer thread's interpreter time in the host-only bench
+_STATUS_OF = select(Instance.sop_instance_uid, Instance.status).where(
+    Instance.sop_instance_uid.in_(bindparam("b_uids", expanding=True)))
 
 
 class Database:
