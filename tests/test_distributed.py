@@ -253,7 +253,9 @@ def test_a_study_delivered_again_while_a_worker_still_screens_it_is_not_claimed_
     done twice, nothing left unacknowledged."""
     env = {**env, "NEURON_VISIBILITY_TIMEOUT": "2"}
     folder = tmp_path / "archive"
-    n = make_archive(folder, chest_small, studies=8)
+    # 20 studies at one a batch: the last waits ~8 s on this CPU, past the 2 s timeout and kombu's 1 s look for
+    # expired ones (8 studies were done in 3.3 s on a fast machine, none delivered again)
+    n = make_archive(folder, chest_small, studies=20)
     assert neuron(env, "scan", str(folder)).returncode == 0
     worker = start_worker(env, tmp_path, "w", "--batch-size", "1", "--concurrency", "16")
     try:
