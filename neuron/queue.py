@@ -244,9 +244,12 @@ def messages_in_broker(settings: Settings, queues: list[str], limit: int) -> Bro
     finally:
         client.close()
     uids: set[str] = set()
-    for raw in [m for reply in replies[:-1] for m in reply] + [json.loads(v)[0] for v in replies[-1]]:
+    # a waiting message is kombu's envelope; an unacknowledged one is [envelope, exchange, routing key]
+    raws = [(m, False) for reply in replies[:-1] for m in reply] + [(v, True) for v in replies[-1]]
+    for raw, delivered in raws:
         try:
-            uids.update(_payload(json.loads(raw) if isinstance(raw, (bytes, str)) else raw).sop_instance_uids)
+            message = json.loads(raw)
+            uids.update(_payload(message[0] if delivered else message).sop_instance_uids)
         except (ValueError, KeyError, IndexError, TypeError):  # another application's message: no instance of ours
             continue
     return BrokerMessages(set(short), uids)

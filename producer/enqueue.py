@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from celery import Celery
@@ -66,13 +66,8 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
     decides that when the failure or the copy is recorded).
 
     An unreachable broker is waited for (``wait_for_broker``) before anything is marked queued."""
-    groups: dict[tuple[Route, str], list[str]] = defaultdict(list)
-    for study, route, uid in db.pending_by_study(MODEL_ROUTES, study_uids):
-        groups[(route, study)].append(uid)
     sent = 0
-    tasks = [(route, study, uids[start:start + MAX_INSTANCES_PER_TASK])
-             for (route, study), uids in sorted(groups.items())
-             for start in range(0, len(uids), MAX_INSTANCES_PER_TASK)]
+    tasks = study_tasks((route, study, uid) for study, route, uid in db.pending_by_study(MODEL_ROUTES, study_uids))
     if tasks:
         wait_for_broker(app, broker_wait_s)
     # Tasks go out in blocks: one transaction marks a block's instances queued, then its messages are sent over one
@@ -82,8 +77,7 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
             db.mark_queued([uid for _, _, chunk in block for uid in chunk])
             for i, (route, _study, chunk) in enumerate(block):
                 try:
-                    app.send_task(SCREEN_STUDY, kwargs=ScreenStudy(tuple(chunk)).kwargs(), queue=queue_for(route),
-                                  producer=producer)
+                    _send(app, producer, route, chunk)
                 except Exception:
                     db.requeue(Requeue.SEND_FAILED, sop_uids=[uid for _, _, unsent in block[i:] for uid in unsent])
                     raise
@@ -91,6 +85,21 @@ def enqueue_pending(db: Database, app: Celery, study_uids: set[str] | None = Non
     if sent:
         log.info("enqueued %d tasks", sent)
     return sent
+
+
+def study_tasks(instances: Iterable[tuple[Route, str, str]]) -> list[tuple[Route, str, list[str]]]:
+    """(route, study, SOP Instance UIDs) of each task that sends these (route, study, SOP Instance UID): one per study
+    and route, split at ``MAX_INSTANCES_PER_TASK``, in route and study order."""
+    groups: dict[tuple[Route, str], list[str]] = defaultdict(list)
+    for route, study, uid in instances:
+        groups[(route, study)].append(uid)
+    return [(route, study, uids[start:start + MAX_INSTANCES_PER_TASK])
+            for (route, study), uids in sorted(groups.items())
+            for start in range(0, len(uids), MAX_INSTANCES_PER_TASK)]
+
+
+def _send(app: Celery, producer, route: Route, uids: list[str]) -> None:
+    app.send_task(SCREEN_STUDY, kwargs=ScreenStudy(tuple(uids)).kwargs(), queue=queue_for(route), producer=producer)
 
 
 class EnqueueAsIndexed:
@@ -180,17 +189,11 @@ def send_lost(db: Database, app: Celery, settings: Settings, routes: list[Route]
                   and queue_for(candidates[u][0]) in second.queues)
     if not lost:
         return 0
-    groups: dict[tuple[Route, str], list[str]] = defaultdict(list)
-    for uid in lost:
-        route, study, _ = candidates[uid]
-        groups[(route, study)].append(uid)
+    tasks = study_tasks((candidates[uid][0], candidates[uid][1], uid) for uid in lost)
     with app.producer_or_acquire() as producer:
-        for (route, _study), uids in sorted(groups.items()):
-            for start in range(0, len(uids), MAX_INSTANCES_PER_TASK):
-                chunk = tuple(uids[start:start + MAX_INSTANCES_PER_TASK])
-                app.send_task(SCREEN_STUDY, kwargs=ScreenStudy(chunk).kwargs(), queue=queue_for(route),
-                              producer=producer)
+        for route, _study, uids in tasks:
+            _send(app, producer, route, uids)
     log.warning("%d queued instances (%d studies) were in no message of the broker (lost: a worker killed between "
                 "taking a message and recording it, a producer stopped before it sent, or a broker restarted without "
-                "its data); sent again", len(lost), len(groups))
+                "its data); sent again", len(lost), len({(route, study) for route, study, _ in tasks}))
     return len(lost)

@@ -32,7 +32,7 @@ from neuron.settings import Settings
 from neuron.work import FileEntry, Outcome, Requeue, Route, Status, WorkItem
 from producer.scan import ScanResult, changed_files
 from worker.admission import Admit
-from worker.ledger import IndexLedger
+from worker.ledger import IndexLedger, record_batch
 from worker.models import Models
 from worker.outputs import open_outputs
 from worker.pipeline import Pipeline
@@ -94,9 +94,7 @@ class _Walk:
         entries = [e for _, e in batch]
         pending = self.ledger.admit(entries) if self.ledger is not None else None
         if pending is None:
-            self.db.add_files(entries)
-            pending = {w.file_path: w for w in self.db.work_items(routes=self.routes,
-                                                                  paths=[e.path for e in entries])}
+            pending = record_batch(self.db, entries, self.routes)
         decisions: list[WorkItem | None] = []
         fresh = []
         for _, e in batch:

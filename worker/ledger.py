@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 _OK, _FAILED = "ok", "failed"
 
 
+def record_batch(db: Database, entries: list[FileEntry], routes: Sequence[Route]) -> dict[str, WorkItem]:
+    """Record a batch of index entries (in walk order); the pending WorkItems of their files, by path. What the ledger
+    process does, and what the run does itself when the ledger has stopped."""
+    db.add_files(entries)
+    return {w.file_path: w for w in db.work_items(routes=routes, paths=[e.path for e in entries])}
+
+
 class IndexLedger:
     """The driving process's side. ``admit`` returns None once the ledger cannot answer; the caller then indexes in
     its own process."""
@@ -86,11 +93,10 @@ def ledger_main(conn, url: str, routes: list[str]) -> None:
             if entries is None:
                 return
             try:
-                db.add_files(entries)
-                found = db.work_items(routes=[Route(r) for r in routes], paths=[e.path for e in entries])
+                found = record_batch(db, entries, [Route(r) for r in routes])
             except Exception as exc:  # noqa: BLE001 - the caller records the batch itself and hears the details
                 conn.send((_FAILED, type(exc).__name__))
                 return
-            conn.send((_OK, {w.file_path: w for w in found}))
+            conn.send((_OK, found))
     finally:
         db.dispose()
