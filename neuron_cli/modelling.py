@@ -212,11 +212,13 @@ def bench(
         raise fail(str(exc), EXIT_SETUP) from None
     table = Table(title=f"neuron bench: {results[0]['device'] if results else cfg.device}")
     for col in ("mode", "archive", "images", "runtime", "model-only img/s", "decode img/s", "end-to-end img/s",
-                "ratio", "batch fill", "CPU ms/img", "GIL ms/img"):
+                "ratio", "batch fill", "CPU ms/img", "driver CPU", "GIL ms/img"):
         table.add_column(col, justify="right")
     for r in results:  # "-": not measured (a host-only run has no model bound, nor a ratio to one)
         table.add_row(r["mode"], r["archive"], str(r["n_images"]), r["runtime"]["name"],
                       *("-" if r.get(k) is None else str(r[k]) for k in (
                           "model_only_images_per_s", "decode_images_per_s", "end_to_end_images_per_s", "ratio",
-                          "batch_fill", "cpu_ms_per_image", "gil_ms_per_image")))
+                          "batch_fill", "cpu_ms_per_image")),
+                      str((r.get("cpu_ms_per_image_by_process") or {}).get("driver", "-")),
+                      "-" if r.get("gil_ms_per_image") is None else str(r["gil_ms_per_image"]))
     Console().print(table)

@@ -93,19 +93,20 @@ _STAGES = (("engine-feed", "feed"), ("engine-batch", "batcher"), ("engine-stage"
 _LINE = re.compile(r"^thread \(\d+\): ([^;]*);.* (\d+)$")
 
 
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system seconds) of a live process, or None."""
+def _proc_stat(pid: int) -> tuple[int, float, str] | None:
+    """(parent pid, user + system seconds, name) of a live process, or None. The name is the kernel's (``comm``):
+    reader processes and the index ledger name themselves (``worker.readers.name_process``)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS, raw[raw.index("(") + 1:raw.rindex(")")]
 
 
-def _tree_stats(root: int) -> dict[int, tuple[int, float]]:
-    """(parent, user + system seconds) of ``root`` and every live process below it (readers are grandchildren: the
-    forkserver starts them)."""
+def _tree_stats(root: int) -> dict[int, tuple[int, float, str]]:
+    """(parent, user + system seconds, name) of ``root`` and every live process below it (readers are
+    grandchildren: the forkserver starts them)."""
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (st := _proc_stat(int(entry))) is not None:
@@ -115,17 +116,54 @@ def _tree_stats(root: int) -> dict[int, tuple[int, float]]:
         pid = todo.pop()
         if pid in stats:
             tree[pid] = stats[pid]
-            todo += [child for child, (parent, _) in stats.items() if parent == pid]
+            todo += [child for child, (parent, _, _) in stats.items() if parent == pid]
     return tree
 
 
-def tree_pids(root: int) -> list[int]:
-    return list(_tree_stats(root))
+# what a process of the run is, by the name it gave itself
+_ROLES = {"neuron-reader": "readers", "neuron-ledger": "ledger"}
 
 
-def tree_cpu_seconds(root: int, exclude: Sequence[int] = ()) -> float:
-    """User + system seconds of ``root`` and every live process below it, but for ``exclude`` (the sampler)."""
-    return sum(cpu for pid, (_, cpu) in _tree_stats(root).items() if pid not in exclude)
+class TreeCpu:
+    """CPU seconds (user + system) of ``root`` and every process below it over a window, by role: ``driver`` (``root``
+    itself), ``readers``, ``ledger`` and ``other`` (the forkserver, a worker's pool). The tree is read every
+    ``every`` seconds, so a process that ends inside the window (the embedded run's ledger ends with the run) counts
+    up to its last reading; ``exclude`` names processes that are not the run's (the GIL sampler)."""
+
+    def __init__(self, root: int, every: float = 0.25):
+        self.root, self.every = root, every
+        self.exclude: set[int] = set()
+        self._start: dict[int, float] = {}
+        self._last: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> None:
+        for pid, (_, cpu, name) in _tree_stats(self.root).items():
+            if pid not in self.exclude:
+                self._last[pid] = (cpu, name)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._read()
+
+    def start(self) -> None:
+        self._read()
+        self._start = {pid: cpu for pid, (cpu, _) in self._last.items()}
+        self._thread = threading.Thread(target=self._loop, name="cpu-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        """Seconds by role, over the window."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._read()
+        roles: dict[str, float] = {}
+        for pid, (cpu, name) in self._last.items():
+            role = "driver" if pid == self.root else _ROLES.get(name, "other")
+            roles[role] = roles.get(role, 0.0) + cpu - self._start.get(pid, 0.0)
+        return roles
 
 
 def stage_of(thread_name: str, main: str = "sink") -> str:
@@ -150,8 +188,8 @@ class HostProbe:
     """CPU of the run's processes and GIL time of the driving process over a window (a ``with`` block).
 
     ``driver``: the process that drives the device (this one for the embedded mode, the worker for Celery); its CPU
-    and that of every process below it are read from /proc at both ends, plus (for this process) the children that
-    ended and were waited for inside the window. ``samples``: where to keep py-spy's raw samples (``neuron bench
+    and that of every process below it, by role (``TreeCpu``), plus (for this process) the children that ended and
+    were waited for inside the window. ``samples``: where to keep py-spy's raw samples (``neuron bench
     --keep``), for a look at which functions hold the GIL (``py-spy``'s collapsed stacks, one per line)."""
 
     driver: int
@@ -159,19 +197,20 @@ class HostProbe:
     samples: Path | None = None
     rate: int = SAMPLE_RATE_HZ
     cpu_s: float = 0.0
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
     gil_s: float | None = None
     gil_by_stage: dict[str, float] = field(default_factory=dict)
     note: str | None = None
     _spy: subprocess.Popen | None = None
     _out: Path | None = None
+    _cpu: TreeCpu | None = None
 
-    def _cpu_now(self) -> float:
-        # py-spy is a child of this process in the embedded mode: its own sampling is not the run's CPU
-        cpu = tree_cpu_seconds(self.driver, exclude=() if self._spy is None else (self._spy.pid,))
-        if self.driver == os.getpid():
-            children = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu += children.ru_utime + children.ru_stime
-        return cpu
+    def _waited_children_s(self) -> float:
+        """CPU of this process's children that ended and were waited for (when the driver is this process)."""
+        if self.driver != os.getpid():
+            return 0.0
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return children.ru_utime + children.ru_stime
 
     def __enter__(self) -> HostProbe:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -184,11 +223,20 @@ class HostProbe:
             time.sleep(0.3)  # py-spy attaches
         else:
             self.note = "py-spy is not installed (pip install py-spy): no GIL figures"
-        self._cpu0 = self._cpu_now()
+        self._cpu = TreeCpu(self.driver)
+        if self._spy is not None:  # a child of this process in the embedded mode: its sampling is not the run's CPU
+            self._cpu.exclude.add(self._spy.pid)
+        self._waited0 = self._waited_children_s()
+        self._cpu.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cpu_s = self._cpu_now() - self._cpu0
+        roles = self._cpu.stop()
+        waited = self._waited_children_s() - self._waited0
+        if waited:
+            roles["other"] = roles.get("other", 0.0) + waited
+        self.cpu_by_role = dict(sorted(roles.items()))
+        self.cpu_s = sum(roles.values())
         if self._spy is None:
             return
         self._spy.send_signal(signal.SIGINT)
@@ -211,6 +259,7 @@ class HostProbe:
         """The probe's figures per image, in milliseconds, for the benchmark's JSON."""
         per = 1000.0 / max(images, 1)
         return {"cpu_ms_per_image": round(self.cpu_s * per, 3),
+                "cpu_ms_per_image_by_process": {k: round(v * per, 3) for k, v in self.cpu_by_role.items()},
                 "gil_ms_per_image": None if self.gil_s is None else round(self.gil_s * per, 3),
                 "gil_ms_per_image_by_stage": {k: round(v * per, 3) for k, v in self.gil_by_stage.items()},
                 "host_probe_note": self.note}

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from db.store import Database
 from neuron.work import FileEntry, Route, WorkItem
+from worker.readers import name_process
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class IndexLedger:
 
 def ledger_main(conn, url: str, routes: list[str]) -> None:
     """The ledger process: a batch of entries in, the pending WorkItems of their files out, until the pipe closes."""
+    name_process("neuron-ledger")
     db = Database(url)
     try:
         while True:
