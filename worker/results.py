@@ -56,19 +56,33 @@ def failure_outcome(item: WorkItem, exc: BaseException, worker: str) -> Outcome:
 def write_png(path: str, image: np.ndarray) -> None:
     """Write atomically: encoded in memory, written under a temporary name, renamed. A crash, a full disk or a
     read-only folder never leaves half a PNG, under the final name or the temporary one; the OSError (with its errno:
-    ENOSPC, EROFS, EACCES, ...) reaches the caller."""
+    ENOSPC, EROFS, EACCES, ...) reaches the caller. Plain ``os`` calls on strings, the folder made only when the
+    first open says it is missing: this runs once per heatmap, on the process that drives the device."""
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise ValueError(f"cv2 could not encode a {image.shape} {image.dtype} heatmap as PNG for {path}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name.rsplit('.', 1)[0]}.{os.getpid()}.{threading.get_ident()}.tmp.png")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(encoded.tobytes())
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            data = memoryview(encoded).cast("B")
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def prepare_database(db, models: Models, settings: Settings, heatmap_dir: Path) -> None:
