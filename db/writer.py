@@ -32,6 +32,9 @@ DEFAULT_MAX_OUTCOMES = 256
 DEFAULT_MAX_DELAY_S = 0.2
 DEFAULT_QUEUE_SUBMISSIONS = 1024
 
+# record(outcomes, replace) -> Committed: what a commit runs (Database.record_outcomes, by default in this process)
+Record = Callable[[Sequence[Outcome], list[str]], Committed]
+
 
 @dataclass
 class CommitPolicy:
@@ -89,8 +92,10 @@ class ResultWriter:
 
     def __init__(self, db: Database, max_outcomes: int = DEFAULT_MAX_OUTCOMES,
                  max_delay: float = DEFAULT_MAX_DELAY_S, max_queue: int = DEFAULT_QUEUE_SUBMISSIONS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, record: Record | None = None):
         self.db = db
+        # the embedded run commits in its ledger process (worker.ledger), or here once the ledger has stopped
+        self._record: Record = record or (lambda outcomes, replace: db.record_outcomes(outcomes, replace=replace))
         self.policy = CommitPolicy(max_outcomes, max_delay)
         self._clock = clock
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -179,8 +184,7 @@ class ResultWriter:
 
     def _write(self, batch: list[_Submission]) -> None:
         outcomes = [o for sub in batch for o in sub.outcomes]
-        committed = self.db.record_outcomes(
-            outcomes, replace=[o.sop_instance_uid for sub in batch if sub.replace for o in sub.outcomes])
+        committed = self._record(outcomes, [o.sop_instance_uid for sub in batch if sub.replace for o in sub.outcomes])
         self.commits += 1
         self.outcomes_written += len(outcomes)
         rescued = set(committed.rescued)

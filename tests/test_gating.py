@@ -104,7 +104,7 @@ def test_the_embedded_runs_reader_processes_gate_and_never_read_the_pixels_of_a_
     frames are read in the same pass."""
     import threading
 
-    from worker.readers import IndexItem, ReaderConfig, ReaderPool
+    from worker.readers import IndexItem, ReaderConfig, ReaderPool, unpack_entry
     from worker.slots import SlotPool
 
     names = ["adult_pa.dcm", "lateral.dcm", "child.dcm"]
@@ -112,9 +112,9 @@ def test_the_embedded_runs_reader_processes_gate_and_never_read_the_pixels_of_a_
     with SlotPool(len(names), 1 << 22) as slots:
         pool = ReaderPool(2, ReaderConfig(16, 1 << 26, frozenset(), population_policy=policy), slots)
 
-        def on_entry(item, entry):
+        def on_entry(item, packed):
             with lock:
-                entries[Path(item.path).name] = entry
+                entries[Path(item.path).name] = unpack_entry(packed)
 
         def done(item, slot, result, _seconds):
             with lock:  # what came back, not the frames themselves: they view the slot released here

@@ -1,6 +1,6 @@
-"""The embedded run's index ledger (worker/ledger.py): a process of its own records the index entries, in walk order,
-and answers with the instances to screen, exactly as the run's own process would; when it cannot answer, the run
-records the rest itself and the database's own error, not the ledger's, stops it."""
+"""The embedded run's ledger (worker/ledger.py): a process of its own records the index entries, in walk order, and
+answers with the instances to screen, and commits the results, exactly as the run's own process would; when it
+cannot answer, the run does the rest itself and the database's own error, not the ledger's, stops it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from db.store import Database
 from neuron.routes import MODEL_ROUTES
 from neuron.work import Route
 from producer.scan import index_entry
-from worker.ledger import IndexLedger
-from worker.readers import process_context
+from worker.ledger import Ledger
+from worker.readers import pack_entry, process_context
 
 from .conftest import small_chest
 
@@ -33,6 +33,12 @@ def entries(tmp_path, rg1):
     return [index_entry(p) for p in [*paths, copy]]
 
 
+@pytest.fixture
+def packed(entries):
+    """The entries as the reader processes send them: the driving process never unpacks them."""
+    return [pack_entry(e) for e in entries]
+
+
 def fresh_db(tmp_path: Path, name: str) -> Database:
     db = Database(f"sqlite:///{tmp_path / name}")
     db.create()
@@ -44,19 +50,21 @@ def table(db: Database, query: str) -> list[tuple]:
         return sorted(conn.execute(query).fetchall())
 
 
-def test_the_ledger_records_what_the_runs_own_process_would_and_answers_the_same_work(tmp_path, entries):
+def test_the_ledger_records_what_the_runs_own_process_would_and_answers_the_same_work(tmp_path, entries, packed):
     routes = list(MODEL_ROUTES)
     here, there = fresh_db(tmp_path, "here.db"), fresh_db(tmp_path, "there.db")
-    ledger = IndexLedger(str(there.engine.url), routes, process_context())
+    ledger = Ledger(str(there.engine.url), routes, process_context())
     try:
-        answered = [ledger.admit(entries[:2]), ledger.admit(entries[2:])]
+        answered = [ledger.admit(packed[:2]), ledger.admit(packed[2:])]
     finally:
         ledger.close()
     expected = []
     for batch in (entries[:2], entries[2:]):
         here.add_files(batch)
-        expected.append({w.file_path: w for w in here.work_items(routes=routes, paths=[e.path for e in batch])})
-    assert answered == expected and len(answered[0]) == 2 and answered[1].keys() == {entries[2].path}
+        found = {w.file_path: w for w in here.work_items(routes=routes, paths=[e.path for e in batch])}
+        expected.append([found.get(e.path) for e in batch])
+    assert answered == expected and None not in answered[0]
+    assert [w.file_path if w else None for w in answered[1]] == [entries[2].path, None]  # the copy: a duplicate
     query = "select path, status, reason, sop_instance_uid from files"
     assert table(there, query) == table(here, query)
     assert ("duplicate" in {r[1] for r in table(there, query)}) and ledger.stopped is None
@@ -65,36 +73,74 @@ def test_the_ledger_records_what_the_runs_own_process_would_and_answers_the_same
 
 
 def test_a_ledger_that_dies_or_is_refused_answers_none_and_says_why_without_the_rows_values(tmp_path, entries,
-                                                                                             caplog):
+                                                                                             packed, caplog):
     db = fresh_db(tmp_path, "neuron.db")
-    ledger = IndexLedger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
-    assert ledger.admit(entries[:1]) is not None
+    ledger = Ledger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
+    assert ledger.admit(packed[:1]) is not None
     ledger._process.kill()
     ledger._process.join(10)
-    assert ledger.admit(entries[1:2]) is None and "its process ended" in ledger.stopped
-    assert ledger.admit(entries[2:]) is None  # and stays stopped: the caller indexes the rest
+    assert ledger.admit(packed[1:2]) is None and "its process ended" in ledger.stopped
+    assert ledger.admit(packed[2:]) is None  # and stays stopped: the caller indexes the rest
 
     read_only = f"sqlite:///file:{tmp_path / 'neuron.db'}?mode=ro&uri=true"  # the tests run as root: no chmod
-    refused = IndexLedger(read_only, [Route.CHEST_XRAY], process_context())
+    refused = Ledger(read_only, [Route.CHEST_XRAY], process_context())
     with caplog.at_level(logging.WARNING, logger="worker.ledger"):
-        assert refused.admit(entries[1:2]) is None
+        assert refused.admit(packed[1:2]) is None
     assert "refused a batch of the index there (RetryableError)" in refused.stopped
     said = caplog.text + refused.stopped
     assert entries[1].path not in said and entries[1].sop_instance_uid not in said
     assert table(db, "select count(*) from files") == [(1,)]  # the refused batch is not half recorded
 
 
-def test_a_walk_whose_ledger_stopped_indexes_in_its_own_process(tmp_path, entries):
+def test_a_walk_whose_ledger_stopped_indexes_in_its_own_process(tmp_path, entries, packed):
     """``neuron run``'s admission with a ledger that died: the same decisions, recorded by the run's own process."""
     from neuron.settings import Settings
     from worker.embedded import ProgressHooks, _Walk
     from worker.readers import IndexItem
 
     db = fresh_db(tmp_path, "neuron.db")
-    ledger = IndexLedger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
+    ledger = Ledger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
     ledger._process.kill()
     ledger._process.join(10)
     walk = _Walk(tmp_path, db, Settings(out_dir=tmp_path / "out"), [Route.CHEST_XRAY], ProgressHooks(), ledger=ledger)
-    decisions = walk.admit([(IndexItem(i, e.path), e) for i, e in enumerate(entries)])
+    decisions = walk.admit([(IndexItem(i, e.path), p) for i, (e, p) in enumerate(zip(entries, packed, strict=True))])
     assert [d.file_path if d else None for d in decisions] == [e.path for e in entries[:3]] + [None]
     assert ledger.stopped is not None and len(table(db, "select path from files")) == 4
+
+
+def test_the_ledger_commits_the_runs_results_and_once_it_dies_this_process_commits_the_rest(tmp_path):
+    """``neuron run``'s result writer commits through the ledger (this process runs no SQL for them) and, after the
+    ledger is killed, in this process: the same rows and statuses as commits made here, each instance once."""
+    from sqlalchemy import event
+
+    from db.writer import ResultWriter
+    from worker.embedded import _committed_by
+
+    from .test_writer import CONFIG_HASH, done, index, rows
+
+    here, there = fresh_db(tmp_path, "here.db"), fresh_db(tmp_path, "there.db")
+    for db in (here, there):
+        db.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
+    uids = index(here, 4)
+    index(there, 4)
+    written_here = []
+    event.listen(there.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: written_here.append(statement)
+                 if "INSERT INTO predictions" in statement else None)
+    ledger = Ledger(str(there.engine.url), [Route.CHEST_XRAY], process_context())
+    try:
+        with ResultWriter(there, record=_committed_by(ledger, there)) as writer:
+            assert writer.submit([done(u) for u in uids[:2]]).result(timeout=30).written == 2
+            assert ledger.stopped is None and not written_here  # the ledger's commit: no SQL here
+            assert len(rows(there, "select * from predictions")) == 6
+            ledger._process.kill()
+            ledger._process.join(10)
+            assert writer.submit([done(u) for u in uids[2:]]).result(timeout=30).written == 2
+    finally:
+        ledger.close()
+    assert "its process ended" in ledger.stopped and written_here  # the rest committed here
+    here.record_outcomes([done(u) for u in uids])
+    for query in ("select sop_instance_uid, label, probability, uncertainty, rank, heatmap_path, needs_review "
+                  "from predictions order by 1, 2", "select sop_instance_uid, status from instances order by 1"):
+        assert rows(there, query) == rows(here, query)
+    assert len(rows(there, "select * from predictions")) == 12

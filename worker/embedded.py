@@ -26,13 +26,13 @@ from sqlalchemy.exc import DBAPIError
 from db.schema import utcnow
 from db.store import Database, Summary
 from db.studies import study_of
-from db.writer import ResultWriter
+from db.writer import Record, ResultWriter
 from neuron.errors import OutputUnwritable
 from neuron.settings import Settings
-from neuron.work import FileEntry, Outcome, Requeue, Route, Status, WorkItem
+from neuron.work import Outcome, Requeue, Route, Status, WorkItem
 from producer.scan import ScanResult, changed_files
 from worker.admission import Admit
-from worker.ledger import IndexLedger, record_batch
+from worker.ledger import Ledger, record_batch
 from worker.models import Models
 from worker.outputs import open_outputs
 from worker.pipeline import Pipeline
@@ -75,7 +75,7 @@ class _Walk:
     result: ScanResult = field(default_factory=ScanResult)
     handed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> the file it was sent from
     found: int = 0
-    ledger: IndexLedger | None = None  # records the entries in a process of its own; None: this process does
+    ledger: Ledger | None = None  # records the entries in a process of its own; None: this process does
 
     def items(self, backlog: list[WorkItem]) -> Iterator[WorkItem | IndexItem]:
         self._hand(backlog)
@@ -87,18 +87,17 @@ class _Walk:
         if self.hooks.on_scanned is not None:
             self.hooks.on_scanned(self.result)
 
-    def admit(self, batch: list[tuple[IndexItem, FileEntry]]) -> list[WorkItem | None]:
-        """Record a batch of entries in walk order; the instances now pending from these files are screened from the
-        frames read with them. A file re-indexed during the run is not sent twice; an instance sent before and now
-        pending from another file (a failed first copy, rescued when its copy was indexed) is."""
-        entries = [e for _, e in batch]
-        pending = self.ledger.admit(entries) if self.ledger is not None else None
+    def admit(self, batch: list[tuple[IndexItem, bytes]]) -> list[WorkItem | None]:
+        """Record a batch of packed entries in walk order; the instances now pending from these files are screened
+        from the frames read with them. A file re-indexed during the run is not sent twice; an instance sent before
+        and now pending from another file (a failed first copy, rescued when its copy was indexed) is."""
+        packed = [e for _, e in batch]
+        pending = self.ledger.admit(packed) if self.ledger is not None else None
         if pending is None:
-            pending = record_batch(self.db, entries, self.routes)
+            pending = record_batch(self.db, packed, self.routes)
         decisions: list[WorkItem | None] = []
         fresh = []
-        for _, e in batch:
-            w = pending.get(e.path)
+        for w in pending:
             if w is None or self.handed.get(w.sop_instance_uid) == w.file_path:
                 decisions.append(None)
                 continue
@@ -163,6 +162,14 @@ class _Sink:
             elif fut.exception() is not None:
                 raise fut.exception()
         self._futures = keep
+
+
+def _committed_by(ledger: Ledger, db: Database) -> Record:
+    """The run's commits: made by the ledger, or by this process once the ledger has stopped."""
+    def record(outcomes, replace):
+        committed = ledger.record_outcomes(outcomes, replace)
+        return db.record_outcomes(outcomes, replace=replace) if committed is None else committed
+    return record
 
 
 def _database_error(exc: BaseException) -> DBAPIError | None:
@@ -236,15 +243,15 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
             db.requeue(Requeue.RETRY_FAILED, routes=routes)
         db.skip_routes_without_model(routes, models.unavailable)
         backlog = db.pending(routes=routes)
-        walk = _Walk(Path(folder), db, settings, routes, hooks,
-                     ledger=IndexLedger(settings.resolved_database_url, routes, process_context()))
+        ledger = Ledger(settings.resolved_database_url, routes, process_context())
+        walk = _Walk(Path(folder), db, settings, routes, hooks, ledger=ledger)
         try:
-            with ResultWriter(db) as writer:
+            with ResultWriter(db, record=_committed_by(ledger, db)) as writer:
                 sink = _Sink(writer, outputs)
                 _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk
         finally:
-            walk.ledger.close()
+            ledger.close()
             if outputs is not None:  # the outputs of what was committed, also when the run stopped early
                 outputs.close()
             if own:

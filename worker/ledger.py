@@ -1,42 +1,54 @@
-"""The embedded run's index ledger: a process of its own that records the walk's index entries in the database and
-answers which of their files hold an instance to screen, so the process that drives the device spends its
-interpreter on batches, not on SQLAlchemy.
+"""The embedded run's ledger: a process of its own that does the run's database writes, so the process that drives
+the device spends its interpreter on batches, not on SQLAlchemy.
 
-    indexer thread (driving process) ── a batch of FileEntries, in walk order ──► ledger process: db.add_files
-                                     ◄── {path: WorkItem} of the batch's pending instances ─── db.work_items
+    indexer thread (driving process) ── a batch of packed FileEntries, in walk order ──► ledger: db.add_files
+                                     ◄── for each, its file's pending WorkItem or None ──── db.work_items
+    result writer thread             ── a group commit's Outcomes (and which replace) ──► ledger: db.record_outcomes
+                                     ◄── db.store.Committed ───────────────────────────────┘
 
-One batch at a time, in order, so the first path of a SOP Instance UID still owns it. The ledger answers an error with
-its type alone (a database's message can quote the rows' values) and stops; the caller then records that batch and
-the rest itself (``worker.embedded._Walk``), where the database says again what is wrong, as it would have without
-the ledger: the run stops on a read-only or full database with the fix, and goes on after a passing error. The ledger
-comes from the reader processes' forkserver (``worker.readers.process_context``), so it ignores a stop signal sent to
-the process group as they do; it ends when its pipe closes (the run ended, or was killed).
+One request at a time, in order, over one pipe: index batches go in walk order, so the first path of a SOP Instance UID
+still owns it, and the index and the results never wait on each other's SQLite lock. The driving process never reads
+the entries: the readers pack them (``worker.readers.pack_entry``) and only the ledger unpacks them.
+
+The ledger answers an error with its type alone (a database's message can quote the rows' values) and stops; the
+caller then does that request and the rest itself (``worker.embedded._Walk``, ``db.writer.ResultWriter``'s
+``record``), where the database says again what is wrong, as it would have without the ledger: the run stops on a
+read-only or full database with the fix, and goes on after a passing error. A commit the ledger made before it was
+killed, done again by the caller, changes nothing: results are upserts and finished instances are skipped
+(``Database.record_outcomes``). The ledger comes from the reader processes' forkserver
+(``worker.readers.process_context``), so it ignores a stop signal sent to the process group as they do; it ends when
+its pipe closes (the run ended, or was killed).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
-from db.store import Database
-from neuron.work import FileEntry, Route, WorkItem
-from worker.readers import name_process
+from db.store import Committed, Database
+from neuron.work import Outcome, Route, WorkItem
+from worker.readers import name_process, unpack_entry
 
 log = logging.getLogger(__name__)
 
 _OK, _FAILED = "ok", "failed"
+_INDEX, _COMMIT = "index", "commit"
 
 
-def record_batch(db: Database, entries: list[FileEntry], routes: Sequence[Route]) -> dict[str, WorkItem]:
-    """Record a batch of index entries (in walk order); the pending WorkItems of their files, by path. What the ledger
-    process does, and what the run does itself when the ledger has stopped."""
+def record_batch(db: Database, packed: Sequence[bytes], routes: Sequence[Route]) -> list[WorkItem | None]:
+    """Record a batch of packed index entries (in walk order); for each, the pending WorkItem of its file, or None.
+    What the ledger process does, and what the run does itself when the ledger has stopped."""
+    entries = [unpack_entry(p) for p in packed]
     db.add_files(entries)
-    return {w.file_path: w for w in db.work_items(routes=routes, paths=[e.path for e in entries])}
+    found = {w.file_path: w for w in db.work_items(routes=routes, paths=[e.path for e in entries])}
+    return [found.get(e.path) for e in entries]
 
 
-class IndexLedger:
-    """The driving process's side. ``admit`` returns None once the ledger cannot answer; the caller then indexes in
-    its own process."""
+class Ledger:
+    """The driving process's side. ``admit`` and ``record_outcomes`` return None once the ledger cannot answer; the
+    caller then does the work in its own process. Safe to call from two threads (the indexer, the result writer):
+    one request at a time."""
 
     def __init__(self, url: str, routes: Sequence[Route], context):
         parent, child = context.Pipe()
@@ -45,30 +57,46 @@ class IndexLedger:
         self._process.start()
         child.close()
         self._conn = parent
+        self._lock = threading.Lock()
         self.stopped: str | None = None  # why the ledger stopped answering
 
-    def admit(self, entries: list[FileEntry]) -> dict[str, WorkItem] | None:
-        """Record these entries (in walk order); the pending WorkItems of their files by path. None when the ledger
-        has stopped, or stops now: the entries are then not recorded (a refused batch is one transaction)."""
-        if self._conn is None:
-            return None
-        try:
-            self._conn.send(entries)
-            kind, payload = self._conn.recv()
-        except (EOFError, OSError) as exc:  # the process ended (killed, out of memory)
-            self._stop(f"its process ended ({type(exc).__name__}, exit code {self._process.exitcode})")
-            return None
-        if kind != _OK:
-            self._stop(f"the database refused a batch of the index there ({payload})")
-            return None
-        return payload
+    def admit(self, packed: list[bytes]) -> list[WorkItem | None] | None:
+        """Record these packed entries (in walk order); for each, its file's pending WorkItem or None. None when
+        the ledger has stopped, or stops now: the entries are then not recorded (a refused batch is one
+        transaction)."""
+        return self._ask((_INDEX, packed), "a batch of the index")
+
+    def record_outcomes(self, outcomes: Sequence[Outcome], replace: Sequence[str] = ()) -> Committed | None:
+        """``Database.record_outcomes`` in the ledger; None when the ledger has stopped, or stops now (the commit
+        may or may not have happened: doing it again changes nothing)."""
+        return self._ask((_COMMIT, list(outcomes), list(replace)), "a commit of results")
+
+    def _ask(self, request: tuple, what: str):
+        with self._lock:
+            if self._conn is None:
+                return None
+            try:
+                self._conn.send(request)
+                kind, payload = self._conn.recv()
+            except (EOFError, OSError) as exc:  # the process ended (killed, out of memory)
+                self._stop(f"its process ended ({type(exc).__name__}, exit code {self._process.exitcode})")
+                return None
+            if kind != _OK:
+                self._stop(f"the database refused {what} there ({payload})")
+                return None
+            return payload
 
     def _stop(self, why: str) -> None:
+        """Under the lock."""
         self.stopped = why
-        log.warning("the index ledger stopped: %s; this process indexes the rest of the walk", why)
-        self.close()
+        log.warning("the ledger stopped: %s; this process does the rest of the run's database writes", why)
+        self._close()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -83,22 +111,26 @@ class IndexLedger:
 
 
 def ledger_main(conn, url: str, routes: list[str]) -> None:
-    """The ledger process: a batch of entries in, the pending WorkItems of their files out, until the pipe closes."""
+    """The ledger process: requests in, answers out, until the pipe closes or a request fails."""
     name_process("neuron-ledger")
     db = Database(url)
+    wanted = [Route(r) for r in routes]
     try:
         while True:
             try:
-                entries = conn.recv()
+                request = conn.recv()
             except (EOFError, OSError):
                 return
-            if entries is None:
+            if request is None:
                 return
             try:
-                found = record_batch(db, entries, [Route(r) for r in routes])
-            except Exception as exc:  # noqa: BLE001 - the caller records the batch itself and hears the details
+                if request[0] == _INDEX:
+                    answer = record_batch(db, request[1], wanted)
+                else:
+                    answer = db.record_outcomes(request[1], replace=request[2])
+            except Exception as exc:  # noqa: BLE001 - the caller does the request itself and hears the details
                 conn.send((_FAILED, type(exc).__name__))
                 return
-            conn.send((_OK, found))
+            conn.send((_OK, answer))
     finally:
         db.dispose()

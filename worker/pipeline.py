@@ -614,11 +614,15 @@ class _Run:
                 try:
                     got = self.outcomes.get(timeout=_POLL)
                 except queue.Empty:
+                    got = None
+                if got is None:
                     if self.failure is None and self.admission is not None and self.admission.failure is not None:
                         self.failure = self.admission.failure
                         self.stop.set()
                     if self.failure is not None:
-                        raise self.failure from None
+                        # raised outside the except block: its chain stays its own (a database error's cause is what
+                        # the caller reads to name the database and the fix), not the queue's Empty
+                        raise self.failure
                     continue
                 if got is _EOF:
                     break

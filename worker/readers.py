@@ -23,6 +23,8 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
+import selectors
 import signal
 import tempfile
 import threading
@@ -30,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +196,7 @@ def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_
                     entry, opened = index_and_open(Path(cfg.to_local(item.path)), cfg.route_override,
                                                    cfg.patient_secret, defer_size=DEFER_BYTES,
                                                    policy=cfg.population_policy)
-                    results.send((rid, ENTRY, entry, 0.0))
+                    results.send((rid, ENTRY, pack_entry(entry), 0.0))
                     if opened is None:
                         results.send((rid, NOTHING, None, time.perf_counter() - started))
                         continue
@@ -219,14 +221,25 @@ def _reader_main(requests: Connection, results: Connection, shm_name: str, slot_
         shm.close()
 
 
-# What a reader sends back, as (request id, kind, payload, seconds): an index request's FileEntry first, then one
-# final answer per request: its frame records, the exception it raised, or nothing to read.
+# What a reader sends back, as (request id, kind, payload, seconds): an index request's FileEntry first (packed:
+# ``pack_entry``), then one final answer per request: its frame records, the exception it raised, or nothing to read.
 ENTRY, FRAMES, ERROR, NOTHING = "entry", "frames", "error", "nothing"
 
 # done(item, slot, frames | exception | None (nothing to read), seconds the request took)
 Done = Callable[[WorkItem, int, "list | BaseException | None", float], None]
-# entry(item, FileEntry): an index request's entry, before its frames
-OnEntry = Callable[[IndexItem, object], None]
+# entry(item, packed FileEntry): an index request's entry, before its frames
+OnEntry = Callable[[IndexItem, bytes], None]
+
+
+def pack_entry(entry: FileEntry) -> bytes:
+    """An index entry as a reader sends it: pickled where it was made, so the driving process hands it to whoever
+    records it (the embedded run's index ledger) without reading it; unpickling each FileEntry there and pickling it
+    again for the ledger held that process's GIL for about 0.1 ms per file. ``unpack_entry`` reads it back."""
+    return pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_entry(packed: bytes) -> FileEntry:
+    return pickle.loads(packed)
 
 
 @dataclass
@@ -290,6 +303,9 @@ class ReaderPool:
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._answering = 0
+        # what the receiver thread waits on: each reader's results pipe and its process's sentinel, registered once
+        # (a selector built per wait cost more of the driving process's GIL than the answers' records)
+        self._selector = selectors.DefaultSelector()
         self._readers: list[_Reader] = [self._start() for _ in range(max(1, n))]
         self._closed = False
         self.deaths = 0
@@ -307,7 +323,10 @@ class ReaderPool:
         process.start()
         req_recv.close()
         res_send.close()
-        return _Reader(process, req_send, res_recv)
+        reader = _Reader(process, req_send, res_recv)
+        self._selector.register(res_recv, selectors.EVENT_READ, (reader, False))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (reader, True))
+        return reader
 
     # -- the caller's side ------------------------------------------------------------------------------------------
     def submit(self, item: WorkItem | IndexItem, slot: int, done: Done, on_entry: OnEntry | None = None) -> None:
@@ -376,6 +395,7 @@ class ReaderPool:
         for r in readers:
             r.requests.close()
             r.results.close()
+        self._selector.close()
 
     # -- the receiver thread ----------------------------------------------------------------------------------------
     def _fail_all(self, error: BaseException) -> None:
@@ -393,51 +413,67 @@ class ReaderPool:
             with self._lock:
                 if self._closed and not any(r.process.is_alive() for r in self._readers):
                     return
-                watch = {r.results: r for r in self._readers}
-                watch.update({r.process.sentinel: r for r in self._readers})
             try:
-                ready = wait(list(watch), timeout=0.2)
-            except OSError:
+                ready = self._selector.select(timeout=0.2)
+            except (OSError, ValueError):  # closed under the wait: the loop's check above ends it
+                time.sleep(0.01)
                 continue
-            for handle in ready:
-                reader = watch[handle]
-                if handle is reader.results:
+            for key, _ in ready:
+                reader, ended = key.data
+                if not ended:
                     self._answer(reader)
                 elif not self._closed:
                     self._died(reader)
+                else:  # closed, and this reader ended: nothing more to wait for from it
+                    self._forget(reader)
 
-    def _answer(self, reader: _Reader) -> None:
+    def _forget(self, reader: _Reader) -> None:
+        """Stop waiting on a reader that ended (on the receiver thread, which alone waits on the selector)."""
+        for handle in (reader.results, reader.process.sentinel):
+            try:
+                self._selector.unregister(handle)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _answer(self, reader: _Reader, drain: bool = False) -> None:
+        """The reader's next message (its pipe is readable: the selector said so), or with ``drain`` every message
+        waiting in its pipe."""
         try:
-            while reader.results.poll():
-                rid, kind, payload, seconds = reader.results.recv()
-                if kind == ENTRY:
-                    with self._lock:
-                        req = self._requests.get(rid)
-                    if req is not None and req.on_entry is not None and not req.entered:
-                        req.entered = True
-                        req.on_entry(req.item, payload)
-                    continue
-                with self._lock:
-                    req = self._requests.pop(rid, None)
-                    reader.held.discard(rid)
-                    self._dispatch()
-                    self._answering += req is not None
-                if req is not None:
-                    try:
-                        result = self.frames(payload, req.slot) if kind == FRAMES else payload
-                        req.done(req.item, req.slot, result, seconds)
-                    finally:
-                        with self._lock:
-                            self._answering -= 1
+            self._take(reader, reader.results.recv())
+            while drain and reader.results.poll():
+                self._take(reader, reader.results.recv())
         except (EOFError, OSError):
             pass  # the process ended: its sentinel says so
 
+    def _take(self, reader: _Reader, message: tuple) -> None:
+        rid, kind, payload, seconds = message
+        if kind == ENTRY:
+            with self._lock:
+                req = self._requests.get(rid)
+            if req is not None and req.on_entry is not None and not req.entered:
+                req.entered = True
+                req.on_entry(req.item, payload)
+            return
+        with self._lock:
+            req = self._requests.pop(rid, None)
+            reader.held.discard(rid)
+            self._dispatch()
+            self._answering += req is not None
+        if req is not None:
+            try:
+                result = self.frames(payload, req.slot) if kind == FRAMES else payload
+                req.done(req.item, req.slot, result, seconds)
+            finally:
+                with self._lock:
+                    self._answering -= 1
+
     def _died(self, reader: _Reader) -> None:
         """A reader ended while holding files: each goes to another reader once, then fails with the reason."""
-        self._answer(reader)  # what it sent before it died still counts
+        self._answer(reader, drain=True)  # what it sent before it died still counts
         code = reader.process.exitcode
         with self._lock:
             if reader not in self._readers:
+                self._forget(reader)
                 return
             self.deaths += 1
             index = self._readers.index(reader)
@@ -460,14 +496,15 @@ class ReaderPool:
             self._dispatch()
         log.warning("a reader process ended (exit code %s) while reading %d file(s); %d sent to another reader, %d "
                     "failed", code, len(orphans), len(retried), len(failed))
+        self._forget(reader)
         reader.requests.close()
         reader.results.close()
         for req in failed:
             if isinstance(req.item, IndexItem) and req.on_entry is not None and not req.entered:
                 req.entered = True  # indexing never answered: the file is recorded as failed, read again next run
-                req.on_entry(req.item, FileEntry(req.item.path, -1, UNREAD_MTIME, Status.FAILED, (
+                req.on_entry(req.item, pack_entry(FileEntry(req.item.path, -1, UNREAD_MTIME, Status.FAILED, (
                     f"the reader process ended (exit code {code}) while reading this file's header, twice: check it "
-                    "with dciodvfy or re-export it from the source; the next run reads it again")))
+                    "with dciodvfy or re-export it from the source; the next run reads it again"))))
             req.done(req.item, req.slot, DecodeError(
                 f"the reader process ended (exit code {code}) while reading this file, and again on a second try: "
                 "the file makes its decoder crash or exhaust memory; check it with dciodvfy, re-export it from the "
