@@ -122,6 +122,11 @@ class PgServer:
         subprocess.run([*self.prefix, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
                        capture_output=True)
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (its connections' backends are its children)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
 
 def _others_can_enter(folder: Path) -> bool:
     """Whether a user other than the owner (``postgres``, when we are root) can reach files below ``folder``."""

@@ -197,6 +197,9 @@ def test_host_only_runs_the_real_pipeline_in_both_modes_and_reports_cpu_and_gil_
         by_process = r["cpu_ms_per_image_by_process"]
         assert by_process["driver"] > 0 and by_process["readers"] > 0, by_process
         assert sum(by_process.values()) == pytest.approx(r["cpu_ms_per_image"], abs=0.01 * len(by_process))
+        if r["mode"] == "celery":  # and what the scan and the servers spent beside the worker on the same cores
+            beside = r["cpu_ms_per_image_beside_worker"]
+            assert beside.keys() == {"scan", "redis", "postgresql"} and all(v > 0 for v in beside.values()), beside
         assert r["host_probe_note"] is None, said  # py-spy attached and sampled
         assert r["gil_ms_per_image"] > 0 and r["gil_ms_per_image_by_stage"], said
         assert sum(r["gil_ms_per_image_by_stage"].values()) == pytest.approx(r["gil_ms_per_image"], abs=0.01 * 8)

@@ -61,7 +61,7 @@ from neuron.synthetic import default_workdir
 from neuron.work import Route, WorkItem
 from neuron_models.image import DecodedFrame
 from neuron_models.preprocess import prepare_batch
-from worker.bench_host import HostProbe, ShmWatch, primed_job
+from worker.bench_host import HostProbe, ShmWatch, TreeCpu, primed_job
 from worker.decode import decode_instance
 from worker.device import DeviceJob
 from worker.embedded import run_folder
@@ -398,7 +398,10 @@ def wait_until_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 90
 
 
 def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive, run_dir: Path, broker_url: str,
-               pg_url: str) -> EndToEnd:
+               pg_url: str, servers_pids: dict[str, int] | None = None) -> EndToEnd:
+    """The worker's rate with ``neuron scan`` enqueueing as it indexes; besides the worker's CPU and GIL (``HostProbe``)
+    the CPU the scan and the servers (``servers_pids``: name -> process id; a server's children count) spent on the
+    same machine in the window, since on one host they share its cores with the worker."""
     import redis
     from sqlalchemy import create_engine, text
 
@@ -423,6 +426,10 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
         wait_until_ready(proc, log_path)
         ready_s = time.perf_counter() - t_worker
         scan_started, scan_started_local = datetime.now(UTC), datetime.now()
+        beside = {name: TreeCpu(pid) for name, pid in (servers_pids or {}).items()}
+        for watch in beside.values():
+            watch.start()
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
         with HostProbe(proc.pid, main="celery", samples=run_dir / "gil-samples.txt" if cfg.keep else None) as probe, \
                 ShmWatch() as shm:
             start = time.perf_counter()
@@ -431,6 +438,7 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
             if scan.returncode != 0:
                 raise SetupError(f"neuron scan failed ({scan.returncode}): {scan.stderr[-2000:]}")
             scan_s = time.perf_counter() - start
+            after_scan = resource.getrusage(resource.RUSAGE_CHILDREN)
 
             def finished() -> bool:
                 counts = db.instance_statuses()
@@ -438,6 +446,8 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
 
             wait_for(finished, max(600.0, 10.0 * archive.n_images), "every instance to finish", proc, log_path)
             elapsed = time.perf_counter() - start
+        cpu_beside = {name: sum(watch.stop().values()) for name, watch in beside.items()}
+        cpu_beside["scan"] = (after_scan.ru_utime + after_scan.ru_stime) - (waited.ru_utime + waited.ru_stime)
         rss = _proc_peak_rss_mb(proc.pid)
     finally:
         stop_worker(proc)
@@ -462,7 +472,9 @@ def run_celery(cfg: BenchConfig, pipeline: Pipeline, archive: synthetic.Archive,
     return EndToEnd(done / elapsed, elapsed, done, _count_pngs(run_dir / "out" / "heatmaps"), fill, ttfb, source,
                     rss, gpu, {"worker_ready_s": round(ready_s, 2), "scan_s": round(scan_s, 2),
                                "concurrency": wlog.concurrency or cfg.concurrency, "worker_batches": wlog.batches,
-                               **probe.per_image(done), "peak_shm_mb": shm.peak_mb})
+                               **probe.per_image(done), "peak_shm_mb": shm.peak_mb,
+                               "cpu_ms_per_image_beside_worker": {k: round(v * 1000 / max(done, 1), 3)
+                                                                  for k, v in sorted(cpu_beside.items())}})
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------------
@@ -534,7 +546,8 @@ def run_bench(cfg: BenchConfig, models: Models | None = None, say: Callable[[str
                                        samples=run_dir / "gil-samples.txt" if cfg.keep else None)
                 else:
                     assert broker is not None and pg is not None
-                    e2e = run_celery(cfg, pipeline, archive, run_dir, broker.url, pg.url)
+                    e2e = run_celery(cfg, pipeline, archive, run_dir, broker.url, pg.url,
+                                     {"redis": broker.proc.pid, "postgresql": pg.pid})
                 say(f"{mode.value}, {flavour}: {e2e.images_per_s:.2f} img/s end to end ({e2e.done}/"
                     f"{archive.n_images} done in {e2e.elapsed_s:.1f} s)")
                 runs.append((mode, flavour, e2e, datetime.now().astimezone()))
