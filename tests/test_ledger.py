@@ -74,20 +74,27 @@ def test_the_ledger_records_what_the_runs_own_process_would_and_answers_the_same
 
 def test_a_ledger_that_dies_or_is_refused_answers_none_and_says_why_without_the_rows_values(tmp_path, entries,
                                                                                              packed, caplog):
+    """A killed ledger answers None from then on (the caller does the rest); a refused request is answered None and
+    the ledger stays for the next one; neither says a path or a UID."""
     db = fresh_db(tmp_path, "neuron.db")
     ledger = Ledger(str(db.engine.url), [Route.CHEST_XRAY], process_context())
     assert ledger.admit(packed[:1]) is not None
     ledger._process.kill()
     ledger._process.join(10)
-    assert ledger.admit(packed[1:2]) is None and "its process ended" in ledger.stopped
-    assert ledger.admit(packed[2:]) is None  # and stays stopped: the caller indexes the rest
+    with caplog.at_level(logging.INFO, logger="worker.ledger"):
+        assert ledger.admit(packed[1:2]) is None and "its process ended" in ledger.stopped
+        assert ledger.admit(packed[2:]) is None  # and stays stopped: the caller indexes the rest
 
-    read_only = f"sqlite:///file:{tmp_path / 'neuron.db'}?mode=ro&uri=true"  # the tests run as root: no chmod
-    refused = Ledger(read_only, [Route.CHEST_XRAY], process_context())
-    with caplog.at_level(logging.WARNING, logger="worker.ledger"):
-        assert refused.admit(packed[1:2]) is None
-    assert "refused a batch of the index there (RetryableError)" in refused.stopped
-    said = caplog.text + refused.stopped
+        read_only = f"sqlite:///file:{tmp_path / 'neuron.db'}?mode=ro&uri=true"  # the tests run as root: no chmod
+        refused = Ledger(read_only, [Route.CHEST_XRAY], process_context())
+        try:
+            assert refused.admit(packed[1:2]) is None and refused.admit(packed[2:3]) is None
+            assert refused.stopped is None and refused.refused == 2  # it goes on: each request is tried there
+            assert refused.admit([]) == []  # and still answers
+        finally:
+            refused.close()
+    assert "refused a batch of the index (RetryableError)" in caplog.text
+    said = caplog.text + ledger.stopped
     assert entries[1].path not in said and entries[1].sop_instance_uid not in said
     assert table(db, "select count(*) from files") == [(1,)]  # the refused batch is not half recorded
 
@@ -108,13 +115,14 @@ def test_a_walk_whose_ledger_stopped_indexes_in_its_own_process(tmp_path, entrie
     assert ledger.stopped is not None and len(table(db, "select path from files")) == 4
 
 
-def test_the_ledger_commits_the_runs_results_and_once_it_dies_this_process_commits_the_rest(tmp_path):
-    """``neuron run``'s result writer commits through the ledger (this process runs no SQL for them) and, after the
-    ledger is killed, in this process: the same rows and statuses as commits made here, each instance once."""
+def test_the_ledger_commits_the_results_and_once_it_dies_this_process_commits_the_rest(tmp_path):
+    """A result writer (``neuron run``'s, a worker's) commits through the ledger (this process runs no SQL for them)
+    and, after the ledger is killed, in this process: the same rows and statuses as commits made here, each instance
+    once."""
     from sqlalchemy import event
 
     from db.writer import ResultWriter
-    from worker.embedded import _committed_by
+    from worker.ledger import committed_by
 
     from .test_writer import CONFIG_HASH, done, index, rows
 
@@ -129,7 +137,7 @@ def test_the_ledger_commits_the_runs_results_and_once_it_dies_this_process_commi
                  if "INSERT INTO predictions" in statement else None)
     ledger = Ledger(str(there.engine.url), [Route.CHEST_XRAY], process_context())
     try:
-        with ResultWriter(there, record=_committed_by(ledger, there)) as writer:
+        with ResultWriter(there, record=committed_by(ledger, there)) as writer:
             assert writer.submit([done(u) for u in uids[:2]]).result(timeout=30).written == 2
             assert ledger.stopped is None and not written_here  # the ledger's commit: no SQL here
             assert len(rows(there, "select * from predictions")) == 6

@@ -26,13 +26,13 @@ from sqlalchemy.exc import DBAPIError
 from db.schema import utcnow
 from db.store import Database, Summary
 from db.studies import study_of
-from db.writer import Record, ResultWriter
+from db.writer import ResultWriter
 from neuron.errors import OutputUnwritable
 from neuron.settings import Settings
 from neuron.work import Outcome, Requeue, Route, Status, WorkItem
 from producer.scan import ScanResult, changed_files
 from worker.admission import Admit
-from worker.ledger import Ledger, record_batch
+from worker.ledger import Ledger, committed_by, record_batch
 from worker.models import Models
 from worker.outputs import open_outputs
 from worker.pipeline import Pipeline
@@ -164,14 +164,6 @@ class _Sink:
         self._futures = keep
 
 
-def _committed_by(ledger: Ledger, db: Database) -> Record:
-    """The run's commits: made by the ledger, or by this process once the ledger has stopped."""
-    def record(outcomes, replace):
-        committed = ledger.record_outcomes(outcomes, replace)
-        return db.record_outcomes(outcomes, replace=replace) if committed is None else committed
-    return record
-
-
 def _database_error(exc: BaseException) -> DBAPIError | None:
     """The SQLAlchemy error behind ``exc`` (itself, or a cause in its chain), if any."""
     seen: BaseException | None = exc
@@ -246,7 +238,7 @@ def _run_folder(folder: Path, settings: Settings, pipeline: Pipeline | None, hoo
         ledger = Ledger(settings.resolved_database_url, routes, process_context())
         walk = _Walk(Path(folder), db, settings, routes, hooks, ledger=ledger)
         try:
-            with ResultWriter(db, record=_committed_by(ledger, db)) as writer:
+            with ResultWriter(db, record=committed_by(ledger, db)) as writer:
                 sink = _Sink(writer, outputs)
                 _screen(pipeline, walk.items(backlog), sink, db, hooks.on_images, walk.admit)
             db.skip_routes_without_model(routes, models.unavailable)  # routes with no model, found by this walk

@@ -1,5 +1,6 @@
-"""The embedded run's ledger: a process of its own that does the run's database writes, so the process that drives
-the device spends its interpreter on batches, not on SQLAlchemy.
+"""The ledger: a process of its own that does the database writes of the process that drives the device (the
+embedded run's index and results; a worker's results), so that process spends its interpreter on batches, not on
+SQLAlchemy and the driver's quoting.
 
     indexer thread (driving process) ── a batch of packed FileEntries, in walk order ──► ledger: db.add_files
                                      ◄── for each, its file's pending WorkItem or None ──── db.work_items
@@ -10,15 +11,16 @@ One request at a time, in order, over one pipe: index batches go in walk order, 
 still owns it, and the index and the results never wait on each other's SQLite lock. The driving process never reads
 the entries: the readers pack them (``worker.readers.pack_entry``) and only the ledger unpacks them.
 
-The ledger answers an error with its type alone (a database's message can quote the rows' values) and stops; the
-caller then does that request and the rest itself (``worker.embedded._Walk``, ``db.writer.ResultWriter``'s
-``record``), where the database says again what is wrong, as it would have without the ledger: the run stops on a
-read-only or full database with the fix, and goes on after a passing error. A commit the ledger made before it was
-killed, done again by the caller, changes nothing: results are upserts and finished instances are skipped
-(``Database.record_outcomes``). The ledger comes from the reader processes' forkserver
-(``worker.readers.process_context``), so it ignores a stop signal sent to the process group as they do; it ends when
-its pipe closes (the run ended, or was killed).
-"""
+The ledger answers an error with its type alone (a database's message can quote the rows' values) and goes on; the
+caller does that request itself (``worker.embedded._Walk``, ``committed_by``), where the database says again what is
+wrong, as it would have without the ledger: the run stops on a read-only or full database with the fix, a worker's
+tasks retry through an outage, and the next request goes to the ledger again. A ledger that died (killed, out of
+memory) is not replaced: the caller does the rest itself. A commit the ledger made before it was killed, done again by
+the caller, changes nothing: results are upserts and finished instances are skipped (``Database.record_outcomes``).
+
+The ledger comes from the reader processes' forkserver (``worker.readers.process_context``), so it ignores a stop
+signal sent to the process group as they do; it ends when its pipe closes (the run or the worker ended, or was
+killed)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import threading
 from collections.abc import Sequence
 
 from db.store import Committed, Database
+from db.writer import Record
 from neuron.work import Outcome, Route, WorkItem
 from worker.readers import name_process, unpack_entry
 
@@ -46,9 +49,9 @@ def record_batch(db: Database, packed: Sequence[bytes], routes: Sequence[Route])
 
 
 class Ledger:
-    """The driving process's side. ``admit`` and ``record_outcomes`` return None once the ledger cannot answer; the
-    caller then does the work in its own process. Safe to call from two threads (the indexer, the result writer):
-    one request at a time."""
+    """The driving process's side. ``admit`` and ``record_outcomes`` return None when the ledger did not do the work
+    (the database refused it there, or the process has died): the caller then does it in its own process. Safe to
+    call from two threads (the indexer, the result writer): one request at a time."""
 
     def __init__(self, url: str, routes: Sequence[Route], context):
         parent, child = context.Pipe()
@@ -58,17 +61,17 @@ class Ledger:
         child.close()
         self._conn = parent
         self._lock = threading.Lock()
-        self.stopped: str | None = None  # why the ledger stopped answering
+        self.stopped: str | None = None  # why the ledger stopped answering (its process ended)
+        self.refused = 0  # requests its database refused (done again by the caller)
 
     def admit(self, packed: list[bytes]) -> list[WorkItem | None] | None:
-        """Record these packed entries (in walk order); for each, its file's pending WorkItem or None. None when
-        the ledger has stopped, or stops now: the entries are then not recorded (a refused batch is one
-        transaction)."""
+        """Record these packed entries (in walk order); for each, its file's pending WorkItem or None. None when the
+        ledger did not record them (a refused batch is one transaction: nothing of it is recorded)."""
         return self._ask((_INDEX, packed), "a batch of the index")
 
     def record_outcomes(self, outcomes: Sequence[Outcome], replace: Sequence[str] = ()) -> Committed | None:
-        """``Database.record_outcomes`` in the ledger; None when the ledger has stopped, or stops now (the commit
-        may or may not have happened: doing it again changes nothing)."""
+        """``Database.record_outcomes`` in the ledger; None when the ledger did not commit them (refused: nothing of
+        it is committed; the process died: it may or may not have been, and doing it again changes nothing)."""
         return self._ask((_COMMIT, list(outcomes), list(replace)), "a commit of results")
 
     def _ask(self, request: tuple, what: str):
@@ -82,7 +85,8 @@ class Ledger:
                 self._stop(f"its process ended ({type(exc).__name__}, exit code {self._process.exitcode})")
                 return None
             if kind != _OK:
-                self._stop(f"the database refused {what} there ({payload})")
+                log.info("the ledger's database refused %s (%s); this process does it", what, payload)
+                self.refused += 1
                 return None
             return payload
 
@@ -110,8 +114,16 @@ class Ledger:
             self._process.join(timeout=5)
 
 
+def committed_by(ledger: Ledger, db: Database) -> Record:
+    """A ResultWriter's commits: made by the ledger, or by this process where the ledger did not make one."""
+    def record(outcomes: Sequence[Outcome], replace: list[str]) -> Committed:
+        committed = ledger.record_outcomes(outcomes, replace)
+        return db.record_outcomes(outcomes, replace=replace) if committed is None else committed
+    return record
+
+
 def ledger_main(conn, url: str, routes: list[str]) -> None:
-    """The ledger process: requests in, answers out, until the pipe closes or a request fails."""
+    """The ledger process: requests in, answers out, until the pipe closes."""
     name_process("neuron-ledger")
     db = Database(url)
     wanted = [Route(r) for r in routes]
@@ -130,7 +142,7 @@ def ledger_main(conn, url: str, routes: list[str]) -> None:
                     answer = db.record_outcomes(request[1], replace=request[2])
             except Exception as exc:  # noqa: BLE001 - the caller does the request itself and hears the details
                 conn.send((_FAILED, type(exc).__name__))
-                return
+                continue
             conn.send((_OK, answer))
     finally:
         db.dispose()
