@@ -152,3 +152,37 @@ def test_the_ledger_commits_the_results_and_once_it_dies_this_process_commits_th
                   "from predictions order by 1, 2", "select sop_instance_uid, status from instances order by 1"):
         assert rows(there, query) == rows(here, query)
     assert len(rows(there, "select * from predictions")) == 12
+
+
+def test_a_workers_claims_through_the_ledger_are_the_claims_this_process_would_make(tmp_path):
+    """A worker claims in its ledger: the same WorkItems and attempts counted as ``Database.claim`` here, finished
+    instances skipped; once the ledger is gone, this process claims."""
+    from worker.ledger import claimed_by
+
+    from .test_writer import CONFIG_HASH, done, index, rows
+
+    here, there = fresh_db(tmp_path, "here.db"), fresh_db(tmp_path, "there.db")
+    for db in (here, there):
+        db.ensure_config(CONFIG_HASH, "xrv-densenet121-res224-all", {"test": True})
+        index(db, 3)
+        db.record_outcomes([done("1.2.3.0")])  # finished: not claimed again
+    from sqlalchemy import event
+
+    claimed_here = []
+    event.listen(there.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: claimed_here.append(statement)
+                 if statement.startswith("UPDATE instances") else None)
+    ledger = Ledger(str(there.engine.url), (), process_context())
+    claim, uids = claimed_by(ledger, there), ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
+    attempts = "select sop_instance_uid, status, attempts from instances order by 1"
+    try:
+        first = claim(uids, 3)
+        assert first == here.claim(uids, 3) and [w.sop_instance_uid for w in first] == uids[1:]
+        assert rows(there, attempts) == rows(here, attempts) and ledger.stopped is None and not claimed_here
+        ledger._process.kill()
+        ledger._process.join(10)
+        assert claim(uids, 3) == here.claim(uids, 3) == first  # claimed here now
+        assert "its process ended" in ledger.stopped and rows(there, attempts) == rows(here, attempts)
+        assert claimed_here  # the attempts counted by this process's own statement
+    finally:
+        ledger.close()

@@ -48,6 +48,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from worker.device import DeviceJob
 from worker.embedded import run_folder
 from worker.models import Models, default_readers
 from worker.pipeline import Pipeline
+from worker.readers import process_context
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +287,10 @@ def run_embedded(models: Models, settings: Settings, archive: synthetic.Archive,
     warm = Database("sqlite://")
     warm.create()
     warm.dispose()
+    # and the readers' forkserver, which imports the readers' and the ledger's modules once per process (0.7 s of
+    # CPU): a worker starts it before it consumes, so the Celery mode's window does not hold it either
+    if process_context().get_start_method() == "forkserver":
+        forkserver.ensure_running()
     with HostProbe(os.getpid(), samples=samples) as probe, ShmWatch() as shm:
         start = time.perf_counter()
         report = run_folder(archive.root, settings, pipeline=pipe)

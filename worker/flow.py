@@ -1,7 +1,8 @@
 """A Celery worker's studies in flight as callbacks, not threads: claim, screen, commit, then acknowledge.
 
     Celery's consumer (its event-loop thread) ── ``screening_strategy``: a study's first delivery ──► StudyFlow.start
-        claim thread: the claims of every study waiting, in one transaction ──► StudyBatcher.submit per study
+        claim thread: the claims of every study waiting, in one transaction (made in the worker's ledger process,
+                      worker.ledger, as its commits are) ──► StudyBatcher.submit per study
         engine: the study's last outcome ──► ResultWriter.submit          (a callback on the engine's thread)
         writer: the commit that holds them ──► outputs, then ``ack``      (a callback on the writer's thread)
             ack: Celery's own acknowledgement promise, run on the consumer's event loop (Consumer.call_soon_ack)
@@ -30,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +44,7 @@ from db.store import Database
 from db.writer import ResultWriter
 from neuron.errors import RetryableError
 from neuron.queue import SCREEN_STUDY, ScreenStudy
-from neuron.work import Outcome, Status
+from neuron.work import Outcome, Status, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,10 @@ class StudyFlow:
 
     def __init__(self, db: Database, batcher, writer: ResultWriter, max_attempts: int,
                  retry: Callable[[ScreenStudy, str, str, int, int], None],
-                 outputs_add: Callable[[list[str]], None] | None = None):
+                 outputs_add: Callable[[list[str]], None] | None = None,
+                 claim: Callable[[Sequence[str], int], list[WorkItem]] | None = None):
         self.db, self.batcher, self.writer = db, batcher, writer
+        self.claim = claim or db.claim  # a worker's are made in its ledger process (worker.ledger.claimed_by)
         self.max_attempts = max_attempts
         self._publish_retry = retry
         self.outputs_add = outputs_add
@@ -140,7 +143,7 @@ class StudyFlow:
                     self._retry(study, exc)
 
     def _claim(self, batch: list[Study]) -> None:
-        items = self.db.claim([uid for s in batch for uid in s.todo], self.max_attempts)
+        items = self.claim([uid for s in batch for uid in s.todo], self.max_attempts)
         by_uid = {item.sop_instance_uid: item for item in items}
         for study in batch:
             mine = [by_uid[uid] for uid in study.todo if uid in by_uid]

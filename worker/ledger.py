@@ -6,6 +6,8 @@ SQLAlchemy and the driver's quoting.
                                      ◄── for each, its file's pending WorkItem or None ──── db.work_items
     result writer thread             ── a group commit's Outcomes (and which replace) ──► ledger: db.record_outcomes
                                      ◄── db.store.Committed ───────────────────────────────┘
+    a worker's claim thread          ── the SOP Instance UIDs of the studies waiting ───► ledger: db.claim
+                                     ◄── the WorkItems claimed ────────────────────────────┘
 
 One request at a time, in order, over one pipe: index batches go in walk order, so the first path of a SOP Instance UID
 still owns it, and the index and the results never wait on each other's SQLite lock. The driving process never reads
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from db.store import Committed, Database
 from db.writer import Record
@@ -36,7 +38,7 @@ from worker.readers import name_process, unpack_entry
 log = logging.getLogger(__name__)
 
 _OK, _FAILED = "ok", "failed"
-_INDEX, _COMMIT = "index", "commit"
+_INDEX, _COMMIT, _CLAIM = "index", "commit", "claim"
 
 
 def record_batch(db: Database, packed: Sequence[bytes], routes: Sequence[Route]) -> list[WorkItem | None]:
@@ -73,6 +75,11 @@ class Ledger:
         """``Database.record_outcomes`` in the ledger; None when the ledger did not commit them (refused: nothing of
         it is committed; the process died: it may or may not have been, and doing it again changes nothing)."""
         return self._ask((_COMMIT, list(outcomes), list(replace)), "a commit of results")
+
+    def claim(self, uids: Sequence[str], max_attempts: int) -> list[WorkItem] | None:
+        """``Database.claim`` in the ledger; None when the ledger did not claim them (refused: nothing claimed; the
+        process died: an attempt may have been counted, and the caller's claim counts one more)."""
+        return self._ask((_CLAIM, list(uids), max_attempts), "a claim")
 
     def _ask(self, request: tuple, what: str):
         with self._lock:
@@ -122,6 +129,14 @@ def committed_by(ledger: Ledger, db: Database) -> Record:
     return record
 
 
+def claimed_by(ledger: Ledger, db: Database) -> Callable[[Sequence[str], int], list[WorkItem]]:
+    """A worker's claims: made by the ledger, or by this process where the ledger did not make one."""
+    def claim(uids: Sequence[str], max_attempts: int) -> list[WorkItem]:
+        items = ledger.claim(uids, max_attempts)
+        return db.claim(uids, max_attempts) if items is None else items
+    return claim
+
+
 def ledger_main(conn, url: str, routes: list[str]) -> None:
     """The ledger process: requests in, answers out, until the pipe closes."""
     name_process("neuron-ledger")
@@ -138,6 +153,8 @@ def ledger_main(conn, url: str, routes: list[str]) -> None:
             try:
                 if request[0] == _INDEX:
                     answer = record_batch(db, request[1], wanted)
+                elif request[0] == _CLAIM:
+                    answer = db.claim(request[1], request[2])
                 else:
                     answer = db.record_outcomes(request[1], replace=request[2])
             except Exception as exc:  # noqa: BLE001 - the caller does the request itself and hears the details

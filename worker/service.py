@@ -51,7 +51,7 @@ from producer.enqueue import send_lost
 from worker import metrics
 from worker.device import DeviceJob
 from worker.flow import DrainStudies, StudyFlow
-from worker.ledger import Ledger, committed_by
+from worker.ledger import Ledger, claimed_by, committed_by
 from worker.models import Models
 from worker.outputs import Outputs, open_outputs
 from worker.pipeline import IDLE, Pipeline
@@ -217,12 +217,13 @@ class ScreeningTask(Task):
         db.create()
         prepare_database(db, pipeline.models, settings, pipeline.heatmap_dir)
         outputs = open_outputs(settings, "worker", complete_only=False, flush_after_s=1.0)
-        # the commits in a process of their own (worker.ledger): quoting the findings for COPY and the status
-        # statements were the largest share of this process's GIL per image after the engine's own
+        # the claims and commits in a process of their own (worker.ledger): quoting the findings for COPY, the
+        # status statements and the claims were the largest shares of this process's GIL per image after the
+        # engine's own
         ledger = Ledger(settings.resolved_database_url, (), process_context())
         batcher, writer = StudyBatcher(pipeline), ResultWriter(db, record=committed_by(ledger, db))
         flow = StudyFlow(db, batcher, writer, settings.max_attempts, self._publish_retry,
-                         outputs.add if outputs is not None else None)
+                         outputs.add if outputs is not None else None, claim=claimed_by(ledger, db))
         self.runtime = WorkerRuntime(settings, name, db, batcher, writer, flow, ledger, outputs)
         return self.runtime
 
