@@ -84,9 +84,13 @@ def primed_job(models: Models, batch_size: int, sample: Path, route: Route = Rou
 
 # -- measuring ----------------------------------------------------------------------------------------------------
 _TICKS = os.sysconf("SC_CLK_TCK")
+# the probe's own threads (``ShmWatch``, ``TreeCpu``) run in the embedded mode's driving process: their GIL time is
+# the measurement's, not the run's, and is kept apart
+PROBE = "probe"
 # py-spy --threads prefixes each stack with "thread (ID): NAME"; the pipeline names its stage threads
 # (a worker runs the pipeline's own loop on the StudyBatcher's "engine" thread, and Celery's consumer on MainThread)
-_STAGES = (("engine-feed", "feed"), ("engine-batch", "batcher"), ("engine-stage", "stager"),
+_STAGES = (("shm-watch", PROBE), ("cpu-watch", PROBE),
+           ("engine-feed", "feed"), ("engine-batch", "batcher"), ("engine-stage", "stager"),
            ("engine-device", "device"), ("engine-results", "results"), ("engine", "sink"), ("flow", "claims"),
            ("read", "readers"), ("png", "png"), ("result-writer", "writer"), ("indexer", "indexing"),
            ("MainThread", "sink"))
@@ -130,7 +134,7 @@ class TreeCpu:
     ``every`` seconds, so a process that ends inside the window (the embedded run's ledger ends with the run) counts
     up to its last reading; ``exclude`` names processes that are not the run's (the GIL sampler)."""
 
-    def __init__(self, root: int, every: float = 0.25):
+    def __init__(self, root: int, every: float = 1.0):
         self.root, self.every = root, every
         self.exclude: set[int] = set()
         self._start: dict[int, float] = {}
@@ -199,6 +203,7 @@ class HostProbe:
     cpu_s: float = 0.0
     cpu_by_role: dict[str, float] = field(default_factory=dict)
     gil_s: float | None = None
+    gil_probe_s: float = 0.0  # the probe's own threads' (ShmWatch, TreeCpu), when they run in the driver: not counted
     gil_by_stage: dict[str, float] = field(default_factory=dict)
     note: str | None = None
     _spy: subprocess.Popen | None = None
@@ -252,6 +257,7 @@ class HostProbe:
             self.note = f"py-spy recorded nothing ({(err or '').strip()[-300:]})"
             return
         by_stage = parse_gil_samples(raw, self.main)
+        self.gil_probe_s = by_stage.pop(PROBE, 0) / self.rate
         self.gil_by_stage = {k: v / self.rate for k, v in sorted(by_stage.items())}
         self.gil_s = sum(self.gil_by_stage.values())
 
@@ -262,6 +268,7 @@ class HostProbe:
                 "cpu_ms_per_image_by_process": {k: round(v * per, 3) for k, v in self.cpu_by_role.items()},
                 "gil_ms_per_image": None if self.gil_s is None else round(self.gil_s * per, 3),
                 "gil_ms_per_image_by_stage": {k: round(v * per, 3) for k, v in self.gil_by_stage.items()},
+                "gil_ms_per_image_of_the_probe": round(self.gil_probe_s * per, 3),
                 "host_probe_note": self.note}
 
 
