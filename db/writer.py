@@ -94,7 +94,7 @@ class ResultWriter:
                  max_delay: float = DEFAULT_MAX_DELAY_S, max_queue: int = DEFAULT_QUEUE_SUBMISSIONS,
                  clock: Callable[[], float] = time.monotonic, record: Record | None = None):
         self.db = db
-        # the embedded run commits in its ledger process (worker.ledger), or here once the ledger has stopped
+        # neuron run and neuron worker commit in their ledger process (worker.ledger.committed_by), here otherwise
         self._record: Record = record or (lambda outcomes, replace: db.record_outcomes(outcomes, replace=replace))
         self.policy = CommitPolicy(max_outcomes, max_delay)
         self._clock = clock

@@ -99,7 +99,7 @@ _LINE = re.compile(r"^thread \(\d+\): ([^;]*);.* (\d+)$")
 
 def _proc_stat(pid: int) -> tuple[int, float, str] | None:
     """(parent pid, user + system seconds, name) of a live process, or None. The name is the kernel's (``comm``):
-    reader processes and the index ledger name themselves (``worker.readers.name_process``)."""
+    reader processes and the ledger name themselves (``worker.readers.name_process``)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

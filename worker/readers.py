@@ -163,7 +163,7 @@ def read_into_slot(cfg: ReaderConfig, item: WorkItem, region: np.ndarray, opened
 
 def name_process(name: str) -> None:
     """Give this process a name of its own in ``ps``, ``top`` and /proc (the kernel's ``comm``, 15 bytes at most),
-    so an operator, and ``neuron bench``'s CPU by process, tell readers and the index ledger from the forkserver
+    so an operator, and ``neuron bench``'s CPU by process, tell readers and the ledger from the forkserver
     they share a command line with. Best effort: the name changes nothing else."""
     try:
         with open("/proc/self/comm", "w") as fh:
@@ -233,7 +233,7 @@ OnEntry = Callable[[IndexItem, bytes], None]
 
 def pack_entry(entry: FileEntry) -> bytes:
     """An index entry as a reader sends it: pickled where it was made, so the driving process hands it to whoever
-    records it (the embedded run's index ledger) without reading it; unpickling each FileEntry there and pickling it
+    records it (the embedded run's ledger) without reading it; unpickling each FileEntry there and pickling it
     again for the ledger held that process's GIL for about 0.1 ms per file. ``unpack_entry`` reads it back."""
     return pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -279,7 +279,7 @@ def start_method() -> str:
 
 
 def process_context():
-    """The multiprocessing context of the reader processes and of the embedded run's index ledger
+    """The multiprocessing context of the reader processes and of the ledger
     (``worker.ledger``): ``start_method``'s, and for a forkserver its preloads, set before anything starts the server
     (it is one per process, and takes its preloads when it starts)."""
     context = multiprocessing.get_context(start_method())
