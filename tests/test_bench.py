@@ -193,13 +193,16 @@ def test_host_only_runs_the_real_pipeline_in_both_modes_and_reports_cpu_and_gil_
         assert r["host_only"] and r["instances_done"] == 6 and r["heatmaps_written"] == 6, said
         assert r["host_only_images_per_s"] == r["end_to_end_images_per_s"] > 0
         assert r["cpu_ms_per_image"] > 0 and r["peak_shm_mb"] is not None, said
-        # the CPU by process: the driver and the reader processes (named by themselves) each did work
+        # the CPU by process: the driver's, and the reader processes' (found by the name they gave themselves; a
+        # 6-image run's reads can take less than the kernel's 10 ms tick, so their figure may be 0)
         by_process = r["cpu_ms_per_image_by_process"]
-        assert by_process["driver"] > 0 and by_process["readers"] > 0, by_process
+        assert by_process["driver"] > 0 and by_process.get("readers", -1) >= 0, by_process
         assert sum(by_process.values()) == pytest.approx(r["cpu_ms_per_image"], abs=0.01 * len(by_process))
         if r["mode"] == "celery":  # and what the scan and the servers spent beside the worker on the same cores
             beside = r["cpu_ms_per_image_beside_worker"]
-            assert beside.keys() == {"scan", "redis", "postgresql"} and all(v > 0 for v in beside.values()), beside
+            # (the servers' share of a 6-image run can be under the kernel's 10 ms tick; the scan's start-up is not)
+            assert beside.keys() == {"scan", "redis", "postgresql"} and beside["scan"] > 0, beside
+            assert all(v >= 0 for v in beside.values()), beside
         assert r["host_probe_note"] is None, said  # py-spy attached and sampled
         assert r["gil_ms_per_image"] > 0 and r["gil_ms_per_image_by_stage"], said
         assert sum(r["gil_ms_per_image_by_stage"].values()) == pytest.approx(r["gil_ms_per_image"], abs=0.01 * 8)
